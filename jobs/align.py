@@ -1,0 +1,103 @@
+"""`ggro align`: prompts in, aligned Parquet out; `--local` in this process, otherwise on Ray.
+
+    python -m jobs.align --input prompts.jsonl --output out/     (what `ray job submit` runs)
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+
+from ggro.config import ConfigError
+from ggro.models import ModelLoadError
+from ggro.rows import dedupe, read_rows
+from jobs.common import add_engine_args, example_prompts, fail, resolve_args, torch_threads
+from pipeline.output import OutputConflict, Summary, done_ids, read_output, write_part
+
+
+def add_io_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", help="JSONL or Parquet file (or folder) of rows with `prompt` or `messages`, "
+                   "optional `id` and `prefill` [the bundled example prompts]")
+    p.add_argument("--output", help="output folder for Parquet part files (rerun to resume)")
+    p.add_argument("--limit", type=int, help="only the first N input rows")
+    p.add_argument("--overwrite", action="store_true", help="empty --output first instead of resuming")
+    p.add_argument("--local", action="store_true", help="run in this process instead of on Ray")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_io_args(p)
+    add_engine_args(p)
+    try:
+        from pipeline.ray_align import add_cluster_args
+    except ModuleNotFoundError:
+        return
+    add_cluster_args(p)
+
+
+def input_rows(args) -> list:
+    path = args.input or example_prompts()
+    try:
+        rows = list(dedupe(read_rows(path)))
+    except FileNotFoundError:
+        fail(f"--input {path}: no such file")
+    return rows[:args.limit] if args.limit else rows
+
+
+def align_local(rows, out_dir, gcfg, mcfg, flush_every: int) -> None:
+    from tqdm import tqdm
+    from ggro.engine import Engine
+    torch_threads()
+    engine = Engine.load(mcfg)
+    buf = []
+    with tqdm(total=len(rows), desc=f"align ({gcfg.method})", unit="row", file=sys.stderr) as bar:
+        for rec in engine.align(rows, gcfg):
+            buf.append(rec)
+            bar.update(1)
+            if len(buf) >= flush_every:
+                write_part(out_dir, buf)
+                buf = []
+    if buf:
+        write_part(out_dir, buf)
+
+
+def run(args) -> int:
+    if not args.output:
+        fail("--output DIR is required (Parquet part files are written there)")
+    try:
+        gcfg, mcfg, rest = resolve_args(args)
+    except ConfigError as e:
+        fail(str(e))
+    if args.overwrite:
+        shutil.rmtree(args.output, ignore_errors=True)
+    rows = input_rows(args)
+    t0 = time.perf_counter()
+    try:
+        from ggro.config import config_hash
+        done = done_ids(args.output, config_hash(gcfg, mcfg))
+        todo = [r for r in rows if r.id not in done]
+        if done:
+            print(f"resuming: {len(rows) - len(todo)} of {len(rows)} rows already in {args.output}", file=sys.stderr)
+        if todo:
+            if args.local:
+                align_local(todo, args.output, gcfg, mcfg, flush_every=mcfg.batch_size)
+            else:
+                from pipeline.ray_align import align_on_ray
+                align_on_ray(todo, args.output, gcfg, mcfg, args)
+    except (ModelLoadError, OutputConflict, ConfigError) as e:
+        fail(str(e), 1)
+    table = read_output(args.output)
+    wanted = {r.id for r in rows}
+    table = table.filter([i in wanted for i in table.column("id").to_pylist()])
+    print(f"wrote {args.output}\n" + Summary.of(table, time.perf_counter() - t0).render(len(rows)))
+    return 0 if table.num_rows == len(rows) else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.align", description=__doc__)
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random models with one shared word-level vocabulary, and a real Ray cluster.
+
+Models are built from configs and saved to a session temp dir, like a user's local HF folders.
+`initializer_range` is large so next-token distributions vary from peaked to flat, which is what
+makes entropy stops, EOS and nudges all happen within a few tokens.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+WORDS = ("the a of to and is in it you that he was for on are with as I his they be at one have this "
+         "from or had by hot word but what some we can out other were all there when up use your how said "
+         "an each she which do their time if will way about many then them write would like so these her "
+         "long make thing see him two has look more day could go come did number sound no most people my "
+         "over know water than call first who may down side been now find Yes No yes no user assistant "
+         "system . , ? !").split()
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(SPECIALS + list(dict.fromkeys(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<|im_end|>", bos_token=None,
+                                   additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE)
+
+
+def llama_config(vocab_size: int, **kw):
+    from transformers import LlamaConfig
+    base = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                initializer_range=0.4, tie_word_embeddings=False, pad_token_id=0, eos_token_id=3, bos_token_id=None)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def save_tiny(path, kind: str, seed: int, **kw) -> str:
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    if kind == "classifier":
+        model = LlamaForSequenceClassification(llama_config(len(tok), num_labels=1, **kw))
+    else:
+        model = LlamaForCausalLM(llama_config(len(tok), **kw))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Paths of a tiny policy, a tiny classifier RM and a tiny judge LM sharing one vocabulary."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "policy": save_tiny(root / "policy", "causal", seed=1),
+        "classifier": save_tiny(root / "classifier", "classifier", seed=2),
+        "judge": save_tiny(root / "judge", "causal", seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One small real Ray cluster for the whole session (fractional CPUs everywhere: 2-core machines)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
