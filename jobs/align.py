@@ -13,6 +13,7 @@ from ggro.config import ConfigError
 from ggro.models import ModelLoadError
 from ggro.rows import dedupe, read_rows
 from jobs.common import add_engine_args, example_prompts, fail, resolve_args, torch_threads
+from jobs.plan import add_plan_args, dry_run
 from pipeline.output import OutputConflict, Summary, done_ids, read_output, write_part
 
 
@@ -28,6 +29,7 @@ def add_io_args(p: argparse.ArgumentParser) -> None:
 def add_args(p: argparse.ArgumentParser) -> None:
     add_io_args(p)
     add_engine_args(p)
+    add_plan_args(p)
     try:
         from pipeline.ray_align import add_cluster_args
     except ModuleNotFoundError:
@@ -62,12 +64,14 @@ def align_local(rows, out_dir, gcfg, mcfg, flush_every: int) -> None:
 
 
 def run(args) -> int:
-    if not args.output:
+    if not args.output and not args.dry_run:
         fail("--output DIR is required (Parquet part files are written there)")
     try:
         gcfg, mcfg, rest = resolve_args(args)
     except ConfigError as e:
         fail(str(e))
+    if args.dry_run:
+        return dry_run(args, gcfg, mcfg)
     if args.overwrite:
         shutil.rmtree(args.output, ignore_errors=True)
     rows = input_rows(args)
