@@ -1,0 +1,359 @@
+"""`ggro bench`: time greedy, best-of-n (several N) and GGRO (several S) side by side in one process.
+
+    ggro bench --quick                         # a few minutes on a laptop CPU
+    ggro bench --input gsm8k.jsonl --limit 4 --max-new-tokens 48 --output bench/
+
+Prints and writes (bench.csv, bench_reward_vs_wall.png):
+  1. methods: wall time, prompts/s, policy tokens, reward calls, mean reward, win rate vs greedy
+     (paired by id, ties count half), for greedy, best-of-n for each --best-of-n and GGRO for each
+     --refinements, all on the same prompts with the same models;
+  2. engine vs oracle: the batched, KV-cached engine against the plain reference implementation
+     (ggro/reference.py: one prompt at a time, no cache, dense one-hot gradient) on the same prompts;
+     the outputs are checked token for token, so the ratio is a pure speed-up (bench_oracle.csv);
+  3. batch scaling: the engine's GGRO throughput (prompts/s) at batch sizes 1, 4, 16 over 16 prompts
+     (the prompt set repeated under new ids when it is smaller) (bench_scaling.csv, bench_scaling.png).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+QUICK = dict(limit=3, max_new_tokens=24, best_of_n=[2, 4], refinements=[2, 4], oracle_prompts=1,
+             oracle_max_new_tokens=12, scaling_prompts=16, scaling_max_new_tokens=8)
+FULL = dict(limit=None, max_new_tokens=64, best_of_n=[2, 4, 8], refinements=[2, 4, 8], oracle_prompts=3,
+            oracle_max_new_tokens=32, scaling_prompts=16, scaling_max_new_tokens=32)
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {s!r}")
+    return vals
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from jobs.common import add_engine_args
+    p.add_argument("--input", help="prompt file (JSONL/Parquet) [the bundled example prompts]")
+    p.add_argument("--limit", type=int, help="only the first N prompts [quick: 3; else all]")
+    p.add_argument("--output", default="bench", help="folder for bench.csv and the plots")
+    p.add_argument("--quick", action="store_true",
+                   help=f"small settings that finish in minutes on a CPU: {QUICK}; explicit flags still win")
+    p.add_argument("--best-of-n", type=_ints, help="N values for best-of-n [quick: 2,4; else 2,4,8]")
+    p.add_argument("--refinements", type=_ints, help="S values for GGRO [quick: 2,4; else 2,4,8]")
+    p.add_argument("--oracle-prompts", type=int, help="prompts timed against the reference oracle, 0 to skip "
+                   "[quick: 1; else 3]")
+    p.add_argument("--oracle-max-new-tokens", type=int, help="max new tokens in the oracle comparison "
+                   "(the oracle re-runs the whole prefix per token) [quick: 12; else 32]")
+    p.add_argument("--oracle-refinements", type=int, default=2, help="S in the oracle comparison")
+    p.add_argument("--scaling-batches", type=_ints, default=[1, 4, 16], help="batch sizes for the scaling run")
+    p.add_argument("--scaling-prompts", type=int, help="prompts in the scaling run, 0 to skip [16]")
+    p.add_argument("--scaling-max-new-tokens", type=int, help="max new tokens in the scaling run [quick: 8; else 32]")
+    p.add_argument("--scaling-refinements", type=int, default=2, help="S in the scaling run")
+    add_engine_args(p)
+
+
+def settings(args) -> dict:
+    base = QUICK if args.quick else FULL
+    out = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in base.items()}
+    out.update(oracle_refinements=args.oracle_refinements, scaling_batches=args.scaling_batches,
+               scaling_refinements=args.scaling_refinements)
+    return out
+
+
+# ---------------------------------------------------------------- measurements
+
+def time_method(engine, rows, gcfg, batch_size: int) -> dict:
+    """Run one configuration over `rows`; wall time covers encoding, search and decoding to text."""
+    from ggro.engine import Engine
+    eng = Engine(engine.tokenizer, engine.policy, engine.reward, engine.context,
+                 replace(engine.mcfg, batch_size=batch_size))
+    t0 = time.perf_counter()
+    recs = list(eng.align(rows, gcfg))
+    wall = time.perf_counter() - t0
+    engine.policy.release([r.id for r in rows])
+    return {"records": recs, "wall_s": wall}
+
+
+def warm_up(engine, rows, gcfg) -> None:
+    """One short untimed greedy and GGRO pass, so the first timed method does not pay for warm-up
+    (allocator growth, first-call kernel selection)."""
+    time_method(engine, rows[:2], replace(gcfg, method="greedy", max_new_tokens=4), 2)
+    time_method(engine, rows[:2], replace(gcfg, method="ggro", max_new_tokens=6, num_refinements=2), 2)
+
+
+def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log) -> list[dict]:
+    from pipeline import metrics as M
+    configs = [("greedy", replace(gcfg, method="greedy"))]
+    configs += [(f"best-of-{n}", replace(gcfg, method="best-of-n", n=n)) for n in s["best_of_n"]]
+    configs += [(f"ggro S={k}", replace(gcfg, method="ggro", num_refinements=k)) for k in s["refinements"]]
+    results, greedy = [], None
+    for label, cfg in configs:
+        log(f"bench: {label} on {len(rows)} prompts, max_new_tokens={cfg.max_new_tokens} ...")
+        r = time_method(engine, rows, cfg, batch_size)
+        recs = r["records"]
+        ok = [x for x in recs if x["error"] is None]
+        by_id = {x["id"]: x["reward"] for x in ok}
+        if greedy is None:
+            greedy = by_id
+        wr = M.win_rate(by_id, greedy)
+        results.append({
+            "method": label, "prompts": len(recs), "errors": len(recs) - len(ok), "wall_s": r["wall_s"],
+            "prompts_per_s": len(recs) / r["wall_s"] if r["wall_s"] else math.nan,
+            "policy_tokens": sum(x["policy_tokens"] or 0 for x in ok),
+            "reward_calls": sum(x["reward_calls"] or 0 for x in ok),
+            "mean_reward": M.mean(by_id.values()), "win_rate_vs_greedy": wr.rate,
+            "wins": wr.wins, "ties": wr.ties, "losses": wr.losses,
+            "mean_nudges": M.mean(x["num_nudges"] for x in ok),
+        })
+        log(f"bench:   {results[-1]['wall_s']:.1f}s, mean reward {results[-1]['mean_reward']:.3f}")
+    return results
+
+
+def encode_rows(engine, rows, max_new_tokens: int):
+    from ggro.rows import encode
+    out = []
+    for row in rows:
+        if row.error is None:
+            try:
+                out.append(encode(row, engine.tokenizer, engine.mcfg.prompt_format, max_new_tokens, engine.context))
+            except ValueError:
+                pass
+    return out
+
+
+def oracle_rows(engine, rows, gcfg, s: dict, batch_size: int, log) -> list[dict]:
+    """The engine (batch 1 and batched) against ggro/reference.py on the same prompts."""
+    from ggro import reference
+    from ggro.search import run
+    cfg = replace(gcfg, method="ggro", max_new_tokens=s["oracle_max_new_tokens"],
+                  num_refinements=s["oracle_refinements"])
+    prompts = encode_rows(engine, rows, cfg.max_new_tokens)[:s["oracle_prompts"]]
+    if not prompts:
+        return []
+    log(f"bench: oracle (ggro/reference.py) on {len(prompts)} prompts, S={cfg.num_refinements}, "
+        f"max_new_tokens={cfg.max_new_tokens} ...")
+    ref_reward = reference.ReferenceReward.of(engine.reward)
+    model, eos = engine.policy.model, engine.policy.eos
+    t0 = time.perf_counter()
+    oracle = {p.id: reference.reference_ggro(p.id, p.ids, model, ref_reward, cfg, eos, p.has_prefill)
+              for p in prompts}
+    oracle_wall = time.perf_counter() - t0
+    out = [{"implementation": "oracle (reference.py)", "batch_size": 1, "prompts": len(prompts),
+            "wall_s": oracle_wall, "speedup_vs_oracle": 1.0, "identical_tokens": f"{len(prompts)}/{len(prompts)}",
+            "max_reward_diff": 0.0, "policy_tokens": sum(r.policy_tokens for r in oracle.values())}]
+    for b in sorted({1, min(batch_size, len(prompts))}):
+        log(f"bench: engine at batch {b} on the same prompts ...")
+        t0 = time.perf_counter()
+        got = {r.id: r for r in run(prompts, engine.policy, engine.reward, cfg, b)}
+        wall = time.perf_counter() - t0
+        engine.policy.release([p.id for p in prompts])
+        same = sum(got[i].tokens == oracle[i].tokens for i in oracle)
+        diff = max(abs(got[i].reward - oracle[i].reward) for i in oracle)
+        out.append({"implementation": "engine", "batch_size": b, "prompts": len(prompts), "wall_s": wall,
+                    "speedup_vs_oracle": oracle_wall / wall if wall else math.nan,
+                    "identical_tokens": f"{same}/{len(prompts)}", "max_reward_diff": diff,
+                    "policy_tokens": sum(r.policy_tokens for r in got.values())})
+    return out
+
+
+def scaling_rows(engine, rows, gcfg, s: dict, log) -> list[dict]:
+    from ggro.search import Prompt, run
+    cfg = replace(gcfg, method="ggro", max_new_tokens=s["scaling_max_new_tokens"],
+                  num_refinements=s["scaling_refinements"])
+    base = encode_rows(engine, rows, cfg.max_new_tokens)
+    n = s["scaling_prompts"]
+    if not base or not n:
+        return []
+    prompts = [Prompt(f"{base[i % len(base)].id}#{i // len(base)}" if i >= len(base) else base[i].id,
+                      base[i % len(base)].ids, base[i % len(base)].has_prefill) for i in range(n)]
+    out, first = [], None
+    for b in s["scaling_batches"]:
+        log(f"bench: scaling, ggro S={cfg.num_refinements} on {n} prompts at batch {b} ...")
+        t0 = time.perf_counter()
+        res = {r.id: r.tokens for r in run(prompts, engine.policy, engine.reward, cfg, b)}
+        wall = time.perf_counter() - t0
+        engine.policy.release([p.id for p in prompts])
+        first = first or res
+        toks = sum(len(t) for t in res.values())
+        out.append({"batch_size": b, "prompts": n, "wall_s": wall, "prompts_per_s": n / wall,
+                    "response_tokens_per_s": toks / wall,
+                    "same_outputs_as_first": f"{sum(res[i] == first[i] for i in res)}/{n}"})
+    for r in out:
+        r["speedup_vs_first"] = r["prompts_per_s"] / out[0]["prompts_per_s"]
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return "–" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
+        return str(v)
+    body = [[cell(r.get(k, "")) for k, _ in cols] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (_, h) in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths))) + " |"
+    sep = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line([h for _, h in cols]), sep] + [line(b) for b in body])
+
+
+METHOD_COLS = [("method", "method"), ("prompts", "prompts"), ("errors", "errors"), ("wall_s", "wall (s)"),
+               ("prompts_per_s", "prompts/s"), ("policy_tokens", "policy tokens"), ("reward_calls", "RM calls"),
+               ("mean_reward", "mean reward"), ("win_rate_vs_greedy", "win rate vs greedy"),
+               ("mean_nudges", "nudges/resp")]
+ORACLE_COLS = [("implementation", "implementation"), ("batch_size", "batch"), ("prompts", "prompts"),
+               ("wall_s", "wall (s)"), ("speedup_vs_oracle", "speed-up vs oracle"),
+               ("identical_tokens", "identical outputs"), ("max_reward_diff", "max reward diff")]
+SCALING_COLS = [("batch_size", "batch"), ("prompts", "prompts"), ("wall_s", "wall (s)"),
+                ("prompts_per_s", "prompts/s"), ("response_tokens_per_s", "response tok/s"),
+                ("speedup_vs_first", "speed-up vs batch 1"), ("same_outputs_as_first", "same outputs as batch 1")]
+
+
+def write_csv(path: Path, rows: list[dict], cols) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[k for k, _ in cols], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot_reward_vs_wall(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for fam, color, marker in (("greedy", "C0", "o"), ("best-of", "C1", "s"), ("ggro", "C2", "^")):
+        pts = [r for r in rows if r["method"].startswith(fam)]
+        if not pts:
+            continue
+        ax.plot([r["wall_s"] for r in pts], [r["mean_reward"] for r in pts], marker=marker, color=color,
+                label={"greedy": "greedy", "best-of": "best-of-n", "ggro": "GGRO"}[fam], ms=7)
+        for r in pts:
+            ax.annotate(r["method"], (r["wall_s"], r["mean_reward"]), textcoords="offset points", xytext=(5, 5),
+                        fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time for the whole prompt set (s, log scale)")
+    ax.set_ylabel("mean reward over prompts (RM score)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scaling(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["batch_size"] for r in rows], [r["prompts_per_s"] for r in rows], marker="o")
+    for r in rows:
+        ax.annotate(f"{r['prompts_per_s']:.2f}", (r["batch_size"], r["prompts_per_s"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["batch_size"] for r in rows], [str(r["batch_size"]) for r in rows])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("batch size (prompts advanced together per round)")
+    ax.set_ylabel("throughput (prompts/s)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> str:
+    import torch
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = f", load avg {os.getloadavg()[0]:.1f}"
+    return (f"{platform.machine()} {os.cpu_count()} cores{load}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {platform.python_implementation()} {platform.python_version()}")
+
+
+def run(args) -> int:
+    from ggro.config import ConfigError
+    from ggro.models import ModelLoadError
+    from jobs.align import input_rows
+    from jobs.common import fail, resolve_args, torch_threads
+    for flag in ("method", "n", "num_refinements"):
+        if getattr(args, flag, None) is not None:
+            fail(f"--{flag.replace('_', '-')} does not apply to bench: use --best-of-n and --refinements lists")
+    try:
+        gcfg, mcfg, _ = resolve_args(args)
+    except ConfigError as e:
+        fail(str(e))
+    s = settings(args)
+    gcfg = replace(gcfg, max_new_tokens=s["max_new_tokens"], trace=False)
+    args.limit = s["limit"]
+    rows = input_rows(args)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+    from ggro.engine import Engine
+    torch_threads()
+    t0 = time.perf_counter()
+    batch = mcfg.batch_size
+    try:
+        engine = Engine.load(replace(mcfg, batch_size=max([batch] + s["scaling_batches"])))
+    except ModelLoadError as e:
+        fail(str(e), 1)
+    load_s = time.perf_counter() - t0
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = (f"ggro bench{' --quick' if args.quick else ''} | {when} | {machine()}\n"
+            f"policy {mcfg.policy}, reward {mcfg.reward_model} ({mcfg.reward_kind}), {mcfg.dtype} on {mcfg.device}, "
+            f"models loaded in {load_s:.1f}s | input {args.input or 'example prompts'} ({len(rows)} prompts), "
+            f"max_new_tokens {gcfg.max_new_tokens}, batch {batch}, tau {gcfg.entropy_threshold}, top_k {gcfg.top_k}")
+    log(head)
+
+    warm_up(engine, rows, gcfg)
+    methods = method_rows(engine, rows, gcfg, s, batch, log)
+    oracle = oracle_rows(engine, rows, gcfg, s, batch, log) if s["oracle_prompts"] else []
+    scaling = scaling_rows(engine, rows, gcfg, s, log) if s["scaling_prompts"] else []
+
+    write_csv(out / "bench.csv", methods, METHOD_COLS + [("wins", ""), ("ties", ""), ("losses", "")])
+    plot_reward_vs_wall(methods, out / "bench_reward_vs_wall.png",
+                        f"Reward vs wall time: {len(rows)} prompts, max {gcfg.max_new_tokens} new tokens, "
+                        f"batch {batch}\npolicy {Path(mcfg.policy).name}, reward {Path(mcfg.reward_model).name}")
+    parts = [head, "", "Methods (win rate: paired by prompt id vs greedy, ties count half)", table(methods, METHOD_COLS)]
+    if oracle:
+        write_csv(out / "bench_oracle.csv", oracle, ORACLE_COLS + [("policy_tokens", "")])
+        parts += ["", f"Engine vs oracle (ggro/reference.py), GGRO S={s['oracle_refinements']}, "
+                      f"max_new_tokens {s['oracle_max_new_tokens']}", table(oracle, ORACLE_COLS)]
+    if scaling:
+        write_csv(out / "bench_scaling.csv", scaling, SCALING_COLS)
+        plot_scaling(scaling, out / "bench_scaling.png",
+                     f"GGRO engine throughput vs batch size (S={s['scaling_refinements']}, "
+                     f"max {s['scaling_max_new_tokens']} new tokens, {scaling[0]['prompts']} prompts)")
+        parts += ["", f"Batch scaling, GGRO S={s['scaling_refinements']}, max_new_tokens {s['scaling_max_new_tokens']}",
+                  table(scaling, SCALING_COLS)]
+    text = "\n".join(parts) + "\n"
+    (out / "bench.txt").write_text(text, encoding="utf-8")
+    print(text)
+    log(f"wrote {out}/bench.csv, bench_reward_vs_wall.png"
+        + (", bench_oracle.csv" if oracle else "") + (", bench_scaling.csv, bench_scaling.png" if scaling else "")
+        + f", bench.txt ({time.perf_counter() - t0:.0f}s in all)")
+    return 0 if all(m["errors"] == 0 for m in methods) else 1
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
