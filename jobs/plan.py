@@ -245,6 +245,8 @@ class Resources:
     aligner_cpus: float
     aligners: int
 
+    serve: bool = False     # `ggro serve`: model deployments instead of actor groups
+
     @classmethod
     def from_args(cls, args, mcfg: ModelConfig) -> "Resources":
         on_gpu = 1.0 if mcfg.device.startswith("cuda") else 0.0
@@ -252,6 +254,14 @@ class Resources:
         def get(name, default):
             v = getattr(args, name, None)
             return default if v is None else v
+        if hasattr(args, "model_replicas") and not hasattr(args, "policy_replicas"):
+            # ggro serve: --model-replicas ModelServer replicas of the policy (and of the reward unless the
+            # policy is its own judge, then one deployment holds both), --replica-cpus each, one ingress.
+            shared = mcfg.reward_model == mcfg.policy and mcfg.reward_kind == "judge"
+            n, cpus, gpus = int(get("model_replicas", 1)), float(get("replica_cpus", 0.5)), float(get("replica_gpus", 0))
+            return cls(tp=1, policy_gpus=gpus, policy_replicas=n, reward_replicas=0 if shared else n,
+                       reward_gpus=gpus, policy_cpus=cpus, reward_cpus=cpus, aligner_cpus=0.1, aligners=1,
+                       serve=True)
         return cls(tp=int(get("tp", 1)), policy_gpus=float(get("policy_gpus_per_replica", on_gpu)),
                    policy_replicas=int(get("policy_replicas", 1)), reward_replicas=int(get("reward_replicas", 1)),
                    reward_gpus=float(get("reward_gpus", on_gpu)), policy_cpus=float(get("policy_cpus", 1.0)),
@@ -300,14 +310,16 @@ def described_cluster(args) -> Cluster:
 def connected_cluster(args, address: str) -> Cluster:
     """The resources of a running Ray cluster (connects as a driver; starts nothing)."""
     import ray
+    already = ray.is_initialized()      # e.g. inside a Ray job, or a test's session: reuse, never shut down
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        if not already:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         nodes = [n for n in ray.nodes() if n.get("Alive")]
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"cannot connect to the Ray cluster at {address!r} ({e.__class__.__name__}: {e}); "
                           "describe it instead with --cluster-gpus N") from None
     finally:
-        if ray.is_initialized():
+        if not already and ray.is_initialized():
             ray.shutdown()
     node_gpus = [int(n["Resources"].get("GPU", 0)) for n in nodes]
     cpus = sum(n["Resources"].get("CPU", 0) for n in nodes)
@@ -433,6 +445,8 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     rm_w = rm.params * db
     act = ACT_FACTOR * per_call * rm_seq * (rm.hidden or 0) * (rm.layers or 0) * db
     reward_actor = (rm_w + act) * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if res.reward_gpus > 0 else 0)
+    if res.serve and res.reward_replicas == 0:       # one deployment is policy and judge: + the backward
+        policy_rank += act * (1 + HEADROOM)
     lines = [
         f"policy weights {_gib(weights)} ({_params(pol.params)} x {db} B), KV cache {_gib(kv)} "
         f"({kv_seqs} seqs x {seq} tokens), /tp {tp}, +{HEADROOM:.0%}"
@@ -454,14 +468,17 @@ def validate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
         errors.append("--tp must be >= 1")
     for name, v in (("--policy-replicas", res.policy_replicas), ("--reward-replicas", res.reward_replicas),
                     ("--aligners", res.aligners)):
-        if v < 1:
+        if v < (0 if res.serve and name == "--reward-replicas" else 1):
             errors.append(f"{name} must be >= 1")
     for name, v in (("--policy-gpus-per-replica", res.policy_gpus), ("--reward-gpus", res.reward_gpus),
                     ("--policy-cpus", res.policy_cpus), ("--reward-cpus", res.reward_cpus),
                     ("--aligner-cpus", res.aligner_cpus)):
         if v < 0:
             errors.append(f"{name} must be >= 0")
-    if cuda and res.policy_gpus == 0:
+    if res.serve and cuda and res.policy_gpus == 0:
+        errors.append("--device cuda, but ggro serve's model deployments request no GPUs from Ray (only "
+                      "--replica-cpus), so no CUDA device would be visible in them: serve with --device cpu")
+    elif cuda and res.policy_gpus == 0:
         errors.append("--device cuda but --policy-gpus-per-replica 0: policy ranks would get no GPU from Ray "
                       "(pass --policy-gpus-per-replica 1)")
     if not cuda and res.policy_gpus > 0:
@@ -507,7 +524,7 @@ def validate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     return errors, warns
 
 
-def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=sys.stdout) -> int:
+def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
     prompt_tokens = int(getattr(args, "plan_prompt_tokens", None) or 512)
     pol = model_info(mcfg.policy)
     rm = pol if mcfg.reward_model == mcfg.policy else model_info(mcfg.reward_model)
@@ -515,9 +532,10 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=sys.stdout) -> int:
     errors, warns = validate(pol, rm, res, gcfg, mcfg, prompt_tokens)
 
     def say(s=""):
-        print(s, file=out)
+        print(s, file=out or sys.stdout)
 
-    say(f"ggro {getattr(args, 'command', None) or 'align'} --dry-run: resource plan (no weights loaded)")
+    name = getattr(args, "command", None) or ("serve" if res.serve else "align")
+    say(f"ggro {name} --dry-run: resource plan (no weights loaded)")
     for role, m in (("policy", pol), ("reward", rm)):
         shape = (f", {m.layers} layers, hidden {m.hidden}, {m.heads} heads / {m.kv_heads} KV"
                  if m.layers else "")
@@ -539,9 +557,12 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=sys.stdout) -> int:
     say("\nplan:")
     say(f"  policy  {res.policy_replicas} replica(s) x tp {res.tp} rank(s) x {res.policy_gpus:g} GPU = "
         f"{pol_gpus:g} GPUs, {res.policy_cpus:g} CPU per rank")
-    say(f"  reward  {res.reward_replicas} actor(s) x {res.reward_gpus:g} GPU = {rm_gpus:g} GPUs, "
-        f"{res.reward_cpus:g} CPU each (unsharded: the RM needs input gradients)")
-    say(f"  aligner {res.aligners} actor(s) x {res.aligner_cpus:g} CPU")
+    if res.serve and res.reward_replicas == 0:
+        say("  reward  the policy replicas themselves (judge on shared weights; their backward is counted there)")
+    else:
+        say(f"  reward  {res.reward_replicas} actor(s) x {res.reward_gpus:g} GPU = {rm_gpus:g} GPUs, "
+            f"{res.reward_cpus:g} CPU each (unsharded: the RM needs input gradients)")
+    say(f"  {'ingress' if res.serve else 'aligner'} {res.aligners} actor(s) x {res.aligner_cpus:g} CPU")
     say(f"  total   {pol_gpus + rm_gpus:g} GPUs, {cpus:g} CPUs")
     say("memory (rule of thumb):")
     for line in est.lines:
