@@ -1,0 +1,124 @@
+"""`ggro serve`: GGRO behind an OpenAI-compatible HTTP API on Ray Serve.
+
+    ggro serve --policy default --port 8000                   (local Ray, 127.0.0.1:8000)
+    GGRO_SERVE_ARGS="--policy /models/p --max-queue 32" serve run jobs.serve:app
+    serve run jobs.serve:build policy=/models/p max_queue=32  (an application builder)
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health.
+The same flags configure all three ways; `app` reads them from the env var GGRO_SERVE_ARGS (and the
+API key from GGRO_API_KEY), which is what a RayService `import_path: jobs.serve:app` uses.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+from ggro.config import ConfigError
+from jobs.common import add_engine_args, fail, resolve_args
+
+ENV_ARGS = "GGRO_SERVE_ARGS"
+ENV_KEY = "GGRO_API_KEY"
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 to expose")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (or set ${ENV_KEY}) [no key]")
+    s.add_argument("--model-name", default="ggro", help="the model id clients pass as `model`")
+    s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="prompts admitted at once (running or waiting); beyond it: 503 + Retry-After")
+    s.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request before 504")
+    s.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of each model replica (fractional)")
+    s.add_argument("--model-replicas", type=int, default=1, help="replicas of each model deployment")
+    s.add_argument("--address", help="Ray cluster address [start a local Ray]")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_serve_args(p)
+    add_engine_args(p)
+
+
+SERVER_KEYS = ("host", "port", "api_key", "model_name", "max_tokens_limit", "max_queue", "request_timeout",
+               "replica_cpus", "model_replicas", "address")
+
+
+def settings_from_args(args: argparse.Namespace):
+    """ServeSettings from parsed flags (raises ConfigError)."""
+    from jobs.serve_app import ServeSettings
+    gcfg, mcfg, rest = resolve_args(args)
+    key = args.api_key or os.environ.get(ENV_KEY) or None
+    checks = [(args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
+              (args.max_queue >= 1, "--max-queue must be >= 1"),
+              (args.request_timeout > 0, "--request-timeout must be > 0"),
+              (0 < args.replica_cpus, "--replica-cpus must be > 0 (fractions such as 0.5 are fine)"),
+              (args.model_replicas >= 1, "--model-replicas must be >= 1")]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    return ServeSettings(gcfg=gcfg, mcfg=mcfg, model_name=args.model_name, api_key=key,
+                         max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
+                         request_timeout_s=args.request_timeout, replica_cpus=args.replica_cpus,
+                         model_replicas=args.model_replicas)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ggro serve")
+    add_args(p)
+    return p.parse_args(argv)
+
+
+def build(args: dict | None = None):
+    """Application builder: `serve run jobs.serve:build policy=PATH max_queue=8` (keys are flag names)."""
+    argv = shlex.split(os.environ.get(ENV_ARGS, ""))
+    for k, v in (args or {}).items():
+        flag = "--" + k.replace("_", "-")
+        if str(v).lower() in ("true", "1", "yes") and k == "trace":
+            argv.append(flag)
+        else:
+            argv += [flag, str(v)]
+    from jobs.serve_app import build_app
+    return build_app(settings_from_args(parse(argv)))
+
+
+def __getattr__(name: str):
+    # `serve run jobs.serve:app` / RayService import_path: built on first access, from the environment.
+    if name == "app":
+        return build()
+    raise AttributeError(name)
+
+
+def run(args) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as e:
+        fail(str(e))
+    import ray
+    from ray import serve
+    from jobs.serve_app import build_app
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"ggro serve: loading {settings.mcfg.policy} ...", file=sys.stderr)
+    serve.run(build_app(settings), name="ggro", route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    print(f"ggro serve: ready at {url}/v1 (model {settings.model_name!r}"
+          f"{', API key required' if settings.api_key else ''}); Ctrl-C to stop", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def main(argv=None) -> int:
+    return run(parse(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,299 @@
+"""The OpenAI wire format for `ggro serve`: request validation and response/chunk building.
+
+Pure Python (no Ray, no torch): the Serve ingress calls these, tests can call them directly.
+Errors are raised as ApiError and rendered in OpenAI's shape:
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ggro.config import ConfigError, GGROConfig
+from ggro.rows import InputRow, parse_row
+
+# Knobs a request may set in its `ggro` object (everything else stays the server's setting).
+GGRO_KNOBS = {
+    "method": str, "num_refinements": int, "entropy_threshold": (int, float), "top_k": int,
+    "nudge_temperature": (int, float), "selection": str, "scoring": str, "min_segment_tokens": int,
+    "initial_insertion_offset": int, "n": int, "prefill": str,
+}
+MAX_CHOICES = 8
+MAX_STOPS = 4
+
+
+class ApiError(Exception):
+    """An HTTP error with an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _type_error(param: str, want: str, got) -> ApiError:
+    return ApiError(422, f"`{param}` must be {want}, got {type(got).__name__}", param=param, code="invalid_type")
+
+
+def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _type_error(name, "an integer", v)
+    if lo is not None and v < lo:
+        raise ApiError(400, f"`{name}` must be >= {lo}, got {v}", param=name, code="invalid_value")
+    if hi is not None and v > hi:
+        raise ApiError(400, f"`{name}` must be <= {hi}, got {v}", param=name, code="invalid_value")
+    return v
+
+
+def _num(body: dict, name: str, lo: float, hi: float) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+        raise _type_error(name, "a number", v)
+    if not lo <= v <= hi:
+        raise ApiError(400, f"`{name}` must be in [{lo}, {hi}], got {v}", param=name, code="invalid_value")
+    return float(v)
+
+
+@dataclass
+class ApiRequest:
+    """One validated request: what to align, how, and how to answer."""
+    kind: str                    # "chat" | "completion"
+    row: InputRow
+    cfg: GGROConfig
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    stop: list[str] = field(default_factory=list)
+    seeded: bool = False         # the client gave `seed`: sampled methods must be reproducible
+    model: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def parse_json(raw: bytes) -> dict:
+    if not raw or not raw.strip():
+        raise ApiError(400, "request body is empty: send a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple[str, ...],
+                  max_tokens_limit: int) -> ApiRequest:
+    """Validate an OpenAI chat/completions body into an ApiRequest (raises ApiError)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _type_error("model", "a string", model)
+    if model and model not in model_names:
+        raise ApiError(404, f"model {model!r} does not exist; this server serves {', '.join(model_names)}",
+                       param="model", code="model_not_found")
+
+    # -- the prompt --------------------------------------------------------------------------------
+    ggro = body.get("ggro") or {}
+    if not isinstance(ggro, dict):
+        raise _type_error("ggro", "an object", ggro)
+    unknown = sorted(set(ggro) - set(GGRO_KNOBS))
+    if unknown:
+        raise ApiError(400, f"unknown `ggro` fields: {', '.join(unknown)} (known: {', '.join(sorted(GGRO_KNOBS))})",
+                       param="ggro", code="invalid_value")
+    for k, v in ggro.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, GGRO_KNOBS[k])):
+            want = {str: "a string", int: "an integer"}.get(GGRO_KNOBS[k], "a number")
+            raise _type_error(f"ggro.{k}", want, v)
+    prefill = ggro.get("prefill")
+    if kind == "chat":
+        if "messages" not in body:
+            raise ApiError(400, "`messages` is required: a non-empty list of {role, content}", param="messages",
+                           code="missing_field")
+        msgs = body["messages"]
+        if not isinstance(msgs, list):
+            raise _type_error("messages", "a list of {role, content}", msgs)
+        for i, m in enumerate(msgs):
+            if isinstance(m, dict) and isinstance(m.get("content"), list):   # content parts: text only
+                parts = m["content"]
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in parts):
+                    raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                                   param=f"messages[{i}].content", code="invalid_value")
+                msgs[i] = {**m, "content": "".join(p["text"] for p in parts)}
+            elif isinstance(m, dict) and m.get("content") is not None and not isinstance(m["content"], str):
+                raise _type_error(f"messages[{i}].content", "a string", m["content"])
+        row = parse_row({"id": "request", "messages": msgs, "prefill": prefill}, "request")
+        param = "messages"
+    else:
+        if "prompt" not in body:
+            raise ApiError(400, "`prompt` is required (a string)", param="prompt", code="missing_field")
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            raise ApiError(400, "only one prompt string per request is supported", param="prompt",
+                           code="invalid_value")
+        if not isinstance(prompt, str):
+            raise _type_error("prompt", "a string", prompt)
+        row = parse_row({"id": "request", "prompt": prompt, "prefill": prefill}, "request")
+        param = "prompt"
+    if row.error:
+        raise ApiError(400, row.error, param=param, code="invalid_value")
+
+    # -- sampling-ish fields ------------------------------------------------------------------------
+    max_tokens = _int(body, "max_completion_tokens", lo=1)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", lo=1)
+    if max_tokens is not None and max_tokens > max_tokens_limit:
+        raise ApiError(400, f"max_tokens={max_tokens} is beyond this server's limit of {max_tokens_limit}",
+                       param="max_tokens", code="max_tokens_exceeded")
+    n = _int(body, "n", lo=1, hi=MAX_CHOICES) or 1
+    seed = _int(body, "seed")
+    temperature = _num(body, "temperature", 0.0, 2.0)
+    top_p = _num(body, "top_p", 0.0, 1.0)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _type_error("stream", "a boolean", stream)
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise _type_error("stream_options", "an object", opts)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise _type_error("stop", "a string or a list of strings", stop)
+    if len(stop) > MAX_STOPS or any(not s for s in stop):
+        raise ApiError(400, f"`stop` takes at most {MAX_STOPS} non-empty strings", param="stop", code="invalid_value")
+
+    # -- the search config ----------------------------------------------------------------------------
+    over = {k: v for k, v in ggro.items() if k != "prefill" and v is not None}
+    if max_tokens is not None:
+        over["max_new_tokens"] = max_tokens
+    if base.max_new_tokens > max_tokens_limit and max_tokens is None:
+        over["max_new_tokens"] = max_tokens_limit
+    method = over.get("method", base.method)
+    if method == "best-of-n":
+        if temperature is not None:
+            if temperature == 0:
+                raise ApiError(400, "temperature=0 with method best-of-n: use ggro.method 'greedy' for greedy "
+                               "decoding", param="temperature", code="invalid_value")
+            over["temperature"] = temperature
+        if top_p is not None:
+            if top_p == 0:
+                raise ApiError(400, "`top_p` must be > 0", param="top_p", code="invalid_value")
+            over["top_p"] = top_p
+    if seed is not None:
+        over["seed"] = seed
+    try:
+        cfg = dataclasses.replace(base, **over)
+    except ConfigError as e:
+        raise ApiError(400, f"ggro: {e}", param="ggro", code="invalid_value") from None
+    return ApiRequest(kind, row, normalize(cfg), n=n, stream=stream, include_usage=bool(opts.get("include_usage")),
+                      stop=stop, seeded=seed is not None and uses_randomness(cfg), model=model or model_names[0])
+
+
+def uses_randomness(cfg: GGROConfig) -> bool:
+    return cfg.method == "best-of-n" or (cfg.method == "ggro" and cfg.selection == "sample")
+
+
+def normalize(cfg: GGROConfig) -> GGROConfig:
+    """Reset fields that do not affect this method, so requests that behave alike share one search loop."""
+    d = GGROConfig()
+    if cfg.method != "best-of-n":
+        cfg = dataclasses.replace(cfg, n=d.n, temperature=d.temperature, top_p=d.top_p)
+    if cfg.method != "ggro":
+        cfg = dataclasses.replace(cfg, num_refinements=d.num_refinements, entropy_threshold=d.entropy_threshold,
+                                  top_k=d.top_k, nudge_temperature=d.nudge_temperature, selection=d.selection,
+                                  scoring=d.scoring, min_segment_tokens=d.min_segment_tokens,
+                                  initial_insertion_offset=d.initial_insertion_offset)
+    if not uses_randomness(cfg):
+        cfg = dataclasses.replace(cfg, seed=d.seed)
+    return cfg
+
+
+# -- responses -----------------------------------------------------------------------------------------
+def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut `text` at the first stop string; True if one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stats(result) -> dict:
+    return {"method": result.method, "reward": None if math.isnan(result.reward) else result.reward,
+            "num_nudges": result.num_nudges, "num_segments": result.num_segments,
+            "segment_boundaries": result.segment_boundaries, "refinements": result.refinements,
+            "policy_tokens": result.policy_tokens, "reward_calls": result.reward_calls,
+            "elapsed_s": round(result.elapsed_s, 4)}
+
+
+def _object(req: ApiRequest, chunk: bool = False) -> str:
+    if req.kind == "chat":
+        return "chat.completion.chunk" if chunk else "chat.completion"
+    return "text_completion"
+
+
+def response_id(req: ApiRequest) -> str:
+    return ("chatcmpl-" if req.kind == "chat" else "cmpl-") + req.id
+
+
+def completion_body(req: ApiRequest, choices: list[dict], prompt_tokens: int) -> dict:
+    """`choices`: [{text, finish_reason, tokens, stats}] in choice order."""
+    out = []
+    for i, c in enumerate(choices):
+        ch = {"index": i, "finish_reason": c["finish_reason"], "logprobs": None, "ggro": c["stats"]}
+        if req.kind == "chat":
+            ch["message"] = {"role": "assistant", "content": c["text"]}
+        else:
+            ch["text"] = c["text"]
+        out.append(ch)
+    completion = sum(c["tokens"] for c in choices)
+    return {"id": response_id(req), "object": _object(req), "created": req.created, "model": req.model,
+            "choices": out, "system_fingerprint": None,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion},
+            "ggro": choices[0]["stats"] if len(choices) == 1 else {"choices": [c["stats"] for c in choices]}}
+
+
+def chunk_body(req: ApiRequest, index: int, text: str | None = None, finish_reason: str | None = None,
+               role: bool = False, extra: dict | None = None) -> dict:
+    ch: dict = {"index": index, "finish_reason": finish_reason, "logprobs": None}
+    if req.kind == "chat":
+        delta = {}
+        if role:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        ch["delta"] = delta
+    else:
+        ch["text"] = text or ""
+    if extra:
+        ch.update(extra)
+    return {"id": response_id(req), "object": _object(req, chunk=True), "created": req.created,
+            "model": req.model, "choices": [ch], "system_fingerprint": None}
+
+
+def usage_chunk(req: ApiRequest, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": response_id(req), "object": _object(req, chunk=True), "created": req.created, "model": req.model,
+            "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                     "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def sse(obj) -> bytes:
+    return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n".encode()

@@ -1,0 +1,447 @@
+"""The Ray Serve application behind `ggro serve`: model deployments, seam adapters, the ingress.
+
+    GGROIngress (FastAPI, no weights: tokenizer + search loops)
+        |-- handle --> ModelServer role=policy  (SegmentDecoder; decode/release, @serve.batch)
+        '-- handle --> ModelServer role=reward  (RewardModel; score, @serve.batch)
+    (one ModelServer with both roles when the reward is the policy itself as a judge: one copy of the weights)
+
+Concurrency: the ingress keeps one background search loop per distinct search config (requests whose
+settings are equal after `serve_api.normalize`). A loop runs `ggro.search.run` over a feed that pulls
+newly admitted prompts between rounds (the search's continuous batching), so concurrent users join
+shared rounds: one Policy.decode / Reward.score call per round for all of them. Loops with different
+configs still share model calls: the model deployments merge concurrent calls with `@serve.batch`.
+"""
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from ggro.config import GGROConfig, ModelConfig
+from ggro.search import Prompt, run as run_search
+from jobs import serve_api as api
+
+log = logging.getLogger("ray.serve")
+
+CALL_TIMEOUT_S = 600.0     # one policy/reward call; a dead replica must not hang a loop forever
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    gcfg: GGROConfig = GGROConfig()          # the server's defaults; requests override some fields
+    mcfg: ModelConfig = ModelConfig()
+    model_name: str = "ggro"
+    api_key: str | None = None
+    max_tokens_limit: int = 512
+    max_queue: int = 64                      # prompts (choices) admitted at once, running or waiting
+    request_timeout_s: float = 300.0
+    retry_after_s: int = 2
+    replica_cpus: float = 0.5                # each model replica (fractional: whole CPUs deadlock 2-core boxes)
+    ingress_cpus: float = 0.1
+    model_replicas: int = 1
+
+    @property
+    def shared_weights(self) -> bool:
+        m = self.mcfg
+        return m.reward_model == m.policy and m.reward_kind == "judge"
+
+
+# -- model deployments ---------------------------------------------------------------------------------
+@serve.deployment(max_ongoing_requests=256)
+class ModelServer:
+    """Holds the weights: the policy (SegmentDecoder), the reward (RewardModel), or both (shared judge)."""
+
+    def __init__(self, mcfg: ModelConfig, roles: tuple[str, ...]):
+        from ggro import models
+        from ggro.engine import load_reward
+        from ggro.policy import SegmentDecoder
+        from jobs.common import torch_threads
+        torch_threads()
+        self.roles = roles
+        tok = models.load_tokenizer(mcfg.policy)
+        policy_model = None
+        if "policy" in roles:
+            policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device)
+            self.policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model),
+                                         max_cached=4 * mcfg.batch_size)
+        if "reward" in roles:
+            self.reward = load_reward(mcfg, tok, policy_model)
+        self._lock = asyncio.Lock()          # one model computation at a time per replica
+
+    async def _compute(self, fn, arg):
+        async with self._lock:
+            return await asyncio.to_thread(fn, arg)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
+    async def decode(self, calls: list[list]) -> list[list]:
+        flat = [r for c in calls for r in c]
+        out = await self._compute(self.policy.decode, flat)
+        res, k = [], 0
+        for c in calls:
+            res.append(out[k:k + len(c)])
+            k += len(c)
+        return res
+
+    async def release(self, seq_ids: list[str]) -> None:
+        await self._compute(self.policy.release, seq_ids)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
+    async def score(self, calls: list[list]) -> list[list]:
+        flat = [q for c in calls for q in c]
+        out = await self._compute(self.reward.score, flat)
+        res, k = [], 0
+        for c in calls:
+            res.append(out[k:k + len(c)])
+            k += len(c)
+        return res
+
+    def ready(self) -> bool:
+        return True
+
+
+# -- the seam over deployment handles -------------------------------------------------------------------
+class HandlePolicy:
+    """The Policy side of the seam over a ModelServer handle. Sequence ids are namespaced per search
+    loop (`token/`) so loops never share prefix caches; `watch(seq_id, prefix)` sees every request,
+    which is how streaming observes accepted segments (a segment's prefix grows by the accepted one)."""
+
+    def __init__(self, handle, token: str, watch=None):
+        self.handle, self.token, self.watch = handle, token, watch
+
+    def decode(self, requests):
+        if self.watch is not None:
+            for r in requests:
+                self.watch(r.seq_id, r.prefix)
+        reqs = [dataclasses.replace(r, seq_id=f"{self.token}/{r.seq_id}") for r in requests]
+        return self.handle.decode.remote(reqs).result(timeout_s=CALL_TIMEOUT_S)
+
+    def release(self, seq_ids):
+        self.handle.release.remote([f"{self.token}/{s}" for s in seq_ids]).result(timeout_s=CALL_TIMEOUT_S)
+
+
+class HandleReward:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def score(self, queries):
+        return self.handle.score.remote(queries).result(timeout_s=CALL_TIMEOUT_S)
+
+
+# -- search loops ----------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One choice of one request, as it travels through a search loop. `emit(event)` is thread-safe."""
+    prompt: Prompt
+    index: int
+    emit: object                         # callable(tuple): ("segment", index, y) | ("done", index, Result) | ("error", index, msg)
+    stream: bool = False
+    sent: int = 0                        # tokens of y already reported as segments
+
+
+class _Loop(threading.Thread):
+    def __init__(self, hub: "SearchHub", cfg: GGROConfig):
+        super().__init__(daemon=True, name=f"ggro-search-{cfg.method}")
+        self.hub, self.cfg = hub, cfg
+        self.q: queue.Queue[Job] = queue.Queue()
+        self.jobs: dict[str, Job] = {}      # queued or active in this loop, by prompt id (guarded by hub.lock)
+        self.token = uuid.uuid4().hex[:8]
+        self.policy = HandlePolicy(hub.policy_handle, self.token, self._watch)
+        self.reward = HandleReward(hub.reward_handle)
+
+    def _watch(self, seq_id: str, prefix: list[int]) -> None:
+        job = self.jobs.get(seq_id)
+        if job is None or not job.stream:
+            return
+        y = prefix[len(job.prompt.ids):]
+        if len(y) > job.sent:
+            job.sent = len(y)
+            job.emit(("segment", job.index, list(y)))
+
+    def _feed(self):
+        """Newly admitted prompts, one per `next`; None (not StopIteration) when none are waiting, so the
+        search keeps its active prompts going and asks again next round."""
+        while True:
+            try:
+                yield self.q.get_nowait().prompt
+            except queue.Empty:
+                yield None
+
+    def _drain(self) -> list[Prompt]:
+        out = []
+        while True:
+            try:
+                out.append(self.q.get_nowait().prompt)
+            except queue.Empty:
+                return out
+
+    def run(self):
+        hub = self.hub
+        while True:
+            with hub.lock:
+                if self.q.empty():
+                    hub.loops[self.cfg].remove(self)
+                    if not hub.loops[self.cfg]:
+                        del hub.loops[self.cfg]
+                    # jobs still listed here were failed or delivered already
+                    return
+            try:
+                prompts = self._feed() if self.cfg.method == "ggro" else self._drain()
+                for res in run_search(prompts, self.policy, self.reward, self.cfg, hub.batch_size):
+                    with hub.lock:
+                        job = self.jobs.pop(res.id, None)
+                    if job is not None:
+                        hub.finished(1)
+                        job.emit(("done", job.index, res))
+            except Exception as e:   # a model replica failed: fail what this loop holds, keep serving
+                log.exception("GGRO search loop failed")
+                with hub.lock:
+                    failed = list(self.jobs.values())
+                    self.jobs.clear()
+                    while not self.q.empty():
+                        self.q.get_nowait()
+                hub.finished(len(failed))
+                for job in failed:
+                    job.emit(("error", job.index, f"{type(e).__name__}: {e}"))
+                try:
+                    self.policy.release([j.prompt.id for j in failed])
+                except Exception:
+                    pass
+
+
+class SearchHub:
+    """Admission (bounded), and the map from search config to the loops running it."""
+
+    def __init__(self, policy_handle, reward_handle, batch_size: int, max_queue: int):
+        self.policy_handle, self.reward_handle = policy_handle, reward_handle
+        self.batch_size, self.max_queue = batch_size, max_queue
+        self.lock = threading.Lock()
+        self.loops: dict[GGROConfig, list[_Loop]] = {}
+        self.outstanding = 0
+
+    def admit(self, k: int) -> bool:
+        with self.lock:
+            if self.outstanding + k > self.max_queue:
+                return False
+            self.outstanding += k
+            return True
+
+    def finished(self, k: int) -> None:
+        with self.lock:
+            self.outstanding -= k
+
+    def submit(self, cfg: GGROConfig, job: Job) -> None:
+        """Queue a job on a loop for `cfg` that does not hold its prompt id yet (starting one if needed)."""
+        with self.lock:
+            loops = self.loops.setdefault(cfg, [])
+            loop = next((lp for lp in loops if job.prompt.id not in lp.jobs), None)
+            start = loop is None
+            if start:
+                loop = _Loop(self, cfg)
+                loops.append(loop)
+            loop.jobs[job.prompt.id] = job
+            loop.q.put(job)
+        if start:
+            loop.start()
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"outstanding": self.outstanding, "max_queue": self.max_queue,
+                    "search_loops": sum(len(v) for v in self.loops.values())}
+
+
+# -- the ingress -------------------------------------------------------------------------------------------
+fastapi_app = FastAPI(title="GGRO", description="Gradient-Guided Reward Optimization, OpenAI-compatible")
+
+
+def _error_response(e: api.ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@serve.deployment(max_ongoing_requests=1024, max_queued_requests=1024)
+@serve.ingress(fastapi_app)
+class GGROIngress:
+    def __init__(self, policy_handle, reward_handle, settings: ServeSettings):
+        from transformers import AutoConfig, GenerationConfig
+        from ggro import models
+        from ggro.engine import context_window
+        self.s = settings
+        self.tok = models.load_tokenizer(settings.mcfg.policy)
+        where, kw = models.resolve(settings.mcfg.policy)
+        self.context = context_window(AutoConfig.from_pretrained(where, **kw))
+        eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
+        try:
+            extra = GenerationConfig.from_pretrained(where, **kw).eos_token_id
+            eos.update([extra] if isinstance(extra, int) else (extra or []))
+        except (OSError, ValueError):
+            pass
+        self.eos = eos
+        self.hub = SearchHub(policy_handle, reward_handle or policy_handle, settings.mcfg.batch_size,
+                             settings.max_queue)
+        self.model_names = (settings.model_name,)
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        key = self.s.api_key
+        if not key:
+            return
+        got = request.headers.get("authorization", "")
+        if got != f"Bearer {key}":
+            raise api.ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                               type_="authentication_error", code="invalid_api_key")
+
+    async def _parse(self, request: Request, kind: str) -> tuple[api.ApiRequest, list[Prompt]]:
+        from ggro.rows import encode
+        self._auth(request)
+        body = api.parse_json(await request.body())
+        req = api.parse_request(body, kind, self.s.gcfg, model_names=self.model_names,
+                                max_tokens_limit=self.s.max_tokens_limit)
+        fmt = self.s.mcfg.prompt_format if kind == "chat" else "raw"
+        try:
+            x = encode(req.row, self.tok, fmt, req.cfg.max_new_tokens, self.context)
+        except ValueError as e:
+            raise api.ApiError(400, str(e), param="messages" if kind == "chat" else "prompt",
+                               code="context_length_exceeded") from None
+        # Prompt ids: sampled methods derive their per-row seed from the id, so a seeded request uses
+        # fixed ids (reproducible); otherwise ids are unique and every request can share one loop.
+        prompts = [Prompt(f"choice-{i}" if req.seeded else f"{req.id}-{i}", x.ids, x.has_prefill)
+                   for i in range(req.n)]
+        return req, prompts
+
+    def _start(self, req: api.ApiRequest, prompts: list[Prompt]) -> asyncio.Queue:
+        if not self.hub.admit(len(prompts)):
+            raise api.ApiError(503, f"server overloaded: {self.s.max_queue} prompts already admitted; retry "
+                               f"after {self.s.retry_after_s}s", type_="server_error", code="overloaded",
+                               headers={"Retry-After": str(self.s.retry_after_s)})
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def emit(ev):
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+        for i, p in enumerate(prompts):
+            self.hub.submit(req.cfg, Job(p, i, emit, stream=req.stream))
+        return events
+
+    def _text(self, tokens: list[int], stops: list[str]) -> tuple[str, bool]:
+        return api.apply_stop(self.tok.decode(tokens, skip_special_tokens=True), stops)
+
+    def _choice(self, req: api.ApiRequest, res) -> dict:
+        text, hit = self._text(res.tokens, req.stop)
+        ended = bool(res.tokens) and res.tokens[-1] in self.eos
+        finish = "stop" if hit or ended or len(res.tokens) < req.cfg.max_new_tokens else "length"
+        return {"text": text, "finish_reason": finish, "tokens": len(res.tokens), "stats": api.stats(res)}
+
+    def _timeout(self) -> api.ApiError:
+        return api.ApiError(504, f"request timed out after {self.s.request_timeout_s}s", type_="timeout_error",
+                            code="timeout")
+
+    async def _complete(self, kind: str, request: Request):
+        try:
+            req, prompts = await self._parse(request, kind)
+            events = self._start(req, prompts)
+        except api.ApiError as e:
+            return _error_response(e)
+        deadline = time.monotonic() + self.s.request_timeout_s
+        if req.stream:
+            return StreamingResponse(self._stream(req, prompts, events, deadline), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        choices: list[dict | None] = [None] * len(prompts)
+        try:
+            while any(c is None for c in choices):
+                kind_, i, payload = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                if kind_ == "done":
+                    choices[i] = self._choice(req, payload)
+                elif kind_ == "error":
+                    raise api.ApiError(500, f"search failed: {payload}", type_="server_error", code="internal")
+        except asyncio.TimeoutError:
+            return _error_response(self._timeout())
+        except api.ApiError as e:
+            return _error_response(e)
+        return JSONResponse(api.completion_body(req, choices, len(prompts[0].ids)))
+
+    async def _stream(self, req: api.ApiRequest, prompts: list[Prompt], events: asyncio.Queue, deadline: float):
+        hold = max((len(s) for s in req.stop), default=1) - 1   # chars that might start a stop string
+        sent = [""] * len(prompts)
+        done = [False] * len(prompts)
+        completion_tokens = 0
+        for i in range(len(prompts)):
+            yield api.sse(api.chunk_body(req, i, "" if req.kind == "chat" else None, role=True))
+        try:
+            while not all(done):
+                kind_, i, payload = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                if done[i]:
+                    continue
+                if kind_ == "error":
+                    err = api.ApiError(500, f"search failed: {payload}", type_="server_error", code="internal")
+                    yield api.sse(err.body())
+                    return
+                if kind_ == "segment":
+                    text, hit = self._text(payload, req.stop)
+                    upto = len(text) if hit else len(text) - hold
+                    while upto > 0 and text[upto - 1] == "\ufffd":   # an incomplete multi-byte character
+                        upto -= 1
+                    if text.startswith(sent[i]) and upto > len(sent[i]):
+                        yield api.sse(api.chunk_body(req, i, text[len(sent[i]):upto]))
+                        sent[i] = text[:upto]
+                    if hit:
+                        done[i] = True
+                        yield api.sse(api.chunk_body(req, i, finish_reason="stop"))
+                    continue
+                c = self._choice(req, payload)
+                completion_tokens += c["tokens"]
+                done[i] = True
+                rest = c["text"][len(sent[i]):] if c["text"].startswith(sent[i]) else ""
+                yield api.sse(api.chunk_body(req, i, rest or None, finish_reason=c["finish_reason"],
+                                             extra={"ggro": c["stats"]}))
+        except asyncio.TimeoutError:
+            yield api.sse(self._timeout().body())
+            return
+        if req.include_usage:
+            yield api.sse(api.usage_chunk(req, len(prompts[0].ids), completion_tokens))
+        yield api.sse("[DONE]")
+
+    # -- routes ----------------------------------------------------------------------------------------------
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._complete("chat", request)
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._complete("completion", request)
+
+    @fastapi_app.get("/v1/models")
+    async def list_models(self, request: Request):
+        try:
+            self._auth(request)
+        except api.ApiError as e:
+            return _error_response(e)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "ggro",
+             "policy": self.s.mcfg.policy, "reward_model": self.s.mcfg.reward_model,
+             "reward_kind": self.s.mcfg.reward_kind, "method": self.s.gcfg.method,
+             "max_tokens_limit": self.s.max_tokens_limit, "context_window": self.context}
+            for name in self.model_names]}
+
+    @fastapi_app.get("/health")
+    async def health(self):
+        return {"status": "ok", **self.hub.stats()}
+
+
+def build_app(settings: ServeSettings):
+    """The bound Serve application for `settings` (cheap: nothing loads until deployed)."""
+    model_opts = dict(num_replicas=settings.model_replicas, ray_actor_options={"num_cpus": settings.replica_cpus})
+    if settings.shared_weights:
+        models = ModelServer.options(name="GGROModels", **model_opts).bind(settings.mcfg, ("policy", "reward"))
+        policy, reward = models, None
+    else:
+        policy = ModelServer.options(name="GGROPolicy", **model_opts).bind(settings.mcfg, ("policy",))
+        reward = ModelServer.options(name="GGROReward", **model_opts).bind(settings.mcfg, ("reward",))
+    n = max(1024, 4 * settings.max_queue)
+    return GGROIngress.options(ray_actor_options={"num_cpus": settings.ingress_cpus}, max_ongoing_requests=n,
+                               max_queued_requests=n).bind(policy, reward, settings)

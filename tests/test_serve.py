@@ -1,0 +1,198 @@
+"""`ggro serve`: the real Serve app on the tiny models, called over HTTP with the `openai` client.
+
+Two applications share one Serve instance on a free port:
+  /      tiny policy + tiny classifier RM (two model deployments), float64, generous queue
+  /small the policy as its own judge (one shared-weights deployment), API key, max_queue=2
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytestmark = pytest.mark.slow
+openai = pytest.importorskip("openai")
+
+KEY = "sekrit-test-key"
+SEARCH = dict(max_new_tokens=16, num_refinements=4, entropy_threshold=2.4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(policy, reward, kind, **kw):
+    from ggro.config import GGROConfig, ModelConfig
+    from jobs.serve_app import ServeSettings
+    mcfg = ModelConfig(policy=policy, reward=reward, reward_kind=kind, dtype="float64", batch_size=8,
+                       rubric="is it good ? Yes or No")
+    base = dict(gcfg=GGROConfig(**SEARCH), mcfg=mcfg, model_name="tiny", max_tokens_limit=64,
+                replica_cpus=0.2, ingress_cpus=0.05)
+    return ServeSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_models):
+    from ray import serve
+    from jobs.serve_app import build_app
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    main = settings(tiny_models["policy"], tiny_models["classifier"], "classifier", max_queue=32)
+    small = settings(tiny_models["policy"], None, "judge", max_queue=2, api_key=KEY)
+    serve.run(build_app(main), name="ggro-test", route_prefix="/")
+    serve.run(build_app(small), name="ggro-test-small", route_prefix="/small")
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "main": main, "small": small}
+    serve.delete("ggro-test")
+    serve.delete("ggro-test-small")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def post(url: str, body, headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def align_local(tiny_models, row: dict, reward: str, kind: str, **over) -> dict:
+    """What `ggro align --local` writes for this row with the same settings."""
+    from ggro.config import GGROConfig, ModelConfig
+    from ggro.engine import Engine
+    from ggro.rows import parse_row
+    mcfg = ModelConfig(policy=tiny_models["policy"], reward=reward, reward_kind=kind, dtype="float64",
+                       rubric="is it good ? Yes or No")
+    eng = Engine.load(mcfg)
+    return next(eng.align([parse_row(row, "r")], GGROConfig(**{**SEARCH, **over})))
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with urllib.request.urlopen(server["url"] + "/health") as r:
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_chat_equals_local_align(client, tiny_models):
+    msgs = [{"role": "user", "content": "can you find my water"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs)
+    want = align_local(tiny_models, {"messages": msgs}, tiny_models["classifier"], "classifier")
+    assert r.choices[0].message.content == want["response"]
+    g = r.model_extra["ggro"]
+    assert g["reward"] == pytest.approx(want["reward"], rel=1e-9)
+    assert (g["num_nudges"], g["num_segments"], g["reward_calls"]) == (
+        want["num_nudges"], want["num_segments"], want["reward_calls"])
+    assert g["num_segments"] > 1 and g["num_nudges"] > 0      # the search really ran and nudged
+    assert r.usage.completion_tokens == g["segment_boundaries"][-1]
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_completions_and_ggro_knobs(client, tiny_models):
+    r = client.completions.create(model="tiny", prompt="the number of people who call", max_tokens=10,
+                                  extra_body={"ggro": {"num_refinements": 2, "top_k": 5}})
+    assert r.object == "text_completion" and r.usage.completion_tokens <= 10
+    g = r.model_extra["ggro"]
+    assert g["method"] == "ggro" and g["reward_calls"] <= 2 * g["num_segments"]
+    greedy = client.completions.create(model="tiny", prompt="the number of people who call", max_tokens=10,
+                                       extra_body={"ggro": {"method": "greedy"}})
+    assert greedy.model_extra["ggro"]["method"] == "greedy"
+    assert greedy.model_extra["ggro"]["refinements"] == 1
+
+
+def test_streaming_chunks_are_segments(client):
+    msgs = [{"role": "user", "content": "go now"}]
+    full = client.chat.completions.create(model="tiny", messages=msgs)
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, stream=True,
+                                                 stream_options={"include_usage": True}))
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(texts) == full.choices[0].message.content
+    segs = full.model_extra["ggro"]["num_segments"]
+    assert len(texts) >= min(segs, 2)            # one content chunk per accepted segment (empty ones skipped)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].model_extra["ggro"]["num_segments"] == segs
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_sixteen_concurrent_requests(client, tiny_models):
+    from tests.test_engine import PROMPTS
+    prompts = (PROMPTS * 2)[:16]
+
+    def one(p):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}])
+    with ThreadPoolExecutor(16) as ex:
+        out = list(ex.map(one, prompts))
+    assert len(out) == 16 and all(o.choices[0].message.content is not None for o in out)
+    # batching never changes answers: the same prompt gives the same text alone and in a crowd
+    alone = one(prompts[3]).choices[0].message.content
+    assert out[3].choices[0].message.content == alone == out[13].choices[0].message.content
+
+
+BAD = [
+    (b"{not json", 400, "invalid_json"),
+    (b"[1, 2]", 400, "invalid_json"),
+    ({"model": "tiny", "messages": "hi"}, 422, "invalid_type"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 422, "invalid_type"),
+    ({"model": "tiny", "messages": []}, 400, "invalid_value"),
+    ({"model": "tiny"}, 400, "missing_field"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "max_tokens_exceeded"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "the " * 250}]}, 400, "context_length_exceeded"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ggro": {"top_k": 0}}, 400, "invalid_value"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ggro": {"bogus": 1}}, 400, "invalid_value"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+]
+
+
+def test_bad_requests_get_4xx(server, client):
+    for body, status, code in BAD:
+        got, err, _ = post(server["url"] + "/v1/chat/completions", body)
+        assert (got, err["error"]["code"]) == (status, code), (body, err)
+        assert err["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="limit of 64"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=100)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert r.choices[0].message.content is not None     # still healthy
+
+
+def test_api_key(server):
+    small = openai.OpenAI(base_url=server["url"] + "/small/v1", api_key="wrong", max_retries=0, timeout=120)
+    with pytest.raises(openai.AuthenticationError):
+        small.models.list()
+    status, err, _ = post(server["url"] + "/small/v1/completions", {"prompt": "hi"})
+    assert status == 401 and err["error"]["type"] == "authentication_error"
+    ok = openai.OpenAI(base_url=server["url"] + "/small/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert ok.models.list().data[0].id == "tiny"
+
+
+def test_overload_503_then_recovery(server):
+    url, hdr = server["url"] + "/small/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "write a long word"}], "max_tokens": 64,
+            "ggro": {"num_refinements": 8, "entropy_threshold": 0.5}}
+    barrier = threading.Barrier(10)
+
+    def one(_):
+        barrier.wait()
+        return post(url, body, hdr)
+    with ThreadPoolExecutor(10) as ex:
+        out = list(ex.map(one, range(10)))
+    codes = sorted(s for s, _, _ in out)
+    assert codes.count(200) >= 2 and 503 in codes and set(codes) <= {200, 503}, codes
+    busy = next((b, h) for s, b, h in out if s == 503)
+    assert busy[0]["error"]["code"] == "overloaded" and int(busy[1].get("Retry-After")) >= 1
+    time.sleep(0.5)
+    status, resp, _ = post(url, {**body, "max_tokens": 4}, hdr)
+    assert status == 200 and resp["choices"][0]["message"]["content"] is not None
