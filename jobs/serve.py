@@ -34,6 +34,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="prompts admitted at once (running or waiting); beyond it: 503 + Retry-After")
     s.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request before 504")
     s.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of each model replica (fractional)")
+    s.add_argument("--replica-gpus", type=float, default=0.0,
+                   help="num_gpus of each model replica (use with --device cuda) [0: CPU]")
     s.add_argument("--model-replicas", type=int, default=1, help="replicas of each model deployment")
     s.add_argument("--address", help="Ray cluster address [start a local Ray]")
 
@@ -41,10 +43,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def add_args(p: argparse.ArgumentParser) -> None:
     add_serve_args(p)
     add_engine_args(p)
-
-
-SERVER_KEYS = ("host", "port", "api_key", "model_name", "max_tokens_limit", "max_queue", "request_timeout",
-               "replica_cpus", "model_replicas", "address")
+    try:
+        from jobs.plan import add_plan_args
+    except ModuleNotFoundError:
+        return
+    add_plan_args(p)
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -56,6 +59,7 @@ def settings_from_args(args: argparse.Namespace):
               (args.max_queue >= 1, "--max-queue must be >= 1"),
               (args.request_timeout > 0, "--request-timeout must be > 0"),
               (0 < args.replica_cpus, "--replica-cpus must be > 0 (fractions such as 0.5 are fine)"),
+              (args.replica_gpus >= 0, "--replica-gpus must be >= 0"),
               (args.model_replicas >= 1, "--model-replicas must be >= 1")]
     for ok, msg in checks:
         if not ok:
@@ -63,6 +67,7 @@ def settings_from_args(args: argparse.Namespace):
     return ServeSettings(gcfg=gcfg, mcfg=mcfg, model_name=args.model_name, api_key=key,
                          max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, replica_cpus=args.replica_cpus,
+                         replica_gpus=args.replica_gpus,
                          model_replicas=args.model_replicas)
 
 
@@ -97,6 +102,9 @@ def run(args) -> int:
         settings = settings_from_args(args)
     except ConfigError as e:
         fail(str(e))
+    if getattr(args, "dry_run", False):
+        from jobs.plan import dry_run
+        return dry_run(args, settings.gcfg, settings.mcfg)
     import ray
     from ray import serve
     from jobs.serve_app import build_app

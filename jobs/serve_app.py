@@ -44,6 +44,7 @@ class ServeSettings:
     request_timeout_s: float = 300.0
     retry_after_s: int = 2
     replica_cpus: float = 0.5                # each model replica (fractional: whole CPUs deadlock 2-core boxes)
+    replica_gpus: float = 0.0
     ingress_cpus: float = 0.1
     model_replicas: int = 1
 
@@ -435,7 +436,10 @@ class GGROIngress:
 
 def build_app(settings: ServeSettings):
     """The bound Serve application for `settings` (cheap: nothing loads until deployed)."""
-    model_opts = dict(num_replicas=settings.model_replicas, ray_actor_options={"num_cpus": settings.replica_cpus})
+    actor = {"num_cpus": settings.replica_cpus}
+    if settings.replica_gpus:
+        actor["num_gpus"] = settings.replica_gpus
+    model_opts = dict(num_replicas=settings.model_replicas, ray_actor_options=actor)
     if settings.shared_weights:
         models = ModelServer.options(name="GGROModels", **model_opts).bind(settings.mcfg, ("policy", "reward"))
         policy, reward = models, None
