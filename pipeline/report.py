@@ -98,7 +98,7 @@ def fmt(v, kind="f") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if kind == "%":
-        return f"{100 * v:.0f}%"
+        return f"{100 * v:.1f}%"
     if isinstance(v, int):
         return str(v)
     return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
@@ -124,7 +124,7 @@ def plot_rewards(methods, threshold, path: Path, reward_unit: str) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.6 * len(methods) + 3, 4.2))
     data = [[r["reward"] for r in m.rows if r.get("error") is None and r["reward"] is not None] for m in methods]
-    ax.boxplot([d or [math.nan] for d in data], showmeans=True, widths=0.5)
+    ax.boxplot([d or [math.nan] for d in data], showmeans=True, showfliers=False, widths=0.5)
     ax.set_xticks(range(1, len(methods) + 1), [m.label for m in methods])
     for i, d in enumerate(data, 1):
         ax.scatter([i + 0.18 * ((k % 5) - 2) / 2 for k in range(len(d))], d, s=12, alpha=0.5, color="C1", zorder=3)
