@@ -51,6 +51,10 @@ def save_tiny(path, kind: str, seed: int, **kw) -> str:
         model = LlamaForSequenceClassification(llama_config(len(tok), num_labels=1, **kw))
     else:
         model = LlamaForCausalLM(llama_config(len(tok), **kw))
+        # A louder end-of-turn row makes EOS a likely pick at some positions, so responses of
+        # different lengths end mid-batch.
+        with torch.no_grad():
+            model.lm_head.weight[tok.eos_token_id] *= 2.0
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -1,0 +1,127 @@
+"""A deliberately plain implementation of ALGORITHM.md: one prompt at a time, no KV cache, the full
+prefix re-run for every token, and the reference's dense one-hot gradient.
+
+It exists as the oracle the engine is tested against (identical tokens, rewards to float tolerance,
+nudges and boundaries) and as the baseline `ggro bench` times the engine against. Never optimize it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import GGROConfig
+from .search import Result, row_seed
+
+
+class ReferenceReward:
+    """r(z) and the dense gradient d r / d onehot(z), [len, vocab], for one unpadded sequence."""
+
+    def __init__(self, model, kind: str, suffix: list[int] = (), yes: int = 0, no: int = 0, eos=()):
+        self.model, self.kind, self.suffix, self.yes, self.no, self.eos = model, kind, list(suffix), yes, no, set(eos)
+
+    @classmethod
+    def of(cls, reward_model):
+        """Mirror the configuration of an engine RewardModel (same model, suffix and answer tokens)."""
+        r = reward_model
+        if r.kind == "judge":
+            return cls(r.model, "judge", r.suffix, r.yes, r.no, r.eos)
+        return cls(r.model, "classifier")
+
+    def _reward(self, embeds: torch.Tensor) -> torch.Tensor:
+        out = self.model(inputs_embeds=embeds[None]).logits
+        if self.kind == "judge":
+            return (out[0, -1, self.yes] - out[0, -1, self.no]).double()
+        return out[0, 0].double()
+
+    def __call__(self, tokens: list[int], need_grad: bool):
+        suffix = self.suffix
+        if self.kind == "judge" and tokens and tokens[-1] in self.eos and suffix and suffix[0] == tokens[-1]:
+            suffix = suffix[1:]
+        z = torch.tensor(list(tokens) + suffix)
+        E = self.model.get_input_embeddings().weight
+        onehot = torch.nn.functional.one_hot(z, E.shape[0]).to(E.dtype).requires_grad_(need_grad)
+        with torch.set_grad_enabled(need_grad):
+            r = self._reward(onehot @ E)
+            grad = torch.autograd.grad(r, onehot)[0] if need_grad else None
+        return float(r.detach()), grad
+
+
+@torch.no_grad()
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids])).logits[0, -1]
+
+
+def _entropy(logits: torch.Tensor) -> float:
+    p = torch.softmax(logits.double(), -1)
+    return float(-(p * torch.log(p)).nansum())
+
+
+def decode_segment(model, prefix, x_len, cfg: GGROConfig, eos, forced=None, insert_at=0, tau=None):
+    """ALGORITHM.md "One segment": returns (tokens, stop, base logits per offset, emitted count)."""
+    tau = cfg.entropy_threshold if tau is None else tau
+    out, base = [], []
+    j = 0
+    while True:
+        logits = _logits(model, list(prefix) + out)
+        base.append(logits)
+        tok = forced if forced is not None and j == insert_at else int(torch.argmax(logits))
+        out.append(tok)
+        if tok in eos:
+            return out, "eos", base, j + 1
+        if len(prefix) + j + 1 == x_len + cfg.max_new_tokens:
+            return out, "length", base, j + 1
+        if j + 1 >= cfg.min_segment_tokens and _entropy(logits) >= tau:
+            return out[:-1], "entropy", base, j + 1
+        j += 1
+
+
+def reference_ggro(prompt_id: str, x: list[int], model, reward: ReferenceReward, cfg: GGROConfig,
+                   eos, has_prefill: bool = False) -> Result:
+    res = Result(prompt_id, [], float("nan"), "ggro")
+    gen = torch.Generator().manual_seed(row_seed(cfg.seed, prompt_id)) if cfg.selection == "sample" else None
+    first = True
+    while True:
+        y = res.tokens
+        insert_at = cfg.initial_insertion_offset if first and not has_prefill else 0
+        first = False
+        best, seen, nudge = None, [], None
+        for i in range(cfg.num_refinements):
+            s, stop, base, emitted = decode_segment(model, x + y, len(x), cfg, eos, nudge, insert_at)
+            res.refinements += 1
+            res.policy_tokens += emitted
+            if s in seen:
+                break
+            seen.append(s)
+            more = i + 1 < cfg.num_refinements and insert_at < len(s)
+            r, grad = reward(x + y + s, need_grad=more)
+            res.reward_calls += 1
+            if best is None or r > best[1]:
+                best = (s, r, i, stop)
+            if not more:
+                break
+            q = len(x + y) + insert_at
+            cands = torch.topk(base[insert_at], cfg.top_k).indices
+            current = s[insert_at]
+            g = grad[q].double()
+            if cfg.scoring == "taylor":
+                scores = g[cands] - g[current]
+            else:   # the reference's 1e-10 factor on the current token, taken to its limit
+                scores = torch.where(cands == current, 0.0, g[cands])
+            if cfg.selection == "sample":
+                nudge = int(cands[torch.multinomial(torch.softmax(scores / cfg.nudge_temperature, 0), 1, generator=gen)])
+            else:
+                nudge = int(cands[torch.argmax(scores / cfg.nudge_temperature)])
+        s, r, i, stop = best
+        res.tokens = y + s
+        res.num_segments += 1
+        res.num_nudges += i > 0
+        res.segment_boundaries.append(len(res.tokens))
+        if stop == "eos" or len(res.tokens) >= cfg.max_new_tokens:
+            res.reward = r
+            return res
+
+
+def reference_baseline(prompt_id: str, x: list[int], model, reward: ReferenceReward, cfg: GGROConfig, eos) -> Result:
+    """Greedy decoding (best-of-n is sampled, so it is checked against the engine's own seeds instead)."""
+    s, _, _, emitted = decode_segment(model, x, len(x), cfg, eos, tau=float("inf"))
+    r, _ = reward(x + s, need_grad=False)
+    return Result(prompt_id, s, r, "greedy", 0, 1, [len(s)], 1, emitted, 1)

@@ -1,0 +1,163 @@
+"""The batched, cached engine against the plain oracle (ggro/reference.py), on tiny float64 models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ggro import models
+from ggro.config import ConfigError, GGROConfig
+from ggro.policy import SegmentDecoder
+from ggro.reference import ReferenceReward, reference_baseline, reference_ggro
+from ggro.reward import RewardModel
+from ggro.search import Prompt, run
+from ggro.seam import RewardQuery, SegmentRequest
+
+PROMPTS = ["how do you make water ?", "what is the time", "write a long word", "I like people",
+           "tell me about the first day", "a", "why is the sound so long ?"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
+    tok = models.load_tokenizer(tiny_models["policy"])
+    policy = models.load_model(tiny_models["policy"], "causal", "float64")
+    rewards = {
+        "classifier": RewardModel(models.load_model(tiny_models["classifier"], "classifier", "float64"), tok, "classifier"),
+        "judge": RewardModel(models.load_model(tiny_models["judge"], "causal", "float64"), tok, "judge",
+                             rubric="is it good ? Yes or No", eos_ids=[tok.eos_token_id]),
+    }
+    return tok, policy, rewards
+
+
+def prompts_of(tok, texts, prefill=""):
+    out = []
+    for i, t in enumerate(texts):
+        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                 add_generation_prompt=True), add_special_tokens=False)
+        if prefill:
+            ids += tok.encode(prefill, add_special_tokens=False)
+        out.append(Prompt(f"p{i}", ids, has_prefill=bool(prefill)))
+    return out
+
+
+def engine_results(policy_model, reward, tok, prompts, cfg, batch_size):
+    dec = SegmentDecoder(policy_model, [tok.eos_token_id], max_cached=batch_size)
+    return {r.id: r for r in run(prompts, dec, reward, cfg, batch_size)}
+
+
+def assert_same(got, want):
+    assert got.tokens == want.tokens
+    assert got.segment_boundaries == want.segment_boundaries
+    assert got.num_nudges == want.num_nudges and got.num_segments == want.num_segments
+    assert got.refinements == want.refinements and got.policy_tokens == want.policy_tokens
+    assert got.reward_calls == want.reward_calls
+    assert got.reward == pytest.approx(want.reward, rel=1e-9, abs=1e-9)
+
+
+CASES = [
+    # (reward kind, cfg overrides, batch size)
+    ("classifier", dict(), 4),
+    ("classifier", dict(num_refinements=1), 3),
+    ("classifier", dict(num_refinements=6, entropy_threshold=2.0, top_k=5), 7),
+    ("judge", dict(num_refinements=3, entropy_threshold=2.5), 2),
+    ("judge", dict(initial_insertion_offset=4, entropy_threshold=2.2), 5),
+    ("classifier", dict(scoring="taylor", entropy_threshold=2.3, max_new_tokens=20), 4),
+    ("classifier", dict(selection="sample", nudge_temperature=1.0, seed=7, entropy_threshold=2.3), 3),
+    ("judge", dict(min_segment_tokens=2, entropy_threshold=1.8, max_new_tokens=9), 1),
+    ("classifier", dict(num_refinements=8, top_k=2, entropy_threshold=2.0), 6),
+]
+
+
+@pytest.mark.parametrize("kind,over,bs", CASES)
+def test_engine_matches_oracle(setup, kind, over, bs):
+    tok, policy, rewards = setup
+    cfg = GGROConfig(**{"max_new_tokens": 16, "num_refinements": 4, "entropy_threshold": 2.4, **over})
+    prompts = prompts_of(tok, PROMPTS)
+    got = engine_results(policy, rewards[kind], tok, prompts, cfg, bs)
+    ref = ReferenceReward.of(rewards[kind])
+    for p in prompts:
+        assert_same(got[p.id], reference_ggro(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id]))
+
+
+def test_cases_exercise_every_path(setup):
+    """The oracle cases must actually hit nudges, repeats, EOS, length caps and entropy stops."""
+    tok, policy, rewards = setup
+    results = []
+    for over in (dict(), dict(top_k=2)):
+        cfg = GGROConfig(max_new_tokens=16, num_refinements=4, entropy_threshold=2.4, trace=True, **over)
+        results += engine_results(policy, rewards["classifier"], tok, prompts_of(tok, PROMPTS), cfg, 4).values()
+    stops = {seg["stop"] for r in results for seg in r.trace}
+    assert {"entropy", "length", "eos"} <= stops
+    assert sum(r.num_nudges for r in results) > 0
+    # with insert_at 0 a segment tries fewer than S candidates only when one repeats
+    assert any(len(seg["tried"]) < 4 for r in results for seg in r.trace)
+
+
+def test_prefill_and_batching_invariance(setup):
+    tok, policy, rewards = setup
+    cfg = GGROConfig(max_new_tokens=12, initial_insertion_offset=3, entropy_threshold=2.3)
+    prompts = prompts_of(tok, PROMPTS[:5], prefill="the water is")
+    one = engine_results(policy, rewards["judge"], tok, prompts, cfg, 1)
+    many = engine_results(policy, rewards["judge"], tok, prompts, cfg, 5)
+    ref = ReferenceReward.of(rewards["judge"])
+    for p in prompts:
+        assert_same(many[p.id], one[p.id])
+        assert_same(many[p.id], reference_ggro(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id], has_prefill=True))
+
+
+def test_greedy_baseline_matches_oracle(setup):
+    tok, policy, rewards = setup
+    cfg = GGROConfig(method="greedy", max_new_tokens=14)
+    prompts = prompts_of(tok, PROMPTS)
+    got = engine_results(policy, rewards["classifier"], tok, prompts, cfg, 4)
+    ref = ReferenceReward.of(rewards["classifier"])
+    for p in prompts:
+        assert_same(got[p.id], reference_baseline(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id]))
+
+
+def test_best_of_n_is_seeded_and_batch_independent(setup):
+    tok, policy, rewards = setup
+    cfg = GGROConfig(method="best-of-n", n=3, max_new_tokens=10, seed=5)
+    prompts = prompts_of(tok, PROMPTS[:4])
+    a = engine_results(policy, rewards["classifier"], tok, prompts, cfg, 12)
+    b = engine_results(policy, rewards["classifier"], tok, prompts, cfg, 3)
+    greedy = engine_results(policy, rewards["classifier"], tok, prompts, GGROConfig(method="greedy", max_new_tokens=10), 4)
+    for p in prompts:
+        assert_same(a[p.id], b[p.id])
+        assert a[p.id].reward_calls == 3 and a[p.id].refinements == 3
+        # the kept sample is the best of its n: at least as good as any one of them alone
+        single = engine_results(policy, rewards["classifier"], tok, [p], GGROConfig(method="best-of-n", n=1, max_new_tokens=10, seed=5), 1)
+        assert a[p.id].reward >= single[p.id].reward - 1e-12
+    assert any(a[p.id].tokens != greedy[p.id].tokens for p in prompts)
+
+
+def test_sparse_candidate_scores_equal_dense_onehot_gradient(setup):
+    tok, policy, rewards = setup
+    for kind, rm in rewards.items():
+        z = prompts_of(tok, ["how do you make water ?"])[0].ids + [10, 20, 30, 40, 50]
+        q, cands = len(z) - 3, list(range(4, 60, 3))
+        # batch it with a longer and a shorter sequence so padding is exercised too
+        res = rm.score([RewardQuery(z + [7, 8, 9]), RewardQuery(z, q, cands), RewardQuery(z[:9], 4, [5, 6])])
+        r, dense = ReferenceReward.of(rm)(z, need_grad=True)
+        assert res[1].reward == pytest.approx(r, rel=1e-10)
+        assert res[1].scores == pytest.approx(dense[q, cands].tolist(), rel=1e-8, abs=1e-12)
+        assert res[0].scores is None and len(res[2].scores) == 2
+
+
+def test_segment_decoder_cache_reuse_is_exact(setup):
+    """Extending a cached prefix gives the same tokens as decoding it fresh."""
+    tok, policy, _ = setup
+    x = prompts_of(tok, ["the number of people who call"])[0].ids
+    dec = SegmentDecoder(policy, [tok.eos_token_id])
+    first = dec.decode([SegmentRequest("s", x, 6)])[0]
+    extended = dec.decode([SegmentRequest("s", x + first.tokens, 6, top_k=5)])[0]
+    fresh = SegmentDecoder(policy, [tok.eos_token_id]).decode([SegmentRequest("t", x + first.tokens, 6, top_k=5)])[0]
+    assert extended == fresh
+
+
+@pytest.mark.parametrize("bad", [dict(min_segment_tokens=1), dict(num_refinements=0), dict(method="beam"),
+                                 dict(top_p=0), dict(entropy_threshold=math.nan)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ConfigError):
+        GGROConfig(**bad)
