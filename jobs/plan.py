@@ -487,6 +487,9 @@ def validate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     if cuda and res.reward_gpus == 0:
         warns.append("reward actors run on CPU (--reward-gpus 0) while the policy is on CUDA: the reward "
                      "backward will be the bottleneck")
+    if cuda and res.tp > 1 and 0 < res.policy_gpus < 1:
+        errors.append(f"--tp {res.tp} with --policy-gpus-per-replica {res.policy_gpus:g}: NCCL cannot run two ranks "
+                      "of one world on the same GPU (pass --policy-gpus-per-replica 1)")
     if res.policy_gpus > 1:
         warns.append(f"--policy-gpus-per-replica {res.policy_gpus:g}: each tp rank uses one device; "
                      "more than 1 only reserves idle GPUs (raise --tp instead)")

@@ -339,6 +339,9 @@ def test_dry_run_rejects_inconsistent_config(tiny_models, capsys, no_weights):
     rc, out = _run(["align", "--dry-run", "--policy", tiny_models["policy"], "--reward", tiny_models["judge"],
                     "--reward-kind", "classifier", "--cluster-gpus", "0"], capsys)
     assert rc == 2 and "not a *ForSequenceClassification" in out
+    rc, out = _run(["align", "--dry-run", "--policy", tiny_models["policy"], *GPU_FLAGS, "--tp", "2",
+                    "--policy-gpus-per-replica", "0.5", "--cluster-gpus", "8"], capsys)
+    assert rc == 2 and "NCCL cannot run two ranks" in out
     rc, out = _run(["align", "--dry-run", "--policy", "/nonexistent/model", "--cluster-gpus", "0"], capsys)
     assert rc == 2 and "not found" in out
 
