@@ -7,6 +7,7 @@ when they die and Ray retries their calls (they are stateless), so a lost actor 
 from __future__ import annotations
 
 import os
+import uuid
 
 import ray
 
@@ -51,6 +52,7 @@ class RewardPool:
 def start_reward_pool(mcfg: ModelConfig, replicas: int = 1, gpus: float = 0, cpus: float = 0.5) -> RewardPool:
     from actors.policy import threads_for
     cls = ray.remote(RewardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
-    workers = [cls.remote(mcfg, threads_for(cpus)) for _ in range(replicas)]
+    tag = uuid.uuid4().hex[:8]   # named (ggro-reward-TAG-i) so operators and tests can find them
+    workers = [cls.options(name=f"ggro-reward-{tag}-{i}").remote(mcfg, threads_for(cpus)) for i in range(replicas)]
     ray.get([w.pid.remote() for w in workers])   # wait until loaded: errors surface here
     return RewardPool(workers)
