@@ -677,3 +677,14 @@ def dry_run(args, gcfg: GGROConfig, mcfg: ModelConfig) -> int:
     except ConfigError as e:
         print(f"ggro: error: {e}", file=sys.stderr)
         return 2
+
+
+def dry_run_args(args) -> int:
+    """`--dry-run` for jobs that resolve their configs later (dpo): resolve, then plan."""
+    from jobs.common import resolve_args
+    try:
+        gcfg, mcfg, _ = resolve_args(args)
+    except ConfigError as e:
+        print(f"ggro: error: {e}", file=sys.stderr)
+        return 2
+    return dry_run(args, gcfg, mcfg)
