@@ -32,6 +32,9 @@ def run(args) -> int:
     from pipeline.output import read_output, write_part  # noqa: F401
     import pyarrow.parquet as pq
 
+    if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both
+        from jobs.plan import dry_run_args
+        return dry_run_args(args)
     if not args.output:
         fail("--output DIR is required")
     out = Path(args.output)
