@@ -6,7 +6,9 @@
 Prints and writes (bench.csv, bench_reward_vs_wall.png):
   1. methods: wall time, prompts/s, policy tokens, reward calls, mean reward, win rate vs greedy
      (paired by id, ties count half), for greedy, best-of-n for each --best-of-n and GGRO for each
-     --refinements, all on the same prompts with the same models;
+     --refinements, all on the same prompts with the same models; each method's rows are also written
+     as an align output under OUTPUT/align/<method>/, so `ggro report --input OUTPUT/align/*` adds
+     the task metrics and plots;
   2. engine vs oracle: the batched, KV-cached engine against the plain reference implementation
      (ggro/reference.py: one prompt at a time, no cache, dense one-hot gradient) on the same prompts;
      the outputs are checked token for token, so the ratio is a pure speed-up (bench_oracle.csv);
@@ -26,8 +28,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-QUICK = dict(limit=3, max_new_tokens=24, best_of_n=[2, 4], refinements=[2, 4], oracle_prompts=1,
-             oracle_max_new_tokens=12, scaling_prompts=16, scaling_max_new_tokens=8)
+QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], oracle_prompts=1,
+             oracle_max_new_tokens=8, scaling_prompts=16, scaling_max_new_tokens=8)
 FULL = dict(limit=None, max_new_tokens=64, best_of_n=[2, 4, 8], refinements=[2, 4, 8], oracle_prompts=3,
             oracle_max_new_tokens=32, scaling_prompts=16, scaling_max_new_tokens=32)
 
@@ -45,7 +47,7 @@ def _ints(s: str) -> list[int]:
 def add_args(p: argparse.ArgumentParser) -> None:
     from jobs.common import add_engine_args
     p.add_argument("--input", help="prompt file (JSONL/Parquet) [the bundled example prompts]")
-    p.add_argument("--limit", type=int, help="only the first N prompts [quick: 3; else all]")
+    p.add_argument("--limit", type=int, help="only the first N prompts [quick: 2; else all]")
     p.add_argument("--output", default="bench", help="folder for bench.csv and the plots")
     p.add_argument("--quick", action="store_true",
                    help=f"small settings that finish in minutes on a CPU: {QUICK}; explicit flags still win")
@@ -54,7 +56,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oracle-prompts", type=int, help="prompts timed against the reference oracle, 0 to skip "
                    "[quick: 1; else 3]")
     p.add_argument("--oracle-max-new-tokens", type=int, help="max new tokens in the oracle comparison "
-                   "(the oracle re-runs the whole prefix per token) [quick: 12; else 32]")
+                   "(the oracle re-runs the whole prefix per token) [quick: 8; else 32]")
     p.add_argument("--oracle-refinements", type=int, default=2, help="S in the oracle comparison")
     p.add_argument("--scaling-batches", type=_ints, default=[1, 4, 16], help="batch sizes for the scaling run")
     p.add_argument("--scaling-prompts", type=int, help="prompts in the scaling run, 0 to skip [16]")
@@ -92,8 +94,11 @@ def warm_up(engine, rows, gcfg) -> None:
     time_method(engine, rows[:2], replace(gcfg, method="ggro", max_new_tokens=6, num_refinements=2), 2)
 
 
-def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log) -> list[dict]:
+def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Path | None = None) -> list[dict]:
+    """Time each method; with `save_dir`, also write its rows as an align output (for `ggro report`)."""
+    import shutil
     from pipeline import metrics as M
+    from pipeline.output import write_part
     configs = [("greedy", replace(gcfg, method="greedy"))]
     configs += [(f"best-of-{n}", replace(gcfg, method="best-of-n", n=n)) for n in s["best_of_n"]]
     configs += [(f"ggro S={k}", replace(gcfg, method="ggro", num_refinements=k)) for k in s["refinements"]]
@@ -102,6 +107,10 @@ def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log) -> list[dict]
         log(f"bench: {label} on {len(rows)} prompts, max_new_tokens={cfg.max_new_tokens} ...")
         r = time_method(engine, rows, cfg, batch_size)
         recs = r["records"]
+        if save_dir is not None:
+            d = save_dir / label.replace(" S=", "-S")
+            shutil.rmtree(d, ignore_errors=True)
+            write_part(d, recs)
         ok = [x for x in recs if x["error"] is None]
         by_id = {x["id"]: x["reward"] for x in ok}
         if greedy is None:
@@ -319,7 +328,7 @@ def run(args) -> int:
     log(head)
 
     warm_up(engine, rows, gcfg)
-    methods = method_rows(engine, rows, gcfg, s, batch, log)
+    methods = method_rows(engine, rows, gcfg, s, batch, log, out / "align")
     oracle = oracle_rows(engine, rows, gcfg, s, batch, log) if s["oracle_prompts"] else []
     scaling = scaling_rows(engine, rows, gcfg, s, log) if s["scaling_prompts"] else []
 
@@ -342,7 +351,7 @@ def run(args) -> int:
     text = "\n".join(parts) + "\n"
     (out / "bench.txt").write_text(text, encoding="utf-8")
     print(text)
-    log(f"wrote {out}/bench.csv, bench_reward_vs_wall.png"
+    log(f"wrote {out}/bench.csv, bench_reward_vs_wall.png, align/<method>/"
         + (", bench_oracle.csv" if oracle else "") + (", bench_scaling.csv, bench_scaling.png" if scaling else "")
         + f", bench.txt ({time.perf_counter() - t0:.0f}s in all)")
     return 0 if all(m["errors"] == 0 for m in methods) else 1

@@ -28,8 +28,8 @@ class MethodRows:
 
 
 def load_methods(dirs: list[str], labels: list[str] | None = None) -> list[MethodRows]:
-    """One MethodRows per (input folder, method). Default labels: the method name, or
-    `method:folder` when two inputs share a method."""
+    """One MethodRows per (input folder, method). Default labels: the method name, or the folder's
+    name when two inputs share a method (e.g. ggro runs with different S)."""
     from .output import read_output
     groups = []
     for d in dirs:
@@ -46,7 +46,7 @@ def load_methods(dirs: list[str], labels: list[str] | None = None) -> list[Metho
         names = list(labels)
     else:
         counts = Counter(m for _, m, _ in groups)
-        names = [m if counts[m] == 1 else f"{m}:{Path(d).name}" for d, m, _ in groups]
+        names = [m if counts[m] == 1 else Path(d).name for d, m, _ in groups]
     if len(set(names)) != len(names):
         raise ValueError(f"labels are not unique: {names}; pass --labels")
     return [MethodRows(n, m, d, rows) for n, (d, m, rows) in zip(names, groups)]

@@ -18,6 +18,8 @@ def test_bench_quick_tiny(tiny_models, tmp_path, capsys):
         assert label in text
     rows = list(csv.DictReader(open(out / "bench.csv")))
     assert [r["method"] for r in rows] == ["greedy", "best-of-2", "best-of-4", "ggro S=2", "ggro S=4"]
+    assert sorted(p.name for p in (out / "align").iterdir()) == ["best-of-2", "best-of-4", "ggro-S2", "ggro-S4", "greedy"]
+    assert main(["report", "--input", *sorted(str(p) for p in (out / "align").iterdir()), "--output", str(out / "rep")]) == 0
     for r in rows:     # a complete table: every cell filled
         assert all(v not in ("", "nan") for v in r.values()), r
         assert int(r["prompts"]) == 2 and float(r["wall_s"]) > 0
