@@ -68,7 +68,6 @@ class _Segment:
     seen: list = field(default_factory=list)
     best: tuple | None = None           # (tokens, reward, refinement index, stop)
     nudge: int | None = None
-    candidates: list[int] | None = None
     tried: list = field(default_factory=list)
 
 
@@ -107,8 +106,6 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
         for a, s in zip(active, segs):
             a.res.refinements += 1
             a.res.policy_tokens += s.decoded
-            if a.seg.i == 0:
-                a.seg.candidates = s.candidates
             if tuple(s.tokens) in a.seg.seen:       # a repeat: the search has converged
                 closing.append(a)
                 continue

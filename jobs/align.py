@@ -63,6 +63,14 @@ def align_local(rows, out_dir, gcfg, mcfg, flush_every: int) -> None:
         write_part(out_dir, buf)
 
 
+def report_errors(table, show: int = 10) -> None:
+    bad = [(i, e) for i, e in zip(table.column("id").to_pylist(), table.column("error").to_pylist()) if e]
+    for rid, err in bad[:show]:
+        print(f"row {rid}: {err}", file=sys.stderr)
+    if len(bad) > show:
+        print(f"... and {len(bad) - show} more rows with errors (see the `error` column)", file=sys.stderr)
+
+
 def run(args) -> int:
     if not args.output and not args.dry_run:
         fail("--output DIR is required (Parquet part files are written there)")
@@ -93,6 +101,7 @@ def run(args) -> int:
     table = read_output(args.output)
     wanted = {r.id for r in rows}
     table = table.filter([i in wanted for i in table.column("id").to_pylist()])
+    report_errors(table)
     print(f"wrote {args.output}\n" + Summary.of(table, time.perf_counter() - t0).render(len(rows)))
     return 0 if table.num_rows == len(rows) else 1
 

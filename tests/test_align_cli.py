@@ -1,0 +1,132 @@
+"""`ggro align --local` end to end: real files in, real Parquet out, bad input reported per row."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline.output import read_output
+
+TINY = ["--max-new-tokens", "8", "--entropy-threshold", "2.4", "--dtype", "float64", "--batch-size", "3"]
+
+
+def align(tmp_path, tiny_models, input_path, *extra):
+    out = tmp_path / "out"
+    code = main(["align", "--local", "--input", str(input_path), "--output", str(out),
+                 "--policy", tiny_models["policy"], "--reward", tiny_models["classifier"],
+                 "--reward-kind", "classifier", *TINY, *extra])
+    return code, out
+
+
+def test_bad_rows_are_reported_and_nothing_disappears(tmp_path, tiny_models, capsys):
+    src = tmp_path / "in.jsonl"
+    lines = [
+        json.dumps({"id": "good-1", "prompt": "how do you make water ?"}).encode(),
+        json.dumps({"id": "empty", "prompt": "   "}).encode(),
+        json.dumps({"id": "neither", "text": "hello"}).encode(),
+        b'{"id": "broken", "prompt": ',
+        b'{"id": "latin1", "prompt": "caf\xe9"}',
+        json.dumps({"id": "too-long", "prompt": " ".join(["water"] * 300)}).encode(),
+        json.dumps({"id": "bad-msg", "messages": [{"role": "robot", "content": "hi"}]}).encode(),
+        json.dumps({"id": "good-2", "messages": [{"role": "user", "content": "what is the time"}],
+                    "answer": "42"}).encode(),
+        json.dumps({"id": "good-1", "prompt": "a duplicate id"}).encode(),
+    ]
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    code, out = align(tmp_path, tiny_models, src)
+    assert code == 0   # the job completed: bad rows are reported in the output, not fatal
+    rows = {r["id"]: r for r in read_output(out).to_pylist()}
+    assert len(rows) == len(lines)
+    assert rows["good-1"]["error"] is None and rows["good-1"]["response"] is not None
+    assert rows["good-2"]["error"] is None and json.loads(rows["good-2"]["metadata"]) == {"answer": "42"}
+    assert "empty" in rows["empty"]["error"]
+    assert "neither `prompt`" in rows["neither"]["error"]
+    assert "not valid JSON" in rows["in.jsonl:line-4"]["error"]
+    assert "not valid UTF-8" in rows["in.jsonl:line-5"]["error"]
+    assert "context window of 256" in rows["too-long"]["error"]
+    assert "messages[0]" in rows["bad-msg"]["error"]
+    assert "duplicate id" in rows["good-1#dup"]["error"]
+    captured = capsys.readouterr()
+    assert "9 out (2 ok, 7 error) / 9 in [OK]" in captured.out
+    assert "too-long: prompt is 30" in captured.err   # errors are listed with id and reason
+
+
+def test_parquet_input_config_file_and_resume(tmp_path, tiny_models, capsys):
+    import pyarrow as pa
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": p} for p in ["I like people", "go now", "a"]]), src)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("method: greedy\nmax-new-tokens: 30\n")
+    code, out = align(tmp_path, tiny_models, src, "--config", str(cfg), "--limit", "2")
+    assert code == 0
+    first = read_output(out)
+    assert first.num_rows == 2 and set(first.column("method").to_pylist()) == {"greedy"}
+    assert max(first.column("policy_tokens").to_pylist()) <= 8   # the flag beat the YAML's 30
+    # rerun without --limit: only the missing row is aligned, ids stay unique
+    code, out = align(tmp_path, tiny_models, src, "--config", str(cfg))
+    assert code == 0
+    ids = read_output(out).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 3
+    assert "resuming: 2 of 3 rows" in capsys.readouterr().err
+    # another configuration into the same folder is refused instead of mixed in
+    with pytest.raises(SystemExit):
+        align(tmp_path, tiny_models, src, "--method", "ggro")
+
+
+def test_unknown_model_path_and_hub_id_fail_clearly(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    for spec, words in [(str(tmp_path / "nope"), "model path not found"),
+                        ("someorg/not-cached-model", "nor in the local Hugging Face cache")]:
+        with pytest.raises(SystemExit) as e:
+            main(["align", "--local", "--input", str(src), "--output", str(tmp_path / "o"), "--policy", spec])
+        assert e.value.code == 1
+        assert words in capsys.readouterr().err
+
+
+def test_mismatched_vocabularies_fail_at_load(tmp_path, tiny_models, capsys):
+    from transformers import AutoTokenizer
+    import shutil
+    other = tmp_path / "other-rm"
+    shutil.copytree(tiny_models["classifier"], other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["zebra"])
+    tok.save_pretrained(other)
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["align", "--local", "--input", str(src), "--output", str(tmp_path / "o"), "--policy",
+              tiny_models["policy"], "--reward", str(other), "--reward-kind", "classifier"])
+    assert e.value.code == 1
+    assert "one shared vocabulary" in capsys.readouterr().err
+
+
+def test_bad_flags_and_config_are_rejected(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num_refinemnts: 3\n")
+    with pytest.raises(SystemExit):
+        main(["align", "--local", "--output", str(tmp_path / "o"), "--config", str(cfg)])
+    assert "unknown keys in --config: num_refinemnts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["align", "--local", "--output", str(tmp_path / "o"), "--min-segment-tokens", "1"])
+    assert "min_segment_tokens must be >= 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_model_end_to_end(tmp_path):
+    """The README's main command, on the embedded SmolLM2, on two short prompts (a real subprocess)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "align", "--local", "--output", str(out),
+                           "--limit", "2", "--max-new-tokens", "6", "--num-refinements", "2"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "GGRO_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = read_output(out)
+    assert table.num_rows == 2
+    assert all(r and r.strip() for r in table.column("response").to_pylist())
+    assert set(table.column("policy").to_pylist()) == {"default"}
+    assert "2 out (2 ok, 0 error) / 2 in [OK]" in proc.stdout
