@@ -250,7 +250,12 @@ def plot_reward_vs_wall(rows: list[dict], path: Path, title: str) -> None:
         for r in pts:
             ax.annotate(r["method"], (r["wall_s"], r["mean_reward"]), textcoords="offset points", xytext=(5, 5),
                         fontsize=8)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.15, y=0.12)
     ax.set_xlabel("wall time for the whole prompt set (s, log scale)")
     ax.set_ylabel("mean reward over prompts (RM score)")
     ax.set_title(title, fontsize=10)
@@ -272,7 +277,8 @@ def plot_scaling(rows: list[dict], path: Path, title: str) -> None:
                     xytext=(4, 4), fontsize=8)
     ax.set_xscale("log", base=2)
     ax.set_xticks([r["batch_size"] for r in rows], [str(r["batch_size"]) for r in rows])
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.15 * max(r["prompts_per_s"] for r in rows))
+    ax.margins(x=0.1)
     ax.set_xlabel("batch size (prompts advanced together per round)")
     ax.set_ylabel("throughput (prompts/s)")
     ax.set_title(title, fontsize=10)
@@ -280,6 +286,11 @@ def plot_scaling(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def model_name(spec: str) -> str:
+    from ggro.models import DEFAULT_NAME
+    return f"{spec} ({DEFAULT_NAME})" if spec == "default" else Path(spec).name
 
 
 def machine() -> str:
@@ -335,7 +346,7 @@ def run(args) -> int:
     write_csv(out / "bench.csv", methods, METHOD_COLS + [("wins", ""), ("ties", ""), ("losses", "")])
     plot_reward_vs_wall(methods, out / "bench_reward_vs_wall.png",
                         f"Reward vs wall time: {len(rows)} prompts, max {gcfg.max_new_tokens} new tokens, "
-                        f"batch {batch}\npolicy {Path(mcfg.policy).name}, reward {Path(mcfg.reward_model).name}")
+                        f"batch {batch}\npolicy {model_name(mcfg.policy)}, reward {model_name(mcfg.reward_model)} ({mcfg.reward_kind})")
     parts = [head, "", "Methods (win rate: paired by prompt id vs greedy, ties count half)", table(methods, METHOD_COLS)]
     if oracle:
         write_csv(out / "bench_oracle.csv", oracle, ORACLE_COLS + [("policy_tokens", "")])
