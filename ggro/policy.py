@@ -32,7 +32,9 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    # On the CPU whatever the model's device: the seeded CPU generator then gives the same sample on any
+    # device (a CUDA tensor with a CPU generator is an error in torch.multinomial).
+    probs = torch.softmax(logits.double().cpu() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p   # smallest set whose mass reaches top_p
