@@ -54,7 +54,10 @@ class PolicyRank:
         context = context_window(model.config)
         if self.tp > 1:
             os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                              WORLD_SIZE=str(self.tp), LOCAL_RANK=str(self.rank))
+                              WORLD_SIZE=str(self.tp), LOCAL_RANK=str(self.rank),
+                              # STRICT_PACK puts every rank on one node; without LOCAL_SIZE DeepSpeed's
+                              # CPU shm all-reduce runs on uninitialized buffers and segfaults
+                              LOCAL_SIZE=str(self.tp))
             import deepspeed
             backend = "nccl" if self.mcfg.device.startswith("cuda") else "gloo"
             deepspeed.init_distributed(dist_backend=backend, rank=self.rank, world_size=self.tp)

@@ -1,0 +1,47 @@
+"""Policy replicas on Ray: tp=2 (DeepSpeed-inference over gloo) decodes the same tokens as tp=1 and
+as the in-process SegmentDecoder."""
+from __future__ import annotations
+
+import pytest
+
+from ggro.config import ModelConfig
+from ggro.seam import SegmentRequest
+
+pytestmark = pytest.mark.slow
+
+
+def _requests(tok):
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    prompts = ["how do you make water hot ?", "what is the number of people ?", "can you write a word"]
+    reqs = [SegmentRequest(f"s{i}", enc(p), max_tokens=10, top_k=5) for i, p in enumerate(prompts)]
+    # a nudged refinement and an entropy-stopped one reuse the cached prefixes
+    reqs += [SegmentRequest("s0", enc(prompts[0]), max_tokens=10, forced=enc("water")[0], insert_at=1, top_k=5),
+             SegmentRequest("s1", enc(prompts[1]), max_tokens=10, entropy_threshold=2.0, min_segment_tokens=2)]
+    return reqs
+
+
+def test_tp2_equals_tp1(ray_cluster, tiny_models):
+    from actors.policy import start_policy_replica
+    from ggro import models
+    from ggro.policy import SegmentDecoder
+
+    mcfg = ModelConfig(policy=tiny_models["policy"], dtype="float32", batch_size=4)
+    tok = models.load_tokenizer(mcfg.policy)
+    reqs = _requests(tok)
+    model = models.load_model(mcfg.policy, "causal", "float32")
+    want = SegmentDecoder(model, models.eos_ids(tok, model)).decode(reqs)
+
+    r1 = start_policy_replica(mcfg, tp=1, cpus_per_rank=0.5, name="t-tp1")
+    r2 = start_policy_replica(mcfg, tp=2, cpus_per_rank=0.5, timeout_s=60, name="t-tp2")
+    try:
+        got1, got2 = r1.decode(reqs), r2.decode(reqs)
+        r2.release(["s0"])
+        again2 = r2.decode(reqs[:1])   # cache rebuilt after release: same tokens
+    finally:
+        r1.shutdown()
+        r2.shutdown()
+    assert [g.tokens for g in got1] == [w.tokens for w in want]
+    assert [g.candidates for g in got1] == [w.candidates for w in want]
+    assert [(g.tokens, g.stop) for g in got2] == [(w.tokens, w.stop) for w in want]
+    assert [set(g.candidates or []) for g in got2] == [set(w.candidates or []) for w in want]
+    assert again2[0].tokens == want[0].tokens
