@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import time
 
@@ -116,11 +117,16 @@ def run(args) -> int:
     url = f"http://{args.host}:{args.port}"
     print(f"ggro serve: ready at {url}/v1 (model {settings.model_name!r}"
           f"{', API key required' if settings.api_key else ''}); Ctrl-C to stop", file=sys.stderr)
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("ggro serve: shutting down", file=sys.stderr)
         serve.shutdown()
+        ray.shutdown()
     return 0
 
 

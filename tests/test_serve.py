@@ -3,6 +3,7 @@
 Two applications share one Serve instance on a free port:
   /      tiny policy + tiny classifier RM (two model deployments), float64, generous queue
   /small the policy as its own judge (one shared-weights deployment), API key, max_queue=2
+  /slow  like /small without a key, with a request timeout too short for any answer
 """
 from __future__ import annotations
 
@@ -48,10 +49,12 @@ def server(ray_cluster, tiny_models):
     small = settings(tiny_models["policy"], None, "judge", max_queue=2, api_key=KEY)
     serve.run(build_app(main), name="ggro-test", route_prefix="/")
     serve.run(build_app(small), name="ggro-test-small", route_prefix="/small")
+    slow = settings(tiny_models["policy"], None, "judge", request_timeout_s=0.01)
+    serve.run(build_app(slow), name="ggro-test-slow", route_prefix="/slow")
     url = f"http://127.0.0.1:{port}"
     yield {"url": url, "main": main, "small": small}
-    serve.delete("ggro-test")
-    serve.delete("ggro-test-small")
+    for name in ("ggro-test", "ggro-test-small", "ggro-test-slow"):
+        serve.delete(name)
     serve.shutdown()
 
 
@@ -196,3 +199,11 @@ def test_overload_503_then_recovery(server):
     time.sleep(0.5)
     status, resp, _ = post(url, {**body, "max_tokens": 4}, hdr)
     assert status == 200 and resp["choices"][0]["message"]["content"] is not None
+
+
+def test_request_timeout_504(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "write a long word"}], "max_tokens": 64}
+    status, err, _ = post(server["url"] + "/slow/v1/chat/completions", body)
+    assert status == 504 and err["error"]["code"] == "timeout"
+    with urllib.request.urlopen(server["url"] + "/slow/health") as r:   # the timed-out search still finishes
+        assert json.loads(r.read())["status"] == "ok"
