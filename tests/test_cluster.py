@@ -184,6 +184,16 @@ def test_launcher_installs_the_project_with_setup_sh():
     assert "." in cfg["file_mounts"].values()
 
 
+def test_launcher_config_passes_rays_own_validation():
+    """The autoscaler's schema (ray-schema.json) after Ray fills in the provider defaults, as `ray up` does."""
+    pytest.importorskip("jsonschema")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))
+    with pytest.raises(Exception):
+        validate_config(prepare_config({**cfg, "setup_comands": []}))     # a typo is caught
+
+
 def test_rayjobs_and_rayservice_are_well_formed():
     for name in ("rayjob-align.yaml", "rayjob-dpo.yaml"):
         job = yaml.safe_load((CLUSTER / name).read_text())
