@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
 
 KEY = "sekrit-test-key"
+PROMPTS = ["how do you make water ?", "what is the time", "write a long word", "I like people",
+           "tell me about the first day", "can you find my water", "the number of people who call",
+           "a", "why is the sound so long ?", "go now"]
 SEARCH = dict(max_new_tokens=16, num_refinements=4, entropy_threshold=2.4)
 
 
@@ -132,7 +135,6 @@ def test_streaming_chunks_are_segments(client):
 
 
 def test_sixteen_concurrent_requests(client, tiny_models):
-    from tests.test_engine import PROMPTS
     prompts = (PROMPTS * 2)[:16]
 
     def one(p):
