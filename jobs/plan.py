@@ -31,7 +31,8 @@ DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 CONTEXT_OVERHEAD_GIB = 1.0      # CUDA context + allocator slack, per process on a GPU
 HEADROOM = 0.10                 # fragmentation and transient buffers, on top of weights + cache
 ACT_FACTOR = 18                 # bytes/(token*hidden*layer*dtype byte) kept for backward (SDPA, no attn matrix)
-CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py)
+CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py);
+                                # in-process decoders (--local, serve) cache 4 x batch_size
 JUDGE_SUFFIX_TOKENS = 64        # the judge's rubric turn appended to every scored response
 DEFAULT_PARAMS = 134_515_008    # SmolLM2-135M-Instruct (tied embeddings)
 DEFAULT_SHAPE = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536,
@@ -246,6 +247,8 @@ class Resources:
     aligners: int
 
     serve: bool = False     # `ggro serve`: model deployments instead of actor groups
+    local: bool = False     # `--local`: policy and reward in this one process, on --device
+    cached_batches: int = CACHED_BATCHES
 
     @classmethod
     def from_args(cls, args, mcfg: ModelConfig) -> "Resources":
@@ -254,14 +257,18 @@ class Resources:
         def get(name, default):
             v = getattr(args, name, None)
             return default if v is None else v
+        shared = mcfg.reward_model == mcfg.policy and mcfg.reward_kind == "judge"
+        if getattr(args, "local", False):
+            return cls(tp=1, policy_gpus=on_gpu, policy_replicas=1, reward_replicas=0 if shared else 1,
+                       reward_gpus=on_gpu, policy_cpus=0, reward_cpus=0, aligner_cpus=0, aligners=1, local=True,
+                       cached_batches=4)
         if hasattr(args, "model_replicas") and not hasattr(args, "policy_replicas"):
             # ggro serve: --model-replicas ModelServer replicas of the policy (and of the reward unless the
             # policy is its own judge, then one deployment holds both), --replica-cpus each, one ingress.
-            shared = mcfg.reward_model == mcfg.policy and mcfg.reward_kind == "judge"
             n, cpus, gpus = int(get("model_replicas", 1)), float(get("replica_cpus", 0.5)), float(get("replica_gpus", 0))
             return cls(tp=1, policy_gpus=gpus, policy_replicas=n, reward_replicas=0 if shared else n,
                        reward_gpus=gpus, policy_cpus=cpus, reward_cpus=cpus, aligner_cpus=0.1, aligners=1,
-                       serve=True)
+                       serve=True, cached_batches=4)
         return cls(tp=int(get("tp", 1)), policy_gpus=float(get("policy_gpus_per_replica", on_gpu)),
                    policy_replicas=int(get("policy_replicas", 1)), reward_replicas=int(get("reward_replicas", 1)),
                    reward_gpus=float(get("reward_gpus", on_gpu)), policy_cpus=float(get("policy_cpus", 1.0)),
@@ -435,7 +442,7 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     bs = batch_size or mcfg.batch_size
     on_gpu = res.policy_gpus > 0
     seq = prompt_tokens + gcfg.max_new_tokens
-    kv_seqs = bs * (CACHED_BATCHES + 1)     # the rank's bounded prefix cache + the live (padded) decode batch
+    kv_seqs = bs * (res.cached_batches + 1)     # the rank's bounded prefix cache + the live (padded) decode batch
     weights = pol.params * db
     kv = kv_seqs * seq * pol.kv_bytes_per_token(db)
     policy_rank = (weights + kv) / tp * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if on_gpu else 0)
@@ -445,12 +452,16 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     rm_w = rm.params * db
     act = ACT_FACTOR * per_call * rm_seq * (rm.hidden or 0) * (rm.layers or 0) * db
     reward_actor = (rm_w + act) * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if res.reward_gpus > 0 else 0)
-    if res.serve and res.reward_replicas == 0:       # one deployment is policy and judge: + the backward
+    shared = (res.serve or res.local) and res.reward_replicas == 0   # one model is policy and judge
+    if shared:
         policy_rank += act * (1 + HEADROOM)
     lines = [
         f"policy weights {_gib(weights)} ({_params(pol.params)} x {db} B), KV cache {_gib(kv)} "
-        f"({kv_seqs} seqs x {seq} tokens), /tp {tp}, +{HEADROOM:.0%}"
-        + (f" +{CONTEXT_OVERHEAD_GIB:g} GiB CUDA context" if on_gpu else "") + f" = {_gib(policy_rank)} per rank",
+        f"({kv_seqs} seqs x {seq} tokens), /tp {tp}"
+        + (f", judge backward activations {_gib(act)} ({per_call} seqs x {rm_seq} tokens)" if shared else "")
+        + f", +{HEADROOM:.0%}"
+        + (f" +{CONTEXT_OVERHEAD_GIB:g} GiB CUDA context" if on_gpu else "")
+        + f" = {_gib(policy_rank)} per {'replica' if shared else 'rank'}",
         f"reward weights {_gib(rm_w)} ({_params(rm.params)} x {db} B), backward activations {_gib(act)} "
         f"({per_call} seqs x {rm_seq} tokens), +{HEADROOM:.0%}"
         + (f" +{CONTEXT_OVERHEAD_GIB:g} GiB CUDA context" if res.reward_gpus > 0 else "")
@@ -468,7 +479,7 @@ def validate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
         errors.append("--tp must be >= 1")
     for name, v in (("--policy-replicas", res.policy_replicas), ("--reward-replicas", res.reward_replicas),
                     ("--aligners", res.aligners)):
-        if v < (0 if res.serve and name == "--reward-replicas" else 1):
+        if v < (0 if (res.serve or res.local) and name == "--reward-replicas" else 1):
             errors.append(f"{name} must be >= 1")
     for name, v in (("--policy-gpus-per-replica", res.policy_gpus), ("--reward-gpus", res.reward_gpus),
                     ("--policy-cpus", res.policy_cpus), ("--reward-cpus", res.reward_cpus),
@@ -551,6 +562,8 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
         for e in errors:
             say(f"  - {e}")
         return 2
+    if res.local:
+        return _plan_local(args, pol, rm, res, gcfg, mcfg, prompt_tokens, warns, say)
     cluster = find_cluster(args)
     est = estimate(pol, rm, res, gcfg, mcfg, prompt_tokens)
     pol_gpus = res.policy_replicas * res.tp * res.policy_gpus
@@ -688,3 +701,47 @@ def dry_run_args(args) -> int:
         print(f"ggro: error: {e}", file=sys.stderr)
         return 2
     return dry_run(args, gcfg, mcfg)
+
+
+def _plan_local(args, pol, rm, res, gcfg, mcfg, prompt_tokens, warns, say) -> int:
+    """`--local`: one process holds the policy and the reward model (shared when the policy is the judge)."""
+    est = estimate(pol, rm, res, gcfg, mcfg, prompt_tokens)
+    ctx = CONTEXT_OVERHEAD_GIB * GiB if res.policy_gpus > 0 else 0
+    need = est.policy_rank_gib + (est.reward_actor_gib - ctx if res.reward_replicas else 0)   # one CUDA context
+    say("\nplan (--local: this process, no Ray):")
+    say(f"  policy{' + judge (shared weights)' if not res.reward_replicas else ' + reward model'} on {mcfg.device}")
+    say("memory (rule of thumb):")
+    for line in est.lines[:1 if not res.reward_replicas else 2]:
+        say(f"  {line}")
+    say(f"  total {_gib(need)}")
+    machine = described_cluster(args) if getattr(args, "cluster_gpus", None) is not None else this_machine(args)
+    problems = []
+    if res.policy_gpus > 0:
+        cap = machine.gpu_gib * GiB
+        say(f"\ndevice: {machine.gpu_gib:g} GiB GPU ({machine.gpu_gib_source}); {machine.gpus} GPU(s) {machine.source}")
+        if machine.gpus < 1:
+            problems.append(("--device cuda but no GPU here", "--device cpu, or run on a GPU machine"))
+        elif need > cap:
+            fix = []
+            if mcfg.dtype in ("float32", "float64"):
+                fix.append("--dtype bfloat16")
+            fix.append("a smaller --batch-size, or the Ray mode (no --local) with --tp > 1 and reward actors "
+                       "on their own GPUs")
+            problems.append((f"{_gib(need)} exceeds the {machine.gpu_gib:g} GiB GPU", " or ".join(fix)))
+    else:
+        say(f"\nhost: {machine.cpus:g} CPUs, "
+            + (f"{machine.memory_gib:.1f} GiB RAM" if machine.memory_gib else "RAM unknown"))
+        if machine.memory_gib and need > machine.memory_gib * GiB:
+            problems.append((f"{_gib(need)} exceeds the host's {machine.memory_gib:.1f} GiB RAM",
+                             "a smaller --batch-size or model, or the Ray mode on a cluster"))
+    if warns:
+        say("warnings:")
+        for w in warns:
+            say(f"  - {w}")
+    if problems:
+        say("\nDOES NOT FIT:")
+        for reason, fix in problems:
+            say(f"  - {reason}\n    change: {fix}")
+        return 1
+    say("\nFITS: this machine can run it.")
+    return 0

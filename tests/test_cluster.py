@@ -387,6 +387,17 @@ def test_dry_run_default_model_uses_known_size(tmp_path, monkeypatch, capsys, no
     assert "134.5M params (known size" in out
 
 
+def test_dry_run_local_one_process(tiny_models, tmp_path, capsys, no_weights):
+    rc, out = _run(["align", "--local", "--dry-run", "--policy", tiny_models["policy"], "--cluster-gpus", "0"], capsys)
+    assert rc == 0, out
+    assert "--local: this process" in out and "judge (shared weights)" in out
+    big = _config_only(tmp_path, "llama70b", LLAMA_70B)
+    rc, out = _run(["align", "--local", "--dry-run", "--policy", big, "--device", "cuda", "--dtype", "float32",
+                    "--cluster-gpus", "1", "--gpu-memory-gb", "80"], capsys)
+    assert rc == 1, out
+    assert "exceeds the 80 GiB GPU" in out and "--dtype bfloat16" in out and "--tp" in out
+
+
 @pytest.mark.xfail(importlib.util.find_spec("jobs.serve") is None, strict=False, reason="jobs.serve not written yet")
 def test_dry_run_serve(tiny_models, capsys, no_weights):
     if not hasattr(build_parser().parse_args(["serve"]), "dry_run"):
