@@ -18,26 +18,34 @@ import sys
 import time
 
 from ggro.config import ConfigError
-from jobs.common import add_engine_args, fail, resolve_args
+from jobs.common import add_engine_args, fail, load_yaml, resolve_args
 
 ENV_ARGS = "GGRO_SERVE_ARGS"
 ENV_KEY = "GGRO_API_KEY"
 
 
+SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "api_key": None, "model_name": "ggro",
+                   "max_tokens_limit": 512, "max_queue": 64, "request_timeout": 300.0, "replica_cpus": 0.5,
+                   "replica_gpus": 0.0, "model_replicas": 1, "address": None}
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    s = p.add_argument_group("server")
-    s.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 to expose")
-    s.add_argument("--port", type=int, default=8000)
+    d = SERVER_DEFAULTS
+    s = p.add_argument_group("server (also settable in --config YAML; flags win)")
+    s.add_argument("--host", default=d["host"], help="interface to bind; 0.0.0.0 to expose")
+    s.add_argument("--port", type=int, default=d["port"])
     s.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (or set ${ENV_KEY}) [no key]")
-    s.add_argument("--model-name", default="ggro", help="the model id clients pass as `model`")
-    s.add_argument("--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask for")
-    s.add_argument("--max-queue", type=int, default=64,
+    s.add_argument("--model-name", default=d["model_name"], help="the model id clients pass as `model`")
+    s.add_argument("--max-tokens-limit", type=int, default=d["max_tokens_limit"],
+                   help="largest max_tokens a request may ask for")
+    s.add_argument("--max-queue", type=int, default=d["max_queue"],
                    help="prompts admitted at once (running or waiting); beyond it: 503 + Retry-After")
-    s.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request before 504")
-    s.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of each model replica (fractional)")
-    s.add_argument("--replica-gpus", type=float, default=0.0,
+    s.add_argument("--request-timeout", type=float, default=d["request_timeout"], help="seconds per request before 504")
+    s.add_argument("--replica-cpus", type=float, default=d["replica_cpus"],
+                   help="num_cpus of each model replica (fractional)")
+    s.add_argument("--replica-gpus", type=float, default=d["replica_gpus"],
                    help="num_gpus of each model replica (use with --device cuda) [0: CPU]")
-    s.add_argument("--model-replicas", type=int, default=1, help="replicas of each model deployment")
+    s.add_argument("--model-replicas", type=int, default=d["model_replicas"], help="replicas of each model deployment")
     s.add_argument("--address", help="Ray cluster address [start a local Ray]")
 
 
@@ -55,6 +63,15 @@ def settings_from_args(args: argparse.Namespace):
     """ServeSettings from parsed flags (raises ConfigError)."""
     from jobs.serve_app import ServeSettings
     gcfg, mcfg, rest = resolve_args(args)
+    # server keys from --config YAML apply where the flag was left at its default
+    yaml_values = load_yaml(getattr(args, "config", None))
+    for k, default in SERVER_DEFAULTS.items():
+        if k in yaml_values and getattr(args, k) == default:
+            v = yaml_values[k]
+            try:
+                setattr(args, k, type(default)(v) if default is not None and v is not None else v)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--config: {k} must be a {type(default).__name__}, got {v!r}") from None
     key = args.api_key or os.environ.get(ENV_KEY) or None
     checks = [(args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
               (args.max_queue >= 1, "--max-queue must be >= 1"),
