@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -133,7 +134,8 @@ def _param(name, argv):
     marks = []
     if _module_missing(argv[0]):
         marks.append(pytest.mark.xfail(strict=False, reason=f"{SUBCOMMANDS[argv[0]][0]} not written yet"))
-    return pytest.param(argv, id=f"{name}:{' '.join(argv[:1])}:{abs(hash(tuple(argv))) % 10**6}", marks=marks)
+    digest = hashlib.sha1(" ".join(argv).encode()).hexdigest()[:6]     # stable across runs, unlike hash()
+    return pytest.param(argv, id=f"{name}:{argv[0]}:{digest}", marks=marks)
 
 
 @pytest.fixture(scope="module")
