@@ -53,8 +53,11 @@ class PolicyRank:
         eos = models.eos_ids(tok, model)
         context = context_window(model.config)
         if self.tp > 1:
+            # On CUDA, Ray's CUDA_VISIBLE_DEVICES shows each rank only its own GPU, as cuda:0, and DeepSpeed
+            # calls set_device(LOCAL_RANK): any other value is an invalid device ordinal there.
+            local = 0 if self.mcfg.device.startswith("cuda") else self.rank
             os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                              WORLD_SIZE=str(self.tp), LOCAL_RANK=str(self.rank),
+                              WORLD_SIZE=str(self.tp), LOCAL_RANK=str(local),
                               # STRICT_PACK puts every rank on one node; without LOCAL_SIZE DeepSpeed's
                               # CPU shm all-reduce runs on uninitialized buffers and segfaults
                               LOCAL_SIZE=str(self.tp))
