@@ -13,6 +13,7 @@ configs still share model calls: the model deployments merge concurrent calls wi
 """
 import asyncio
 import dataclasses
+import hmac
 import logging
 import queue
 import threading
@@ -293,7 +294,7 @@ class GGROIngress:
         if not key:
             return
         got = request.headers.get("authorization", "")
-        if got != f"Bearer {key}":
+        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
             raise api.ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                                type_="authentication_error", code="invalid_api_key")
 

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
+slow = pytest.mark.slow      # the tests that start the real Serve app
 
 KEY = "sekrit-test-key"
 PROMPTS = ["how do you make water ?", "what is the time", "write a long word", "I like people",
@@ -88,12 +88,14 @@ def align_local(tiny_models, row: dict, reward: str, kind: str, **over) -> dict:
     return next(eng.align([parse_row(row, "r")], GGROConfig(**{**SEARCH, **over})))
 
 
+@slow
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     with urllib.request.urlopen(server["url"] + "/health") as r:
         assert json.loads(r.read())["status"] == "ok"
 
 
+@slow
 def test_chat_equals_local_align(client, tiny_models):
     msgs = [{"role": "user", "content": "can you find my water"}]
     r = client.chat.completions.create(model="tiny", messages=msgs)
@@ -108,6 +110,7 @@ def test_chat_equals_local_align(client, tiny_models):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+@slow
 def test_completions_and_ggro_knobs(client, tiny_models):
     r = client.completions.create(model="tiny", prompt="the number of people who call", max_tokens=10,
                                   extra_body={"ggro": {"num_refinements": 2, "top_k": 5}})
@@ -120,6 +123,7 @@ def test_completions_and_ggro_knobs(client, tiny_models):
     assert greedy.model_extra["ggro"]["refinements"] == 1
 
 
+@slow
 def test_streaming_chunks_are_segments(client):
     msgs = [{"role": "user", "content": "go now"}]
     full = client.chat.completions.create(model="tiny", messages=msgs)
@@ -134,6 +138,7 @@ def test_streaming_chunks_are_segments(client):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+@slow
 def test_sixteen_concurrent_requests(client, tiny_models):
     prompts = (PROMPTS * 2)[:16]
 
@@ -162,6 +167,7 @@ BAD = [
 ]
 
 
+@slow
 def test_bad_requests_get_4xx(server, client):
     for body, status, code in BAD:
         got, err, _ = post(server["url"] + "/v1/chat/completions", body)
@@ -173,6 +179,7 @@ def test_bad_requests_get_4xx(server, client):
     assert r.choices[0].message.content is not None     # still healthy
 
 
+@slow
 def test_api_key(server):
     small = openai.OpenAI(base_url=server["url"] + "/small/v1", api_key="wrong", max_retries=0, timeout=120)
     with pytest.raises(openai.AuthenticationError):
@@ -183,6 +190,7 @@ def test_api_key(server):
     assert ok.models.list().data[0].id == "tiny"
 
 
+@slow
 def test_overload_503_then_recovery(server):
     url, hdr = server["url"] + "/small/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
     body = {"model": "tiny", "messages": [{"role": "user", "content": "write a long word"}], "max_tokens": 64,
@@ -203,9 +211,51 @@ def test_overload_503_then_recovery(server):
     assert status == 200 and resp["choices"][0]["message"]["content"] is not None
 
 
+@slow
 def test_request_timeout_504(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "write a long word"}], "max_tokens": 64}
     status, err, _ = post(server["url"] + "/slow/v1/chat/completions", body)
     assert status == 504 and err["error"]["code"] == "timeout"
     with urllib.request.urlopen(server["url"] + "/slow/health") as r:   # the timed-out search still finishes
         assert json.loads(r.read())["status"] == "ok"
+
+
+# -- fast: no Ray ------------------------------------------------------------------------------------
+def test_parse_request_validation_and_config_sharing():
+    from ggro.config import GGROConfig
+    from jobs.serve_api import ApiError, parse_request
+    base = GGROConfig(max_new_tokens=1000)
+    kw = dict(model_names=("ggro",), max_tokens_limit=256)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]
+    r = parse_request({"messages": msgs, "temperature": 0.3, "seed": 4}, "chat", base, **kw)
+    assert r.row.messages[0]["content"] == "hi there"
+    assert r.cfg.max_new_tokens == 256          # the server default is clamped to the limit
+    assert not r.seeded and r.cfg.seed == 0     # greedy GGRO: seed and temperature do not split loops
+    plain = parse_request({"messages": msgs}, "chat", base, **kw)
+    assert plain.cfg == r.cfg
+    b = parse_request({"prompt": ["x"], "seed": 4, "temperature": 0.3, "ggro": {"method": "best-of-n", "n": 2}},
+                      "completion", base, **kw)
+    assert b.seeded and (b.cfg.seed, b.cfg.temperature, b.cfg.n) == (4, 0.3, 2)
+    for body, status in [({"messages": msgs, "n": 9}, 400), ({"messages": msgs, "stop": 3}, 422),
+                         ({"messages": msgs, "stream": "yes"}, 422), ({"messages": msgs, "ggro": {"top_k": "5"}}, 422),
+                         ({"messages": msgs, "ggro": {"method": "beam"}}, 400),
+                         ({"messages": [{"role": "robot", "content": "x"}]}, 400),
+                         ({"prompt": ["a", "b"]}, 400), ({"messages": msgs, "temperature": 3}, 400)]:
+        kind = "completion" if "prompt" in body else "chat"
+        with pytest.raises(ApiError) as e:
+            parse_request(body, kind, base, **kw)
+        assert e.value.status == status, body
+
+
+def test_app_builders_and_cli_flags(tiny_models, monkeypatch):
+    from ray.serve import Application
+    import jobs.serve as js
+    monkeypatch.setenv("GGRO_SERVE_ARGS", f"--policy {tiny_models['policy']} --max-queue 3")
+    monkeypatch.setenv("GGRO_API_KEY", "k")
+    assert isinstance(js.app, Application)
+    assert isinstance(js.build({"reward": tiny_models["classifier"], "reward_kind": "classifier"}), Application)
+    s = js.settings_from_args(js.parse(["--policy", tiny_models["policy"], "--max-queue", "3"]))
+    assert (s.max_queue, s.api_key, s.mcfg.policy, s.shared_weights) == (3, "k", tiny_models["policy"], True)
+    from ggro.config import ConfigError
+    with pytest.raises(ConfigError, match="max-queue"):
+        js.settings_from_args(js.parse(["--max-queue", "0"]))
