@@ -615,7 +615,7 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
         say(f"  most loaded GPU: {_gib(worst)} of {cluster.gpu_gib:g} GiB")
     cap = cluster.gpu_gib * GiB
     for role, frac, each in (("policy", res.policy_gpus, est.policy_rank_gib),
-                             ("reward", res.reward_gpus, est.reward_actor_gib)):
+                             ("reward", res.reward_gpus if res.reward_replicas else 0, est.reward_actor_gib)):
         if frac <= 0:
             continue
         per_gpu = each * share_of(frac)   # fractional GPUs: Ray may pack 1/frac of them on one device
@@ -624,6 +624,7 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
                              _memory_fix(pol, rm, res, gcfg, mcfg, prompt_tokens, cluster, role)))
     if worst > cap and not any(r.startswith(("policy:", "reward:")) for r, _ in problems):
         problems.append((f"actors sharing a GPU need {_gib(worst)} > {cluster.gpu_gib:g} GiB",
+                         "whole GPUs per actor (--replica-gpus 1)" if res.serve else
                          "whole GPUs per actor (--policy-gpus-per-replica 1 --reward-gpus 1)"))
     if cpus > cluster.cpus + 1e-9:
         problems.append((f"needs {cpus:g} CPUs, the cluster has {cluster.cpus:g}",
@@ -662,10 +663,11 @@ def _memory_fix(pol, rm, res, gcfg, mcfg, prompt_tokens, cluster, role) -> str:
 
     fixes = []
     if share > 1:
-        fixes.append(f"whole GPUs per {role} actor (--{'policy-gpus-per-replica' if role == 'policy' else 'reward-gpus'} 1)")
+        flag = "replica-gpus" if res.serve else "policy-gpus-per-replica" if role == "policy" else "reward-gpus"
+        fixes.append(f"whole GPUs per {role} actor (--{flag} 1)")
     if mcfg.dtype in ("float32", "float64") and fits(dtype="bfloat16"):
         fixes.append("--dtype bfloat16")
-    if role == "policy":
+    if role == "policy" and not res.serve:      # serve has no tensor parallelism
         max_tp = min(max(cluster.node_gpus), pol.heads or 64)
         ok = [t for t in range(res.tp + 1, max_tp + 1) if fits(tp=t)]
         tp = next((t for t in ok if not pol.heads or pol.heads % t == 0), ok[0] if ok else None)
