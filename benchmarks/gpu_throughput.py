@@ -75,10 +75,12 @@ def bench_policy(model, device: str, batch: int, prompt_tokens: int, new_tokens:
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
-    dec._prefixes(reqs)                     # prefill: builds every sequence's prefix KV cache
+    # prefill: a 1-token segment builds every sequence's prefix KV cache (the first token comes from the
+    # cached last logits, so no decode step runs); public API only
+    dec.decode([SegmentRequest(r.seq_id, r.prefix, max_tokens=1) for r in reqs])
     sync(device)
     t1 = time.perf_counter()
-    out = dec.decode(reqs)                  # decode: cache hits, new_tokens steps
+    out = dec.decode(reqs)                  # decode: prefix-cache hits, new_tokens steps
     sync(device)
     t2 = time.perf_counter()
     generated = sum(len(r.tokens) for r in out)
