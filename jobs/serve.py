@@ -26,7 +26,7 @@ ENV_KEY = "GGRO_API_KEY"
 
 SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "api_key": None, "model_name": "ggro",
                    "max_tokens_limit": 512, "max_queue": 64, "request_timeout": 300.0, "replica_cpus": 0.5,
-                   "replica_gpus": 0.0, "model_replicas": 1, "address": None}
+                   "replica_gpus": 0.0, "model_replicas": 1, "tp": 1, "address": None}
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--replica-gpus", type=float, default=d["replica_gpus"],
                    help="num_gpus of each model replica (use with --device cuda) [0: CPU]")
     s.add_argument("--model-replicas", type=int, default=d["model_replicas"], help="replicas of each model deployment")
+    s.add_argument("--tp", type=int, default=d["tp"],
+                   help="tensor-parallel ranks per policy replica (actors.policy, DeepSpeed AutoTP); each rank "
+                        "gets --replica-cpus/--replica-gpus; > 1 gives a policy-as-judge its own unsharded copy")
     s.add_argument("--address", help="Ray cluster address [start a local Ray]")
 
 
@@ -78,7 +81,8 @@ def settings_from_args(args: argparse.Namespace):
               (args.request_timeout > 0, "--request-timeout must be > 0"),
               (0 < args.replica_cpus, "--replica-cpus must be > 0 (fractions such as 0.5 are fine)"),
               (args.replica_gpus >= 0, "--replica-gpus must be >= 0"),
-              (args.model_replicas >= 1, "--model-replicas must be >= 1")]
+              (args.model_replicas >= 1, "--model-replicas must be >= 1"),
+              (args.tp >= 1, "--tp must be >= 1")]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
@@ -86,7 +90,7 @@ def settings_from_args(args: argparse.Namespace):
                          max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, replica_cpus=args.replica_cpus,
                          replica_gpus=args.replica_gpus,
-                         model_replicas=args.model_replicas)
+                         model_replicas=args.model_replicas, tp=args.tp)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -48,11 +48,13 @@ class ServeSettings:
     replica_gpus: float = 0.0
     ingress_cpus: float = 0.1
     model_replicas: int = 1
+    tp: int = 1                              # > 1: each policy replica is an actors.policy tensor-parallel group
 
     @property
     def shared_weights(self) -> bool:
         m = self.mcfg
-        return m.reward_model == m.policy and m.reward_kind == "judge"
+        # a tp-sharded policy cannot be differentiated (AutoTP has no backward): the judge gets its own copy
+        return m.reward_model == m.policy and m.reward_kind == "judge" and self.tp == 1
 
 
 # -- model deployments ---------------------------------------------------------------------------------
@@ -60,7 +62,8 @@ class ServeSettings:
 class ModelServer:
     """Holds the weights: the policy (SegmentDecoder), the reward (RewardModel), or both (shared judge)."""
 
-    def __init__(self, mcfg: ModelConfig, roles: tuple[str, ...]):
+    def __init__(self, mcfg: ModelConfig, roles: tuple[str, ...], tp: int = 1, rank_cpus: float = 0.5,
+                 rank_gpus: float = 0.0):
         from ggro import models
         from ggro.engine import load_reward
         from ggro.policy import SegmentDecoder
@@ -69,7 +72,14 @@ class ModelServer:
         self.roles = roles
         tok = models.load_tokenizer(mcfg.policy)
         policy_model = None
-        if "policy" in roles:
+        self.group = None
+        if "policy" in roles and tp > 1:
+            # the weights live in `tp` rank actors (DeepSpeed AutoTP), started and owned by this replica
+            from actors.policy import start_policy_replica
+            self.group = start_policy_replica(mcfg, tp=tp, gpus_per_rank=rank_gpus, cpus_per_rank=rank_cpus,
+                                              name=f"ggro-serve-policy-{uuid.uuid4().hex[:8]}")
+            self.policy = self.group
+        elif "policy" in roles:
             policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device)
             self.policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model),
                                          max_cached=4 * mcfg.batch_size)
@@ -106,6 +116,13 @@ class ModelServer:
 
     def ready(self) -> bool:
         return True
+
+    def __del__(self):
+        if getattr(self, "group", None) is not None:
+            try:
+                self.group.shutdown()
+            except Exception:
+                pass
 
 
 # -- the seam over deployment handles -------------------------------------------------------------------
@@ -441,7 +458,13 @@ def build_app(settings: ServeSettings):
     if settings.replica_gpus:
         actor["num_gpus"] = settings.replica_gpus
     model_opts = dict(num_replicas=settings.model_replicas, ray_actor_options=actor)
-    if settings.shared_weights:
+    if settings.tp > 1:
+        # the policy deployment only forwards to its rank actors, which hold the CPUs/GPUs
+        policy = ModelServer.options(name="GGROPolicy", num_replicas=settings.model_replicas,
+                                     ray_actor_options={"num_cpus": settings.ingress_cpus}).bind(
+            settings.mcfg, ("policy",), settings.tp, settings.replica_cpus, settings.replica_gpus)
+        reward = ModelServer.options(name="GGROReward", **model_opts).bind(settings.mcfg, ("reward",))
+    elif settings.shared_weights:
         models = ModelServer.options(name="GGROModels", **model_opts).bind(settings.mcfg, ("policy", "reward"))
         policy, reward = models, None
     else:

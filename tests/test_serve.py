@@ -259,3 +259,25 @@ def test_app_builders_and_cli_flags(tiny_models, monkeypatch):
     from ggro.config import ConfigError
     with pytest.raises(ConfigError, match="max-queue"):
         js.settings_from_args(js.parse(["--max-queue", "0"]))
+
+
+@slow
+def test_tensor_parallel_policy_replica(server, tiny_models):
+    """--tp 2: the policy deployment forwards to an actors.policy rank group (DeepSpeed AutoTP over gloo)."""
+    from ray import serve
+    from jobs.serve_app import build_app
+    st = settings(tiny_models["policy"], tiny_models["classifier"], "classifier", tp=2, replica_cpus=0.2)
+    st = type(st)(**{**st.__dict__, "mcfg": type(st.mcfg)(**{**st.mcfg.__dict__, "dtype": "float32"})})
+    serve.run(build_app(st), name="ggro-test-tp", route_prefix="/tp")
+    try:
+        c = openai.OpenAI(base_url=server["url"] + "/tp/v1", api_key="x", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": "can you find my water"}]
+        got = c.chat.completions.create(model="tiny", messages=msgs).choices[0].message.content
+    finally:
+        serve.delete("ggro-test-tp")
+    from ggro.config import GGROConfig, ModelConfig
+    from ggro.engine import Engine
+    from ggro.rows import parse_row
+    eng = Engine.load(ModelConfig(policy=tiny_models["policy"], reward=tiny_models["classifier"],
+                                  reward_kind="classifier"))
+    assert got == next(eng.align([parse_row({"messages": msgs}, "r")], GGROConfig(**SEARCH)))["response"]
