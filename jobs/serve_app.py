@@ -146,10 +146,16 @@ class HandlePolicy:
 
 
 class HandleReward:
-    def __init__(self, handle):
-        self.handle = handle
+    """The Reward side of the seam over a ModelServer handle; reward-side cache keys (RewardQuery.seq_id,
+    where the seam has them) are namespaced per search loop like the policy's."""
+
+    def __init__(self, handle, token: str = ""):
+        self.handle, self.token = handle, token
 
     def score(self, queries):
+        if self.token:
+            queries = [dataclasses.replace(q, seq_id=f"{self.token}/{q.seq_id}")
+                       if getattr(q, "seq_id", None) is not None else q for q in queries]
         return self.handle.score.remote(queries).result(timeout_s=CALL_TIMEOUT_S)
 
 
@@ -172,7 +178,7 @@ class _Loop(threading.Thread):
         self.jobs: dict[str, Job] = {}      # queued or active in this loop, by prompt id (guarded by hub.lock)
         self.token = uuid.uuid4().hex[:8]
         self.policy = HandlePolicy(hub.policy_handle, self.token, self._watch)
-        self.reward = HandleReward(hub.reward_handle)
+        self.reward = HandleReward(hub.reward_handle, self.token)
 
     def _watch(self, seq_id: str, prefix: list[int]) -> None:
         job = self.jobs.get(seq_id)
