@@ -51,8 +51,9 @@ class RewardPool:
 
 def start_reward_pool(mcfg: ModelConfig, replicas: int = 1, gpus: float = 0, cpus: float = 0.5) -> RewardPool:
     from actors.policy import threads_for
-    cls = ray.remote(RewardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
+    cls = ray.remote(RewardWorker)
+    opts = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
     tag = uuid.uuid4().hex[:8]   # named (ggro-reward-TAG-i) so operators and tests can find them
-    workers = [cls.options(name=f"ggro-reward-{tag}-{i}").remote(mcfg, threads_for(cpus)) for i in range(replicas)]
+    workers = [cls.options(**opts, name=f"ggro-reward-{tag}-{i}").remote(mcfg, threads_for(cpus)) for i in range(replicas)]
     ray.get([w.pid.remote() for w in workers])   # wait until loaded: errors surface here
     return RewardPool(workers)

@@ -1,0 +1,142 @@
+"""`ggro align` on Ray: equals --local row for row, bad rows, resume after a killed driver, a killed
+reward actor, and failing fast when the cluster is too small. Real Ray cluster, tiny models, real Parquet."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.output import read_output
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+ROWS = [
+    {"id": "a", "prompt": "how do you make water hot ?"},
+    {"id": "b", "prompt": "what is the number of people ?"},
+    {"id": "c", "messages": [{"role": "user", "content": "can you write a word ?"}]},
+    {"id": "d", "prompt": ""},                                   # bad: empty prompt
+    {"id": "e", "prompt": "tell me about the day", "prefill": "Yes"},
+    {"id": "f", "prompt": "which way is down ?", "topic": "x"},
+]
+
+
+def write_input(path: Path, extra_lines=("not json",)) -> Path:
+    with open(path, "w") as f:
+        for r in ROWS:
+            f.write(json.dumps(r) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return path
+
+
+def model_flags(tiny) -> list[str]:
+    return ["--policy", tiny["policy"], "--reward", tiny["classifier"], "--reward-kind", "classifier",
+            "--dtype", "float64", "--max-new-tokens", "12", "--num-refinements", "3"]
+
+
+def align(argv) -> int:
+    from jobs.align import main
+    return main(argv)
+
+
+def rows_of(out: Path) -> dict:
+    t = read_output(out).drop(["elapsed_s"])
+    recs = t.to_pylist()
+    ids = [r["id"] for r in recs]
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    return {r["id"]: r for r in recs}
+
+
+def test_ray_equals_local_and_bad_rows(ray_cluster, tiny_models, tmp_path):
+    inp = write_input(tmp_path / "in.jsonl")
+    flags = ["--input", str(inp), "--batch-size", "2"] + model_flags(tiny_models)   # batch size is in the config hash
+    assert align(flags + ["--output", str(tmp_path / "local"), "--local"]) == 0
+    assert align(flags + ["--output", str(tmp_path / "ray"), "--in-flight", "2",
+                          "--reward-replicas", "2", "--reward-cpus", "0.25"]) == 0
+    local, dist = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
+    assert len(dist) == len(ROWS) + 1            # rows in == rows out, the bad ones included
+    # Row for row, provenance included. Rewards agree to the last bits only: the RM sees differently
+    # composed (padded) batches and other thread counts in its actors, so float sums round differently.
+    diff = [(i, k, local[i][k], dist[i][k]) for i in local for k in local[i]
+            if k != "reward" and local[i][k] != dist[i][k]]
+    assert not diff
+    for i in local:
+        assert (local[i]["reward"] is None) == (dist[i]["reward"] is None)
+        if local[i]["reward"] is not None:
+            assert dist[i]["reward"] == pytest.approx(local[i]["reward"], rel=1e-12, abs=1e-12)
+    assert "empty" in dist["d"]["error"]
+    assert "not valid JSON" in dist["in.jsonl:line-7"]["error"]
+    assert sum(r["error"] is None for r in dist.values()) == 5
+    assert {r["config_hash"] for r in dist.values()} == {dist["a"]["config_hash"]}
+
+
+def test_cluster_too_small_fails_fast(ray_cluster, tiny_models, tmp_path, capsys):
+    inp = write_input(tmp_path / "in.jsonl", ())
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        align(["--input", str(inp), "--output", str(tmp_path / "o"), "--policy-replicas", "64"]
+              + model_flags(tiny_models))
+    assert e.value.code == 1 and time.time() - t0 < 60
+    assert "cannot fit" in capsys.readouterr().err
+
+
+def test_reward_actor_killed_midjob(ray_cluster, tiny_models, tmp_path):
+    """SIGKILL the reward actor's process while rows are in flight: it restarts, calls are retried."""
+    import ray
+    inp = write_input(tmp_path / "in.jsonl", ())
+    out = tmp_path / "out"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("ggro-reward-")]
+            if names and list(out.glob("*.parquet")):      # some rows done, others still to go
+                h = ray.get_actor(names[0])
+                pid = ray.get(h.pid.remote())
+                os.kill(pid, signal.SIGKILL)
+                killed.append((h, pid))
+                return
+            time.sleep(0.2)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    assert align(["--input", str(inp), "--output", str(out), "--batch-size", "1", "--in-flight", "1"]
+                 + model_flags(tiny_models)) == 0
+    th.join(5)
+    assert killed, "the job finished before the reward actor could be killed"
+    assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
+
+
+def test_resume_after_killed_driver(ray_cluster, tiny_models, tmp_path):
+    """Kill the driver (`python -m jobs.align`, connected to the cluster) part-way, rerun: every id once."""
+    import ray
+    inp = write_input(tmp_path / "in.jsonl")
+    out = tmp_path / "out"
+    argv = ["--input", str(inp), "--output", str(out), "--batch-size", "1", "--in-flight", "1"] + model_flags(tiny_models)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.align", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list(out.glob("*.parquet"))) < 2 and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job finished before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    partial = rows_of(out)
+    assert 0 < len(partial) < len(ROWS) + 1
+    assert align(argv) == 0                       # resumes: only the remaining rows
+    final = rows_of(out)
+    assert len(final) == len(ROWS) + 1
+    assert all(final[i] == r for i, r in partial.items())
