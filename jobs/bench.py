@@ -62,6 +62,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling-prompts", type=int, help="prompts in the scaling run, 0 to skip [16]")
     p.add_argument("--scaling-max-new-tokens", type=int, help="max new tokens in the scaling run [quick: 8; else 32]")
     p.add_argument("--scaling-refinements", type=int, default=2, help="S in the scaling run")
+    p.add_argument("--threads", type=int, help="torch CPU threads (sets GGRO_THREADS) [all cores]; on a shared, "
+                   "busy machine 1 thread can be many times faster than oversubscribed cores")
     add_engine_args(p)
 
 
@@ -323,6 +325,8 @@ def run(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
     from ggro.engine import Engine
+    if args.threads:
+        os.environ["GGRO_THREADS"] = str(args.threads)
     torch_threads()
     t0 = time.perf_counter()
     batch = mcfg.batch_size
