@@ -1,6 +1,7 @@
 """Start the policy replicas and the reward pool after checking that the cluster can hold them."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import ray
@@ -61,11 +62,11 @@ class Workers:
 
 def start_workers(mcfg: ModelConfig, res: Resources, timeout_s: float = 120) -> Workers:
     res.check(ray.available_resources())
-    policies = []
+    policies, tag = [], uuid.uuid4().hex[:8]
     try:
         for i in range(res.policy_replicas):
             policies.append(start_policy_replica(mcfg, res.tp, res.policy_gpus_per_replica, res.policy_cpus,
-                                                 timeout_s=timeout_s, name=f"ggro-policy-{i}"))
+                                                 timeout_s=timeout_s, name=f"ggro-policy-{tag}-{i}"))
         reward = start_reward_pool(mcfg, res.reward_replicas, res.reward_gpus, res.reward_cpus)
     except BaseException:
         for p in policies:
