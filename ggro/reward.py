@@ -2,12 +2,15 @@
 
 The gradient is taken with respect to the RM's input embeddings e = E[z]. The reference
 differentiates w.r.t. the one-hot matrix, whose gradient is g @ E^T; we only ever need its entries
-for k candidates at one position, g_q . E[c], so no [len, vocab] tensor exists.
+for k candidates at one position, g_q . E[c], so no [len, vocab] tensor exists. The RM pass over
+the accepted prefix x + y is cached per sequence without grad (it cannot depend on e_q for q past
+it); only the new segment (and the judge's question) runs with autograd.
 """
 from __future__ import annotations
 
 import torch
 
+from .kvcache import Prefix, PrefixCache, chunk_layout, left_pad_kv
 from .seam import RewardQuery, RewardResult
 
 
@@ -31,62 +34,71 @@ class RewardModel:
     """kind 'classifier': a num_labels == 1 sequence classifier, scored at the last real token.
     kind 'judge': a chat LM asked `rubric` about the response; reward = logit(Yes) - logit(No)."""
 
-    def __init__(self, model, tokenizer, kind: str, rubric: str | None = None, eos_ids=()):
+    def __init__(self, model, tokenizer, kind: str, rubric: str | None = None, eos_ids=(), max_cached: int = 64):
         self.model, self.kind = model, kind
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
+        self.base = getattr(model, model.base_model_prefix)
+        self.prefixes = PrefixCache(self._prefill, self.device, max_cached)
+        self.suffix, self.eos = [], set(eos_ids)
         if kind == "judge":
             self.suffix = judge_suffix(tokenizer, rubric)
-            self.eos = set(eos_ids)
             self.yes, self.no = first_token(tokenizer, "Yes"), first_token(tokenizer, "No")
-        else:
-            self.suffix = []
 
-    def _rm_tokens(self, tokens: list[int]) -> list[int]:
-        if self.kind != "judge":
-            return tokens
+    def _prefill(self, ids, mask, pos, cache):
+        out = self.base(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        return out.past_key_values, None
+
+    def rm_tokens(self, tokens: list[int]) -> list[int]:
+        """What the RM reads for a policy sequence: the judge appends its question."""
         suffix = self.suffix
         if tokens and tokens[-1] in self.eos and suffix and suffix[0] == tokens[-1]:
             suffix = suffix[1:]   # the response already closed its turn
-        return tokens + suffix
+        return list(tokens) + suffix
 
-    def _forward(self, embeds, mask, pos) -> torch.Tensor:
+    def _reward(self, embeds, mask, pos, cache) -> torch.Tensor:
         if self.kind == "judge":
             logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                                logits_to_keep=1).logits[:, -1]
+                                past_key_values=cache, logits_to_keep=1).logits[:, -1]
             return (logits[:, self.yes] - logits[:, self.no]).double()
-        # Left padding puts every row's last real token at the last position, where HF pools.
-        return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, 0].double()
+        # Every row ends at the last column, where HF's classifier pools.
+        return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                          past_key_values=cache).logits[:, 0].double()
 
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
         if not queries:
             return []
-        seqs = [self._rm_tokens(q.tokens) for q in queries]
-        B, L, dev = len(seqs), max(map(len, seqs)), self.device
-        ids = torch.zeros(B, L, dtype=torch.long, device=dev)
-        mask = torch.zeros(B, L, dtype=torch.long, device=dev)
-        pos = torch.zeros(B, L, dtype=torch.long, device=dev)
-        for b, s in enumerate(seqs):
-            ids[b, L - len(s):] = torch.tensor(s, device=dev)
-            mask[b, L - len(s):] = 1
-            pos[b, L - len(s):] = torch.arange(len(s), device=dev)
+        dev = self.device
+        cached = [(q.seq_id, q.tokens[:q.prefix_len]) for q in queries if q.seq_id is not None and q.prefix_len]
+        got = iter(self.prefixes.get(cached)) if cached else iter(())
+        pasts = [next(got) if q.seq_id is not None and q.prefix_len else None for q in queries]
+        rests = [self.rm_tokens(q.tokens)[len(p.ids) if p else 0:] for q, p in zip(queries, pasts)]
+        past_lens = [len(p.ids) if p else 0 for p in pasts]
+        P, N = max(past_lens), max(map(len, rests))
+        ids = torch.zeros(len(queries), N, dtype=torch.long, device=dev)
+        for b, r in enumerate(rests):
+            ids[b, N - len(r):] = torch.tensor(r, device=dev)
+        mask, pos = chunk_layout(past_lens, [len(r) for r in rests], dev)
+        template = next((p for p in pasts if p), None)
+        empty = Prefix([], [(k[:, :0], v[:, :0]) for k, v in template.kv], None) if template else None
+        cache = left_pad_kv([p or empty for p in pasts], P) if P else None
         want = [b for b, q in enumerate(queries) if q.position is not None]
         with torch.no_grad():
             embeds = self.embed(ids)
         if not want:
             with torch.no_grad():
-                rewards = self._forward(embeds, mask, pos)
+                rewards = self._reward(embeds, mask, pos, cache)
             return [RewardResult(float(r)) for r in rewards]
         embeds.requires_grad_(True)
         with torch.enable_grad():
-            rewards = self._forward(embeds, mask, pos)
+            rewards = self._reward(embeds, mask, pos, cache)
             # Rows are independent, so d(sum)/d(e_b) is row b's own gradient.
             (grad,) = torch.autograd.grad(rewards[want].sum(), embeds)
         out = [RewardResult(float(r)) for r in rewards.detach()]
         E = self.embed.weight
         for b in want:
             q = queries[b]
-            g = grad[b, L - len(seqs[b]) + q.position]
+            g = grad[b, N - len(rests[b]) + q.position - past_lens[b]]
             cand = torch.tensor(q.candidates, device=dev)
             out[b].scores = (E[cand].double() @ g.double()).tolist()
         return out

@@ -44,6 +44,8 @@ class RewardQuery:
     tokens: list[int]           # z = x + y + s, policy token ids
     position: int | None = None   # q: where the candidate scores are wanted (None: reward only)
     candidates: list[int] | None = None
+    seq_id: str | None = None   # with prefix_len: tokens[:prefix_len] (x + y) may be cached under seq_id
+    prefix_len: int = 0         # must be <= position; the RM then differentiates only the rest
 
 
 @dataclass

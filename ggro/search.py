@@ -113,7 +113,7 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
             q = len(a.prefix) + a.seg.insert_at
             more = a.seg.i + 1 < S and a.seg.insert_at < len(s.tokens) and s.candidates is not None
             cands = s.candidates + [s.tokens[a.seg.insert_at]] if more else None
-            queries.append(RewardQuery(a.prefix + s.tokens, q if more else None, cands))
+            queries.append(RewardQuery(a.prefix + s.tokens, q if more else None, cands, a.p.id, len(a.prefix)))
             scored.append((a, s, more))
         for (a, s, more), r in zip(scored, reward.score(queries)):
             a.res.reward_calls += 1

@@ -143,6 +143,13 @@ def test_sparse_candidate_scores_equal_dense_onehot_gradient(setup):
         assert res[1].reward == pytest.approx(r, rel=1e-10)
         assert res[1].scores == pytest.approx(dense[q, cands].tolist(), rel=1e-8, abs=1e-12)
         assert res[0].scores is None and len(res[2].scores) == 2
+        # the same through the RM's prefix cache (x + y without grad, only the rest differentiated),
+        # twice: a cold cache, then a warm one extended by the new tokens
+        for prefix_len in (len(z) - 6, len(z) - 3):
+            cached = rm.score([RewardQuery(z, q, cands, "seq", prefix_len), RewardQuery(z[:9], 4, [5, 6])])
+            assert cached[0].reward == pytest.approx(r, rel=1e-10)
+            assert cached[0].scores == pytest.approx(dense[q, cands].tolist(), rel=1e-8, abs=1e-12)
+            assert cached[1].scores == pytest.approx(res[2].scores, rel=1e-10)
 
 
 def test_segment_decoder_cache_reuse_is_exact(setup):

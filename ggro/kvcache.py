@@ -1,0 +1,113 @@
+"""Per-sequence prefix KV caches, built and extended in batched forwards, and batch assembly.
+
+Shared by the policy (all refinements of a segment decode from one cached x + y) and the reward
+model (the RM pass over x + y runs once, without grad; only the new segment is differentiated).
+A cache entry is validated by its token ids, so a stale or colliding key costs a rebuild, never a
+wrong result.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Prefix:
+    ids: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]   # per layer, [heads, len, head_dim]
+    last: torch.Tensor | None                     # what `forward` returned for the last position
+
+
+def left_pad_kv(prefixes: list[Prefix], length: int) -> DynamicCache:
+    """Stack per-sequence caches into one [batch, heads, length, dim] cache, right-aligned."""
+    layers = []
+    for li in range(len(prefixes[0].kv)):
+        k0, v0 = prefixes[0].kv[li]
+        k = k0.new_zeros(len(prefixes), k0.shape[0], length, k0.shape[2])
+        v = v0.new_zeros(len(prefixes), v0.shape[0], length, v0.shape[2])
+        for b, p in enumerate(prefixes):
+            n = len(p.ids)
+            if n:
+                k[b, :, length - n:] = p.kv[li][0]
+                v[b, :, length - n:] = p.kv[li][1]
+        layers.append((k, v))
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def chunk_layout(past_lens: list[int], new_lens: list[int], device):
+    """Mask and positions for rows laid out as [pad | past | pad | new] (every row ends at the last column).
+
+    Left padding puts each row's last new token at the final position, so a model can keep only the
+    last position's output for all rows; explicit positions make padding invisible.
+    """
+    P, N, B = max(past_lens), max(new_lens), len(new_lens)
+    mask = torch.zeros(B, P + N, dtype=torch.long, device=device)
+    pos = torch.zeros(B, N, dtype=torch.long, device=device)
+    for b, (pl, nl) in enumerate(zip(past_lens, new_lens)):
+        mask[b, P - pl:P] = 1
+        mask[b, P + N - nl:] = 1
+        pos[b, N - nl:] = torch.arange(pl, pl + nl, device=device)
+    return mask, pos
+
+
+# forward(input_ids [B, N], attention_mask, position_ids, past_key_values) -> (cache, last [B, ...] | None)
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache | None], tuple]
+
+
+class PrefixCache:
+    def __init__(self, forward: Forward, device, max_entries: int = 64, pad_id: int = 0):
+        self.forward, self.device, self.max_entries, self.pad_id = forward, device, max_entries, pad_id
+        self._entries: OrderedDict[str, Prefix] = OrderedDict()
+
+    def release(self, keys) -> None:
+        for k in keys:
+            self._entries.pop(k, None)
+
+    def get(self, keyed: list[tuple[str, list[int]]]) -> list[Prefix]:
+        """The cached prefix of each (key, ids), extending or (re)building caches in one batched call."""
+        todo: dict[str, tuple[Prefix | None, list[int]]] = {}
+        for key, ids in keyed:
+            if key in todo:
+                continue
+            have = self._entries.get(key)
+            if have is not None and have.ids == ids:
+                self._entries.move_to_end(key)
+            elif have is not None and len(have.ids) < len(ids) and ids[:len(have.ids)] == have.ids:
+                todo[key] = (have, ids[len(have.ids):])
+            else:
+                todo[key] = (None, list(ids))
+        if todo:
+            for key, p in zip(todo, self._extend(list(todo.values()))):
+                self._entries[key] = p
+                self._entries.move_to_end(key)
+        out = [self._entries[key] for key, _ in keyed]
+        while len(self._entries) > max(self.max_entries, len(todo)):
+            self._entries.popitem(last=False)
+        return out
+
+    @torch.no_grad()
+    def _extend(self, items: list[tuple[Prefix | None, list[int]]]) -> list[Prefix]:
+        past_lens = [len(p.ids) if p else 0 for p, _ in items]
+        new_lens = [len(n) for _, n in items]
+        P, N = max(past_lens), max(new_lens)
+        ids = torch.full((len(items), N), self.pad_id, dtype=torch.long, device=self.device)
+        for b, (_, new) in enumerate(items):
+            ids[b, N - len(new):] = torch.tensor(new, device=self.device)
+        mask, pos = chunk_layout(past_lens, new_lens, self.device)
+        cache = None
+        if P:
+            empty = Prefix([], [(k[:, :0], v[:, :0]) for k, v in next(p for p, _ in items if p).kv], None)
+            cache = left_pad_kv([p or empty for p, _ in items], P)
+        out_cache, last = self.forward(ids, mask, pos, cache)
+        kv = [(layer.keys, layer.values) for layer in out_cache.layers]
+        result = []
+        for b, ((prev, new), pl, nl) in enumerate(zip(items, past_lens, new_lens)):
+            keep = torch.cat([torch.arange(P - pl, P), torch.arange(P + N - nl, P + N)]).to(self.device)
+            result.append(Prefix((prev.ids if prev else []) + list(new),
+                                 [(k[b].index_select(1, keep), v[b].index_select(1, keep)) for k, v in kv],
+                                 None if last is None else last[b].clone()))
+        return result
