@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="ggro")
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--phase", choices=("both", "sequential", "concurrent"), default="both")
     p.add_argument("--ggro", default="{}", help='JSON for the request\'s `ggro` object, e.g. \'{"num_refinements": 2}\'')
     args = p.parse_args(argv)
     from openai import OpenAI
@@ -42,22 +43,35 @@ def main(argv=None) -> int:
                                            max_tokens=args.max_tokens, extra_body={"ggro": knobs})
         return r.choices[0].message.content, r.usage.completion_tokens
 
+    def report(name, out, t):
+        ok = [o for o in out if o[0] is not None]
+        print(f"{name}: {args.requests} requests in {t:.1f} s = {len(ok) / t:.2f} req/s, "
+              f"{sum(n for _, n in ok) / t:.1f} completion tok/s ({len(out) - len(ok)} failed)", flush=True)
+
+    def safe(text):
+        try:
+            return one(text)
+        except Exception as e:   # e.g. 504 past --request-timeout: count it, keep measuring
+            print(f"  request failed: {e}", flush=True)
+            return None, 0
+
     one(prompts[0])   # warm-up: prefix caches, lazy imports
-    t0 = time.perf_counter()
-    seq = [one(t) for t in prompts]
-    t_seq = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(prompts)) as ex:
-        conc = list(ex.map(one, prompts))
-    t_conc = time.perf_counter() - t0
-    tok_seq, tok_conc = sum(n for _, n in seq), sum(n for _, n in conc)
-    same = sum(a[0] == b[0] for a, b in zip(seq, conc))
-    print(f"sequential: {args.requests} requests in {t_seq:.1f} s = {args.requests / t_seq:.2f} req/s, "
-          f"{tok_seq / t_seq:.1f} completion tok/s")
-    print(f"concurrent: {args.requests} requests in {t_conc:.1f} s = {args.requests / t_conc:.2f} req/s, "
-          f"{tok_conc / t_conc:.1f} completion tok/s")
-    print(f"throughput ratio (concurrent / sequential): {t_seq / t_conc:.2f}x; identical answers: "
-          f"{same}/{args.requests}")
+    seq = conc = None
+    if args.phase in ("both", "sequential"):
+        t0 = time.perf_counter()
+        seq = [safe(t) for t in prompts]
+        t_seq = time.perf_counter() - t0
+        report("sequential", seq, t_seq)
+    if args.phase in ("both", "concurrent"):
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as ex:
+            conc = list(ex.map(safe, prompts))
+        t_conc = time.perf_counter() - t0
+        report("concurrent", conc, t_conc)
+    if seq and conc:
+        same = sum(a[0] == b[0] for a, b in zip(seq, conc))
+        print(f"throughput ratio (concurrent / sequential): {t_seq / t_conc:.2f}x; identical answers: "
+              f"{same}/{args.requests}")
     return 0
 
 
