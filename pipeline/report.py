@@ -101,7 +101,7 @@ def fmt(v, kind="f") -> str:
         return f"{100 * v:.1f}%"
     if isinstance(v, int):
         return str(v)
-    return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
 
 
 # ---------------------------------------------------------------- plots
@@ -202,6 +202,8 @@ def plot_nudges(methods, path: Path) -> Path:
         ax.bar([k + (i - (len(methods) - 1) / 2) * width for k in range(top + 1)],
                [c.get(k, 0) for k in range(top + 1)], width=width, label=m.label, color=f"C{i}")
     ax.set_xticks(range(top + 1))
+    from matplotlib.ticker import MaxNLocator
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Nudged segments per response (0 for greedy and best-of-n)")
     ax.set_xlabel("segments whose accepted continuation came from a nudge (count)")
     ax.set_ylabel("responses")
@@ -258,6 +260,7 @@ def write_report(methods: list[MethodRows], out_dir: str | Path, baseline: Metho
     """Write report.md, summary.csv and the PNGs; return {"summary": [...], "files": [...], "markdown": str}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    methods = [baseline] + [m for m in methods if m is not baseline]   # the baseline leads every table
     summary = summarize(methods, baseline, threshold)
     files = [plot_rewards(methods, threshold, out / "reward_distribution.png", reward_unit),
              plot_win_rate(summary, baseline.label, out / "win_rate.png"),
