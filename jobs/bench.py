@@ -357,10 +357,12 @@ def run(args) -> int:
         parts += ["", f"Engine vs oracle (ggro/reference.py), GGRO S={s['oracle_refinements']}, "
                       f"max_new_tokens {s['oracle_max_new_tokens']}", table(oracle, ORACLE_COLS)]
     if scaling:
+        import torch
         write_csv(out / "bench_scaling.csv", scaling, SCALING_COLS)
         plot_scaling(scaling, out / "bench_scaling.png",
-                     f"GGRO engine throughput vs batch size (S={s['scaling_refinements']}, "
-                     f"max {s['scaling_max_new_tokens']} new tokens, {scaling[0]['prompts']} prompts)")
+                     f"GGRO engine throughput vs batch size\n(S={s['scaling_refinements']}, "
+                     f"max {s['scaling_max_new_tokens']} new tokens, {scaling[0]['prompts']} prompts, "
+                     f"{torch.get_num_threads()} thread(s))")
         parts += ["", f"Batch scaling, GGRO S={s['scaling_refinements']}, max_new_tokens {s['scaling_max_new_tokens']}",
                   table(scaling, SCALING_COLS)]
     text = "\n".join(parts) + "\n"
