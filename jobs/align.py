@@ -40,7 +40,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def input_rows(args) -> list:
     path = args.input or example_prompts()
     try:
-        rows = list(dedupe(read_rows(path)))
+        if "://" in str(path):   # s3://, gs://, file://...: any filesystem pyarrow accepts
+            from pipeline.ray_align import read_uri_rows
+            rows = list(dedupe(read_uri_rows(path)))
+        else:
+            rows = list(dedupe(read_rows(path)))
     except FileNotFoundError:
         fail(f"--input {path}: no such file")
     return rows[:args.limit] if args.limit else rows

@@ -203,3 +203,28 @@ def align_on_ray(rows, out_dir, gcfg, mcfg, args) -> None:
         out.write_datasink(_sink(str(out_dir)), ray_remote_args={"num_cpus": res.io_cpus})
     finally:
         workers.shutdown()
+
+
+def read_uri_rows(uri: str):
+    """Rows of a JSONL/Parquet file or folder at any URI pyarrow's filesystems accept (s3://, gs://,
+    hdfs://, file://), with the same per-row validation and error rows as `ggro.rows.read_rows`."""
+    import tempfile
+    from pyarrow import fs as pafs
+    from ggro.rows import read_rows
+
+    filesystem, path = pafs.FileSystem.from_uri(uri)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(uri)
+    if info.type == pafs.FileType.Directory:
+        files = sorted(f.path for f in filesystem.get_file_info(pafs.FileSelector(path))
+                       if f.type == pafs.FileType.File and f.path.endswith((".jsonl", ".parquet")))
+    else:
+        files = [path]
+    with tempfile.TemporaryDirectory(prefix="ggro-input-") as tmp:
+        for f in files:   # copied locally once, then parsed exactly like a local file (names kept for ids)
+            local = os.path.join(tmp, os.path.basename(f))
+            with filesystem.open_input_stream(f) as src, open(local, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            yield from read_rows(local)
