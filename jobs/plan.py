@@ -638,6 +638,11 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
         if cluster.memory_gib and host > cluster.memory_gib * GiB:
             problems.append((f"CPU actors need {_gib(host)} of host RAM, the cluster has {cluster.memory_gib:.1f} GiB",
                              "fewer replicas, a smaller --batch-size, or GPUs (--device cuda)"))
+    return verdict(say, warns, problems, "the cluster can hold this plan.")
+
+
+def verdict(say, warns: list[str], problems: list[tuple[str, str]], fits: str) -> int:
+    """Print warnings and either the problems with their fixes (exit 1) or FITS (exit 0)."""
     if warns:
         say("warnings:")
         for w in warns:
@@ -647,7 +652,7 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
         for reason, fix in problems:
             say(f"  - {reason}\n    change: {fix}")
         return 1
-    say("\nFITS: the cluster can hold this plan.")
+    say(f"\nFITS: {fits}")
     return 0
 
 
@@ -736,14 +741,4 @@ def _plan_local(args, pol, rm, res, gcfg, mcfg, prompt_tokens, warns, say) -> in
         if machine.memory_gib and need > machine.memory_gib * GiB:
             problems.append((f"{_gib(need)} exceeds the host's {machine.memory_gib:.1f} GiB RAM",
                              "a smaller --batch-size or model, or the Ray mode on a cluster"))
-    if warns:
-        say("warnings:")
-        for w in warns:
-            say(f"  - {w}")
-    if problems:
-        say("\nDOES NOT FIT:")
-        for reason, fix in problems:
-            say(f"  - {reason}\n    change: {fix}")
-        return 1
-    say("\nFITS: this machine can run it.")
-    return 0
+    return verdict(say, warns, problems, "this machine can run it.")
