@@ -152,6 +152,19 @@ def test_sixteen_concurrent_requests(client, tiny_models):
     assert out[3].choices[0].message.content == alone == out[13].choices[0].message.content
 
 
+@slow
+def test_concurrent_requests_with_different_settings(client):
+    """Different settings run in different search loops whose model calls @serve.batch merges."""
+    reqs = [(6, {}), (12, {"num_refinements": 2}), (9, {"method": "greedy"}), (12, {"top_k": 3})]
+
+    def one(r):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go now"}],
+                                              max_tokens=r[0], extra_body={"ggro": r[1]}).choices[0].message.content
+    with ThreadPoolExecutor(4) as ex:
+        together = list(ex.map(one, reqs))
+    assert together == [one(r) for r in reqs]
+
+
 BAD = [
     (b"{not json", 400, "invalid_json"),
     (b"[1, 2]", 400, "invalid_json"),
