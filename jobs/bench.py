@@ -210,7 +210,9 @@ def scaling_rows(engine, rows, gcfg, s: dict, log) -> list[dict]:
 def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     def cell(v):
         if isinstance(v, float):
-            return "–" if math.isnan(v) else (f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}")
+            if math.isnan(v):
+                return "–"
+            return f"{v:.1e}" if 0 < abs(v) < 1e-3 else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
         return str(v)
     body = [[cell(r.get(k, "")) for k, _ in cols] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (_, h) in enumerate(cols)]
