@@ -265,8 +265,10 @@ class Resources:
         if hasattr(args, "model_replicas") and not hasattr(args, "policy_replicas"):
             # ggro serve: --model-replicas ModelServer replicas of the policy (and of the reward unless the
             # policy is its own judge, then one deployment holds both), --replica-cpus each, one ingress.
+            # With --tp > 1 the policy is a sharded rank group and a self-judge gets its own unsharded copy.
             n, cpus, gpus = int(get("model_replicas", 1)), float(get("replica_cpus", 0.5)), float(get("replica_gpus", 0))
-            return cls(tp=1, policy_gpus=gpus, policy_replicas=n, reward_replicas=0 if shared else n,
+            tp = int(get("tp", 1))
+            return cls(tp=tp, policy_gpus=gpus, policy_replicas=n, reward_replicas=0 if shared and tp == 1 else n,
                        reward_gpus=gpus, policy_cpus=cpus, reward_cpus=cpus, aligner_cpus=0.1, aligners=1,
                        serve=True, cached_batches=4)
         return cls(tp=int(get("tp", 1)), policy_gpus=float(get("policy_gpus_per_replica", on_gpu)),
