@@ -1,6 +1,7 @@
 """Start the policy replicas and the reward pool after checking that the cluster can hold them."""
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ class Resources:
         gpu = self.policy_replicas * self.tp * self.policy_gpus_per_replica + self.reward_replicas * self.reward_gpus
         return {"CPU": cpu, "GPU": gpu}
 
-    def check(self, available: dict) -> None:
+    def check(self, available: dict, what: str = "available") -> None:
         """Fail fast (ClusterTooSmall) instead of leaving actors pending forever."""
         if self.tp < 1 or self.policy_replicas < 1 or self.reward_replicas < 1 or self.aligners < 1:
             raise ClusterTooSmall("--tp, --policy-replicas, --reward-replicas and --aligners must be >= 1")
@@ -39,7 +40,7 @@ class Resources:
             if v <= 0:
                 raise ClusterTooSmall(f"{name} must be > 0 (every actor needs an explicit CPU share)")
         need = self.needs()
-        short = [f"{k}: need {v:g}, {available.get(k, 0):g} available"
+        short = [f"{k}: need {v:g}, {available.get(k, 0):g} {what}"
                  for k, v in need.items() if v > available.get(k, 0) + 1e-9]
         if short:
             raise ClusterTooSmall(
@@ -60,8 +61,23 @@ class Workers:
         self.reward.shutdown()
 
 
+def wait_for_room(res: Resources, timeout_s: float) -> None:
+    """Fail at once when the whole cluster is too small; otherwise wait (up to timeout_s) for
+    resources still held by others or by a just-finished run (actors are released asynchronously)."""
+    res.check(ray.cluster_resources(), "in the whole cluster")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return res.check(ray.available_resources())
+        except ClusterTooSmall as e:
+            if time.monotonic() > deadline:
+                raise ClusterTooSmall(f"{e} (the cluster is big enough, but other work still holds these "
+                                      f"resources after {timeout_s:.0f}s)") from None
+            time.sleep(0.5)
+
+
 def start_workers(mcfg: ModelConfig, res: Resources, timeout_s: float = 120) -> Workers:
-    res.check(ray.available_resources())
+    wait_for_room(res, timeout_s)
     policies, tag = [], uuid.uuid4().hex[:8]
     try:
         for i in range(res.policy_replicas):

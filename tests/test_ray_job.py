@@ -65,7 +65,7 @@ def ray_head():
     finally:
         os.killpg(head.pid, signal.SIGTERM)   # --block: ray start stops its node's processes on SIGTERM
         try:
-            head.wait(60)
+            head.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         # anything of this node still alive (it runs with our --temp-dir): stop it by pid
