@@ -1,13 +1,15 @@
 """The reward model on Ray: M single-device actors, each a frozen, unsharded `ggro.reward.RewardModel`.
 
-A batch of RewardQuery is split into M contiguous chunks, scored in parallel and concatenated.
+A batch of RewardQuery is split across the M actors by sequence id, scored in parallel and reassembled.
 Only rewards and k candidate scores per query cross the wire, never gradients. Actors restart
-when they die and Ray retries their calls (they are stateless), so a lost actor costs time only.
+when they die and Ray retries their calls (their only state is a prefix cache, rebuilt on demand),
+so a lost actor costs time only.
 """
 from __future__ import annotations
 
 import os
 import uuid
+import zlib
 
 import ray
 
@@ -36,13 +38,20 @@ class RewardPool:
         self.workers = list(workers)
 
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
+        """Each sequence always goes to the same actor, so its cached x + y prefix is found there."""
         if not queries:
             return []
-        m = min(len(self.workers), len(queries))
-        size = -(-len(queries) // m)
-        chunks = [queries[i:i + size] for i in range(0, len(queries), size)]
-        parts = ray.get([w.score.remote(c) for w, c in zip(self.workers, chunks)])
-        return [r for part in parts for r in part]
+        m = len(self.workers)
+        groups: dict[int, list[int]] = {}
+        for i, q in enumerate(queries):
+            w = zlib.crc32(q.seq_id.encode()) % m if q.seq_id is not None else i % m
+            groups.setdefault(w, []).append(i)
+        parts = ray.get([self.workers[w].score.remote([queries[i] for i in idx]) for w, idx in groups.items()])
+        out: list[RewardResult | None] = [None] * len(queries)
+        for idx, part in zip(groups.values(), parts):
+            for i, r in zip(idx, part):
+                out[i] = r
+        return out
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -87,9 +87,15 @@ class ModelConfig:
         return self.reward or self.policy
 
 
+# Outputs do not depend on how rows were batched (the engine is tested batch-invariant), so a run may
+# be resumed with another batch size.
+NOT_HASHED = ("batch_size",)
+
+
 def config_hash(*configs) -> str:
     """Stable short hash of everything that changes outputs (provenance, resume checks)."""
-    blob = json.dumps([dataclasses.asdict(c) for c in configs], sort_keys=True, default=str)
+    fields = [{k: v for k, v in dataclasses.asdict(c).items() if k not in NOT_HASHED} for c in configs]
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -113,33 +113,25 @@ class Aligner:
             return i, self.policies[i]
 
     def _align(self, k: int, rows: list) -> list[dict]:
-        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
         engine = self.engines[k]
         while True:
-            i, policy = self._replica()
-            engine.policy = policy
+            i, engine.policy = self._replica()
             try:
-                try:
-                    return list(engine.align(rows, self.gcfg))
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError,
-                        ray.exceptions.ActorUnavailableError):
-                    raise
-                except Exception:
-                    if len(rows) == 1:
-                        raise
-                    # isolate the failing row(s): rerun one by one
-                    return [rec for r in rows for rec in self._one(engine, r)]
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                return list(engine.align(rows, self.gcfg))
+            except (RayActorError, ActorUnavailableError) as e:
                 print(f"ggro: policy replica {i} failed ({e.__class__.__name__}); retrying its rows elsewhere",
                       file=sys.stderr)
                 with self.lock:
                     self.dead.add(i)
+            except Exception:   # isolate the failing row(s): rerun one by one
+                return [rec for r in rows for rec in self._one(engine, r)]
 
     def _one(self, engine, row) -> list[dict]:
-        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
         try:
             return list(engine.align([row], self.gcfg))
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        except (RayActorError, ActorUnavailableError):
             raise
         except Exception as e:   # a row the search cannot handle: report it, keep going
             return [output_record(row, None, engine.tokenizer, engine.provenance(self.gcfg), self.gcfg.method,
