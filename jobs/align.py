@@ -12,7 +12,7 @@ import time
 from ggro.config import ConfigError
 from ggro.models import ModelLoadError
 from ggro.rows import dedupe, read_rows
-from jobs.common import add_engine_args, example_prompts, fail, resolve_args, torch_threads
+from jobs.common import add_engine_args, example_prompts, fail, resolve_args, torch_threads, module_main
 from jobs.plan import add_plan_args, dry_run
 from pipeline.output import OutputConflict, Summary, done_ids, read_output, write_part
 
@@ -111,9 +111,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.align", description=__doc__)
-    add_args(p)
-    return run(p.parse_args(argv))
+    return module_main("jobs.align", __doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from jobs.common import module_main
 
 QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], oracle_prompts=1,
              oracle_max_new_tokens=8, scaling_prompts=16, scaling_max_new_tokens=8)
@@ -377,10 +378,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    return run(p.parse_args(argv))
+    return module_main("jobs.bench", __doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,11 @@ def torch_threads() -> None:
     import torch
     n = int(os.environ.get("GGRO_THREADS", "0")) or os.cpu_count() or 1
     torch.set_num_threads(n)
+
+
+def module_main(module: str, doc: str | None, add_args, run, argv=None) -> int:
+    """`python -m jobs.<name>` (what `ray job submit` runs): the same flags and behaviour as `ggro <name>`."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_args(argv))

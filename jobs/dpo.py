@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from jobs import align
-from jobs.common import fail
+from jobs.common import fail, module_main
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -70,10 +70,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.dpo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    return run(p.parse_args(argv))
+    return module_main("jobs.dpo", __doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

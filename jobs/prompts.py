@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from jobs.common import module_main
 
 
 @dataclass(frozen=True)
@@ -146,10 +147,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.prompts", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    return run(p.parse_args(argv))
+    return module_main("jobs.prompts", __doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

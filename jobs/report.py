@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from jobs.common import module_main
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -45,10 +46,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    return run(p.parse_args(argv))
+    return module_main("jobs.report", __doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":
