@@ -91,28 +91,25 @@ class ModelServer:
         async with self._lock:
             return await asyncio.to_thread(fn, arg)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
-    async def decode(self, calls: list[list]) -> list[list]:
-        flat = [r for c in calls for r in c]
-        out = await self._compute(self.policy.decode, flat)
+    async def _merged(self, fn, calls: list[list]) -> list[list]:
+        """One model call for the requests of every caller Serve batched together, split back per caller."""
+        out = await self._compute(fn, [item for c in calls for item in c])
         res, k = [], 0
         for c in calls:
             res.append(out[k:k + len(c)])
             k += len(c)
         return res
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
+    async def decode(self, calls: list[list]) -> list[list]:
+        return await self._merged(self.policy.decode, calls)
 
     async def release(self, seq_ids: list[str]) -> None:
         await self._compute(self.policy.release, seq_ids)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
     async def score(self, calls: list[list]) -> list[list]:
-        flat = [q for c in calls for q in c]
-        out = await self._compute(self.reward.score, flat)
-        res, k = [], 0
-        for c in calls:
-            res.append(out[k:k + len(c)])
-            k += len(c)
-        return res
+        return await self._merged(self.reward.score, calls)
 
     def ready(self) -> bool:
         return True
