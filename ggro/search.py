@@ -153,7 +153,7 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
 def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
              batch_size: int = 8) -> Iterator[Result]:
     """`greedy` (one greedy decode) or `best-of-n` (n seeded samples, best RM score kept)."""
-    pending = list(prompts) if not isinstance(prompts, list) else prompts
+    pending = list(prompts)
     n = cfg.n if cfg.method == "best-of-n" else 1
     per_call = max(1, batch_size // n)
     for start in range(0, len(pending), per_call):
