@@ -37,15 +37,16 @@ RM_8B = {**LLAMA_8B, "architectures": ["LlamaForSequenceClassification"], "num_l
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _nodes(node):
+    """Every node of a parsed YAML tree, depth first."""
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for v in children:
+        yield from _nodes(v)
+
+
 def _strings(node):
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for v in node.values():
-            yield from _strings(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _strings(v)
+    return (n for n in _nodes(node) if isinstance(n, str))
 
 
 def _docs(path: Path) -> list:
@@ -114,13 +115,7 @@ def commands_in(path: Path) -> list[list[str]]:
 
 
 def _walk_dicts(node):
-    if isinstance(node, dict):
-        yield node
-        for v in node.values():
-            yield from _walk_dicts(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _walk_dicts(v)
+    return (n for n in _nodes(node) if isinstance(n, dict))
 
 
 def _module_missing(sub: str) -> bool:
