@@ -29,7 +29,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from pipeline.dpo import build_pairs
-    from pipeline.output import read_output, write_part  # noqa: F401
+    from pipeline.output import read_output
     import pyarrow.parquet as pq
 
     if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both

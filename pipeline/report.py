@@ -277,7 +277,7 @@ def write_report(methods: list[MethodRows], out_dir: str | Path, baseline: Metho
     files.append(out / "summary.csv")
 
     has_tasks = any(s["_task_n"] for s in summary)
-    md = [f"# GGRO comparison report\n",
+    md = ["# GGRO comparison report\n",
           "Inputs:\n" + "\n".join(f"- `{m.label}`: {m.source} ({len(m.rows)} rows, method `{m.method}`, "
                                    f"policy `{_one(m.rows, 'policy')}`, reward model `{_one(m.rows, 'reward_model')}`)"
                                    for m in methods),
