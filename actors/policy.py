@@ -48,7 +48,10 @@ class PolicyRank:
         from ggro.policy import SegmentDecoder
 
         torch.set_num_threads(self.threads)
-        model = models.load_model(self.mcfg.policy, "causal", self.mcfg.dtype, self.mcfg.device)
+        # A tp > 1 rank loads on the host and init_inference moves only its shard to the GPU: loading the
+        # whole model on every GPU first would need P*B per GPU, not the P*B/tp the planner promises.
+        load_on = "cpu" if self.tp > 1 else self.mcfg.device
+        model = models.load_model(self.mcfg.policy, "causal", self.mcfg.dtype, load_on)
         tok = models.load_tokenizer(self.mcfg.policy)
         eos = models.eos_ids(tok, model)
         context = context_window(model.config)

@@ -634,12 +634,18 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
                          "or fewer --aligners"))
     host = (res.policy_replicas * res.tp * est.policy_rank_gib if res.policy_gpus == 0 else 0) + \
         (res.reward_replicas * est.reward_actor_gib if res.reward_gpus == 0 else 0)
-    if host:
-        say(f"  host RAM for CPU actors: {_gib(host)}"
-            + (f" of {cluster.memory_gib:.1f} GiB" if cluster.memory_gib else " (unchecked)"))
-        if cluster.memory_gib and host > cluster.memory_gib * GiB:
-            problems.append((f"CPU actors need {_gib(host)} of host RAM, the cluster has {cluster.memory_gib:.1f} GiB",
-                             "fewer replicas, a smaller --batch-size, or GPUs (--device cuda)"))
+    # GPU tp > 1 ranks load the whole model on the host before sharding it; replicas start one at a time
+    load = res.tp * pol.params * DTYPE_BYTES[mcfg.dtype] if res.policy_gpus > 0 and res.tp > 1 else 0
+    if host or load:
+        what = " + ".join(([f"{_gib(host)} for CPU actors"] if host else []) +
+                          ([f"{_gib(load)} while a replica's {res.tp} GPU ranks load the policy"] if load else []))
+        say(f"  host RAM: {_gib(host + load)}" + (f" of {cluster.memory_gib:.1f} GiB" if cluster.memory_gib
+                                                     else " (unchecked)") + f": {what}")
+        if cluster.memory_gib and host + load > cluster.memory_gib * GiB:
+            problems.append((f"{_gib(host + load)} of host RAM needed ({what}), the cluster has "
+                             f"{cluster.memory_gib:.1f} GiB",
+                             "fewer replicas, a smaller --batch-size, or GPUs (--device cuda)" if host > load else
+                             "nodes with more RAM (each tp rank holds a full copy until it is sharded)"))
     return verdict(say, warns, problems, "the cluster can hold this plan.")
 
 

@@ -340,6 +340,19 @@ def test_dry_run_memory_does_not_fit_and_the_fix_works(tmp_path, capsys, no_weig
     assert rc == 0, out
 
 
+def test_dry_run_checks_host_ram_for_loading_tp_ranks(tmp_path, capsys, no_weights):
+    """GPU tp ranks load the whole policy on the host before sharding: 4 x 131.4 GiB for a 70B at tp 4."""
+    base = ["align", "--dry-run", "--policy", _config_only(tmp_path, "llama70b", LLAMA_70B),
+            "--reward", _config_only(tmp_path, "rm8b", RM_8B), "--reward-kind", "classifier", *GPU_FLAGS,
+            "--tp", "4", "--cluster-gpus", "8", "--gpu-memory-gb", "80"]
+    rc, out = _run(base + ["--cluster-memory-gb", "400"], capsys)
+    assert rc == 1, out
+    assert "525.7 GiB of host RAM needed (525.7 GiB while a replica's 4 GPU ranks load the policy)" in out
+    assert "each tp rank holds a full copy until it is sharded" in out
+    rc, out = _run(base + ["--cluster-memory-gb", "1024"], capsys)
+    assert rc == 0, out
+
+
 def test_dry_run_reward_too_big_for_one_gpu(tmp_path, capsys, no_weights):
     big = _config_only(tmp_path, "llama70b", LLAMA_70B)
     rc, out = _run(["align", "--dry-run", "--policy", big, *GPU_FLAGS, "--tp", "4", "--cluster-gpus", "8",
