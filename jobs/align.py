@@ -50,11 +50,8 @@ def input_rows(args) -> list:
     return rows[:args.limit] if args.limit else rows
 
 
-def align_local(rows, out_dir, gcfg, mcfg, flush_every: int) -> None:
+def align_local(engine, rows, out_dir, gcfg, flush_every: int) -> None:
     from tqdm import tqdm
-    from ggro.engine import Engine
-    torch_threads()
-    engine = Engine.load(mcfg)
     buf = []
     with tqdm(total=len(rows), desc=f"align ({gcfg.method})", unit="row", file=sys.stderr) as bar:
         for rec in engine.align(rows, gcfg):
@@ -67,6 +64,36 @@ def align_local(rows, out_dir, gcfg, mcfg, flush_every: int) -> None:
         write_part(out_dir, buf)
 
 
+class Aligners:
+    """Where rows get aligned: this process (--local) or Ray workers. Models load on first use and stay
+    for every later run (`ggro dpo` aligns twice with the same models); a resumed, finished job loads none."""
+
+    def __init__(self, args):
+        self.args, self.mcfg = args, None
+        self.engine = self.workers = None
+
+    def align(self, rows, out_dir, gcfg, mcfg) -> None:
+        assert self.mcfg in (None, mcfg), "one Aligners serves one ModelConfig"
+        self.mcfg = mcfg
+        if self.args.local:
+            if self.engine is None:
+                from ggro.engine import Engine
+                print(f"ggro: loading {self.mcfg.policy} and {self.mcfg.reward_model} in this process", file=sys.stderr)
+                torch_threads()
+                self.engine = Engine.load(self.mcfg)
+            align_local(self.engine, rows, out_dir, gcfg, flush_every=self.mcfg.batch_size)
+            return
+        from pipeline.ray_align import align_on_ray, start_ray_workers
+        if self.workers is None:
+            self.workers = start_ray_workers(self.mcfg, self.args)
+        align_on_ray(rows, out_dir, gcfg, self.mcfg, self.args, self.workers)
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
+
+
 def report_errors(table, show: int = 10) -> None:
     bad = [(i, e) for i, e in zip(table.column("id").to_pylist(), table.column("error").to_pylist()) if e]
     for rid, err in bad[:show]:
@@ -75,7 +102,8 @@ def report_errors(table, show: int = 10) -> None:
         print(f"... and {len(bad) - show} more rows with errors (see the `error` column)", file=sys.stderr)
 
 
-def run(args) -> int:
+def run(args, aligners: Aligners | None = None) -> int:
+    """`ggro align`; pass `aligners` to reuse models already loaded by an earlier run (same ModelConfig)."""
     if not args.output and not args.dry_run:
         fail("--output DIR is required (Parquet part files are written there)")
     try:
@@ -88,6 +116,8 @@ def run(args) -> int:
         shutil.rmtree(args.output, ignore_errors=True)
     rows = input_rows(args)
     t0 = time.perf_counter()
+    own = aligners is None
+    aligners = aligners or Aligners(args)
     try:
         from ggro.config import config_hash
         done = done_ids(args.output, config_hash(gcfg, mcfg))
@@ -95,13 +125,12 @@ def run(args) -> int:
         if done:
             print(f"resuming: {len(rows) - len(todo)} of {len(rows)} rows already in {args.output}", file=sys.stderr)
         if todo:
-            if args.local:
-                align_local(todo, args.output, gcfg, mcfg, flush_every=mcfg.batch_size)
-            else:
-                from pipeline.ray_align import align_on_ray
-                align_on_ray(todo, args.output, gcfg, mcfg, args)
+            aligners.align(todo, args.output, gcfg, mcfg)
     except (ModelLoadError, OutputConflict, ConfigError) as e:
         fail(str(e), 1)
+    finally:
+        if own:
+            aligners.close()
     table = read_output(args.output)
     wanted = {r.id for r in rows}
     table = table.filter([i in wanted for i in table.column("id").to_pylist()])

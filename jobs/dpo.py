@@ -49,13 +49,16 @@ def run(args) -> int:
         chosen_dir, rejected_dir = Path(args.chosen), Path(args.rejected)
     else:
         chosen_dir, rejected_dir = out / "aligned-ggro", out / f"aligned-{args.rejected_method}"
-        for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
-            sub = copy.copy(args)
-            sub.method, sub.output, sub.overwrite = method, str(where), False
-            print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
-            code = align.run(sub)
-            if code:
-                print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
+        aligners = align.Aligners(args)     # both methods run on the same models, loaded once
+        try:
+            for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
+                sub = copy.copy(args)
+                sub.method, sub.output, sub.overwrite = method, str(where), False
+                print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
+                if align.run(sub, aligners):
+                    print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
+        finally:
+            aligners.close()
     chosen, rejected = read_output(chosen_dir), read_output(rejected_dir)
     if chosen.num_rows == 0:
         fail(f"no aligned rows in {chosen_dir}")

@@ -164,37 +164,42 @@ def _sink(out_dir: str):
     return AtomicParquetSink()
 
 
-def align_on_ray(rows, out_dir, gcfg, mcfg, args) -> None:
-    """Align `rows` (InputRow, errors included) on Ray and add their part files to `out_dir`."""
+def start_ray_workers(mcfg, args):
+    """Connect to Ray and start the policy replicas and the reward pool (actors.cluster.Workers)."""
     from actors.cluster import start_workers
     from actors.policy import ClusterTooSmall
     from jobs.common import fail
 
-    out_dir = os.path.abspath(out_dir)
-    ray = connect(getattr(args, "address", None))
-    import ray.data
-
+    connect(getattr(args, "address", None))
     res = resources_from(args)
     try:
         workers = start_workers(mcfg, res, timeout_s=getattr(args, "ray_timeout", None) or 120)
     except ClusterTooSmall as e:
         fail(str(e), 1)
-    try:
-        in_flight = getattr(args, "in_flight", None) or 2
-        per_call = max(1, mcfg.batch_size) * in_flight
-        items = [row_to_item(r) for r in rows]
-        # one block per aligner call, built here: a repartition would need a whole-CPU task
-        ds = ray.data.from_arrow([pa.Table.from_pylist(items[i:i + per_call], schema=ROW_SCHEMA)
-                                  for i in range(0, len(items), per_call)])
-        out = ds.map_batches(
-            Aligner, batch_size=per_call, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=res.aligners),
-            num_cpus=res.aligner_cpus, max_restarts=-1, max_task_retries=-1,
-            fn_constructor_kwargs=dict(mcfg=mcfg, gcfg=gcfg, policies=workers.policies, reward=workers.reward,
-                                       context=workers.context, in_flight=in_flight))
-        out.write_datasink(_sink(str(out_dir)), ray_remote_args={"num_cpus": res.io_cpus})
-    finally:
-        workers.shutdown()
+    print(f"ggro: started {res.policy_replicas} policy replica(s) x tp {res.tp} and {res.reward_replicas} "
+          "reward actor(s) on Ray", file=sys.stderr)
+    return workers
+
+
+def align_on_ray(rows, out_dir, gcfg, mcfg, args, workers) -> None:
+    """Align `rows` (InputRow, errors included) on `workers` and add their part files to `out_dir`."""
+    import ray.data
+
+    out_dir = os.path.abspath(out_dir)
+    res = resources_from(args)
+    in_flight = getattr(args, "in_flight", None) or 2
+    per_call = max(1, mcfg.batch_size) * in_flight
+    items = [row_to_item(r) for r in rows]
+    # one block per aligner call, built here: a repartition would need a whole-CPU task
+    ds = ray.data.from_arrow([pa.Table.from_pylist(items[i:i + per_call], schema=ROW_SCHEMA)
+                              for i in range(0, len(items), per_call)])
+    out = ds.map_batches(
+        Aligner, batch_size=per_call, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=res.aligners),
+        num_cpus=res.aligner_cpus, max_restarts=-1, max_task_retries=-1,
+        fn_constructor_kwargs=dict(mcfg=mcfg, gcfg=gcfg, policies=workers.policies, reward=workers.reward,
+                                   context=workers.context, in_flight=in_flight))
+    out.write_datasink(_sink(str(out_dir)), ray_remote_args={"num_cpus": res.io_cpus})
 
 
 def read_uri_rows(uri: str):

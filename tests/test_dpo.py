@@ -54,6 +54,7 @@ def test_dpo_local_one_pass_and_join(tiny_models, tmp_path, capsys):
              "--reward-kind", "classifier", "--dtype", "float64", "--max-new-tokens", "10",
              "--num-refinements", "3", "--local", "--min-margin", "-1000"]
     assert main(flags + ["--output", str(tmp_path / "dpo")]) == 0
+    assert capsys.readouterr().err.count("ggro: loading") == 1     # both methods ran on one load
     rows = load_pairs(tmp_path / "dpo" / "pairs.parquet")
     assert sorted(r["id"] for r in rows) == ["a", "b"]      # the bad row has no pair
     assert set(rows[0]) == set(COLUMNS)

@@ -110,5 +110,6 @@ def test_ray_job_submit_align_and_dpo(ray_head, tiny_models, tmp_path):
     dpo = tmp_path / "dpo"
     log = submit(url, env, "jobs.dpo", ["--input", str(inp), "--output", str(dpo), "--min-margin", "-1000", *models])
     assert "pairs: 2 of 3 rows" in log
+    assert log.count("ggro: started 1 policy replica(s)") == 1       # both methods ran on one set of workers
     pairs = pq.read_table(dpo / "pairs.parquet")
     assert sorted(pairs.column("id").to_pylist()) == ["a", "b"]
