@@ -21,7 +21,7 @@ import math
 import os
 import struct
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ggro.config import ConfigError, GGROConfig, ModelConfig
@@ -31,8 +31,8 @@ DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 CONTEXT_OVERHEAD_GIB = 1.0      # CUDA context + allocator slack, per process on a GPU
 HEADROOM = 0.10                 # fragmentation and transient buffers, on top of weights + cache
 ACT_FACTOR = 18                 # bytes/(token*hidden*layer*dtype byte) kept for backward (SDPA, no attn matrix)
-CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py);
-                                # in-process decoders (--local, serve) cache 4 x batch_size
+CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py)
+IN_PROCESS_CACHED_BATCHES = 4   # in-process decoders (--local, serve) cache 4 x batch_size
 JUDGE_SUFFIX_TOKENS = 64        # the judge's rubric turn appended to every scored response
 DEFAULT_PARAMS = 134_515_008    # SmolLM2-135M-Instruct (tied embeddings)
 DEFAULT_SHAPE = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536,
@@ -79,12 +79,7 @@ class ModelInfo:
     context: int | None = None
     classifier: bool | None = None    # a *ForSequenceClassification checkpoint
     num_labels: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        if not (self.layers and self.kv_heads and self.head_dim):
-            return 0
-        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+    missing_weights: bool = False     # a folder with config.json but no weight files
 
 
 def _text_config(cfg: dict) -> dict:
@@ -107,11 +102,10 @@ def shapes_from_config(cfg: dict) -> dict:
     layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
     if not (hidden and heads and layers):
         return {}
-    head_dim = _first(cfg, "head_dim", default=hidden // heads)
     return dict(layers=layers, hidden=hidden, heads=heads,
                 kv_heads=_first(cfg, "num_key_value_heads", "num_kv_heads", default=heads),
-                head_dim=head_dim, intermediate=_first(cfg, "intermediate_size", "n_inner", "ffn_dim",
-                                                       default=4 * hidden),
+                head_dim=_first(cfg, "head_dim", default=hidden // heads),
+                intermediate=_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
                 vocab=_first(cfg, "vocab_size", default=0),
                 context=_first(cfg, "max_position_embeddings", "n_positions", "max_seq_len"))
 
@@ -172,16 +166,14 @@ def gguf_info(path: Path) -> ModelInfo:
     except Exception as e:  # noqa: BLE001 - any reader failure falls back to the file size
         params = int(path.stat().st_size * 8 / 4.5)   # ~4.5 bits per weight for common quants
         src = f"GGUF file size at ~4.5 bits/weight (reader failed: {e.__class__.__name__})"
-    return ModelInfo(str(path), params, src, notes=["GGUF weights are de-quantized to --dtype when loaded"])
+    return ModelInfo(str(path), params, src)
 
 
 def default_info() -> ModelInfo:
     from ggro.models import cache_dir
     cached = cache_dir() / "smollm2-135m-instruct"
     if (cached / "config.json").exists():
-        info = folder_info(cached, "default")
-        info.notes.append(f"the embedded default (cached copy in {cached})")
-        return info
+        return folder_info(cached, "default")
     return ModelInfo("default", DEFAULT_PARAMS, "known size of the embedded SmolLM2-135M-Instruct",
                      classifier=False, **DEFAULT_SHAPE)
 
@@ -200,13 +192,12 @@ def folder_info(folder: Path, spec: str) -> ModelInfo:
         params, src = counted, "safetensors headers"
     else:
         params, src = params_from_config(cfg), "config.json shapes"
+    has_weights = counted is not None or any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
     archs = cfg.get("architectures") or []
-    info = ModelInfo(spec, params, src, **shapes,
+    return ModelInfo(spec, params, src, **shapes,
                      classifier=any("SequenceClassification" in a for a in archs) if archs else None,
-                     num_labels=cfg.get("num_labels") or (len(cfg["id2label"]) if cfg.get("id2label") else None))
-    if counted is None and not any(folder.glob("*.bin")) and not any(folder.glob("*.pt")):
-        info.notes.append("no weight files in the folder (config.json only): loading it would fail")
-    return info
+                     num_labels=cfg.get("num_labels") or (len(cfg["id2label"]) if cfg.get("id2label") else None),
+                     missing_weights=not has_weights)
 
 
 def model_info(spec: str) -> ModelInfo:
@@ -245,32 +236,39 @@ class Resources:
     reward_cpus: float
     aligner_cpus: float
     aligners: int
-
     serve: bool = False     # `ggro serve`: model deployments instead of actor groups
     local: bool = False     # `--local`: policy and reward in this one process, on --device
-    cached_batches: int = CACHED_BATCHES
+
+    @property
+    def cached_batches(self) -> int:
+        return IN_PROCESS_CACHED_BATCHES if self.serve or self.local else CACHED_BATCHES
+
+    @property
+    def judge_in_policy(self) -> bool:
+        """No reward actors: the policy's own weights judge (serve, --local), so the judge's backward counts
+        against the policy's memory."""
+        return (self.serve or self.local) and self.reward_replicas == 0
 
     @classmethod
-    def from_args(cls, args, mcfg: ModelConfig) -> "Resources":
-        on_gpu = 1.0 if mcfg.device.startswith("cuda") else 0.0
-
+    def from_args(cls, args, mcfg: ModelConfig) -> Resources:
         def get(name, default):
             v = getattr(args, name, None)
             return default if v is None else v
-        shared = mcfg.reward_model == mcfg.policy and mcfg.reward_kind == "judge"
+
+        on_gpu = 1.0 if mcfg.device.startswith("cuda") else 0.0
+        self_judge = mcfg.reward_model == mcfg.policy and mcfg.reward_kind == "judge"
         if getattr(args, "local", False):
-            return cls(tp=1, policy_gpus=on_gpu, policy_replicas=1, reward_replicas=0 if shared else 1,
-                       reward_gpus=on_gpu, policy_cpus=0, reward_cpus=0, aligner_cpus=0, aligners=1, local=True,
-                       cached_batches=4)
+            return cls(tp=1, policy_gpus=on_gpu, policy_replicas=1, reward_replicas=0 if self_judge else 1,
+                       reward_gpus=on_gpu, policy_cpus=0, reward_cpus=0, aligner_cpus=0, aligners=1, local=True)
         if hasattr(args, "model_replicas") and not hasattr(args, "policy_replicas"):
             # ggro serve: --model-replicas ModelServer replicas of the policy (and of the reward unless the
             # policy is its own judge, then one deployment holds both), --replica-cpus each, one ingress.
             # With --tp > 1 the policy is a sharded rank group and a self-judge gets its own unsharded copy.
-            n, cpus, gpus = int(get("model_replicas", 1)), float(get("replica_cpus", 0.5)), float(get("replica_gpus", 0))
-            tp = int(get("tp", 1))
-            return cls(tp=tp, policy_gpus=gpus, policy_replicas=n, reward_replicas=0 if shared and tp == 1 else n,
+            n, tp = int(get("model_replicas", 1)), int(get("tp", 1))
+            cpus, gpus = float(get("replica_cpus", 0.5)), float(get("replica_gpus", 0))
+            return cls(tp=tp, policy_gpus=gpus, policy_replicas=n, reward_replicas=0 if self_judge and tp == 1 else n,
                        reward_gpus=gpus, policy_cpus=cpus, reward_cpus=cpus, aligner_cpus=0.1, aligners=1,
-                       serve=True, cached_batches=4)
+                       serve=True)
         return cls(tp=int(get("tp", 1)), policy_gpus=float(get("policy_gpus_per_replica", on_gpu)),
                    policy_replicas=int(get("policy_replicas", 1)), reward_replicas=int(get("reward_replicas", 1)),
                    reward_gpus=float(get("reward_gpus", on_gpu)), policy_cpus=float(get("policy_cpus", 1.0)),
@@ -285,7 +283,7 @@ class Cluster:
     cpus: float
     gpu_gib: float
     gpu_gib_source: str
-    memory_gib: float | None = None
+    memory_gib: float | None      # host RAM; None: unknown, so unchecked
 
     @property
     def gpus(self) -> int:
@@ -309,7 +307,7 @@ def described_cluster(args) -> Cluster:
     per = int(getattr(args, "gpus_per_node", None) or n)
     if per <= 0 and n:
         raise ConfigError("--gpus-per-node must be >= 1")
-    nodes = [per] * (n // per) + ([n % per] if per and n % per else []) if n else [0]
+    nodes = [per] * (n // per) + ([n % per] if n % per else []) if n else [0]
     cpus = getattr(args, "cluster_cpus", None) or max(8.0, 8.0 * n)
     gib, src = gpu_gib(args)
     return Cluster(f"described: {n} GPUs" + (f", {per} per node" if n else ""), nodes, float(cpus), gib, src,
@@ -361,10 +359,12 @@ def this_machine(args) -> Cluster:
 
 
 def find_cluster(args) -> Cluster:
+    """The described cluster, else the Ray cluster at --address / RAY_ADDRESS (never for --local, which runs
+    in this process), else this machine."""
     if getattr(args, "cluster_gpus", None) is not None:
         return described_cluster(args)
     address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and not getattr(args, "local", False):
         return connected_cluster(args, address)
     return this_machine(args)
 
@@ -373,45 +373,36 @@ def find_cluster(args) -> Cluster:
 # the plan
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class Actor:
+class Group:
+    """Actors Ray places on one node together: a policy replica's tp ranks (STRICT_PACK) or one reward actor."""
     name: str
-    gpu: float          # fraction of one device
-    gib: float          # memory on that device (or host RAM when gpu == 0)
-    replica: int | None = None
+    size: int
+    gpu: float              # per actor: fraction of one device
+    mem_bytes: float        # per actor: memory on that device
 
 
-def place(actors: list[Actor], cluster: Cluster, tp: int) -> tuple[list[list[float]], list[str]]:
-    """First-fit placement like Ray's: a policy replica's ranks on one node (STRICT_PACK), reward actors
-    anywhere. Returns the memory used on every GPU (per node) and what could not be placed."""
-    free = [[1.0] * n for n in cluster.node_gpus]
-    used = [[0.0] * n for n in cluster.node_gpus]
+def place(groups: list[Group], node_gpus: list[int]) -> tuple[list[list[float]], list[str]]:
+    """First-fit placement like Ray's, for the groups that ask for GPUs. Returns the bytes used on every
+    GPU (per node) and the names of the groups that could not be placed."""
+    free = [[1.0] * n for n in node_gpus]      # unreserved fraction of every GPU
+    used = [[0.0] * n for n in node_gpus]
     unplaced = []
-    eps = 1e-9
-
-    def fit_group(group: list[Actor]) -> bool:
-        for node in range(len(free)):
-            trial = list(free[node])
-            spots = []
-            for a in group:
-                g = next((i for i in range(len(trial)) if trial[i] + eps >= a.gpu), None)
-                if g is None:
+    for group in (g for g in groups if g.gpu > 0):
+        for node, room in enumerate(free):
+            trial, spots = list(room), []
+            for _ in range(group.size):
+                gpu = next((i for i, r in enumerate(trial) if r + 1e-9 >= group.gpu), None)
+                if gpu is None:
                     break
-                trial[g] -= a.gpu
-                spots.append(g)
-            else:
+                trial[gpu] -= group.gpu
+                spots.append(gpu)
+            else:   # every actor of the group found room on this node
                 free[node] = trial
-                for a, g in zip(group, spots):
-                    used[node][g] += a.gib
-                return True
-        return False
-
-    groups: dict = {}
-    for a in actors:
-        if a.gpu > 0:
-            groups.setdefault((a.name, a.replica), []).append(a)
-    for (name, rep), group in groups.items():
-        if not fit_group(group):
-            unplaced.append(f"{name} {rep}" if rep is not None else name)
+                for gpu in spots:
+                    used[node][gpu] += group.mem_bytes
+                break
+        else:       # no node had room for the whole group
+            unplaced.append(group.name)
     return used, unplaced
 
 
@@ -430,15 +421,16 @@ def _params(n: int) -> str:
 
 @dataclass
 class Estimate:
-    policy_rank_gib: float
-    reward_actor_gib: float
-    lines: list[str]
+    policy_rank_bytes: float
+    reward_actor_bytes: float
+    lines: list[str]        # how each was reached: the policy's, then the reward's
 
 
 def estimate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mcfg: ModelConfig,
              prompt_tokens: int, tp: int | None = None, dtype: str | None = None,
              batch_size: int | None = None) -> Estimate:
-    """The memory rule of thumb (see the module docstring), per policy rank and per reward actor."""
+    """The memory rule of thumb (see the module docstring), per policy rank and per reward actor.
+    tp, dtype and batch_size override the job's, to try fixes."""
     tp = tp or res.tp
     db = DTYPE_BYTES[dtype or mcfg.dtype]
     bs = batch_size or mcfg.batch_size
@@ -446,7 +438,8 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     seq = prompt_tokens + gcfg.max_new_tokens
     kv_seqs = bs * (res.cached_batches + 1)     # the rank's bounded prefix cache + the live (padded) decode batch
     weights = pol.params * db
-    kv = kv_seqs * seq * pol.kv_bytes_per_token(db)
+    kv_per_token = 2 * (pol.layers or 0) * (pol.kv_heads or 0) * (pol.head_dim or 0) * db    # K and V
+    kv = kv_seqs * seq * kv_per_token
     policy_rank = (weights + kv) / tp * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if on_gpu else 0)
 
     rm_seq = seq + (JUDGE_SUFFIX_TOKENS if mcfg.reward_kind == "judge" else 0)
@@ -454,16 +447,16 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     rm_w = rm.params * db
     act = ACT_FACTOR * per_call * rm_seq * (rm.hidden or 0) * (rm.layers or 0) * db
     reward_actor = (rm_w + act) * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if res.reward_gpus > 0 else 0)
-    shared = (res.serve or res.local) and res.reward_replicas == 0   # one model is policy and judge
-    if shared:
+    if res.judge_in_policy:
         policy_rank += act * (1 + HEADROOM)
     lines = [
         f"policy weights {_gib(weights)} ({_params(pol.params)} x {db} B), KV cache {_gib(kv)} "
         f"({kv_seqs} seqs x {seq} tokens), /tp {tp}"
-        + (f", judge backward activations {_gib(act)} ({per_call} seqs x {rm_seq} tokens)" if shared else "")
+        + (f", judge backward activations {_gib(act)} ({per_call} seqs x {rm_seq} tokens)"
+           if res.judge_in_policy else "")
         + f", +{HEADROOM:.0%}"
         + (f" +{CONTEXT_OVERHEAD_GIB:g} GiB CUDA context" if on_gpu else "")
-        + f" = {_gib(policy_rank)} per {'replica' if shared else 'rank'}",
+        + f" = {_gib(policy_rank)} per {'replica' if res.judge_in_policy else 'rank'}",
         f"reward weights {_gib(rm_w)} ({_params(rm.params)} x {db} B), backward activations {_gib(act)} "
         f"({per_call} seqs x {rm_seq} tokens), +{HEADROOM:.0%}"
         + (f" +{CONTEXT_OVERHEAD_GIB:g} GiB CUDA context" if res.reward_gpus > 0 else "")
@@ -481,18 +474,19 @@ def validate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
         errors.append("--tp must be >= 1")
     for name, v in (("--policy-replicas", res.policy_replicas), ("--reward-replicas", res.reward_replicas),
                     ("--aligners", res.aligners)):
-        if v < (0 if (res.serve or res.local) and name == "--reward-replicas" else 1):
+        least = 0 if name == "--reward-replicas" and (res.serve or res.local) else 1   # 0: the policy is the judge
+        if v < least:
             errors.append(f"{name} must be >= 1")
     for name, v in (("--policy-gpus-per-replica", res.policy_gpus), ("--reward-gpus", res.reward_gpus),
                     ("--policy-cpus", res.policy_cpus), ("--reward-cpus", res.reward_cpus),
                     ("--aligner-cpus", res.aligner_cpus)):
         if v < 0:
             errors.append(f"{name} must be >= 0")
-    if res.serve and cuda and res.policy_gpus == 0:
+    if cuda and res.policy_gpus == 0:
         errors.append("--device cuda, but ggro serve's model deployments request no GPUs from Ray (only "
-                      "--replica-cpus), so no CUDA device would be visible in them: serve with --device cpu")
-    elif cuda and res.policy_gpus == 0:
-        errors.append("--device cuda but --policy-gpus-per-replica 0: policy ranks would get no GPU from Ray "
+                      "--replica-cpus), so no CUDA device would be visible in them: serve with --device cpu"
+                      if res.serve else
+                      "--device cuda but --policy-gpus-per-replica 0: policy ranks would get no GPU from Ray "
                       "(pass --policy-gpus-per-replica 1)")
     if not cuda and res.policy_gpus > 0:
         errors.append(f"--policy-gpus-per-replica {res.policy_gpus:g} with --device {mcfg.device}: the GPUs "
@@ -533,65 +527,58 @@ def validate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     if pol.context and prompt_tokens + gcfg.max_new_tokens > pol.context:
         warns.append(f"prompt ({prompt_tokens}) + --max-new-tokens ({gcfg.max_new_tokens}) exceeds the "
                      f"policy's context window {pol.context}: long prompts are rejected per row")
-    for m in {id(pol): pol, id(rm): rm}.values():
-        for n in m.notes:
-            if "loading it would fail" in n:
-                warns.append(f"{m.spec}: {n}")
+    for m in (pol,) if rm is pol else (pol, rm):
+        if m.missing_weights:
+            warns.append(f"{m.spec}: no weight files in the folder (config.json only): loading it would fail")
     return errors, warns
 
 
-def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
+def plan(args, gcfg: GGROConfig, mcfg: ModelConfig) -> int:
     prompt_tokens = int(getattr(args, "plan_prompt_tokens", None) or 512)
     pol = model_info(mcfg.policy)
     rm = pol if mcfg.reward_model == mcfg.policy else model_info(mcfg.reward_model)
     res = Resources.from_args(args, mcfg)
     errors, warns = validate(pol, rm, res, gcfg, mcfg, prompt_tokens)
 
-    def say(s=""):
-        print(s, file=out or sys.stdout)
-
     name = getattr(args, "command", None) or ("serve" if res.serve else "align")
-    say(f"ggro {name} --dry-run: resource plan (no weights loaded)")
+    print(f"ggro {name} --dry-run: resource plan (no weights loaded)")
     for role, m in (("policy", pol), ("reward", rm)):
         shape = (f", {m.layers} layers, hidden {m.hidden}, {m.heads} heads / {m.kv_heads} KV"
                  if m.layers else "")
-        say(f"  {role:<7} {m.spec}: {_params(m.params)} params ({m.source}{shape})"
-            + (" [same model as the policy]" if role == "reward" and rm is pol else ""))
-    say(f"  method {gcfg.method}, dtype {mcfg.dtype}, device {mcfg.device}, batch {mcfg.batch_size}, "
-        f"max_new_tokens {gcfg.max_new_tokens}, prompt ~{prompt_tokens} tokens (--plan-prompt-tokens)")
+        print(f"  {role:<7} {m.spec}: {_params(m.params)} params ({m.source}{shape})"
+              + (" [same model as the policy]" if role == "reward" and rm is pol else ""))
+    print(f"  method {gcfg.method}, dtype {mcfg.dtype}, device {mcfg.device}, batch {mcfg.batch_size}, "
+          f"max_new_tokens {gcfg.max_new_tokens}, prompt ~{prompt_tokens} tokens (--plan-prompt-tokens)")
     if errors:
-        say("\nINVALID configuration:")
+        print("\nINVALID configuration:")
         for e in errors:
-            say(f"  - {e}")
+            print(f"  - {e}")
         return 2
     if res.local:
-        return _plan_local(args, pol, rm, res, gcfg, mcfg, prompt_tokens, warns, say)
+        return _plan_local(args, pol, rm, res, gcfg, mcfg, prompt_tokens, warns)
     cluster = find_cluster(args)
     est = estimate(pol, rm, res, gcfg, mcfg, prompt_tokens)
     pol_gpus = res.policy_replicas * res.tp * res.policy_gpus
     rm_gpus = res.reward_replicas * res.reward_gpus
     cpus = (res.policy_replicas * res.tp * res.policy_cpus + res.reward_replicas * res.reward_cpus
             + res.aligners * res.aligner_cpus)
-    say("\nplan:")
-    say(f"  policy  {res.policy_replicas} replica(s) x tp {res.tp} rank(s) x {res.policy_gpus:g} GPU = "
-        f"{pol_gpus:g} GPUs, {res.policy_cpus:g} CPU per rank")
-    if res.serve and res.reward_replicas == 0:
-        say("  reward  the policy replicas themselves (judge on shared weights; their backward is counted there)")
+    print("\nplan:")
+    print(f"  policy  {res.policy_replicas} replica(s) x tp {res.tp} rank(s) x {res.policy_gpus:g} GPU = "
+          f"{pol_gpus:g} GPUs, {res.policy_cpus:g} CPU per rank")
+    if res.judge_in_policy:
+        print("  reward  the policy replicas themselves (judge on shared weights; their backward is counted there)")
     else:
-        say(f"  reward  {res.reward_replicas} actor(s) x {res.reward_gpus:g} GPU = {rm_gpus:g} GPUs, "
-            f"{res.reward_cpus:g} CPU each (unsharded: the RM needs input gradients)")
-    say(f"  {'ingress' if res.serve else 'aligner'} {res.aligners} actor(s) x {res.aligner_cpus:g} CPU")
-    say(f"  total   {pol_gpus + rm_gpus:g} GPUs, {cpus:g} CPUs")
-    say("memory (rule of thumb):")
+        print(f"  reward  {res.reward_replicas} actor(s) x {res.reward_gpus:g} GPU = {rm_gpus:g} GPUs, "
+              f"{res.reward_cpus:g} CPU each (unsharded: the RM needs input gradients)")
+    print(f"  {'ingress' if res.serve else 'aligner'} {res.aligners} actor(s) x {res.aligner_cpus:g} CPU")
+    print(f"  total   {pol_gpus + rm_gpus:g} GPUs, {cpus:g} CPUs")
+    print("memory (rule of thumb):")
     for line in est.lines:
-        say(f"  {line}")
-    say(f"\ncluster: {cluster.source}: {cluster.gpus} GPUs on {len(cluster.node_gpus)} node(s) "
-        f"{cluster.node_gpus}, {cluster.cpus:g} CPUs, {cluster.gpu_gib:g} GiB per GPU ({cluster.gpu_gib_source})")
+        print(f"  {line}")
+    print(f"\ncluster: {cluster.source}: {cluster.gpus} GPUs on {len(cluster.node_gpus)} node(s) "
+          f"{cluster.node_gpus}, {cluster.cpus:g} CPUs, {cluster.gpu_gib:g} GiB per GPU ({cluster.gpu_gib_source})")
 
     problems: list[tuple[str, str]] = []     # (reason, what to change)
-    actors = [Actor("policy replica", res.policy_gpus, est.policy_rank_gib, r)
-              for r in range(res.policy_replicas) for _ in range(res.tp)]
-    actors += [Actor("reward actor", res.reward_gpus, est.reward_actor_gib, r) for r in range(res.reward_replicas)]
     group_gpus = res.tp * res.policy_gpus
     max_node = max(cluster.node_gpus)
     if pol_gpus + rm_gpus > cluster.gpus + 1e-9:
@@ -608,23 +595,29 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
                          f"but the largest node has {max_node}",
                          f"--tp {max(1, int(max_node // max(res.policy_gpus, 1e-9)))} or nodes with >= "
                          f"{math.ceil(group_gpus)} GPUs"))
-    used, unplaced = place(actors, cluster, res.tp)
+    groups = [Group(f"policy replica {r}", res.tp, res.policy_gpus, est.policy_rank_bytes)
+              for r in range(res.policy_replicas)]
+    groups += [Group(f"reward actor {r}", 1, res.reward_gpus, est.reward_actor_bytes)
+               for r in range(res.reward_replicas)]
+    used, unplaced = place(groups, cluster.node_gpus)
     if unplaced and not problems:
         problems.append((f"could not place {', '.join(unplaced)} on the nodes {cluster.node_gpus}",
                          "fewer replicas or more GPUs per node"))
     worst = max((m for node in used for m in node), default=0.0)
     if res.policy_gpus > 0 or res.reward_gpus > 0:
-        say(f"  most loaded GPU: {_gib(worst)} of {cluster.gpu_gib:g} GiB")
+        print(f"  most loaded GPU: {_gib(worst)} of {cluster.gpu_gib:g} GiB")
     cap = cluster.gpu_gib * GiB
-    for role, frac, each in (("policy", res.policy_gpus, est.policy_rank_gib),
-                             ("reward", res.reward_gpus if res.reward_replicas else 0, est.reward_actor_gib)):
+    role_too_big = False
+    for role, frac, each in (("policy", res.policy_gpus, est.policy_rank_bytes),
+                             ("reward", res.reward_gpus if res.reward_replicas else 0, est.reward_actor_bytes)):
         if frac <= 0:
             continue
         per_gpu = each * share_of(frac)   # fractional GPUs: Ray may pack 1/frac of them on one device
         if per_gpu > cap:
+            role_too_big = True
             problems.append((f"{role}: {_gib(per_gpu)} per GPU exceeds {cluster.gpu_gib:g} GiB",
                              _memory_fix(pol, rm, res, gcfg, mcfg, prompt_tokens, cluster, role)))
-    if worst > cap and not any(r.startswith(("policy:", "reward:")) for r, _ in problems):
+    if worst > cap and not role_too_big:
         problems.append((f"actors sharing a GPU need {_gib(worst)} > {cluster.gpu_gib:g} GiB",
                          "whole GPUs per actor (--replica-gpus 1)" if res.serve else
                          "whole GPUs per actor (--policy-gpus-per-replica 1 --reward-gpus 1)"))
@@ -632,47 +625,87 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig, out=None) -> int:
         problems.append((f"needs {cpus:g} CPUs, the cluster has {cluster.cpus:g}",
                          "smaller --policy-cpus / --reward-cpus / --aligner-cpus (fractions are fine) "
                          "or fewer --aligners"))
-    host = (res.policy_replicas * res.tp * est.policy_rank_gib if res.policy_gpus == 0 else 0) + \
-        (res.reward_replicas * est.reward_actor_gib if res.reward_gpus == 0 else 0)
+    host = ((res.policy_replicas * res.tp * est.policy_rank_bytes if res.policy_gpus == 0 else 0)
+            + (res.reward_replicas * est.reward_actor_bytes if res.reward_gpus == 0 else 0))
     # GPU tp > 1 ranks load the whole model on the host before sharding it; replicas start one at a time
     load = res.tp * pol.params * DTYPE_BYTES[mcfg.dtype] if res.policy_gpus > 0 and res.tp > 1 else 0
     if host or load:
-        what = " + ".join(([f"{_gib(host)} for CPU actors"] if host else []) +
-                          ([f"{_gib(load)} while a replica's {res.tp} GPU ranks load the policy"] if load else []))
-        say(f"  host RAM: {_gib(host + load)}" + (f" of {cluster.memory_gib:.1f} GiB" if cluster.memory_gib
-                                                     else " (unchecked)") + f": {what}")
+        parts = []
+        if host:
+            parts.append(f"{_gib(host)} for CPU actors")
+        if load:
+            parts.append(f"{_gib(load)} while a replica's {res.tp} GPU ranks load the policy")
+        what = " + ".join(parts)
+        print(f"  host RAM: {_gib(host + load)}" + (f" of {cluster.memory_gib:.1f} GiB" if cluster.memory_gib
+                                                      else " (unchecked)") + f": {what}")
         if cluster.memory_gib and host + load > cluster.memory_gib * GiB:
             problems.append((f"{_gib(host + load)} of host RAM needed ({what}), the cluster has "
                              f"{cluster.memory_gib:.1f} GiB",
                              "fewer replicas, a smaller --batch-size, or GPUs (--device cuda)" if host > load else
                              "nodes with more RAM (each tp rank holds a full copy until it is sharded)"))
-    return verdict(say, warns, problems, "the cluster can hold this plan.")
+    return verdict(warns, problems, "the cluster can hold this plan.")
 
 
-def verdict(say, warns: list[str], problems: list[tuple[str, str]], fits: str) -> int:
+def _plan_local(args, pol, rm, res, gcfg, mcfg, prompt_tokens, warns) -> int:
+    """`--local`: one process holds the policy and the reward model (shared when the policy is the judge)."""
+    est = estimate(pol, rm, res, gcfg, mcfg, prompt_tokens)
+    need = est.policy_rank_bytes
+    if not res.judge_in_policy:     # the reward model shares the process's one CUDA context
+        need += est.reward_actor_bytes - (CONTEXT_OVERHEAD_GIB * GiB if res.policy_gpus > 0 else 0)
+    print("\nplan (--local: this process, no Ray):")
+    print(f"  policy{' + judge (shared weights)' if res.judge_in_policy else ' + reward model'} on {mcfg.device}")
+    print("memory (rule of thumb):")
+    for line in est.lines[:1] if res.judge_in_policy else est.lines:
+        print(f"  {line}")
+    print(f"  total {_gib(need)}")
+    machine = find_cluster(args)
+    problems = []
+    if res.policy_gpus > 0:
+        print(f"\ndevice: {machine.gpu_gib:g} GiB GPU ({machine.gpu_gib_source}); "
+              f"{machine.gpus} GPU(s) {machine.source}")
+        if machine.gpus < 1:
+            problems.append(("--device cuda but no GPU here", "--device cpu, or run on a GPU machine"))
+        elif need > machine.gpu_gib * GiB:
+            fix = []
+            if mcfg.dtype in ("float32", "float64"):
+                fix.append("--dtype bfloat16")
+            fix.append("a smaller --batch-size, or the Ray mode (no --local) with --tp > 1 and reward actors "
+                       "on their own GPUs")
+            problems.append((f"{_gib(need)} exceeds the {machine.gpu_gib:g} GiB GPU", " or ".join(fix)))
+    else:
+        print(f"\nhost: {machine.cpus:g} CPUs, "
+              + (f"{machine.memory_gib:.1f} GiB RAM" if machine.memory_gib else "RAM unknown"))
+        if machine.memory_gib and need > machine.memory_gib * GiB:
+            problems.append((f"{_gib(need)} exceeds the host's {machine.memory_gib:.1f} GiB RAM",
+                             "a smaller --batch-size or model, or the Ray mode on a cluster"))
+    return verdict(warns, problems, "this machine can run it.")
+
+
+def verdict(warns: list[str], problems: list[tuple[str, str]], fits: str) -> int:
     """Print warnings and either the problems with their fixes (exit 1) or FITS (exit 0)."""
     if warns:
-        say("warnings:")
+        print("warnings:")
         for w in warns:
-            say(f"  - {w}")
+            print(f"  - {w}")
     if problems:
-        say("\nDOES NOT FIT:")
+        print("\nDOES NOT FIT:")
         for reason, fix in problems:
-            say(f"  - {reason}\n    change: {fix}")
+            print(f"  - {reason}\n    change: {fix}")
         return 1
-    say(f"\nFITS: {fits}")
+    print(f"\nFITS: {fits}")
     return 0
 
 
 def _memory_fix(pol, rm, res, gcfg, mcfg, prompt_tokens, cluster, role) -> str:
     """The smallest changes that bring one role under the GPU memory, tried in order."""
-    cap = cluster.gpu_gib * GiB
-    frac = res.policy_gpus if role == "policy" else res.reward_gpus
-    share = share_of(frac)
+    share = share_of(res.policy_gpus if role == "policy" else res.reward_gpus)
 
-    def fits(**kw) -> bool:
-        e = estimate(pol, rm, res, gcfg, mcfg, prompt_tokens, **kw)
-        return (e.policy_rank_gib if role == "policy" else e.reward_actor_gib) * share <= cap
+    def need(**overrides) -> float:
+        e = estimate(pol, rm, res, gcfg, mcfg, prompt_tokens, **overrides)
+        return (e.policy_rank_bytes if role == "policy" else e.reward_actor_bytes) * share
+
+    def fits(**overrides) -> bool:
+        return need(**overrides) <= cluster.gpu_gib * GiB
 
     fixes = []
     if share > 1:
@@ -690,9 +723,7 @@ def _memory_fix(pol, rm, res, gcfg, mcfg, prompt_tokens, cluster, role) -> str:
     if bs:
         fixes.append(f"--batch-size {bs}")
     if not fixes:
-        need = (estimate(pol, rm, res, gcfg, mcfg, prompt_tokens).policy_rank_gib if role == "policy"
-                else estimate(pol, rm, res, gcfg, mcfg, prompt_tokens).reward_actor_gib) * share
-        fixes.append(f"GPUs with >= {math.ceil(need / GiB)} GiB"
+        fixes.append(f"GPUs with >= {math.ceil(need() / GiB)} GiB"
                      + (" (the reward model runs unsharded: it needs input gradients, which AutoTP cannot give)"
                         if role == "reward" else ""))
     return " or ".join(fixes)
@@ -716,37 +747,3 @@ def dry_run_args(args) -> int:
         print(f"ggro: error: {e}", file=sys.stderr)
         return 2
     return dry_run(args, gcfg, mcfg)
-
-
-def _plan_local(args, pol, rm, res, gcfg, mcfg, prompt_tokens, warns, say) -> int:
-    """`--local`: one process holds the policy and the reward model (shared when the policy is the judge)."""
-    est = estimate(pol, rm, res, gcfg, mcfg, prompt_tokens)
-    ctx = CONTEXT_OVERHEAD_GIB * GiB if res.policy_gpus > 0 else 0
-    need = est.policy_rank_gib + (est.reward_actor_gib - ctx if res.reward_replicas else 0)   # one CUDA context
-    say("\nplan (--local: this process, no Ray):")
-    say(f"  policy{' + judge (shared weights)' if not res.reward_replicas else ' + reward model'} on {mcfg.device}")
-    say("memory (rule of thumb):")
-    for line in est.lines[:1 if not res.reward_replicas else 2]:
-        say(f"  {line}")
-    say(f"  total {_gib(need)}")
-    machine = described_cluster(args) if getattr(args, "cluster_gpus", None) is not None else this_machine(args)
-    problems = []
-    if res.policy_gpus > 0:
-        cap = machine.gpu_gib * GiB
-        say(f"\ndevice: {machine.gpu_gib:g} GiB GPU ({machine.gpu_gib_source}); {machine.gpus} GPU(s) {machine.source}")
-        if machine.gpus < 1:
-            problems.append(("--device cuda but no GPU here", "--device cpu, or run on a GPU machine"))
-        elif need > cap:
-            fix = []
-            if mcfg.dtype in ("float32", "float64"):
-                fix.append("--dtype bfloat16")
-            fix.append("a smaller --batch-size, or the Ray mode (no --local) with --tp > 1 and reward actors "
-                       "on their own GPUs")
-            problems.append((f"{_gib(need)} exceeds the {machine.gpu_gib:g} GiB GPU", " or ".join(fix)))
-    else:
-        say(f"\nhost: {machine.cpus:g} CPUs, "
-            + (f"{machine.memory_gib:.1f} GiB RAM" if machine.memory_gib else "RAM unknown"))
-        if machine.memory_gib and need > machine.memory_gib * GiB:
-            problems.append((f"{_gib(need)} exceeds the host's {machine.memory_gib:.1f} GiB RAM",
-                             "a smaller --batch-size or model, or the Ray mode on a cluster"))
-    return verdict(say, warns, problems, "this machine can run it.")
