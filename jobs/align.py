@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 
@@ -14,13 +13,14 @@ from ggro.models import ModelLoadError
 from ggro.rows import dedupe, read_rows
 from jobs.common import add_engine_args, example_prompts, fail, resolve_args, torch_threads, module_main
 from jobs.plan import add_plan_args, dry_run
-from pipeline.output import OutputConflict, Summary, done_ids, read_output, write_part
+from pipeline.output import OutputError, Summary, done_ids, prepare_output, read_output, write_part
 
 
 def add_io_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="JSONL or Parquet file (or folder) of rows with `prompt` or `messages`, "
                    "optional `id` and `prefill` [the bundled example prompts]")
-    p.add_argument("--output", help="output folder for Parquet part files (rerun to resume)")
+    p.add_argument("--output", help="output folder for Parquet part files (rerun to resume): a path on storage "
+                   "every Ray node sees, or a pyarrow filesystem URI (s3://bucket/dir, gs://..., file://...)")
     p.add_argument("--limit", type=int, help="only the first N input rows")
     p.add_argument("--overwrite", action="store_true", help="empty --output first instead of resuming")
     p.add_argument("--local", action="store_true", help="run in this process instead of on Ray")
@@ -112,21 +112,20 @@ def run(args, aligners: Aligners | None = None) -> int:
         fail(str(e))
     if args.dry_run:
         return dry_run(args, gcfg, mcfg)
-    if args.overwrite:
-        shutil.rmtree(args.output, ignore_errors=True)
     rows = input_rows(args)
     t0 = time.perf_counter()
     own = aligners is None
     aligners = aligners or Aligners(args)
     try:
         from ggro.config import config_hash
+        prepare_output(args.output, args.overwrite)
         done = done_ids(args.output, config_hash(gcfg, mcfg))
         todo = [r for r in rows if r.id not in done]
         if done:
             print(f"resuming: {len(rows) - len(todo)} of {len(rows)} rows already in {args.output}", file=sys.stderr)
         if todo:
             aligners.align(todo, args.output, gcfg, mcfg)
-    except (ModelLoadError, OutputConflict, ConfigError) as e:
+    except (ModelLoadError, OutputError, ConfigError) as e:
         fail(str(e), 1)
     finally:
         if own:

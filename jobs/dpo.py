@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 from jobs import align
 from jobs.common import fail, module_main
@@ -29,26 +28,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from pipeline.dpo import build_pairs
-    from pipeline.output import read_output
-    import pyarrow.parquet as pq
+    from pipeline.output import OutputError, child, prepare_output, read_output, write_file
 
     if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both
         from jobs.plan import dry_run_args
         return dry_run_args(args)
     if not args.output:
         fail("--output DIR is required")
-    out = Path(args.output)
+    out = args.output
     if bool(args.chosen) != bool(args.rejected):
         fail("give both --chosen and --rejected (join mode), or neither (align both now)")
     if args.method not in (None, "ggro"):
         fail("--method is the chosen side and must be ggro; pick the baseline with --rejected-method")
-    if args.overwrite and out.exists():
-        import shutil
-        shutil.rmtree(out)
+    try:
+        prepare_output(out, args.overwrite)
+    except OutputError as e:
+        fail(str(e), 1)
     if args.chosen:
-        chosen_dir, rejected_dir = Path(args.chosen), Path(args.rejected)
+        chosen_dir, rejected_dir = args.chosen, args.rejected
     else:
-        chosen_dir, rejected_dir = out / "aligned-ggro", out / f"aligned-{args.rejected_method}"
+        chosen_dir, rejected_dir = child(out, "aligned-ggro"), child(out, f"aligned-{args.rejected_method}")
         aligners = align.Aligners(args)     # both methods run on the same models, loaded once
         try:
             for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
@@ -63,12 +62,8 @@ def run(args) -> int:
     if chosen.num_rows == 0:
         fail(f"no aligned rows in {chosen_dir}")
     pairs, stats = build_pairs(chosen, rejected, args.min_margin)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "pairs.parquet"
-    tmp = out / ".pairs.parquet.tmp"
-    pq.write_table(pairs, tmp)
-    tmp.rename(target)
-    print(f"wrote {target}\n{stats.render()}")
+    write_file(out, "pairs.parquet", pairs)
+    print(f"wrote {child(out, 'pairs.parquet')}\n{stats.render()}")
     return 0
 
 

@@ -1,26 +1,67 @@
-"""Output folders: Parquet part files, resume by id, and the end-of-run summary. No Ray here."""
+"""Output folders (local or any pyarrow filesystem URI): Parquet part files, resume by id, and the
+end-of-run summary. No Ray here."""
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from ggro.schema import OUTPUT_SCHEMA, to_table
 
 
-class OutputConflict(RuntimeError):
+class OutputError(RuntimeError):
+    """--output cannot be used; the message names it and says why."""
+
+
+class OutputConflict(OutputError):
     pass
 
 
+def output_uri(out_dir: str | Path) -> str:
+    """A local path made absolute (Ray workers run elsewhere), or a URI any pyarrow filesystem accepts
+    (s3://, gs://, hdfs://, file://; options such as ?endpoint_override=... are kept)."""
+    s = str(out_dir)
+    return s if "://" in s else os.path.abspath(s)
+
+
+def output_fs(out_dir: str | Path) -> tuple[pafs.FileSystem, str]:
+    s = output_uri(out_dir)
+    return pafs.FileSystem.from_uri(s) if "://" in s else (pafs.LocalFileSystem(), s)
+
+
+def child(out_dir: str | Path, name: str) -> str:
+    """out_dir/name, keeping a URI's scheme, credentials and query options."""
+    u = urlsplit(output_uri(out_dir))
+    return urlunsplit(u._replace(path=u.path.rstrip("/") + "/" + name))
+
+
+def prepare_output(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Create --output (emptied first with overwrite) before any work, so a missing bucket or a
+    read-only path fails the job at once rather than when the first rows are written."""
+    try:
+        fs, path = output_fs(out_dir)
+        if overwrite:
+            fs.delete_dir_contents(path, missing_dir_ok=True)
+        fs.create_dir(path, recursive=True)
+    except (OSError, ValueError) as e:   # pyarrow raises OSError subclasses; bad URIs ValueError
+        raise OutputError(f"cannot write --output {out_dir}: {e}") from None
+
+
 def read_output(out_dir: str | Path) -> pa.Table:
-    files = sorted(Path(out_dir).glob("*.parquet")) if Path(out_dir).is_dir() else []
+    fs, path = output_fs(out_dir)
+    files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                   if f.type == pafs.FileType.File and f.base_name.endswith(".parquet"))
     if not files:
         return OUTPUT_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for f in files])
+    return pa.concat_tables([pq.read_table(f, filesystem=fs).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
+                             for f in files])
 
 
 def done_ids(out_dir: str | Path, config_hash: str) -> set[str]:
@@ -36,15 +77,19 @@ def done_ids(out_dir: str | Path, config_hash: str) -> set[str]:
     return set(t.column("id").to_pylist())
 
 
-def write_part(out_dir: str | Path, records: list[dict]) -> Path:
-    """Write one part file atomically, so an interrupted run leaves only whole parts behind."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-    tmp = out / f".{name}.tmp"
-    pq.write_table(to_table(records), tmp)
-    tmp.rename(out / name)
-    return out / name
+def write_file(out_dir: str | Path, name: str, table: pa.Table) -> str:
+    """Write out_dir/name whole or not at all (a hidden tmp file, then a move), so an interrupted run
+    leaves only whole files behind and resume never reads half a part."""
+    fs, path = output_fs(out_dir)
+    fs.create_dir(path, recursive=True)
+    tmp, final = f"{path}/.{name}.tmp", f"{path}/{name}"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, final)
+    return final
+
+
+def write_part(out_dir: str | Path, records: list[dict]) -> str:
+    return write_file(out_dir, f"part-{uuid.uuid4().hex[:12]}.parquet", to_table(records))
 
 
 @dataclass

@@ -5,7 +5,8 @@
                            (tp rank actors), its Reward the reward pool. Each Aligner call splits its
                            batch into `--in-flight` sub-batches run in threads, so one sub-batch's RM
                            call overlaps another's policy decode.
-         ──write_datasink(AtomicParquetSink)──> OUTPUT_SCHEMA part files (tmp + rename, like --local)
+         ──write_datasink(AtomicParquetSink)──> OUTPUT_SCHEMA part files (tmp + move, like --local),
+                                                 on a shared path or any pyarrow URI (s3://, gs://)
 
 Resume is the local mode's: `jobs.align` skips ids already in --output (pipeline.output.done_ids)
 before calling `align_on_ray`; parts are only ever whole files, so a killed job leaves whole parts.
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 
 from ggro.schema import OUTPUT_SCHEMA, output_record, to_table
-from pipeline.output import write_part
+from pipeline.output import output_uri, write_part
 
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -150,7 +151,7 @@ def _sink(out_dir: str):
     from ray.data import Datasink
 
     class AtomicParquetSink(Datasink):
-        """Whole OUTPUT_SCHEMA part files only (tmp + rename): a killed job never leaves half a file."""
+        """Whole OUTPUT_SCHEMA part files only (tmp + move): a killed job never leaves half a file."""
 
         def write(self, blocks, ctx):
             for block in blocks:
@@ -185,7 +186,7 @@ def align_on_ray(rows, out_dir, gcfg, mcfg, args, workers) -> None:
     """Align `rows` (InputRow, errors included) on `workers` and add their part files to `out_dir`."""
     import ray.data
 
-    out_dir = os.path.abspath(out_dir)
+    out_dir = output_uri(out_dir)      # the sink's write tasks run on other nodes, in other folders
     res = resources_from(args)
     in_flight = getattr(args, "in_flight", None) or 2
     per_call = max(1, mcfg.batch_size) * in_flight

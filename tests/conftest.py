@@ -81,6 +81,22 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 HTTP endpoint on loopback (moto's server) with one bucket. `s3(path)` is a URI that
+    carries the endpoint and credentials itself, so Ray workers started before this fixture reach it too."""
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs as pafs
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    opts = f"endpoint_override=http://127.0.0.1:{port}&scheme=http&region=us-east-1"
+    filesystem, _ = pafs.FileSystem.from_uri(f"s3://test:test@ggro-test?{opts}&allow_bucket_creation=true")
+    filesystem.create_dir("ggro-test")
+    yield lambda path, bucket="ggro-test": f"s3://test:test@{bucket}/{path}?{opts}"
+    server.stop()
+
+
 def has_gpu() -> bool:
     return torch.cuda.is_available()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-import pytest
 
 from ggro.schema import to_table
 from pipeline.dpo import DPO_SCHEMA, build_pairs

@@ -1,4 +1,4 @@
-"""`ggro align` on Ray: equals --local row for row, bad rows, resume after a killed driver, a killed
+"""`ggro align` on Ray: equals --local row for row (written to S3), bad rows, resume after a killed driver, a killed
 reward actor, and failing fast when the cluster is too small. Real Ray cluster, tiny models, real Parquet."""
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def align(argv) -> int:
     return main(argv)
 
 
-def rows_of(out: Path) -> dict:
+def rows_of(out: Path | str) -> dict:
     t = read_output(out).drop(["elapsed_s"])
     recs = t.to_pylist()
     ids = [r["id"] for r in recs]
@@ -55,13 +55,14 @@ def rows_of(out: Path) -> dict:
     return {r["id"]: r for r in recs}
 
 
-def test_ray_equals_local_and_bad_rows(ray_cluster, tiny_models, tmp_path):
+def test_ray_equals_local_and_bad_rows(ray_cluster, tiny_models, tmp_path, s3):
+    """The Ray run writes to S3: its part files come from Ray Data write tasks in worker processes."""
     inp = write_input(tmp_path / "in.jsonl")
     flags = ["--input", str(inp), "--batch-size", "2"] + model_flags(tiny_models)   # batch size is in the config hash
     assert align(flags + ["--output", str(tmp_path / "local"), "--local"]) == 0
-    assert align(flags + ["--output", str(tmp_path / "ray"), "--in-flight", "2",
+    assert align(flags + ["--output", s3("ray-equals-local"), "--in-flight", "2",
                           "--reward-replicas", "2", "--reward-cpus", "0.25"]) == 0
-    local, dist = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
+    local, dist = rows_of(tmp_path / "local"), rows_of(s3("ray-equals-local"))
     assert len(dist) == len(ROWS) + 1            # rows in == rows out, the bad ones included
     # Row for row, provenance included. Rewards agree to the last bits only: the RM sees differently
     # composed (padded) batches and other thread counts in its actors, so float sums round differently.
