@@ -92,6 +92,13 @@ class ModelConfig:
 NOT_HASHED = ("batch_size",)
 
 
+def check_tp_dtype(tp: int, dtype: str) -> None:
+    """DeepSpeed's tensor parallelism (tp > 1) has no float64 kernels: say so before any actor starts."""
+    if tp > 1 and dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--tp {tp} shards the policy with DeepSpeed, which runs float32, bfloat16 or float16, "
+                          f"not --dtype {dtype}: pick one of those or --tp 1")
+
+
 def config_hash(*configs) -> str:
     """Stable short hash of everything that changes outputs (provenance, resume checks)."""
     fields = [{k: v for k, v in dataclasses.asdict(c).items() if k not in NOT_HASHED} for c in configs]

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ggro.config import ConfigError, GGROConfig, ModelConfig
+from ggro.config import ConfigError, GGROConfig, ModelConfig, check_tp_dtype
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -41,6 +41,17 @@ DEFAULT_SHAPE = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, in
 ACCELERATOR_GIB = {"H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "A100": 40, "L40S": 48,
                    "L40": 48, "A10G": 24, "L4": 24, "T4": 16, "V100": 16, "A6000": 48}
 ASSUMED_GPU_GIB = 80
+# The flag that sets each Resources field, per mode, so every message names a flag that mode's parser accepts.
+# `ggro serve` sizes the policy and reward deployments with one set of replica flags and has a fixed ingress;
+# --local runs one policy (+ reward) in-process. None: no flag sets it there, the message names the quantity.
+ALIGN_FLAGS = {"tp": "--tp", "policy_replicas": "--policy-replicas", "reward_replicas": "--reward-replicas",
+               "aligners": "--aligners", "policy_gpus": "--policy-gpus-per-replica", "reward_gpus": "--reward-gpus",
+               "policy_cpus": "--policy-cpus", "reward_cpus": "--reward-cpus", "aligner_cpus": "--aligner-cpus"}
+FLAGS = {"align": ALIGN_FLAGS,
+         "local": {**ALIGN_FLAGS, "policy_replicas": None, "reward_replicas": None, "aligners": None},
+         "serve": {**ALIGN_FLAGS, "policy_replicas": "--model-replicas", "reward_replicas": "--model-replicas",
+                   "aligners": None, "policy_gpus": "--replica-gpus", "reward_gpus": "--replica-gpus",
+                   "policy_cpus": "--replica-cpus", "reward_cpus": "--replica-cpus", "aligner_cpus": None}}
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -249,6 +260,14 @@ class Resources:
         against the policy's memory."""
         return (self.serve or self.local) and self.reward_replicas == 0
 
+    @property
+    def mode(self) -> str:
+        return "serve" if self.serve else "local" if self.local else "align"
+
+    def flag(self, field: str) -> str:
+        """What sets `field` in this job's mode: its flag, else (fixed by the mode) the quantity's name."""
+        return FLAGS[self.mode][field] or field.replace("_", " ")
+
     @classmethod
     def from_args(cls, args, mcfg: ModelConfig) -> Resources:
         def get(name, default):
@@ -290,9 +309,12 @@ class Cluster:
         return sum(self.node_gpus)
 
 
-def gpu_gib(args, accelerator: str | None = None) -> tuple[float, str]:
+def gpu_gib(args, accelerator: str | None = None, device_gib: float | None = None) -> tuple[float, str]:
+    """Memory per GPU and where it came from: the flag, else this machine's cuda:0, else the accelerator type."""
     if getattr(args, "gpu_memory_gb", None):
         return float(args.gpu_memory_gb), "--gpu-memory-gb"
+    if device_gib:
+        return float(device_gib), "read from cuda:0"
     if accelerator:
         for name, gib in ACCELERATOR_GIB.items():      # longest names first in the table
             if name.lower() in accelerator.lower():
@@ -338,17 +360,16 @@ def connected_cluster(args, address: str) -> Cluster:
 
 
 def this_machine(args) -> Cluster:
-    gpus, acc = 0, None
+    gpus, acc, device_gib = 0, None, None
     try:
         import torch
         if torch.cuda.is_available():
             gpus = torch.cuda.device_count()
             acc = torch.cuda.get_device_name(0)
-            if not getattr(args, "gpu_memory_gb", None):
-                args.gpu_memory_gb = torch.cuda.get_device_properties(0).total_memory / GiB
+            device_gib = torch.cuda.get_device_properties(0).total_memory / GiB
     except ImportError:
         pass
-    gib, src = gpu_gib(args, acc)
+    gib, src = gpu_gib(args, acc, device_gib)
     mem = None
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
@@ -472,33 +493,34 @@ def validate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     cuda = mcfg.device.startswith("cuda")
     if res.tp < 1:
         errors.append("--tp must be >= 1")
-    for name, v in (("--policy-replicas", res.policy_replicas), ("--reward-replicas", res.reward_replicas),
-                    ("--aligners", res.aligners)):
-        least = 0 if name == "--reward-replicas" and (res.serve or res.local) else 1   # 0: the policy is the judge
-        if v < least:
-            errors.append(f"{name} must be >= 1")
-    for name, v in (("--policy-gpus-per-replica", res.policy_gpus), ("--reward-gpus", res.reward_gpus),
-                    ("--policy-cpus", res.policy_cpus), ("--reward-cpus", res.reward_cpus),
-                    ("--aligner-cpus", res.aligner_cpus)):
-        if v < 0:
-            errors.append(f"{name} must be >= 0")
+    try:
+        check_tp_dtype(res.tp, mcfg.dtype)
+    except ConfigError as e:
+        errors.append(str(e))
+    # 0 reward replicas: the policy is its own judge (serve, --local). Serve's --model-replicas sets both replica
+    # counts, so only its first (policy, >= 1) failure is reported, never a contradictory "--model-replicas >= 0".
+    limits = [("policy_replicas", 1), ("reward_replicas", 0 if res.serve or res.local else 1), ("aligners", 1)]
+    limits += [(f, 0) for f in ("policy_gpus", "reward_gpus", "policy_cpus", "reward_cpus", "aligner_cpus")]
+    reported = set()
+    for field, least in limits:
+        if getattr(res, field) < least and res.flag(field) not in reported:
+            reported.add(res.flag(field))
+            errors.append(f"{res.flag(field)} must be >= {least}")
+    gpus_flag = res.flag("policy_gpus")
     if cuda and res.policy_gpus == 0:
-        errors.append("--device cuda, but ggro serve's model deployments request no GPUs from Ray (only "
-                      "--replica-cpus), so no CUDA device would be visible in them: serve with --device cpu"
-                      if res.serve else
-                      "--device cuda but --policy-gpus-per-replica 0: policy ranks would get no GPU from Ray "
-                      "(pass --policy-gpus-per-replica 1)")
+        errors.append(f"--device cuda but {gpus_flag} 0: the policy would get no GPU from Ray, so no CUDA device "
+                      f"would be visible to it (pass {gpus_flag} 1, or --device cpu)")
     if not cuda and res.policy_gpus > 0:
-        errors.append(f"--policy-gpus-per-replica {res.policy_gpus:g} with --device {mcfg.device}: the GPUs "
+        errors.append(f"{gpus_flag} {res.policy_gpus:g} with --device {mcfg.device}: the GPUs "
                       "would sit idle (pass --device cuda)")
     if cuda and res.reward_gpus == 0:
-        warns.append("reward actors run on CPU (--reward-gpus 0) while the policy is on CUDA: the reward "
-                     "backward will be the bottleneck")
+        warns.append(f"reward actors run on CPU ({res.flag('reward_gpus')} 0) while the policy is on CUDA: the "
+                     "reward backward will be the bottleneck")
     if cuda and res.tp > 1 and 0 < res.policy_gpus < 1:
-        errors.append(f"--tp {res.tp} with --policy-gpus-per-replica {res.policy_gpus:g}: NCCL cannot run two ranks "
-                      "of one world on the same GPU (pass --policy-gpus-per-replica 1)")
+        errors.append(f"--tp {res.tp} with {gpus_flag} {res.policy_gpus:g}: NCCL cannot run two ranks "
+                      f"of one world on the same GPU (pass {gpus_flag} 1)")
     if res.policy_gpus > 1:
-        warns.append(f"--policy-gpus-per-replica {res.policy_gpus:g}: each tp rank uses one device; "
+        warns.append(f"{gpus_flag} {res.policy_gpus:g}: each tp rank uses one device; "
                      "more than 1 only reserves idle GPUs (raise --tp instead)")
     if cuda and mcfg.dtype == "float32":
         warns.append("float32 on CUDA doubles memory and is slower than --dtype bfloat16")
@@ -584,10 +606,15 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig) -> int:
     if pol_gpus + rm_gpus > cluster.gpus + 1e-9:
         spare = cluster.gpus - rm_gpus
         fix = []
-        if group_gpus > 0 and spare >= group_gpus:
-            fix.append(f"--policy-replicas {int(spare // group_gpus)}")
-        if res.reward_gpus > 0 and cluster.gpus - pol_gpus >= res.reward_gpus:
-            fix.append(f"--reward-replicas {int((cluster.gpus - pol_gpus) // res.reward_gpus)}")
+        if res.serve:     # one --model-replicas scales the policy and the reward deployments together
+            per = group_gpus + (res.reward_gpus if res.reward_replicas else 0)
+            if per > 0 and cluster.gpus >= per:
+                fix.append(f"{res.flag('policy_replicas')} {int(cluster.gpus // per)}")
+        else:
+            if group_gpus > 0 and spare >= group_gpus:
+                fix.append(f"{res.flag('policy_replicas')} {int(spare // group_gpus)}")
+            if res.reward_gpus > 0 and cluster.gpus - pol_gpus >= res.reward_gpus:
+                fix.append(f"{res.flag('reward_replicas')} {int((cluster.gpus - pol_gpus) // res.reward_gpus)}")
         fix.append(f"a cluster with >= {math.ceil(pol_gpus + rm_gpus)} GPUs")
         problems.append((f"needs {pol_gpus + rm_gpus:g} GPUs, the cluster has {cluster.gpus}", " or ".join(fix)))
     elif group_gpus > max_node + 1e-9:
@@ -618,13 +645,15 @@ def plan(args, gcfg: GGROConfig, mcfg: ModelConfig) -> int:
             problems.append((f"{role}: {_gib(per_gpu)} per GPU exceeds {cluster.gpu_gib:g} GiB",
                              _memory_fix(pol, rm, res, gcfg, mcfg, prompt_tokens, cluster, role)))
     if worst > cap and not role_too_big:
+        whole = dict.fromkeys(f"{res.flag(f)} 1" for f in ("policy_gpus", "reward_gpus"))   # serve: one flag
         problems.append((f"actors sharing a GPU need {_gib(worst)} > {cluster.gpu_gib:g} GiB",
-                         "whole GPUs per actor (--replica-gpus 1)" if res.serve else
-                         "whole GPUs per actor (--policy-gpus-per-replica 1 --reward-gpus 1)"))
+                         f"whole GPUs per actor ({' '.join(whole)})"))
     if cpus > cluster.cpus + 1e-9:
+        flags = FLAGS[res.mode]     # only the CPU shares this mode lets the user set (serve: --replica-cpus)
+        cpu_flags = [f for f in dict.fromkeys(flags[k] for k in ("policy_cpus", "reward_cpus", "aligner_cpus")) if f]
         problems.append((f"needs {cpus:g} CPUs, the cluster has {cluster.cpus:g}",
-                         "smaller --policy-cpus / --reward-cpus / --aligner-cpus (fractions are fine) "
-                         "or fewer --aligners"))
+                         f"smaller {' / '.join(cpu_flags)} (fractions are fine)"
+                         + (f" or fewer {flags['aligners']}" if flags["aligners"] else "")))
     host = ((res.policy_replicas * res.tp * est.policy_rank_bytes if res.policy_gpus == 0 else 0)
             + (res.reward_replicas * est.reward_actor_bytes if res.reward_gpus == 0 else 0))
     # GPU tp > 1 ranks load the whole model on the host before sharding it; replicas start one at a time
@@ -709,8 +738,7 @@ def _memory_fix(pol, rm, res, gcfg, mcfg, prompt_tokens, cluster, role) -> str:
 
     fixes = []
     if share > 1:
-        flag = "replica-gpus" if res.serve else "policy-gpus-per-replica" if role == "policy" else "reward-gpus"
-        fixes.append(f"whole GPUs per {role} actor (--{flag} 1)")
+        fixes.append(f"whole GPUs per {role} actor ({res.flag(role + '_gpus')} 1)")
     if mcfg.dtype in ("float32", "float64") and fits(dtype="bfloat16"):
         fixes.append("--dtype bfloat16")
     if role == "policy" and not res.serve:      # serve has no tensor parallelism
