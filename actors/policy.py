@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ggro.config import ModelConfig
+from ggro.config import ModelConfig, check_tp_dtype
 from ggro.seam import SegmentRequest, SegmentResult
 
 
@@ -93,6 +94,8 @@ class PolicyReplica:
         self.ranks, self.pg, self.context = ranks, pg, context
 
     def decode(self, requests: list[SegmentRequest]) -> list[SegmentResult]:
+        # ray.get of the list raises as soon as one rank dies (its partner may still wait in a collective):
+        # the caller then marks the replica dead (pipeline.ray_align.Aligner) and moves on
         return ray.get([r.decode.remote(requests) for r in self.ranks])[0]
 
     def release(self, seq_ids: list[str]) -> None:
@@ -105,12 +108,14 @@ class PolicyReplica:
 
 
 def start_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float = 0, cpus_per_rank: float = 0.5,
-                         timeout_s: float = 60, name: str = "policy") -> PolicyReplica:
+                         timeout_s: float = 60, name: str | None = None) -> PolicyReplica:
     """Reserve a STRICT_PACK placement group of `tp` bundles, start the ranks and wire their world.
 
     tp == 1 ranks restart on failure (their only state is a prefix cache, rebuilt on demand) and Ray
     retries their calls; a tp > 1 world cannot be rejoined by a single restarted rank.
     """
+    check_tp_dtype(tp, mcfg.dtype)
+    name = name or f"ggro-policy-{uuid.uuid4().hex[:8]}"    # its ranks are the named actors NAME-rank<i>
     bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
     pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=name)
     try:
@@ -125,7 +130,7 @@ def start_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float = 
     opts = dict(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, max_restarts=restarts,
                 max_task_retries=-1 if tp == 1 else 0)
     cls = ray.remote(PolicyRank)
-    ranks = [cls.options(**opts, scheduling_strategy=PlacementGroupSchedulingStrategy(
+    ranks = [cls.options(**opts, name=f"{name}-rank{i}", scheduling_strategy=PlacementGroupSchedulingStrategy(
         placement_group=pg, placement_group_bundle_index=i)).remote(mcfg, i, tp, threads_for(cpus_per_rank))
         for i in range(tp)]
     addr, port = ray.get(ranks[0].address.remote())

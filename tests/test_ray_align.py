@@ -1,5 +1,5 @@
 """`ggro align` on Ray: equals --local row for row (written to S3), bad rows, resume after a killed driver, a killed
-reward actor, and failing fast when the cluster is too small. Real Ray cluster, tiny models, real Parquet."""
+reward actor, a killed rank of a tp=2 replica, and failing fast when the cluster is too small. Real Ray cluster, tiny models, real Parquet."""
 from __future__ import annotations
 
 import json
@@ -141,3 +141,36 @@ def test_resume_after_killed_driver(ray_cluster, tiny_models, tmp_path):
     final = rows_of(out)
     assert len(final) == len(ROWS) + 1
     assert all(final[i] == r for i, r in partial.items())
+
+
+def test_tp2_replica_rank_killed_midjob(ray_cluster, tiny_models, tmp_path):
+    """SIGKILL one rank of a tp=2 replica while rows are in flight: the replica cannot rejoin its world, so
+    the aligner marks it dead and reruns its rows on the other replica; every id is written once."""
+    import ray
+    inp = write_input(tmp_path / "in.jsonl", ())
+    out = tmp_path / "out"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            ranks = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                           if a["name"].startswith("ggro-policy-") and a["name"].endswith("-rank1"))
+            if len(ranks) == 2 and list(out.glob("*.parquet")):     # both replicas up, some rows done
+                pid = ray.get(ray.get_actor(ranks[0]).pid.remote())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.2)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    flags = ["--input", str(inp), "--batch-size", "1", "--in-flight", "1", "--tp", "2", "--policy-replicas", "2",
+             "--policy-cpus", "0.25"] + model_flags(tiny_models)
+    with pytest.raises(SystemExit) as e:           # DeepSpeed has no float64: a clear error, no traceback
+        align(flags + ["--output", str(tmp_path / "f64")])
+    assert e.value.code == 1
+    assert align(flags + ["--dtype", "float32", "--output", str(out)]) == 0
+    th.join(5)
+    assert killed, "the job finished before a rank could be killed"
+    assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
