@@ -174,3 +174,29 @@ def test_tp2_replica_rank_killed_midjob(ray_cluster, tiny_models, tmp_path):
     th.join(5)
     assert killed, "the job finished before a rank could be killed"
     assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
+
+
+def test_aligner_actor_killed_midjob(ray_cluster, tiny_models, tmp_path):
+    """SIGKILL the Ray Data aligner actor between blocks: Ray Data restarts it and retries its block."""
+    inp = write_input(tmp_path / "in.jsonl", ())
+    out = tmp_path / "out"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            pids = subprocess.run(["pgrep", "-f", r"ray::MapWorker\(MapBatches\(Aligner"], capture_output=True,
+                                  text=True).stdout.split()
+            if pids and list(out.glob("*.parquet")):     # some rows written, others still to go
+                os.kill(int(pids[0]), signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.2)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    assert align(["--input", str(inp), "--output", str(out), "--batch-size", "1", "--in-flight", "1"]
+                 + model_flags(tiny_models)) == 0
+    th.join(5)
+    assert killed, "the job finished before the aligner could be killed"
+    assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
