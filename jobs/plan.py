@@ -741,7 +741,9 @@ def _memory_fix(pol, rm, res, gcfg, mcfg, prompt_tokens, cluster, role) -> str:
         fixes.append(f"whole GPUs per {role} actor ({res.flag(role + '_gpus')} 1)")
     if mcfg.dtype in ("float32", "float64") and fits(dtype="bfloat16"):
         fixes.append("--dtype bfloat16")
-    if role == "policy" and not res.serve:      # serve has no tensor parallelism
+    # A serve policy that is its own judge gains an unsharded judge copy at tp > 1, which this estimate does
+    # not see: suggest tp only where the reward model is already separate.
+    if role == "policy" and not res.judge_in_policy:
         max_tp = min(max(cluster.node_gpus), pol.heads or 64)
         ok = [t for t in range(res.tp + 1, max_tp + 1) if fits(tp=t)]
         tp = next((t for t in ok if not pol.heads or pol.heads % t == 0), ok[0] if ok else None)

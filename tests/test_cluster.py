@@ -359,6 +359,18 @@ def test_dry_run_rejects_float64_with_tp(tiny_models, capsys, no_weights):
     assert "--tp 2 shards the policy with DeepSpeed" in out and "not --dtype float64" in out
 
 
+def test_dry_run_serve_suggests_tp_and_the_fix_fits(tmp_path, capsys, no_weights):
+    base = ["serve", "--dry-run", "--policy", _config_only(tmp_path, "llama70b", LLAMA_70B),
+            "--reward", _config_only(tmp_path, "rm8b", RM_8B), "--reward-kind", "classifier", "--device", "cuda",
+            "--dtype", "bfloat16", "--replica-gpus", "1", "--cluster-gpus", "8", "--gpu-memory-gb", "80"]
+    rc, out = _run(base + ["--tp", "1"], capsys)
+    assert rc == 1, out
+    fix = re.search(r"change: .*?--tp (\d+)", out)
+    assert fix, out
+    rc, out = _run(base + ["--tp", fix.group(1)], capsys)
+    assert rc == 0, out
+
+
 def test_dry_run_reward_too_big_for_one_gpu(tmp_path, capsys, no_weights):
     big = _config_only(tmp_path, "llama70b", LLAMA_70B)
     rc, out = _run(["align", "--dry-run", "--policy", big, *GPU_FLAGS, "--tp", "4", "--cluster-gpus", "8",
