@@ -52,7 +52,7 @@ def run(args) -> int:
         try:
             for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
                 sub = copy.copy(args)
-                sub.method, sub.output, sub.overwrite = method, str(where), False
+                sub.method, sub.output, sub.overwrite = method, where, False
                 print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
                 if align.run(sub, aligners):
                     print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)

@@ -89,35 +89,6 @@ def test_cluster_too_small_fails_fast(ray_cluster, tiny_models, tmp_path, capsys
     assert "cannot fit" in capsys.readouterr().err
 
 
-def test_reward_actor_killed_midjob(ray_cluster, tiny_models, tmp_path):
-    """SIGKILL the reward actor's process while rows are in flight: it restarts, calls are retried."""
-    import ray
-    inp = write_input(tmp_path / "in.jsonl", ())
-    out = tmp_path / "out"
-    killed = []
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["name"].startswith("ggro-reward-")]
-            if names and list(out.glob("*.parquet")):      # some rows done, others still to go
-                h = ray.get_actor(names[0])
-                pid = ray.get(h.pid.remote())
-                os.kill(pid, signal.SIGKILL)
-                killed.append((h, pid))
-                return
-            time.sleep(0.2)
-
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    assert align(["--input", str(inp), "--output", str(out), "--batch-size", "1", "--in-flight", "1"]
-                 + model_flags(tiny_models)) == 0
-    th.join(5)
-    assert killed, "the job finished before the reward actor could be killed"
-    assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
-
-
 def test_resume_after_killed_driver(ray_cluster, tiny_models, tmp_path):
     """Kill the driver (`python -m jobs.align`, connected to the cluster) part-way, rerun: every id once."""
     import ray
@@ -143,21 +114,16 @@ def test_resume_after_killed_driver(ray_cluster, tiny_models, tmp_path):
     assert all(final[i] == r for i, r in partial.items())
 
 
-def test_tp2_replica_rank_killed_midjob(ray_cluster, tiny_models, tmp_path):
-    """SIGKILL one rank of a tp=2 replica while rows are in flight: the replica cannot rejoin its world, so
-    the aligner marks it dead and reruns its rows on the other replica; every id is written once."""
-    import ray
-    inp = write_input(tmp_path / "in.jsonl", ())
-    out = tmp_path / "out"
+def align_killing(argv, out: Path, find_pid) -> None:
+    """Run `align(argv)` while a thread SIGKILLs the process `find_pid()` names (None: not up yet), once
+    some part files are in `out` and others are still to come. Every input id must come out once."""
     killed = []
 
     def killer():
         deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            ranks = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                           if a["name"].startswith("ggro-policy-") and a["name"].endswith("-rank1"))
-            if len(ranks) == 2 and list(out.glob("*.parquet")):     # both replicas up, some rows done
-                pid = ray.get(ray.get_actor(ranks[0]).pid.remote())
+        while time.time() < deadline:
+            pid = find_pid() if list(out.glob("*.parquet")) else None
+            if pid:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
@@ -165,38 +131,45 @@ def test_tp2_replica_rank_killed_midjob(ray_cluster, tiny_models, tmp_path):
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
+    assert align(argv + ["--output", str(out)]) == 0
+    th.join(5)
+    assert killed, "the job finished before the process could be killed"
+    assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
+
+
+def named_actor_pid(prefix: str, suffix: str = "", replicas: int = 1) -> int | None:
+    import ray
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith(prefix) and a["name"].endswith(suffix))
+    return ray.get(ray.get_actor(names[0]).pid.remote()) if len(names) >= replicas else None
+
+
+def test_reward_actor_killed_midjob(ray_cluster, tiny_models, tmp_path):
+    """SIGKILL the reward actor's process while rows are in flight: it restarts, calls are retried."""
+    inp = write_input(tmp_path / "in.jsonl", ())
+    align_killing(["--input", str(inp), "--batch-size", "1", "--in-flight", "1"] + model_flags(tiny_models),
+                  tmp_path / "out", lambda: named_actor_pid("ggro-reward-"))
+
+
+def test_tp2_replica_rank_killed_midjob(ray_cluster, tiny_models, tmp_path):
+    """SIGKILL one rank of a tp=2 replica while rows are in flight: the replica cannot rejoin its world, so
+    the aligner marks it dead and reruns its rows on the other replica."""
+    inp = write_input(tmp_path / "in.jsonl", ())
     flags = ["--input", str(inp), "--batch-size", "1", "--in-flight", "1", "--tp", "2", "--policy-replicas", "2",
              "--policy-cpus", "0.25"] + model_flags(tiny_models)
     with pytest.raises(SystemExit) as e:           # DeepSpeed has no float64: a clear error, no traceback
         align(flags + ["--output", str(tmp_path / "f64")])
     assert e.value.code == 1
-    assert align(flags + ["--dtype", "float32", "--output", str(out)]) == 0
-    th.join(5)
-    assert killed, "the job finished before a rank could be killed"
-    assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
+    align_killing(flags + ["--dtype", "float32"], tmp_path / "out",
+                  lambda: named_actor_pid("ggro-policy-", "-rank1", replicas=2))     # both replicas up
 
 
 def test_aligner_actor_killed_midjob(ray_cluster, tiny_models, tmp_path):
     """SIGKILL the Ray Data aligner actor between blocks: Ray Data restarts it and retries its block."""
+    def aligner_pid():
+        pids = subprocess.run(["pgrep", "-f", r"ray::MapWorker\(MapBatches\(Aligner"], capture_output=True,
+                              text=True).stdout.split()
+        return int(pids[0]) if pids else None
     inp = write_input(tmp_path / "in.jsonl", ())
-    out = tmp_path / "out"
-    killed = []
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            pids = subprocess.run(["pgrep", "-f", r"ray::MapWorker\(MapBatches\(Aligner"], capture_output=True,
-                                  text=True).stdout.split()
-            if pids and list(out.glob("*.parquet")):     # some rows written, others still to go
-                os.kill(int(pids[0]), signal.SIGKILL)
-                killed.append(pids[0])
-                return
-            time.sleep(0.2)
-
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    assert align(["--input", str(inp), "--output", str(out), "--batch-size", "1", "--in-flight", "1"]
-                 + model_flags(tiny_models)) == 0
-    th.join(5)
-    assert killed, "the job finished before the aligner could be killed"
-    assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
+    align_killing(["--input", str(inp), "--batch-size", "1", "--in-flight", "1"] + model_flags(tiny_models),
+                  tmp_path / "out", aligner_pid)
