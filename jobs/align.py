@@ -78,7 +78,10 @@ class Aligners:
         if self.args.local:
             if self.engine is None:
                 from ggro.engine import Engine
-                print(f"ggro: loading {self.mcfg.policy} and {self.mcfg.reward_model} in this process", file=sys.stderr)
+                m = self.mcfg
+                print(f"ggro: loading {m.policy}" + (f" and {m.reward_model}" if m.reward_model != m.policy else
+                                                     f" (policy and {m.reward_kind})") + " in this process",
+                      file=sys.stderr)
                 torch_threads()
                 self.engine = Engine.load(self.mcfg)
             align_local(self.engine, rows, out_dir, gcfg, flush_every=self.mcfg.batch_size)
