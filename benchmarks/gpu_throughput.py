@@ -38,9 +38,9 @@ PRESETS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build(preset: str, kind: str, device: str, dtype: str):
+def build(preset: str, kind: str, device: str, dtype: str, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-    cfg = LlamaConfig(**PRESETS[preset], pad_token_id=0, eos_token_id=None, bos_token_id=None,
+    cfg = LlamaConfig(**{**PRESETS[preset], **overrides}, pad_token_id=0, eos_token_id=None, bos_token_id=None,
                       **({"num_labels": 1} if kind == "classifier" else {}))
     torch.manual_seed(0)
     cls = LlamaForSequenceClassification if kind == "classifier" else LlamaForCausalLM

@@ -7,7 +7,9 @@
   own GPU, and tp=2 over NCCL when there are two GPUs;
 - the GGRO search end to end on CUDA (fp32 and bf16);
 - the throughput benchmark (benchmarks/gpu_throughput.py, random-weight Llama-3.2-1B shape).
-The benchmark's CPU smoke test (tiny preset) runs everywhere.
+The CPU smoke tests of both benchmarks (tiny shapes) run everywhere, so the GPU check
+(benchmarks/gpu_check.sh, docs/gpu.md) cannot rot; its methods benchmark (benchmarks/gpu_methods.py)
+runs at full size there.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ggro.seam import RewardQuery, Sampling, SegmentRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "gpu_throughput.py"
+METHODS_BENCH = ROOT / "benchmarks" / "gpu_methods.py"
 PROMPTS = ["how do you make water ?", "what is the time", "write a long word", "I like people",
            "tell me about the first day", "can you find my water", "a", "go now"]
 gpu = pytest.mark.gpu
@@ -236,9 +239,9 @@ def test_tp2_nccl_policy_replica_matches_unsharded(ray_cluster, tiny_models):
 
 
 # -- the throughput benchmark ----------------------------------------------------------------------------
-def _bench(tmp_path, *args, timeout=600):
+def _bench(tmp_path, *args, timeout=600, script=BENCH):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(BENCH), *args, "--json", str(out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script), *args, "--json", str(out)], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
@@ -250,6 +253,26 @@ def test_benchmark_script_smoke_on_cpu(tmp_path):
     assert [r["batch"] for r in res["rows"]] == [1, 2]
     assert all(r["decode_tok_s"] > 0 and r["reward_seq_s"] > 0 for r in res["rows"])
     assert table.startswith("| batch |")
+
+
+def test_methods_benchmark_tiny_on_cpu(tmp_path):
+    """gpu_methods.py's tiny CPU mode: every method and batch measured, fp32 tokens checked, targets read."""
+    res, table = _bench(tmp_path, "--tiny", "--device", "cpu", "--batch-sizes", "1,4", "--prompt-tokens", "8",
+                        "--new-tokens", "6", "--refinements", "2", "--csv", str(tmp_path / "m.csv"),
+                        script=METHODS_BENCH, timeout=120)
+    methods = ["hf-generate", "decoder", "greedy", "best-of-4", "ggro"]
+    rows = res["rows"]
+    assert [(r["batch"], r["method"]) for r in rows] == [(b, m) for b in (1, 4) for m in methods]
+    assert all(r["tokens"] == 6 * r["batch"] and r["wall_s"] > 0 and r["tok_s"] > 0 for r in rows)
+    by = {(r["batch"], r["method"]): r for r in rows}
+    for b in (1, 4):
+        assert by[b, "decoder"]["same_tokens_as_hf"] == f"{b}/{b}"       # fp32: our greedy == HF generate's
+        assert by[b, "greedy"]["rm_calls"] == b and by[b, "best-of-4"]["rm_calls"] == 4 * b
+        assert by[b, "ggro"]["rm_calls"] > b and by[b, "greedy"]["x_greedy_wall"] == 1.0
+    assert res["fp32_identical_tokens"] == {"decoder": "8/8", "ggro": "8/8"}
+    assert [t["met"] in (True, False) for t in res["targets"]] == [True] * 3
+    assert len((tmp_path / "m.csv").read_text().splitlines()) == 1 + len(rows)
+    assert table.startswith("| batch | method |") and "| target | measured | met |" in table
 
 
 @gpu

@@ -1,0 +1,220 @@
+"""GGRO's methods side by side on one device, with random-weight models of a real shape.
+
+    python benchmarks/gpu_methods.py --json m.json --csv m.csv     # Llama-3.2-1B shape, bf16, cuda, batch 1 and 16
+    python benchmarks/gpu_methods.py --tiny --device cpu           # tiny shape, fp32 on the CPU (smoke test)
+
+Policy: a random-weight LlamaForCausalLM with Llama-3.2-1B's shapes (1.24B parameters); reward model:
+its LlamaForSequenceClassification twin (num_labels=1). For each batch size b, b prompts of random
+token ids (--prompt-tokens each) get --new-tokens tokens from every method, b rows per decode call
+(the engine's --batch-size; best-of-4 decodes b/4 prompts x 4 samples per call, 4 rows at b=1):
+
+  hf-generate  transformers' model.generate, greedy: the yardstick for our decoder
+  decoder      ggro.policy.SegmentDecoder, one greedy segment per prompt (no reward model)
+  greedy       ggro.search.run(method=greedy): the decoder plus one reward per prompt
+  best-of-4    ggro.search.run(method=best-of-n, n=4)
+  ggro         ggro.search.run(method=ggro), default search settings (S=4, tau=1.5, top-k 25)
+
+Random weights give near-uniform next-token distributions (entropy ~ ln(vocab), far above tau), so
+every GGRO segment ends at min_segment_tokens: the most segments and reward calls per token, a
+pessimistic case for GGRO's cost. The models have no EOS, so every response has --new-tokens tokens.
+Each (method, batch) runs once after a short warm-up. Also checks that fp32 tokens are identical on
+the CPU and on --device for a tiny model (decoder and GGRO), prints a Markdown table and the targets
+of docs/gpu.md, and writes --json / --csv.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_throughput import PRESETS, build, peak_gib, reset_peak, sync  # noqa: E402
+
+from ggro.config import GGROConfig  # noqa: E402
+from ggro.policy import SegmentDecoder  # noqa: E402
+from ggro.reward import RewardModel  # noqa: E402
+from ggro.search import Prompt, run  # noqa: E402
+from ggro.seam import SegmentRequest  # noqa: E402
+
+METHODS = ("hf-generate", "decoder", "greedy", "best-of-4", "ggro")
+# README "GGRO vs greedy on the default model": GGRO S=4 took 13.6x greedy's wall time on the CPU.
+CPU_RATIO = 13.6
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    ids = torch.tensor(prompts, device=model.device)       # one prompt length: no padding needed
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0)
+    return [row[ids.shape[1]:].tolist() for row in out]
+
+
+def one(method: str, policy, dec: SegmentDecoder, rm: RewardModel, prompts, cfg: GGROConfig, tag: str):
+    """Run `method` on all prompts as one batch: (response tokens per prompt, policy tokens, RM calls).
+    `tag` makes sequence ids unique, so no run finds another's prefix caches."""
+    if method == "hf-generate":
+        toks = hf_generate(policy, prompts, cfg.max_new_tokens)
+        return toks, sum(map(len, toks)), 0
+    if method == "decoder":
+        reqs = [SegmentRequest(f"{tag}-{i}", p, cfg.max_new_tokens) for i, p in enumerate(prompts)]
+        out = dec.decode(reqs)
+        dec.release([r.seq_id for r in reqs])
+        return [r.tokens for r in out], sum(r.decoded for r in out), 0
+    search = dataclasses.replace(cfg, method="best-of-n" if method.startswith("best-of") else method)
+    res = {r.id: r for r in run([Prompt(f"{tag}-{i}", p) for i, p in enumerate(prompts)], dec, rm, search,
+                                len(prompts))}
+    ordered = [res[f"{tag}-{i}"] for i in range(len(prompts))]
+    return ([r.tokens for r in ordered], sum(r.policy_tokens for r in ordered),
+            sum(r.reward_calls for r in ordered))
+
+
+def measure(method, models, prompts, cfg, device, tag) -> tuple[dict, list[list[int]]]:
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    toks, policy_tokens, rm_calls = one(method, *models, prompts, cfg, tag)
+    sync(device)
+    wall = time.perf_counter() - t0
+    n = sum(map(len, toks))
+    return {"batch": len(prompts), "method": method, "wall_s": wall, "tokens": n, "tok_s": n / wall,
+            "prompts_s": len(prompts) / wall, "policy_tok_s": policy_tokens / wall, "rm_calls": rm_calls,
+            "peak_gib": peak_gib(device)}, toks
+
+
+def fp32_check(device: str, cfg: GGROConfig) -> dict:
+    """Identical fp32 tokens on the CPU and on `device`: the decoder (greedy) and GGRO, tiny shape.
+    initializer_range 0.4 makes next-token distributions range from peaked to flat (entropy stops vary)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False      # TF32 matmuls differ from the CPU in the 3rd decimal
+    try:
+        base = [build("tiny", kind, "cpu", "float32", initializer_range=0.4) for kind in ("causal", "classifier")]
+        prompts = random_prompts(8, 16, PRESETS["tiny"]["vocab_size"], seed=7)
+        check = dataclasses.replace(cfg, max_new_tokens=24, num_refinements=3, top_k=5)
+        got = {}
+        for dev in ("cpu", device):
+            policy, cls = (copy.deepcopy(m).to(dev) for m in base)    # the same weights on both devices
+            models = (policy, SegmentDecoder(policy, eos_ids=[]), RewardModel(cls, None, "classifier"))
+            got[dev] = {m: one(m, *models, prompts, check, f"check-{m}")[0] for m in ("decoder", "ggro")}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return {m: f"{sum(a == b for a, b in zip(got['cpu'][m], got[device][m]))}/{len(prompts)}"
+            for m in ("decoder", "ggro")}
+
+
+def targets(rows: list[dict], cpu_ratio: float) -> list[dict]:
+    """docs/gpu.md's targets, read off the rows of the smallest and the largest batch."""
+    by = {(r["batch"], r["method"]): r for r in rows}
+    lo, hi = min(r["batch"] for r in rows), max(r["batch"] for r in rows)
+    speed = {b: by[b, "decoder"]["tok_s"] / by[b, "hf-generate"]["tok_s"] for b in (lo, hi)}
+    ratio = by[hi, "ggro"]["wall_s"] / by[hi, "greedy"]["wall_s"]
+    return [{"target": f"decoder within 2x of HF generate tokens/s at batch {lo}", "value": f"{speed[lo]:.2f}x",
+             "met": speed[lo] >= 0.5},
+            {"target": f"decoder faster than HF generate at batch {hi}", "value": f"{speed[hi]:.2f}x",
+             "met": speed[hi] > 1.0},
+            {"target": f"GGRO/greedy wall ratio at batch {hi} <= the CPU's {cpu_ratio:g}x", "value": f"{ratio:.1f}x",
+             "met": ratio <= cpu_ratio}]
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="a tiny shape instead of Llama-3.2-1B's (CPU smoke test)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="[bfloat16 on cuda, float32 on the CPU]")
+    p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32, help="32: the CPU figure's setting [%(default)s]")
+    p.add_argument("--refinements", type=int, default=4, help="GGRO's S [%(default)s]")
+    p.add_argument("--entropy-threshold", type=float, default=1.5)
+    p.add_argument("--cpu-ratio", type=float, default=CPU_RATIO, help="GGRO/greedy wall ratio measured on the CPU")
+    p.add_argument("--json", help="write setting, rows, check and targets here")
+    p.add_argument("--csv", help="write the rows here")
+    a = p.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device: pass --device cpu (with --tiny for a quick check)", file=sys.stderr)
+        return 2
+    if os.environ.get("GGRO_THREADS"):
+        torch.set_num_threads(int(os.environ["GGRO_THREADS"]))
+    dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    preset = "tiny" if a.tiny else "llama-1b"
+    sizes = [int(s) for s in a.batch_sizes.split(",")]
+    cfg = GGROConfig(max_new_tokens=a.new_tokens, num_refinements=a.refinements,
+                     entropy_threshold=a.entropy_threshold, n=4)
+    import transformers
+    device_name = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+
+    check = fp32_check(a.device, cfg)
+    print(f"# fp32 tiny model, identical tokens cpu vs {a.device}: {check}", file=sys.stderr)
+
+    policy = build(preset, "causal", a.device, dtype)
+    rm = RewardModel(build(preset, "classifier", a.device, dtype), None, "classifier")
+    dec = SegmentDecoder(policy, eos_ids=[], max_cached=4 * max(sizes))
+    models = (policy, dec, rm)
+    n_params = sum(t.numel() for t in policy.parameters())
+    setting = {"preset": preset, "params": n_params, "dtype": dtype, "device": device_name,
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "refinements": a.refinements,
+               "entropy_threshold": a.entropy_threshold, "top_k": cfg.top_k}
+    print(f"# {preset} ({n_params / 1e9:.2f}B params, random weights), {dtype} on {device_name}; prompt "
+          f"{a.prompt_tokens} tokens, {a.new_tokens} new tokens, GGRO S={a.refinements}", file=sys.stderr)
+    vocab = PRESETS[preset]["vocab_size"]
+    rows = []
+    for b in sizes:
+        prompts = random_prompts(b, a.prompt_tokens, vocab, seed=b)
+        for m in METHODS:       # warm-up: kernels, allocator and cuBLAS handles for this batch's shapes
+            one(m, *models, prompts, dataclasses.replace(cfg, max_new_tokens=4), f"warm-{m}-{b}")
+        here, got = {}, {}
+        for m in METHODS:
+            here[m], got[m] = measure(m, models, prompts, cfg, a.device, f"{m}-{b}")
+            print(f"# batch {b} {m}: {here[m]['wall_s']:.2f} s", file=sys.stderr)
+        for row in here.values():
+            row["x_greedy_wall"] = row["wall_s"] / here["greedy"]["wall_s"]
+        same = sum(x == y for x, y in zip(got["decoder"], got["hf-generate"]))
+        here["decoder"]["same_tokens_as_hf"] = f"{same}/{b}"
+        rows += here.values()
+
+    cols = ["batch", "method", "wall_s", "tok_s", "prompts_s", "policy_tok_s", "rm_calls", "peak_gib",
+            "x_greedy_wall", "same_tokens_as_hf"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    goals = targets(rows, a.cpu_ratio)
+    print(f"\nfp32 tiny model, identical tokens cpu vs {a.device}: decoder {check['decoder']}, ggro {check['ggro']}\n")
+    print("| target | measured | met |\n|---|---|---|")
+    for t in goals:
+        print(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else 'NO'} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"setting": setting, "rows": rows, "fp32_identical_tokens": check,
+                                            "targets": goals}, indent=1))
+    if a.csv:
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
