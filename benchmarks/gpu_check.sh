@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU check (docs/gpu.md): install Ray from carried wheels, run the `gpu`-marked tests, then the
+# methods benchmark at Llama-3.2-1B's shape; every output lands in one folder. Ends within 8 minutes
+# (each step has its own time limit), so one run fits a 10-minute device command.
+#
+#   bash benchmarks/gpu_check.sh [all|tests|bench]     # into $OUT if set, else ./out-gpu/
+#   BENCH_ARGS="--tiny --device cpu" bash benchmarks/gpu_check.sh    # the same steps on a CPU machine
+#
+# Wheels: bash benchmarks/gpu_wheels.sh fills .whl/ here; the device command carries it. Without them
+# (or if Ray does not import) the Ray tests skip and the rest runs; the summary says so.
+set -uo pipefail                      # no -e: a failing test run must not stop the benchmark
+cd "$(dirname "$0")/.."
+what=${1:-all}
+out=${OUT:-out-gpu}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RAY_ENABLE_UV_RUN_RUNTIME_ENV=0
+summary="$out/summary.txt"
+: >"$summary"
+note() { echo "== $*" | tee -a "$summary"; }
+t0=$SECONDS
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $py -c "import sys, torch, transformers; print('python', sys.version.split()[0]); print('torch', torch.__version__,
+'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('transformers', transformers.__version__)"
+  $py -m pip list 2>/dev/null | grep -iE '^(accelerate|protobuf|packaging|pyarrow|pytest|ray|deepspeed) '
+} 2>&1 | tee "$out/env.txt"
+
+ray="yes (preinstalled)"
+if ! $py -c "import ray" 2>/dev/null; then
+    if ls .whl/ray-*.whl >/dev/null 2>&1; then
+        # --target + PYTHONPATH: the machine's own packages stay as they are; Ray's workers inherit PYTHONPATH
+        $py -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        if PYTHONPATH="/tmp/site:$PYTHONPATH" $py -c "import ray; print('ray', ray.__version__, ray.__file__)" 2>&1 \
+                | tee -a "$out/env.txt"; then
+            export PYTHONPATH="/tmp/site:$PYTHONPATH"
+            ray="yes (from .whl/)"
+        else
+            ray="NO: Ray from .whl/ does not import (see env.txt)"
+        fi
+    else
+        ray="NO: no .whl/ray-*.whl carried (bash benchmarks/gpu_wheels.sh, then carry .whl)"
+    fi
+fi
+note "ray: $ray$([[ $ray == NO* ]] && echo '; running the non-Ray GPU parts only: the Ray tests skip')"
+
+tests_rc=-
+if [[ $what == all || $what == tests ]]; then
+    timeout 270 $py -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
+    tests_rc=$?
+    note "gpu tests: exit $tests_rc ($(tail -1 "$out/gpu_tests.log"))"
+fi
+
+bench_rc=-
+if [[ $what == all || $what == bench ]]; then
+    # the Markdown table on stdout; progress and errors on stderr, into gpu_methods.log
+    timeout 150 $py benchmarks/gpu_methods.py ${BENCH_ARGS:-} --json "$out/gpu_methods.json" --csv "$out/gpu_methods.csv" \
+        2>"$out/gpu_methods.log" | tee "$out/gpu_methods.md"
+    bench_rc=$?
+    [[ $bench_rc == 0 ]] || tail -n 30 "$out/gpu_methods.log"
+    note "benchmark: exit $bench_rc (table: gpu_methods.md)"
+fi
+
+note "done in $((SECONDS - t0)) s; outputs in $out"
+[[ $tests_rc == - || $tests_rc == 0 ]] && [[ $bench_rc == - || $bench_rc == 0 ]]
