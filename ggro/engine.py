@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from . import models
+from . import guide, models
 from .config import GGROConfig, ModelConfig, config_hash
 from .policy import SegmentDecoder
 from .reward import RewardModel
@@ -49,18 +49,24 @@ class Engine:
                 except ValueError as e:
                     row.error = str(e)
             yield output_record(row, None, self.tokenizer, prov, gcfg.method)
-        for res in run(prompts, self.policy, self.reward, gcfg, self.mcfg.batch_size):
+        for res in run(prompts, self.policy, self.reward, gcfg, self.mcfg.batch_size, self.mcfg.cohorts):
             yield output_record(by_id[res.id], res, self.tokenizer, prov, gcfg.method)
 
 
 def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None) -> RewardModel:
-    same = mcfg.reward_model == mcfg.policy and mcfg.reward_kind == "judge"
-    tok = policy_tok if same else models.load_tokenizer(mcfg.reward_model)
-    if not same:
-        models.check_same_vocab(policy_tok, tok, mcfg.policy, mcfg.reward_model)
-    kind = "causal" if mcfg.reward_kind == "judge" else "classifier"
-    model = policy_model if same and policy_model is not None else models.load_model(
-        mcfg.reward_model, kind, mcfg.dtype, mcfg.device)
+    """The reward model; on the policy's weights when the config says they are shared and they are at hand."""
+    spec = mcfg.reward_model
+    shared = mcfg.shares_policy_weights and policy_model is not None
+    tok = policy_tok if spec == mcfg.policy else models.load_tokenizer(spec)
+    if spec != mcfg.policy:
+        models.check_same_vocab(policy_tok, tok, mcfg.policy, spec)
+    if not shared:
+        model = models.load_model(spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype,
+                                  mcfg.device)
+    elif mcfg.reward_kind == "judge":
+        model = policy_model
+    else:
+        model = guide.with_head(policy_model, guide.load_head(guide.shipped_head()))
     return RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model))
 
 

@@ -77,17 +77,18 @@ def parse_row(obj, where: str) -> InputRow:
     return row
 
 
-def read_rows(path: str | Path) -> Iterator[InputRow]:
-    """Rows of a .jsonl/.json-lines or .parquet file (or a folder of them), errors included."""
+def read_records(path: str | Path) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(where, object, error) for each record of a .jsonl or .parquet file (or a folder of them);
+    a line that is not valid UTF-8 or JSON comes back as an error, never dropped."""
     path = Path(path)
     if path.is_dir():
         for f in sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet")):
-            yield from read_rows(f)
+            yield from read_records(f)
         return
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
         for i, obj in enumerate(pq.read_table(path).to_pylist()):
-            yield parse_row({k: v for k, v in obj.items() if v is not None}, f"{path.name}:row-{i + 1}")
+            yield f"{path.name}:row-{i + 1}", {k: v for k, v in obj.items() if v is not None}, None
         return
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -95,14 +96,17 @@ def read_rows(path: str | Path) -> Iterator[InputRow]:
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8"))
+                yield where, json.loads(raw.decode("utf-8")), None
             except UnicodeDecodeError as e:
-                yield InputRow(id=where, error=f"line {n} is not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
+                yield where, None, f"line {n} is not valid UTF-8 ({e.reason} at byte {e.start})"
             except json.JSONDecodeError as e:
-                yield InputRow(id=where, error=f"line {n} is not valid JSON: {e.msg} (column {e.colno})")
-                continue
-            yield parse_row(obj, where)
+                yield where, None, f"line {n} is not valid JSON: {e.msg} (column {e.colno})"
+
+
+def read_rows(path: str | Path) -> Iterator[InputRow]:
+    """Rows of a .jsonl/.json-lines or .parquet file (or a folder of them), errors included."""
+    for where, obj, err in read_records(path):
+        yield InputRow(id=where, error=err) if err else parse_row(obj, where)
 
 
 def dedupe(rows) -> Iterator[InputRow]:

@@ -79,10 +79,13 @@ class Aligners:
             if self.engine is None:
                 from ggro.engine import Engine
                 m = self.mcfg
-                print(f"ggro: loading {m.policy}" + (f" and {m.reward_model}" if m.reward_model != m.policy else
-                                                     f" (policy and {m.reward_kind})") + " in this process",
-                      file=sys.stderr)
-                torch_threads()
+                guide = m.reward_kind == "classifier" and m.reward_model == "default"
+                if m.shares_policy_weights:
+                    also = f" ({'with the shipped guide head' if guide else 'as its own judge'}, one copy of the weights)"
+                else:
+                    also = f" and {'the shipped guide' if guide else m.reward_model}"
+                print(f"ggro: loading {m.policy}{also} in this process", file=sys.stderr)
+                torch_threads(self.mcfg.cohorts)
                 self.engine = Engine.load(self.mcfg)
             align_local(self.engine, rows, out_dir, gcfg, flush_every=self.mcfg.batch_size)
             return

@@ -8,7 +8,7 @@ from importlib import resources
 
 import yaml
 
-from ggro.config import (METHODS, PROMPT_FORMATS, REWARD_KINDS, ConfigError, GGROConfig, ModelConfig,
+from ggro.config import (METHODS, PROMPT_FORMATS, REWARD_KINDS, SEARCH_MODES, ConfigError, GGROConfig, ModelConfig,
                          split_fields)
 
 
@@ -21,9 +21,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("models")
     m.add_argument("--policy", help="policy LM: a local HF folder, a .gguf file, a hub id already in the "
                    "local HF cache, or 'default' (embedded SmolLM2-135M-Instruct) [default]")
-    m.add_argument("--reward", help="reward model (same forms as --policy) [the policy itself, as a judge]")
+    m.add_argument("--reward", help="reward model (same forms as --policy; `default` with --reward-kind classifier is the shipped guide, "
+                   "a trained head on the default model) [the policy itself: the guide for `default`, else a judge]")
     m.add_argument("--reward-kind", choices=REWARD_KINDS,
-                   help="classifier: *ForSequenceClassification with one label; judge: yes/no rubric on a chat LM [judge]")
+                   help="classifier: *ForSequenceClassification with one label; judge: yes/no rubric on a chat LM [classifier for `default`, else judge]")
     m.add_argument("--rubric", help="judge question asked about each response")
     m.add_argument("--prompt-format", choices=PROMPT_FORMATS,
                    help="chat: chat template + generation prompt; chat-no-gen: without it (reference setting, "
@@ -31,6 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), help="[float32]")
     m.add_argument("--device", help="cpu or cuda [cpu]")
     m.add_argument("--batch-size", type=int, help="prompts advanced together per round [8]")
+    m.add_argument("--cohorts", type=int, help="--local GGRO: split the batch into this many threads whose policy "
+                   "and reward calls overlap (same outputs; each gets cores / cohorts torch threads) [1]")
     s = p.add_argument_group("search")
     s.add_argument("--method", choices=METHODS, help="[ggro]")
     s.add_argument("--max-new-tokens", type=int, help="[128]")
@@ -40,6 +43,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--nudge-temperature", type=float, help="[0.1]")
     s.add_argument("--selection", choices=("greedy", "sample"), help="nudge selection [greedy]")
     s.add_argument("--scoring", choices=("faithful", "taylor"), help="candidate score [faithful]")
+    s.add_argument("--search-mode", choices=SEARCH_MODES,
+                   help="faithful: the reference's serial refinements; adaptive: stop a segment when a nudge does "
+                        "not raise the reward by --adaptive-margin or would repeat a refinement; parallel: decode "
+                        "the S-1 best nudges of the first gradient in one round [faithful]")
+    s.add_argument("--adaptive-margin", type=float, help="adaptive: least reward gain that keeps refining [0.0]")
     s.add_argument("--min-segment-tokens", type=int, help="[4]")
     s.add_argument("--initial-insertion-offset", type=int, help="first segment's nudge offset [0]")
     s.add_argument("--n", type=int, help="best-of-n samples [4]")
@@ -84,11 +92,12 @@ def fail(msg: str, code: int = 2):
     raise SystemExit(code)
 
 
-def torch_threads() -> None:
-    """Use every core we were given (Ray sets OMP_NUM_THREADS=1 in workers otherwise)."""
+def torch_threads(cohorts: int = 1) -> None:
+    """Use every core we were given (Ray sets OMP_NUM_THREADS=1 in workers otherwise), shared by the cohorts:
+    oversubscribed OpenMP threads spin-wait for each other and run many times slower."""
     import torch
     n = int(os.environ.get("GGRO_THREADS", "0")) or os.cpu_count() or 1
-    torch.set_num_threads(n)
+    torch.set_num_threads(max(1, n // cohorts))
 
 
 def module_main(module: str, doc: str | None, add_args, run, argv=None) -> int:

@@ -275,7 +275,7 @@ class Resources:
             return default if v is None else v
 
         on_gpu = 1.0 if mcfg.device.startswith("cuda") else 0.0
-        self_judge = mcfg.reward_model == mcfg.policy and mcfg.reward_kind == "judge"
+        self_judge = mcfg.shares_policy_weights
         if getattr(args, "local", False):
             return cls(tp=1, policy_gpus=on_gpu, policy_replicas=1, reward_replicas=0 if self_judge else 1,
                        reward_gpus=on_gpu, policy_cpus=0, reward_cpus=0, aligner_cpus=0, aligners=1, local=True)
@@ -535,7 +535,7 @@ def validate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     if pol.classifier:
         errors.append(f"--policy {pol.spec} is a sequence classifier, not a causal LM")
     if mcfg.reward_kind == "classifier":
-        if rm.classifier is False:
+        if rm.classifier is False and rm.spec != "default":   # default: the shipped head on the default backbone
             errors.append(f"--reward-kind classifier but {rm.spec} is not a *ForSequenceClassification "
                           "checkpoint (use --reward-kind judge for a chat LM)")
         if rm.num_labels not in (None, 1):

@@ -54,7 +54,7 @@ class ServeSettings:
     def shared_weights(self) -> bool:
         m = self.mcfg
         # a tp-sharded policy cannot be differentiated (AutoTP has no backward): the judge gets its own copy
-        return m.reward_model == m.policy and m.reward_kind == "judge" and self.tp == 1
+        return m.shares_policy_weights and self.tp == 1
 
 
 # -- model deployments ---------------------------------------------------------------------------------

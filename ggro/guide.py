@@ -1,0 +1,250 @@
+"""A reward model from preference pairs: a Bradley-Terry head on a frozen causal LM's last-token features.
+
+r(z) = w . h(z), where h(z) is the backbone's final hidden state (after its last norm) at the last token
+of z = chat(prompt) + response, exactly what a Hugging Face `*ForSequenceClassification` computes with a
+`score` layer of one output and no bias. So a trained head is saved as such a model folder, loads with
+`AutoModelForSequenceClassification`, and guides GGRO as `--reward DIR --reward-kind classifier`.
+
+The backbone never trains: features are computed once (batched, cached on disk) and the head is a
+logistic regression on feature differences, P(chosen > rejected) = sigmoid(w . (h_c - h_r)).
+GGRO scores partial responses while it searches, so each response also yields features at a few
+truncation points (free: one causal forward gives every position), and pairs are trained at equal
+truncations too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+# Response token counts at which a pair is also compared (both sides cut at the same length).
+TRUNCATIONS = (8, 24)
+MAX_RESPONSE_TOKENS = 160
+HEAD_FILE = "guide_head.safetensors"
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt_ids: list[int]      # x: the chat-formatted prompt, generation prompt included
+    chosen_ids: list[int]      # response token ids (no end-of-turn)
+    rejected_ids: list[int]
+    group: str                 # split key: pairs of one prompt never straddle splits
+    tag: str                   # what accuracy is reported by (source / kind)
+
+
+def shipped_head() -> Path:
+    """The head trained by the project on its default pairs (docs/reward-model.md), for the default backbone."""
+    return Path(str(resources.files("ggro") / "data" / HEAD_FILE))
+
+
+@torch.no_grad()
+def last_token_features(backbone, sequences: list[list[int]], positions: list[list[int]], batch_size: int = 16,
+                        progress=None) -> list[torch.Tensor]:
+    """h at each requested position of each sequence ([len(positions[i]), d] per sequence), in fp32.
+
+    Sequences are right-padded; causal attention makes a position's state independent of what follows.
+    """
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    dev = next(backbone.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))   # little padding per batch
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        L = max(len(sequences[i]) for i in idx)
+        ids = torch.zeros(len(idx), L, dtype=torch.long, device=dev)
+        mask = torch.zeros(len(idx), L, dtype=torch.long, device=dev)
+        for b, i in enumerate(idx):
+            ids[b, :len(sequences[i])] = torch.tensor(sequences[i])
+            mask[b, :len(sequences[i])] = 1
+        h = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        for b, i in enumerate(idx):
+            out[i] = h[b, positions[i]].cpu()
+        if progress is not None:
+            progress.update(len(idx))
+    return out
+
+
+def pair_features(backbone, examples: list[Example], cache: Path | None = None, batch_size: int = 16,
+                  progress=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(chosen, rejected, example index) feature rows: each equal truncation, then the whole responses.
+
+    With `cache`, features are kept per sequence (keyed by the backbone and the token ids), so a changed
+    data mix only computes its new sequences."""
+    seqs, poss, cuts = [], [], []
+    for e in examples:
+        n = min(len(e.chosen_ids), len(e.rejected_ids))
+        cut = [t for t in TRUNCATIONS if t < n]
+        cuts.append(cut)
+        for resp in (e.chosen_ids, e.rejected_ids):
+            seqs.append(e.prompt_ids + resp)
+            poss.append([len(e.prompt_ids) + t - 1 for t in cut] + [len(seqs[-1]) - 1])
+    name = str(getattr(backbone.config, "_name_or_path", ""))
+    keys = [hashlib.sha256(json.dumps([name, s, p]).encode()).hexdigest()[:24] for s, p in zip(seqs, poss)]
+    store = cache / f"features-{hashlib.sha256(name.encode()).hexdigest()[:12]}.pt" if cache is not None else None
+    known = torch.load(store) if store is not None and store.exists() else {}
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    if progress is not None:
+        progress.update(len(seqs) - len(todo))
+    for s in range(0, len(todo), 512):      # saved as it goes: an interrupted run keeps what it computed
+        part = todo[s:s + 512]
+        feats = last_token_features(backbone, [seqs[i] for i in part], [poss[i] for i in part], batch_size, progress)
+        known.update({keys[i]: f for i, f in zip(part, feats)})
+        if store is not None:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(known, store.with_suffix(".tmp"))
+            store.with_suffix(".tmp").replace(store)
+    ch, rj, owner = [], [], []
+    for i, cut in enumerate(cuts):
+        ch.append(known[keys[2 * i]])
+        rj.append(known[keys[2 * i + 1]])
+        owner += [i] * (len(cut) + 1)
+    return torch.cat(ch), torch.cat(rj), owner
+
+
+def split_of(group: str, heldout: float = 0.2, val: float = 0.1) -> str:
+    """'train' | 'val' | 'test' by a stable hash of the prompt: the same prompt always lands in the same split."""
+    u = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if u < heldout else "val" if u < heldout + val else "train"
+
+
+def train_head(dc: torch.Tensor, dr: torch.Tensor, vc: torch.Tensor, vr: torch.Tensor, l2: float = 1e-3,
+               epochs: int = 400, lr: float = 0.05, patience: int = 40) -> tuple[torch.Tensor, dict]:
+    """Bradley-Terry logistic regression on (chosen - rejected) features; early stopping on validation loss.
+
+    Features are standardised for the optimiser and the scale is folded back into w, so the returned
+    w applies to raw features (a bias would cancel in every pair, so there is none).
+    """
+    d = (dc - dr).double()
+    vd = (vc - vr).double()
+    scale = (torch.cat([dc, dr]).double().std(0) + 1e-6)
+    x, vx = d / scale, vd / scale
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr)
+    best = (math.inf, w.detach().clone(), 0)
+    for epoch in range(epochs):
+        opt.zero_grad()
+        loss = torch.nn.functional.softplus(-(x @ w)).mean() + l2 * (w * w).sum()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            vloss = float(torch.nn.functional.softplus(-(vx @ w)).mean()) if len(vx) else float(loss)
+        if vloss < best[0] - 1e-6:
+            best = (vloss, w.detach().clone(), epoch)
+        elif epoch - best[2] >= patience:
+            break
+    w = best[1] / scale
+    return w.float(), {"val_loss": best[0], "best_epoch": best[2], "epochs_run": epoch + 1}
+
+
+def accuracy(w: torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> float:
+    """Share of pairs the head orders correctly (a tie counts half)."""
+    if not len(c):
+        return math.nan
+    m = (c.float() - r.float()) @ w.float()
+    return float(((m > 0).float() + 0.5 * (m == 0).float()).mean())
+
+
+# -- the head as a Hugging Face model -------------------------------------------------------------------
+
+def classifier_config(causal_config):
+    """The causal LM's config, turned into a one-label sequence classifier's (pad token set)."""
+    cfg = causal_config.__class__.from_dict(causal_config.to_dict())
+    cfg.num_labels = 1
+    cfg.problem_type = "regression"
+    cfg.architectures = [causal_config.architectures[0].replace("ForCausalLM", "ForSequenceClassification")] \
+        if getattr(causal_config, "architectures", None) else None
+    if getattr(cfg, "pad_token_id", None) is None:
+        eos = cfg.eos_token_id
+        cfg.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return cfg
+
+
+def with_head(causal_model, weight: torch.Tensor):
+    """A `*ForSequenceClassification` whose backbone IS `causal_model`'s (one copy of the weights, two heads)."""
+    from transformers import AutoModelForSequenceClassification
+    cfg = classifier_config(causal_model.config)
+    with torch.device("meta"):
+        clf = AutoModelForSequenceClassification.from_config(cfg, dtype=causal_model.dtype)
+    prefix = clf.base_model_prefix
+    setattr(clf, prefix, getattr(causal_model, causal_model.base_model_prefix))
+    param = next(causal_model.parameters())
+    clf.score = torch.nn.Linear(weight.numel(), 1, bias=False, device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        clf.score.weight.copy_(weight.reshape(1, -1))
+    clf.requires_grad_(False)
+    return clf.eval()
+
+
+def save_head(weight: torch.Tensor, path: Path, meta: dict) -> None:
+    """A few-KB head-only file (safetensors), for a backbone that is already at hand."""
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"score.weight": weight.reshape(1, -1).float().contiguous()}, str(path),
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+def load_head(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    return load_file(str(path))["score.weight"].reshape(-1)
+
+
+def save_classifier(causal_model, tokenizer, weight: torch.Tensor, out: Path) -> None:
+    """A standard `*ForSequenceClassification` folder (weights, config with num_labels=1, tokenizer)."""
+    clf = with_head(causal_model, weight)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    clf.config.pad_token_id = tokenizer.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    clf.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# -- preference pairs (TRL's format) ---------------------------------------------------------------------
+
+def _text(side, name: str) -> str:
+    """A response as text: a string, or TRL's conversational list whose assistant turns are the response."""
+    if isinstance(side, str):
+        text = side
+    elif isinstance(side, list) and side and all(isinstance(m, dict) for m in side):
+        turns = [m.get("content") for m in side if m.get("role") == "assistant"]
+        if not turns or not all(isinstance(t, str) for t in turns):
+            raise ValueError(f"`{name}` must hold assistant messages with string content")
+        text = "".join(turns)
+    else:
+        raise ValueError(f"`{name}` must be a string or a list of {{role, content}} messages")
+    if not text.strip():
+        raise ValueError(f"`{name}` is empty")
+    return text
+
+
+def _messages(prompt) -> list[dict]:
+    if isinstance(prompt, str) and prompt.strip():
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+            for m in prompt):
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise ValueError("`prompt` must be a non-empty string or a list of {role, content} messages")
+
+
+def parse_pair(obj, tokenizer) -> Example:
+    """One TRL preference row -> token ids (x with the chat template's generation prompt, responses).
+    Raises ValueError naming the field."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"row is a {type(obj).__name__}, expected an object with prompt, chosen, rejected")
+    for k in ("prompt", "chosen", "rejected"):
+        if obj.get(k) is None:
+            raise ValueError(f"missing `{k}`")
+    msgs = _messages(obj["prompt"])
+    chosen, rejected = _text(obj["chosen"], "chosen"), _text(obj["rejected"], "rejected")
+    if chosen == rejected:
+        raise ValueError("`chosen` and `rejected` are the same text")
+    x = tokenizer.encode(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False)[:MAX_RESPONSE_TOKENS]
+    tag = str(obj.get("kind") or obj.get("source") or "pairs")
+    return Example(x, enc(chosen), enc(rejected), json.dumps(msgs, sort_keys=True), tag)

