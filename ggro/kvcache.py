@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @dataclass
@@ -22,20 +23,59 @@ class Prefix:
     last: torch.Tensor | None                     # what `forward` returned for the last position
 
 
-def left_pad_kv(prefixes: list[Prefix], length: int) -> DynamicCache:
-    """Stack per-sequence caches into one [batch, heads, length, dim] cache, right-aligned."""
+class BufferLayer(DynamicLayer):
+    """A cache layer over buffers with room to grow: a decode step writes its token in place, where
+    DynamicLayer would copy the whole cache (torch.cat) on every step."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, n: int):
+        super().__init__()
+        self.kbuf, self.vbuf, self.n = k, v, n
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        self._views()
+
+    def _views(self):
+        self.keys, self.values = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        q = key_states.shape[-2]
+        if self.n + q > self.kbuf.shape[-2]:      # out of room: grow by doubling (rare)
+            more = max(q, self.kbuf.shape[-2])
+            self.kbuf = torch.cat([self.kbuf, self.kbuf.new_zeros(*self.kbuf.shape[:2], more, self.kbuf.shape[3])], 2)
+            self.vbuf = torch.cat([self.vbuf, self.vbuf.new_zeros(*self.vbuf.shape[:2], more, self.vbuf.shape[3])], 2)
+        self.kbuf[:, :, self.n:self.n + q] = key_states
+        self.vbuf[:, :, self.n:self.n + q] = value_states
+        self.n += q
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+        self._views()
+
+
+def left_pad_kv(prefixes: list[Prefix], length: int, room: int = 0) -> DynamicCache:
+    """Stack per-sequence caches into one [batch, heads, length, dim] cache, right-aligned; with `room`, the
+    buffers hold that many more positions so decoding appends in place (no autograd through them)."""
     layers = []
     for li in range(len(prefixes[0].kv)):
         k0, v0 = prefixes[0].kv[li]
-        k = k0.new_zeros(len(prefixes), k0.shape[0], length, k0.shape[2])
-        v = v0.new_zeros(len(prefixes), v0.shape[0], length, v0.shape[2])
+        k = k0.new_zeros(len(prefixes), k0.shape[0], length + room, k0.shape[2])
+        v = v0.new_zeros(len(prefixes), v0.shape[0], length + room, v0.shape[2])
         for b, p in enumerate(prefixes):
             n = len(p.ids)
             if n:
-                k[b, :, length - n:] = p.kv[li][0]
-                v[b, :, length - n:] = p.kv[li][1]
-        layers.append((k, v))
-    return DynamicCache(ddp_cache_data=layers)
+                k[b, :, length - n:length] = p.kv[li][0]
+                v[b, :, length - n:length] = p.kv[li][1]
+        layers.append(BufferLayer(k, v, length) if room else DynamicLayer())
+        if not room:   # set directly: DynamicCache(ddp_cache_data=...) would copy each tensor once more
+            layers[-1].lazy_initialization(k, v)
+            layers[-1].keys, layers[-1].values = k, v
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
 
 
 def chunk_layout(past_lens: list[int], new_lens: list[int], device):

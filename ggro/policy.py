@@ -57,7 +57,7 @@ class SegmentDecoder:
         B = len(requests)
         P = max(len(p.ids) for p in prefixes)
         dev = self.device
-        cache = left_pad_kv(prefixes, P)
+        cache = left_pad_kv(prefixes, P, room=max(r.max_tokens for r in requests))
         mask = torch.zeros(B, P, dtype=torch.long, device=dev)
         for b, p in enumerate(prefixes):
             mask[b, P - len(p.ids):] = 1

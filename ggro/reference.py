@@ -83,33 +83,54 @@ def reference_ggro(prompt_id: str, x: list[int], model, reward: ReferenceReward,
         y = res.tokens
         insert_at = cfg.initial_insertion_offset if first and not has_prefill else 0
         first = False
-        best, seen, nudge = None, [], None
-        for i in range(cfg.num_refinements):
-            s, stop, base, emitted = decode_segment(model, x + y, len(x), cfg, eos, nudge, insert_at)
-            res.refinements += 1
-            res.policy_tokens += emitted
-            if s in seen:
-                break
-            seen.append(s)
-            more = i + 1 < cfg.num_refinements and insert_at < len(s)
-            r, grad = reward(x + y + s, need_grad=more)
-            res.reward_calls += 1
-            if best is None or r > best[1]:
-                best = (s, r, i, stop)
-            if not more:
-                break
-            q = len(x + y) + insert_at
-            cands = torch.topk(base[insert_at], cfg.top_k).indices
-            current = s[insert_at]
-            g = grad[q].double()
-            if cfg.scoring == "taylor":
-                scores = g[cands] - g[current]
-            else:   # the reference's 1e-10 factor on the current token, taken to its limit
-                scores = torch.where(cands == current, 0.0, g[cands])
-            if cfg.selection == "sample":
-                nudge = int(cands[torch.multinomial(torch.softmax(scores / cfg.nudge_temperature, 0), 1, generator=gen)])
-            else:
-                nudge = int(cands[torch.argmax(scores / cfg.nudge_temperature)])
+        best, seen, forced = None, [], [None]
+        i = 0
+        while forced and i < cfg.num_refinements:
+            batch, forced = forced, []
+            for nudge in batch:
+                s, stop, base, emitted = decode_segment(model, x + y, len(x), cfg, eos, nudge, insert_at)
+                res.refinements += 1
+                res.policy_tokens += emitted
+                if s in seen:
+                    break
+                seen.append(s)
+                # parallel mode takes one gradient, of the first refinement, and decodes its S-1 best nudges
+                grad_ok = i == 0 if cfg.search_mode == "parallel" else True
+                more = i + 1 < cfg.num_refinements and insert_at < len(s) and grad_ok
+                r, grad = reward(x + y + s, need_grad=more)
+                res.reward_calls += 1
+                gain = r - best[1] if best is not None else float("inf")
+                if best is None or r > best[1]:
+                    best = (s, r, i, stop)
+                i += 1
+                if not more or (cfg.search_mode == "adaptive" and i > 1 and gain < cfg.adaptive_margin):
+                    break
+                q = len(x + y) + insert_at
+                cands = torch.topk(base[insert_at], cfg.top_k).indices
+                current = s[insert_at]
+                g = grad[q].double()
+                if cfg.scoring == "taylor":
+                    scores = g[cands] - g[current]
+                else:   # the reference's 1e-10 factor on the current token, taken to its limit
+                    scores = torch.where(cands == current, 0.0, g[cands])
+                scores = scores / cfg.nudge_temperature
+                if cfg.search_mode == "parallel":
+                    keep = cands != current
+                    cands, scores = cands[keep], scores[keep]
+                    n = min(cfg.num_refinements - 1, len(cands))
+                    if cfg.selection == "sample":
+                        pick = torch.multinomial(torch.softmax(scores, 0), n, replacement=False, generator=gen)
+                    else:
+                        pick = sorted(range(len(cands)), key=lambda c: (-float(scores[c]), c))[:n]
+                    forced = [int(cands[c]) for c in pick]
+                    break
+                if cfg.selection == "sample":
+                    nudge = int(cands[torch.multinomial(torch.softmax(scores, 0), 1, generator=gen)])
+                else:
+                    nudge = int(cands[torch.argmax(scores)])
+                if cfg.search_mode == "adaptive" and nudge in {t[insert_at] for t in seen if insert_at < len(t)}:
+                    break     # a sure repeat of an earlier refinement: not decoded
+                forced = [nudge]
         s, r, i, stop = best
         res.tokens = y + s
         res.num_segments += 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -47,28 +49,53 @@ def row_seed(seed: int, row_id: str, salt: int = 0) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def propose(scores: list[float], candidates: list[int], current: int, cfg: GGROConfig,
-            gen: torch.Generator | None) -> int:
-    """Pick the nudge from raw candidate scores g_q . E[c] (the last score is the current token's)."""
+def _sigma(scores: list[float], candidates: list[int], current: int, cfg: GGROConfig) -> torch.Tensor:
+    """sigma_c from raw candidate scores g_q . E[c] (the last score is the current token's)."""
     dots = torch.tensor(scores, dtype=torch.float64)
     cur = dots[-1]
     sigma = dots[:-1] - cur if cfg.scoring == "taylor" else dots[:-1].clone()
     sigma[torch.tensor(candidates) == current] = 0.0
+    return sigma / cfg.nudge_temperature
+
+
+def propose(scores: list[float], candidates: list[int], current: int, cfg: GGROConfig,
+            gen: torch.Generator | None) -> int:
+    """Pick the nudge from raw candidate scores g_q . E[c] (the last score is the current token's)."""
+    sigma = _sigma(scores, candidates, current, cfg)
     if cfg.selection == "sample":
-        probs = torch.softmax(sigma / cfg.nudge_temperature, dim=0)
-        return candidates[int(torch.multinomial(probs, 1, generator=gen))]
-    return candidates[int(torch.argmax(sigma / cfg.nudge_temperature))]
+        return candidates[int(torch.multinomial(torch.softmax(sigma, dim=0), 1, generator=gen))]
+    return candidates[int(torch.argmax(sigma))]
+
+
+def propose_many(scores: list[float], candidates: list[int], current: int, cfg: GGROConfig,
+                 gen: torch.Generator | None, n: int) -> list[int]:
+    """`parallel` mode: the n best (or n sampled, without replacement) candidates other than the current token."""
+    sigma = _sigma(scores, candidates, current, cfg)
+    others = [i for i, c in enumerate(candidates) if c != current]
+    n = min(n, len(others))
+    if not n:
+        return []
+    sub = sigma[others]
+    if cfg.selection == "sample":
+        picks = torch.multinomial(torch.softmax(sub, dim=0), n, replacement=False, generator=gen).tolist()
+    else:
+        picks = sorted(range(len(others)), key=lambda i: (-float(sub[i]), i))[:n]   # stable: first wins ties
+    return [candidates[others[i]] for i in picks]
 
 
 @dataclass
 class _Segment:
     """Per-prompt search state for the segment being refined."""
     insert_at: int
-    i: int = 0
+    i: int = 0                          # refinements decoded so far
     seen: list = field(default_factory=list)
     best: tuple | None = None           # (tokens, reward, refinement index, stop)
-    nudge: int | None = None
+    pending: list = field(default_factory=lambda: [None])   # forced tokens to decode next round (None: greedy)
     tried: list = field(default_factory=list)
+
+    def at_q(self) -> set:
+        """Tokens already decoded at the insertion offset: forcing one again repeats its segment exactly."""
+        return {s[self.insert_at] for s in self.seen if self.insert_at < len(s)}
 
 
 class _Active:
@@ -84,9 +111,36 @@ class _Active:
         return self.p.ids + self.res.tokens
 
 
+def _next(a: _Active, s, r, more: bool, cfg: GGROConfig) -> bool:
+    """After scoring refinement `s` (reward `r`): set the next round's nudges; False when the segment is done."""
+    seg, S = a.seg, cfg.num_refinements
+    improved = seg.best is None or r.reward > seg.best[1]
+    gain = r.reward - seg.best[1] if seg.best is not None else math.inf
+    if improved:
+        seg.best = (s.tokens, r.reward, seg.i - 1, s.stop)
+    if not more:
+        return False
+    current = s.tokens[seg.insert_at]
+    if cfg.search_mode == "parallel":
+        seg.pending = propose_many(r.scores, s.candidates, current, cfg, a.gen, S - 1)
+        return bool(seg.pending)
+    if cfg.search_mode == "adaptive" and seg.i > 1 and gain < cfg.adaptive_margin:
+        return False      # this nudge did not pay: stop refining the segment
+    nudge = propose(r.scores, s.candidates, current, cfg, a.gen)
+    if cfg.search_mode == "adaptive" and nudge in seg.at_q():
+        return False      # it would decode an earlier refinement again (a sure repeat): skip it
+    seg.pending = [nudge]
+    return True
+
+
 def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
          batch_size: int = 8) -> Iterator[Result]:
-    """GGRO over `prompts`, yielding each Result as soon as its prompt finishes."""
+    """GGRO over `prompts`, yielding each Result as soon as its prompt finishes.
+
+    search_mode `faithful` refines serially (ALGORITHM.md); `adaptive` also stops a segment when a nudge
+    fails to raise the reward by `adaptive_margin` or would repeat an earlier refinement; `parallel` decodes
+    the S-1 best nudges of the first gradient together in one round and scores them in one call.
+    """
     pending = iter(prompts)
     active: list[_Active] = []
     S = cfg.num_refinements
@@ -98,35 +152,38 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
             active.append(_Active(p, cfg, time.perf_counter()))
         if not active:
             return
-        reqs = [SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens), a.seg.nudge,
+        owners = [a for a in active for _ in a.seg.pending]
+        reqs = [SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens), f,
                                a.seg.insert_at, cfg.entropy_threshold, cfg.min_segment_tokens, cfg.top_k)
-                for a in active]
+                for a in active for f in a.seg.pending]
         segs = policy.decode(reqs)
         queries, scored, closing = [], [], []
-        for a, s in zip(active, segs):
+        for a, f, s in zip(owners, [f for a in active for f in a.seg.pending], segs):
             a.res.refinements += 1
             a.res.policy_tokens += s.decoded
-            if tuple(s.tokens) in a.seg.seen:       # a repeat: the search has converged
-                closing.append(a)
-                continue
-            a.seg.seen.append(tuple(s.tokens))
-            q = len(a.prefix) + a.seg.insert_at
-            more = a.seg.i + 1 < S and a.seg.insert_at < len(s.tokens) and s.candidates is not None
-            cands = s.candidates + [s.tokens[a.seg.insert_at]] if more else None
-            queries.append(RewardQuery(a.prefix + s.tokens, q if more else None, cands, a.p.id, len(a.prefix)))
-            scored.append((a, s, more))
-        for (a, s, more), r in zip(scored, reward.score(queries)):
-            a.res.reward_calls += 1
             seg = a.seg
-            if seg.best is None or r.reward > seg.best[1]:
-                seg.best = (s.tokens, r.reward, seg.i, s.stop)
+            if tuple(s.tokens) in seg.seen:       # a repeat: the search has converged
+                if a not in closing:
+                    closing.append(a)
+                continue
+            seg.seen.append(tuple(s.tokens))
+            seg.i += 1
+            q = len(a.prefix) + seg.insert_at
+            budget = 1 if cfg.search_mode == "parallel" else S - 1   # gradient rounds this segment may still use
+            more = seg.i <= budget and seg.i < S and seg.insert_at < len(s.tokens) and s.candidates is not None
+            cands = s.candidates + [s.tokens[seg.insert_at]] if more else None
+            queries.append(RewardQuery(a.prefix + s.tokens, q if more else None, cands, a.p.id, len(a.prefix)))
+            scored.append((a, f, s, more))
+        going = set()
+        for (a, f, s, more), r in zip(scored, reward.score(queries)):
+            a.res.reward_calls += 1
             if a.res.trace is not None:
-                seg.tried.append({"nudge": seg.nudge, "reward": r.reward, "stop": s.stop,
-                                  "stop_entropy": s.stop_entropy, "tokens": len(s.tokens)})
-            if more:
-                seg.nudge = propose(r.scores, s.candidates, s.tokens[seg.insert_at], cfg, a.gen)
-                seg.i += 1
-            else:
+                a.seg.tried.append({"nudge": f, "reward": r.reward, "stop": s.stop,
+                                    "stop_entropy": s.stop_entropy, "tokens": len(s.tokens)})
+            if _next(a, s, r, more, cfg):
+                going.add(id(a))
+        for a in active:
+            if id(a) not in going and a not in closing:
                 closing.append(a)
         done = []
         for a in closing:
@@ -176,7 +233,72 @@ def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGR
                          sum(g.decoded for g, _ in group), n, elapsed)
 
 
+class _Locked:
+    """One call at a time into a model (its prefix cache is not thread-safe); other threads use the other model."""
+
+    def __init__(self, inner):
+        self.inner, self.lock = inner, threading.Lock()
+
+    def decode(self, requests):
+        with self.lock:
+            return self.inner.decode(requests)
+
+    def release(self, seq_ids):
+        with self.lock:
+            return self.inner.release(seq_ids)
+
+    def score(self, queries):
+        with self.lock:
+            return self.inner.score(queries)
+
+
+def overlapped(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig, batch_size: int = 8,
+               cohorts: int = 2) -> Iterator[Result]:
+    """GGRO in `cohorts` threads of batch_size / cohorts prompts each, over one Policy and one Reward: while one
+    cohort's reward call runs, another's policy decodes, so two cores (or a GPU's two engines) stay busy.
+
+    Each prompt's search does not depend on what shares its batch, so the results are the same as ggro()'s.
+    """
+    source, take = iter(prompts), threading.Lock()
+    pol, rew = _Locked(policy), _Locked(reward)
+    out: queue.Queue = queue.Queue()
+
+    def feed():
+        while True:
+            with take:
+                p = next(source, None)
+            if p is None:
+                return
+            yield p
+
+    def work(size):
+        try:
+            for res in ggro(feed(), pol, rew, cfg, size):
+                out.put(res)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            out.put(e)
+        finally:
+            out.put(None)
+
+    sizes = [batch_size // cohorts + (k < batch_size % cohorts) for k in range(min(cohorts, batch_size))]
+    threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in sizes]
+    for t in threads:
+        t.start()
+    running = len(threads)
+    while running:
+        item = out.get()
+        if item is None:
+            running -= 1
+        elif isinstance(item, BaseException):
+            raise item
+        else:
+            yield item
+
+
 def run(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
-        batch_size: int = 8) -> Iterator[Result]:
-    fn = ggro if cfg.method == "ggro" else baseline
-    return fn(prompts, policy, reward, cfg, batch_size)
+        batch_size: int = 8, cohorts: int = 1) -> Iterator[Result]:
+    if cfg.method != "ggro":
+        return baseline(prompts, policy, reward, cfg, batch_size)
+    if cohorts > 1:
+        return overlapped(prompts, policy, reward, cfg, batch_size, cohorts)
+    return ggro(prompts, policy, reward, cfg, batch_size)

@@ -27,12 +27,13 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from ggro.config import SEARCH_MODES
 from jobs.common import module_main
 
-QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], oracle_prompts=1,
+QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], modes=["faithful"], oracle_prompts=1,
              oracle_max_new_tokens=8, scaling_prompts=16, scaling_max_new_tokens=8)
-FULL = dict(limit=None, max_new_tokens=64, best_of_n=[2, 4, 8], refinements=[2, 4, 8], oracle_prompts=3,
-            oracle_max_new_tokens=32, scaling_prompts=16, scaling_max_new_tokens=32)
+FULL = dict(limit=None, max_new_tokens=64, best_of_n=[2, 4, 8], refinements=[2, 4, 8], modes=list(SEARCH_MODES),
+            oracle_prompts=3, oracle_max_new_tokens=32, scaling_prompts=16, scaling_max_new_tokens=32)
 
 
 def _ints(s: str) -> list[int]:
@@ -45,6 +46,13 @@ def _ints(s: str) -> list[int]:
     return vals
 
 
+def _modes(s: str) -> list[str]:
+    vals = [v.strip() for v in s.split(",") if v.strip()]
+    if not vals or any(v not in SEARCH_MODES for v in vals):
+        raise argparse.ArgumentTypeError(f"expected modes from {SEARCH_MODES}, got {s!r}")
+    return vals
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     from jobs.common import add_engine_args
     p.add_argument("--input", help="prompt file (JSONL/Parquet) [the bundled example prompts]")
@@ -54,6 +62,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"small settings that finish in minutes on a CPU: {QUICK}; explicit flags still win")
     p.add_argument("--best-of-n", type=_ints, help="N values for best-of-n [quick: 2,4; else 2,4,8]")
     p.add_argument("--refinements", type=_ints, help="S values for GGRO [quick: 2,4; else 2,4,8]")
+    p.add_argument("--modes", type=_modes, help=f"GGRO search modes timed at each S, comma-separated "
+                   f"({', '.join(SEARCH_MODES)}) [quick: faithful; else all]")
+    p.add_argument("--second-opinion", action="store_true",
+                   help="also score every response with the policy as a yes/no judge (a reward that did not "
+                        "guide the search) and report how often it agrees with the guide against greedy")
     p.add_argument("--oracle-prompts", type=int, help="prompts timed against the reference oracle, 0 to skip "
                    "[quick: 1; else 3]")
     p.add_argument("--oracle-max-new-tokens", type=int, help="max new tokens in the oracle comparison "
@@ -78,11 +91,11 @@ def settings(args) -> dict:
 
 # ---------------------------------------------------------------- measurements
 
-def time_method(engine, rows, gcfg, batch_size: int) -> dict:
+def time_method(engine, rows, gcfg, batch_size: int, cohorts: int = 1) -> dict:
     """Run one configuration over `rows`; wall time covers encoding, search and decoding to text."""
     from ggro.engine import Engine
     eng = Engine(engine.tokenizer, engine.policy, engine.reward, engine.context,
-                 replace(engine.mcfg, batch_size=batch_size))
+                 replace(engine.mcfg, batch_size=batch_size, cohorts=min(cohorts, batch_size)))
     t0 = time.perf_counter()
     recs = list(eng.align(rows, gcfg))
     wall = time.perf_counter() - t0
@@ -97,21 +110,24 @@ def warm_up(engine, rows, gcfg) -> None:
     time_method(engine, rows[:2], replace(gcfg, method="ggro", max_new_tokens=6, num_refinements=2), 2)
 
 
-def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Path | None = None) -> list[dict]:
+def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Path | None = None,
+                second_opinion: bool = False) -> list[dict]:
     """Time each method; with `save_dir`, also write its rows as an align output (for `ggro report`)."""
     import shutil
     from pipeline import metrics as M
     from pipeline.output import write_part
-    configs = [("greedy", replace(gcfg, method="greedy"))]
-    configs += [(f"best-of-{n}", replace(gcfg, method="best-of-n", n=n)) for n in s["best_of_n"]]
-    configs += [(f"ggro S={k}", replace(gcfg, method="ggro", num_refinements=k)) for k in s["refinements"]]
+    configs = [("greedy", replace(gcfg, method="greedy"), 1)]
+    configs += [(f"best-of-{n}", replace(gcfg, method="best-of-n", n=n), 1) for n in s["best_of_n"]]
+    configs += [(f"ggro{'' if m == 'faithful' else '-' + m} S={k}{f' x{c}' if c > 1 else ''}",
+                 replace(gcfg, method="ggro", num_refinements=k, search_mode=m), c)
+                for c in sorted({1, engine.mcfg.cohorts}) for m in s["modes"] for k in s["refinements"]]
     results, greedy = [], None
-    for label, cfg in configs:
+    for label, cfg, cohorts in configs:
         log(f"bench: {label} on {len(rows)} prompts, max_new_tokens={cfg.max_new_tokens} ...")
-        r = time_method(engine, rows, cfg, batch_size)
+        r = time_method(engine, rows, cfg, batch_size, cohorts)
         recs = r["records"]
         if save_dir is not None:
-            d = save_dir / label.replace(" S=", "-S")
+            d = save_dir / label.replace(" S=", "-S").replace(" x", "-x")
             shutil.rmtree(d, ignore_errors=True)
             write_part(d, recs)
         ok = [x for x in recs if x["error"] is None]
@@ -128,8 +144,47 @@ def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Pat
             "wins": wr.wins, "ties": wr.ties, "losses": wr.losses,
             "mean_nudges": M.mean(x["num_nudges"] for x in ok),
         })
+        results[-1]["records"] = recs
         log(f"bench:   {results[-1]['wall_s']:.1f}s, mean reward {results[-1]['mean_reward']:.3f}")
+    base = results[0]
+    for r in results:   # what a user weighs: the cost relative to greedy and the reward it buys per second
+        r["wall_vs_greedy"] = r["wall_s"] / base["wall_s"] if base["wall_s"] else math.nan
+        r["gain_per_s"] = (r["mean_reward"] - base["mean_reward"]) / r["wall_s"] if r["wall_s"] else math.nan
+    if second_opinion:
+        second_opinions(engine, rows, results, log)
+    for r in results:
+        del r["records"]
     return results
+
+
+def second_opinions(engine, rows, results: list[dict], log) -> None:
+    """Score every response with the policy as a yes/no judge (it did not guide the search): its mean
+    reward, and the share of prompts where it agrees with the guide on whether a method beat greedy."""
+    from ggro.config import DEFAULT_RUBRIC
+    from ggro.reward import RewardModel
+    from ggro.seam import RewardQuery
+    from pipeline import metrics as M
+    tok = engine.tokenizer
+    judge = RewardModel(engine.policy.model, tok, "judge", DEFAULT_RUBRIC, engine.policy.eos)
+    x = {p.id: p.ids for p in encode_rows(engine, rows, 1)}
+    log("bench: second opinion (the policy as a yes/no judge) on every response ...")
+    for r in results:
+        ok = [rec for rec in r["records"] if rec["error"] is None and rec["id"] in x]
+        scores = []
+        for i in range(0, len(ok), 8):
+            chunk = ok[i:i + 8]
+            scores += [s.reward for s in judge.score([RewardQuery(x[rec["id"]] + tok.encode(
+                rec["response"] or "", add_special_tokens=False)) for rec in chunk])]
+        r["judge"] = dict(zip([rec["id"] for rec in ok], scores))
+        r["guide"] = {rec["id"]: rec["reward"] for rec in ok}
+        r["judge_reward"] = M.mean(scores)
+    base = results[0]
+    for r in results:
+        agree = [(r["guide"][i] > base["guide"][i]) == (r["judge"][i] > base["judge"][i])
+                 for i in r["guide"] if i in base["guide"] and r["guide"][i] != base["guide"][i]
+                 and r["judge"][i] != base["judge"][i]]
+        r["judge_agreement"] = sum(agree) / len(agree) if agree else math.nan
+        del r["judge"], r["guide"]
 
 
 def encode_rows(engine, rows, max_new_tokens: int):
@@ -225,7 +280,9 @@ def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
 METHOD_COLS = [("method", "method"), ("prompts", "prompts"), ("errors", "errors"), ("wall_s", "wall (s)"),
                ("prompts_per_s", "prompts/s"), ("policy_tokens", "policy tokens"), ("reward_calls", "RM calls"),
                ("mean_reward", "mean reward"), ("win_rate_vs_greedy", "win rate vs greedy"),
-               ("mean_nudges", "nudges/resp")]
+               ("mean_nudges", "nudges/resp"), ("wall_vs_greedy", "wall / greedy"),
+               ("gain_per_s", "reward gain over greedy per s")]
+SECOND_COLS = [("judge_reward", "judge reward (2nd opinion)"), ("judge_agreement", "judge agrees vs greedy")]
 ORACLE_COLS = [("implementation", "implementation"), ("batch_size", "batch"), ("prompts", "prompts"),
                ("wall_s", "wall (s)"), ("speedup_vs_oracle", "speed-up vs oracle"),
                ("identical_tokens", "identical outputs"), ("max_reward_diff", "max reward diff")]
@@ -246,12 +303,13 @@ def plot_reward_vs_wall(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for fam, color, marker in (("greedy", "C0", "o"), ("best-of", "C1", "s"), ("ggro", "C2", "^")):
-        pts = [r for r in rows if r["method"].startswith(fam)]
-        if not pts:
-            continue
-        ax.plot([r["wall_s"] for r in pts], [r["mean_reward"] for r in pts], marker=marker, color=color,
-                label={"greedy": "greedy", "best-of": "best-of-n", "ggro": "GGRO"}[fam], ms=7)
+    import re
+    families: dict[str, list] = {}     # one line per method family: its N or S values along it
+    for r in rows:
+        families.setdefault(re.sub(r"(S=|best-of-)\d+", r"\1N", r["method"]).replace("S=N", "S=*"), []).append(r)
+    for k, (name, pts) in enumerate(families.items()):
+        ax.plot([r["wall_s"] for r in pts], [r["mean_reward"] for r in pts], marker="osD^v<>p*h"[k % 10],
+                color=f"C{k % 10}", label=name, ms=7)
         for r in pts:
             ax.annotate(r["method"], (r["wall_s"], r["mean_reward"]), textcoords="offset points", xytext=(5, 5),
                         fontsize=8)
@@ -346,15 +404,16 @@ def run(args) -> int:
     log(head)
 
     warm_up(engine, rows, gcfg)
-    methods = method_rows(engine, rows, gcfg, s, batch, log, out / "align")
+    methods = method_rows(engine, rows, gcfg, s, batch, log, out / "align", args.second_opinion)
+    cols = METHOD_COLS + (SECOND_COLS if args.second_opinion else [])
     oracle = oracle_rows(engine, rows, gcfg, s, batch, log) if s["oracle_prompts"] else []
     scaling = scaling_rows(engine, rows, gcfg, s, log) if s["scaling_prompts"] else []
 
-    write_csv(out / "bench.csv", methods, METHOD_COLS + [("wins", ""), ("ties", ""), ("losses", "")])
+    write_csv(out / "bench.csv", methods, cols + [("wins", ""), ("ties", ""), ("losses", "")])
     plot_reward_vs_wall(methods, out / "bench_reward_vs_wall.png",
                         f"Reward vs wall time: {len(rows)} prompts, max {gcfg.max_new_tokens} new tokens, "
                         f"batch {batch}\npolicy {model_name(mcfg.policy)}, reward {model_name(mcfg.reward_model)} ({mcfg.reward_kind})")
-    parts = [head, "", "Methods (win rate: paired by prompt id vs greedy, ties count half)", table(methods, METHOD_COLS)]
+    parts = [head, "", "Methods (win rate: paired by prompt id vs greedy, ties count half)", table(methods, cols)]
     if oracle:
         write_csv(out / "bench_oracle.csv", oracle, ORACLE_COLS + [("policy_tokens", "")])
         parts += ["", f"Engine vs oracle (ggro/reference.py), GGRO S={s['oracle_refinements']}, "

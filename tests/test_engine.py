@@ -66,9 +66,18 @@ CASES = [
     ("judge", dict(min_segment_tokens=2, entropy_threshold=1.8, max_new_tokens=9), 1),
     ("classifier", dict(num_refinements=8, top_k=2, entropy_threshold=2.0), 6),
 ]
+# The cheaper search modes against the same plain oracle: parallel tries exactly the S-1 best (or sampled)
+# nudges of the first gradient; adaptive stops on a nudge that gains less than the margin or would repeat.
+MODE_CASES = [
+    ("classifier", dict(search_mode="parallel"), 4),
+    ("judge", dict(search_mode="parallel", num_refinements=3, initial_insertion_offset=4), 3),
+    ("classifier", dict(search_mode="parallel", selection="sample", nudge_temperature=1.0, seed=3), 5),
+    ("classifier", dict(search_mode="adaptive", num_refinements=6), 2),
+    ("judge", dict(search_mode="adaptive", adaptive_margin=0.01, entropy_threshold=2.0), 4),
+]
 
 
-@pytest.mark.parametrize("kind,over,bs", CASES)
+@pytest.mark.parametrize("kind,over,bs", CASES + MODE_CASES)
 def test_engine_matches_oracle(setup, kind, over, bs):
     tok, policy, rewards = setup
     cfg = GGROConfig(**{"max_new_tokens": 16, "num_refinements": 4, "entropy_threshold": 2.4, **over})
@@ -167,3 +176,24 @@ def test_segment_decoder_cache_reuse_is_exact(setup):
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError):
         GGROConfig(**bad)
+
+
+def test_adaptive_only_skips_work(setup):
+    """With no margin, adaptive mode differs from faithful only by not decoding sure repeats: the same
+    responses and rewards, never more refinements; and no mode accepts less than its first refinement."""
+    tok, policy, rewards = setup
+    base = dict(max_new_tokens=16, num_refinements=5, entropy_threshold=2.2, trace=True)
+    prompts = prompts_of(tok, PROMPTS)
+    faithful = engine_results(policy, rewards["classifier"], tok, prompts, GGROConfig(**base), 4)
+    for mode, margin in (("adaptive", -math.inf), ("adaptive", 0.0), ("parallel", 0.0)):
+        cfg = GGROConfig(**base, search_mode=mode, adaptive_margin=margin)
+        got = engine_results(policy, rewards["classifier"], tok, prompts, cfg, 4)
+        for p in prompts:
+            g, f = got[p.id], faithful[p.id]
+            if margin == -math.inf:
+                assert g.tokens == f.tokens and g.reward == pytest.approx(f.reward)
+            if mode == "adaptive":
+                assert g.refinements <= f.refinements
+            for seg in g.trace:
+                rewards_tried = [t["reward"] for t in seg["tried"]]
+                assert rewards_tried[seg["accepted"]] == max(rewards_tried) >= rewards_tried[0]
