@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names it and the fix."""
 
 
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be loaded here; the message says what to pass instead (ggro.models raises it)."""
+
+
 @dataclass(frozen=True)
 class GGROConfig:
     """The search and baselines. Defaults follow the reference (ALGORITHM.md) except where noted."""
