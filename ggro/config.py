@@ -27,7 +27,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class GGROConfig:
-    """The search and baselines. Defaults follow the reference (ALGORITHM.md) except where noted."""
+    """The search and baselines. Defaults follow the reference (docs/algorithm.md) except where noted."""
     method: str = "ggro"
     max_new_tokens: int = 128
     entropy_threshold: float = 1.5
