@@ -128,7 +128,15 @@ class Parser(argparse.ArgumentParser):
         mine = [a for a in self._actions if a.dest is not argparse.SUPPRESS and not hasattr(namespace, a.dest)]
         for a in mine:
             setattr(namespace, a.dest, _UNSET)
-        namespace, extras = super().parse_known_args(args, namespace)
+        # a required flag may come from the YAML: argparse must not insist on the command line
+        required = [a for a in mine if a.required and a.option_strings] if self.takes_config else []
+        for a in required:
+            a.required = False
+        try:
+            namespace, extras = super().parse_known_args(args, namespace)
+        finally:
+            for a in required:
+                a.required = True
         unset = {a.dest: a for a in mine if getattr(namespace, a.dest) is _UNSET}
         for dest, a in unset.items():
             if a.default is argparse.SUPPRESS:
@@ -139,21 +147,30 @@ class Parser(argparse.ArgumentParser):
                     default = self._get_value(a, default)
                 setattr(namespace, dest, default)
         try:
-            self.apply_config(namespace, unset)
+            from_yaml = self.apply_config(namespace, unset)
         except ConfigError as e:   # the message names the key; the usage text would bury it
             self.exit(2, f"{self.prog}: error: {e}\n")
+        missing = [a.option_strings[0] for a in required if a.dest in unset and a.dest not in from_yaml]
+        if missing:
+            self.error(f"the following arguments are required (on the command line or as --config keys): "
+                       f"{', '.join(missing)}")
         return namespace, extras
 
-    def apply_config(self, namespace: argparse.Namespace, unset: dict) -> None:
-        if not any(a.dest == "config" for a in self._actions):
-            return   # (the top-level `ggro` parser: its subcommand's parser already merged)
+    @property
+    def takes_config(self) -> bool:
+        return any(a.dest == "config" for a in self._actions)
+
+    def apply_config(self, namespace: argparse.Namespace, unset: dict) -> set[str]:
+        """Set the flags in `unset` that the --config YAML names; returns their dests."""
+        if not self.takes_config:
+            return set()   # (e.g. the top-level `ggro` parser: its subcommand's parser already merged)
         values, keys = load_yaml(namespace.config), yaml_keys(self)
         unknown = [k for k in values if k.replace("-", "_") not in keys]
         if unknown:
             hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k.replace("-", "_"), keys, 1))
                      else k for k in unknown]
             raise ConfigError(f"unknown keys in --config: {', '.join(hints)}")
-        seen = {}
+        seen, applied = {}, set()
         for key, value in values.items():
             action = keys[key.replace("-", "_")]
             if action.dest in seen:
@@ -164,6 +181,8 @@ class Parser(argparse.ArgumentParser):
             value = yaml_value(self, action, key, value)   # checked even where the command line wins
             if action.dest in unset:
                 setattr(namespace, action.dest, value)
+                applied.add(action.dest)
+        return applied
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[GGROConfig, ModelConfig, dict]:

@@ -173,3 +173,18 @@ def test_python_m_entry_points_merge_the_same_way(tmp_path):
     common.module_main("jobs.align", None, align.add_args, lambda a: seen.update(vars(a)) or 0,
                        ["--config", cfg, "--aligners", "4"])
     assert (seen["policy_replicas"], seen["aligners"]) == (3, 4)
+
+
+def test_a_required_flag_may_come_from_the_yaml(tmp_path, capsys):
+    from jobs.common import Parser, add_engine_args
+    p = Parser(prog="ggro x")
+    p.add_argument("--output", required=True)
+    add_engine_args(p)
+    assert p.parse_args(["--config", write(tmp_path, {"output": "o"})]).output == "o"
+    assert p.parse_args(["--output", "cli", "--config", write(tmp_path, {"output": "o"})]).output == "cli"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--config", write(tmp_path, {"seed": 1})])
+    assert "required (on the command line or as --config keys): --output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):   # a parser without --config keeps argparse's own check
+        build_parser().parse_args(["prompts", "--output", "x.jsonl"])
+    assert "the following arguments are required: --from" in capsys.readouterr().err
