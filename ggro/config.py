@@ -22,9 +22,13 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names it and the fix."""
 
 
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be loaded here; the message says what to pass instead (ggro.models raises it)."""
+
+
 @dataclass(frozen=True)
 class GGROConfig:
-    """The search and baselines. Defaults follow the reference (ALGORITHM.md) except where noted."""
+    """The search and baselines. Defaults follow the reference (docs/algorithm.md) except where noted."""
     method: str = "ggro"
     max_new_tokens: int = 128
     entropy_threshold: float = 1.5

@@ -1,4 +1,4 @@
-"""A deliberately plain implementation of ALGORITHM.md: one prompt at a time, no KV cache, the full
+"""A deliberately plain implementation of docs/algorithm.md: one prompt at a time, no KV cache, the full
 prefix re-run for every token, and the reference's dense one-hot gradient.
 
 It exists as the oracle the engine is tested against (identical tokens, rewards to float tolerance,
@@ -56,7 +56,7 @@ def _entropy(logits: torch.Tensor) -> float:
 
 
 def decode_segment(model, prefix, x_len, cfg: GGROConfig, eos, forced=None, insert_at=0, tau=None):
-    """ALGORITHM.md "One segment": returns (tokens, stop, base logits per offset, emitted count)."""
+    """docs/algorithm.md "Decoding one segment": returns (tokens, stop, base logits per offset, emitted count)."""
     tau = cfg.entropy_threshold if tau is None else tau
     out, base = [], []
     j = 0

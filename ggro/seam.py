@@ -10,6 +10,14 @@ from typing import Protocol
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """One prompt as the search sees it (ggro.rows builds it from an input row)."""
+    id: str
+    ids: list[int]              # x: prompt tokens, assistant prefill included
+    has_prefill: bool = False
+
+
+@dataclass(frozen=True)
 class Sampling:
     """Ancestral sampling (best-of-n). `seed` makes one sample reproducible whatever its batch."""
     temperature: float

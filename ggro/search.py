@@ -17,14 +17,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .config import GGROConfig
-from .seam import Policy, Reward, RewardQuery, Sampling, SegmentRequest
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    ids: list[int]              # x: prompt tokens, assistant prefill included
-    has_prefill: bool = False
+from .seam import Policy, Prompt, Reward, RewardQuery, Sampling, SegmentRequest
 
 
 @dataclass

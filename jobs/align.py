@@ -8,12 +8,12 @@ import argparse
 import sys
 import time
 
-from ggro.config import ConfigError
-from ggro.models import ModelLoadError
+from ggro.config import ConfigError, ModelLoadError
 from ggro.rows import dedupe, read_rows
 from jobs.common import add_engine_args, example_prompts, fail, resolve_args, torch_threads, module_main
 from jobs.plan import add_plan_args, dry_run
 from pipeline.output import OutputError, Summary, done_ids, prepare_output, read_output, write_part
+from pipeline.ray_align import add_cluster_args
 
 
 def add_io_args(p: argparse.ArgumentParser) -> None:
@@ -30,10 +30,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_io_args(p)
     add_engine_args(p)
     add_plan_args(p)
-    try:
-        from pipeline.ray_align import add_cluster_args
-    except ModuleNotFoundError:
-        return
     add_cluster_args(p)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from jobs.common import Parser
+
 SUBCOMMANDS = {
     "align": ("jobs.align", "align prompts (JSONL/Parquet) with GGRO or a baseline and write Parquet"),
     "dpo": ("jobs.dpo", "build DPO preference pairs: GGRO (chosen) vs a baseline (rejected)"),
@@ -16,16 +18,11 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ggro", description="Gradient-Guided Reward Optimization "
-                                     "(inference-time alignment) on one machine or a Ray cluster.")
+    parser = Parser(prog="ggro", description="Gradient-Guided Reward Optimization "
+                    "(inference-time alignment) on one machine or a Ray cluster.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue   # subcommand not built yet
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         mod.add_args(p)

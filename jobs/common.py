@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from importlib import resources
@@ -59,6 +60,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_yaml(path: str | None) -> dict:
+    """The --config file as {key as written: value}."""
     if not path:
         return {}
     try:
@@ -66,21 +68,135 @@ def load_yaml(path: str | None) -> dict:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise ConfigError(f"cannot read --config {path}: {e.strerror}") from None
-    if not isinstance(data, dict):
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"--config {path} must hold a mapping of flag names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return data
+
+
+_UNSET = object()   # "not on the command line": stands in for every default while parsing
+
+
+def yaml_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every option of `parser` that a --config key can set, by key (flag name without dashes, `_` for `-`)."""
+    keys = {}
+    for a in parser._actions:
+        if not a.option_strings or a.dest in ("help", "config") or a.dest is argparse.SUPPRESS:
+            continue
+        keys[a.dest] = a
+        for o in a.option_strings:
+            if o.startswith("--"):
+                keys[o[2:].replace("-", "_")] = a
+    return keys
+
+
+def yaml_value(parser: argparse.ArgumentParser, action: argparse.Action, key: str, value):
+    """A YAML value checked and converted the way argparse treats the flag's command-line string."""
+    if isinstance(action, argparse._StoreConstAction):    # store_true / store_false / store_const
+        if not isinstance(value, bool):
+            raise ConfigError(f"--config key {key!r} must be true or false, got {value!r}")
+        return action.const if value else action.default
+    if not isinstance(action, argparse._StoreAction):
+        raise ConfigError(f"--config key {key!r}: flag {action.option_strings[0]} cannot be set from YAML")
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    items = value if many and isinstance(value, list) else [value]
+    if isinstance(value, list) and not many:   # a list for a comma-separated flag (bench's --best-of-n)
+        items = [",".join(str(v) for v in value)]
+    out = []
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ConfigError(f"--config key {key!r} must be {_kind(action)}, got {v!r}")
+        if action.type is int and isinstance(v, float):
+            raise ConfigError(f"--config key {key!r} must be an integer, got {v!r}")
+        try:
+            v = parser._get_value(action, str(v)) if action.type not in (None, str) else str(v)
+            parser._check_value(action, v)
+        except argparse.ArgumentError as e:
+            raise ConfigError(f"--config key {key!r}: {e.message}") from None
+        out.append(v)
+    return out if many else out[0]
+
+
+def _kind(action: argparse.Action) -> str:
+    return {int: "an integer", float: "a number"}.get(action.type, "a string")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse plus --config: a YAML key sets any flag that was not given on the command line.
+
+    The one merge rule: command line > YAML > the flag's default. Keys are the long flag names (dashes
+    or underscores); a YAML value is checked like the flag's own string would be (type, choices,
+    true/false for switches), and unknown keys or wrong types are errors naming the key. Subparsers
+    (`ggro align`, ...) are built from this class too, so `args` leaves parse_args fully resolved.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace = namespace if namespace is not None else argparse.Namespace()
+        mine = [a for a in self._actions if a.dest is not argparse.SUPPRESS and not hasattr(namespace, a.dest)]
+        for a in mine:
+            setattr(namespace, a.dest, _UNSET)
+        # a required flag may come from the YAML: argparse must not insist on the command line
+        required = [a for a in mine if a.required and a.option_strings] if self.takes_config else []
+        for a in required:
+            a.required = False
+        try:
+            namespace, extras = super().parse_known_args(args, namespace)
+        finally:
+            for a in required:
+                a.required = True
+        unset = {a.dest: a for a in mine if getattr(namespace, a.dest) is _UNSET}
+        for dest, a in unset.items():
+            if a.default is argparse.SUPPRESS:
+                delattr(namespace, dest)
+            else:
+                default = a.default
+                if isinstance(default, str) and a.type not in (None, str):
+                    default = self._get_value(a, default)
+                setattr(namespace, dest, default)
+        try:
+            from_yaml = self.apply_config(namespace, unset)
+        except ConfigError as e:   # the message names the key; the usage text would bury it
+            self.exit(2, f"{self.prog}: error: {e}\n")
+        missing = [a.option_strings[0] for a in required if a.dest in unset and a.dest not in from_yaml]
+        if missing:
+            self.error(f"the following arguments are required (on the command line or as --config keys): "
+                       f"{', '.join(missing)}")
+        return namespace, extras
+
+    @property
+    def takes_config(self) -> bool:
+        return any(a.dest == "config" for a in self._actions)
+
+    def apply_config(self, namespace: argparse.Namespace, unset: dict) -> set[str]:
+        """Set the flags in `unset` that the --config YAML names; returns their dests."""
+        if not self.takes_config:
+            return set()   # (e.g. the top-level `ggro` parser: its subcommand's parser already merged)
+        values, keys = load_yaml(namespace.config), yaml_keys(self)
+        unknown = [k for k in values if k.replace("-", "_") not in keys]
+        if unknown:
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k.replace("-", "_"), keys, 1))
+                     else k for k in unknown]
+            raise ConfigError(f"unknown keys in --config: {', '.join(hints)}")
+        seen, applied = {}, set()
+        for key, value in values.items():
+            action = keys[key.replace("-", "_")]
+            if action.dest in seen:
+                raise ConfigError(f"--config sets {action.option_strings[0]} twice: {seen[action.dest]!r} and {key!r}")
+            seen[action.dest] = key
+            if value is None:              # `key:` or `key: null` leaves the flag's default
+                continue
+            value = yaml_value(self, action, key, value)   # checked even where the command line wins
+            if action.dest in unset:
+                setattr(namespace, action.dest, value)
+                applied.add(action.dest)
+        return applied
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[GGROConfig, ModelConfig, dict]:
-    """YAML values under explicitly given flags; unknown YAML keys are an error, not ignored."""
-    values = load_yaml(getattr(args, "config", None))
-    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "func", "command")}
-    known = set(vars(args))
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown keys in --config: {', '.join(unknown)}")
-    merged = {**values, **flags}
-    g, m, rest = split_fields(merged)
+    """The search and model configs from parsed args (YAML already merged by Parser); the rest as a dict."""
+    values = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "func", "command")}
+    g, m, rest = split_fields(values)
     try:
         return GGROConfig(**g), ModelConfig(**m), rest
     except TypeError as e:
@@ -102,7 +218,6 @@ def torch_threads(cohorts: int = 1) -> None:
 
 def module_main(module: str, doc: str | None, add_args, run, argv=None) -> int:
     """`python -m jobs.<name>` (what `ray job submit` runs): the same flags and behaviour as `ggro <name>`."""
-    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
     return run(p.parse_args(argv))

@@ -3,7 +3,7 @@
 
 Parameter counts come from, in order: safetensors headers (exact shapes, no tensor data read), the
 model's config.json (shapes -> a parameter formula), GGUF tensor metadata, or the known size of the
-embedded default. Memory per GPU follows the rule of thumb documented in README.md ("The memory rule of thumb"):
+embedded default. Memory per GPU follows the rule of thumb documented in docs/cluster.md ("The memory rule of thumb"):
 
     policy rank  = (weights + KV cache) / tp * 1.10 + 1 GiB
     reward actor = (weights + activations for the input-gradient backward) * 1.10 + 1 GiB

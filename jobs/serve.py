@@ -18,7 +18,8 @@ import sys
 import time
 
 from ggro.config import ConfigError
-from jobs.common import add_engine_args, fail, load_yaml, resolve_args
+from jobs.common import Parser, add_engine_args, fail, resolve_args
+from jobs.plan import add_plan_args
 
 ENV_ARGS = "GGRO_SERVE_ARGS"
 ENV_KEY = "GGRO_API_KEY"
@@ -31,7 +32,7 @@ SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "api_key": None, "model_na
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     d = SERVER_DEFAULTS
-    s = p.add_argument_group("server (also settable in --config YAML; flags win)")
+    s = p.add_argument_group("server")
     s.add_argument("--host", default=d["host"], help="interface to bind; 0.0.0.0 to expose")
     s.add_argument("--port", type=int, default=d["port"])
     s.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` (or set ${ENV_KEY}) [no key]")
@@ -55,10 +56,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def add_args(p: argparse.ArgumentParser) -> None:
     add_serve_args(p)
     add_engine_args(p)
-    try:
-        from jobs.plan import add_plan_args
-    except ModuleNotFoundError:
-        return
     add_plan_args(p)
 
 
@@ -66,15 +63,6 @@ def settings_from_args(args: argparse.Namespace):
     """ServeSettings from parsed flags (raises ConfigError)."""
     from jobs.serve_app import ServeSettings
     gcfg, mcfg, rest = resolve_args(args)
-    # server keys from --config YAML apply where the flag was left at its default
-    yaml_values = load_yaml(getattr(args, "config", None))
-    for k, default in SERVER_DEFAULTS.items():
-        if k in yaml_values and getattr(args, k) == default:
-            v = yaml_values[k]
-            try:
-                setattr(args, k, type(default)(v) if default is not None and v is not None else v)
-            except (TypeError, ValueError):
-                raise ConfigError(f"--config: {k} must be a {type(default).__name__}, got {v!r}") from None
     key = args.api_key or os.environ.get(ENV_KEY) or None
     checks = [(args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
               (args.max_queue >= 1, "--max-queue must be >= 1"),
@@ -94,7 +82,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ggro serve")
+    p = Parser(prog="ggro serve")
     add_args(p)
     return p.parse_args(argv)
 

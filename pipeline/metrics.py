@@ -1,6 +1,6 @@
 """Evaluation metrics over aligned rows: pure functions on plain Python values (no Ray, no torch).
 
-Definitions (the report and the README cite these):
+Definitions (the report and docs/performance.md cite these):
 
 * **Paired win rate** of method A against baseline B: over the ids both methods answered without an
   error and with a reward, A wins a pair when its reward is higher, loses when lower, and a tie

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import json
 import re
 import shlex
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.cli import SUBCOMMANDS, build_parser
+from jobs.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -118,19 +118,12 @@ def _walk_dicts(node):
     return (n for n in _nodes(node) if isinstance(n, dict))
 
 
-def _module_missing(sub: str) -> bool:
-    return sub in SUBCOMMANDS and importlib.util.find_spec(SUBCOMMANDS[sub][0]) is None
-
-
 ALL_COMMANDS = [(p.name, argv) for p in YAMLS for argv in commands_in(p)]
 
 
 def _param(name, argv):
-    marks = []
-    if _module_missing(argv[0]):
-        marks.append(pytest.mark.xfail(strict=False, reason=f"{SUBCOMMANDS[argv[0]][0]} not written yet"))
     digest = hashlib.sha1(" ".join(argv).encode()).hexdigest()[:6]     # stable across runs, unlike hash()
-    return pytest.param(argv, id=f"{name}:{argv[0]}:{digest}", marks=marks)
+    return pytest.param(argv, id=f"{name}:{argv[0]}:{digest}")
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +201,6 @@ def test_rayjobs_and_rayservice_are_well_formed():
     assert [a["import_path"] for a in apps] == ["jobs.serve:app"]
 
 
-@pytest.mark.xfail(importlib.util.find_spec("jobs.serve") is None, strict=False, reason="jobs.serve not written yet")
 def test_rayservice_import_path_is_the_serve_app(monkeypatch):
     """import_path resolves to a Serve application built from the manifest's own GGRO_SERVE_ARGS."""
     svc = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
@@ -276,14 +268,11 @@ def test_shipped_rayjob_plan_fits_its_cluster(name, tmp_path, capsys, no_weights
     job = yaml.safe_load((CLUSTER / name).read_text())
     argv = shlex.split(job["spec"]["entrypoint"])
     sub = argv[2].rsplit(".", 1)[1]
-    if _module_missing(sub):
-        pytest.xfail(f"jobs.{sub} not written yet")
     rc, out = _plan_shipped(sub, argv[3:], job["spec"]["rayClusterSpec"], tmp_path, capsys)
     assert rc == 0, out
     assert "FITS" in out and "8.03B params (config.json shapes" in out
 
 
-@pytest.mark.xfail(importlib.util.find_spec("jobs.serve") is None, strict=False, reason="jobs.serve not written yet")
 def test_shipped_rayservice_plan_fits_its_cluster(tmp_path, capsys, no_weights):
     svc = yaml.safe_load((CLUSTER / "rayservice.yaml").read_text())
     env = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["runtime_env"]["env_vars"]
@@ -426,10 +415,7 @@ def test_dry_run_local_one_process(tiny_models, tmp_path, capsys, no_weights):
     assert "exceeds the 80 GiB GPU" in out and "--dtype bfloat16" in out and "--tp" in out
 
 
-@pytest.mark.xfail(importlib.util.find_spec("jobs.serve") is None, strict=False, reason="jobs.serve not written yet")
 def test_dry_run_serve(tiny_models, capsys, no_weights):
-    if not hasattr(build_parser().parse_args(["serve"]), "dry_run"):
-        pytest.xfail("jobs.serve has no --dry-run hook yet")
     rc, out = _run(["serve", "--dry-run", "--policy", tiny_models["policy"], "--model-replicas", "2",
                     "--replica-cpus", "2", "--cluster-gpus", "0", "--cluster-cpus", "16"], capsys)
     assert rc == 0, out
@@ -442,7 +428,6 @@ def _serve_options() -> set[str]:
     return set(build_parser()._subparsers._group_actions[0].choices["serve"]._option_string_actions)
 
 
-@pytest.mark.xfail(importlib.util.find_spec("jobs.serve") is None, strict=False, reason="jobs.serve not written yet")
 def test_dry_run_serve_messages_name_only_serve_flags(tiny_models, tmp_path, capsys, no_weights):
     """Serve's errors, warnings and fixes name --replica-gpus / --replica-cpus / --model-replicas, never the
     align flags ggro serve would reject."""
@@ -470,7 +455,6 @@ def test_dry_run_serve_messages_name_only_serve_flags(tiny_models, tmp_path, cap
         assert not rejected, f"ggro serve does not accept {sorted(rejected)}:\n{out}"
 
 
-@pytest.mark.xfail(importlib.util.find_spec("jobs.serve") is None, strict=False, reason="jobs.serve not written yet")
 def test_dry_run_serve_replica_fix_scales_both_deployments_and_fits(tiny_models, capsys, no_weights):
     """--model-replicas sets the policy's and the reward's replicas: the suggested count must fit."""
     base = ["serve", "--dry-run", "--policy", tiny_models["policy"], "--reward", tiny_models["classifier"],
@@ -497,8 +481,6 @@ def test_dry_run_replica_minimums_are_the_modes_own(tiny_models, capsys, no_weig
     res = dataclasses.replace(Resources.from_args(args, mcfg), reward_replicas=-1)   # no flag can do this
     errors, _ = validate(pol, pol, res, gcfg, mcfg, 512)
     assert errors == ["reward replicas must be >= 0"]
-    if _module_missing("serve"):
-        return
     # serve rejects --model-replicas < 1 itself; the planner, called past that check, must agree with it
     from jobs.plan import dry_run
     from jobs.serve import settings_from_args

@@ -1,0 +1,32 @@
+"""The `ggro` command starts fast: declaring the flags imports no torch, transformers or Ray."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("torch", "transformers", "ray", "deepspeed", "fastapi", "matplotlib")
+
+
+def test_building_the_parser_imports_no_heavy_module():
+    code = ("import sys, json; import jobs.cli; jobs.cli.build_parser(); "
+            f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_help_imports_no_heavy_module():
+    for argv in (["--help"], ["align", "--help"], ["serve", "--help"]):
+        code = ("import sys, json\nfrom jobs.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+                f"    pass\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))")
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("usage: ggro") and json.loads(proc.stdout.splitlines()[-1]) == [], argv
+
+
+def test_ggro_package_exports_load_on_first_use():
+    import ggro
+    from ggro.search import Prompt, run
+    assert ggro.run is run and ggro.Prompt is Prompt
+    assert set(ggro.__all__) <= set(dir(ggro)) | {"Prompt", "Result", "ggro", "baseline", "run"}
