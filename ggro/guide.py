@@ -247,4 +247,9 @@ def parse_pair(obj, tokenizer) -> Example:
                          add_special_tokens=False)
     enc = lambda t: tokenizer.encode(t, add_special_tokens=False)[:MAX_RESPONSE_TOKENS]
     tag = str(obj.get("kind") or obj.get("source") or "pairs")
-    return Example(x, enc(chosen), enc(rejected), json.dumps(msgs, sort_keys=True), tag)
+    return Example(x, enc(chosen), enc(rejected), prompt_group(msgs), tag)
+
+
+def prompt_group(messages: list[dict]) -> str:
+    """The split key of a prompt: pairs (and evaluation prompts) of one prompt share a split."""
+    return json.dumps([{"role": m["role"], "content": m["content"]} for m in messages], sort_keys=True)

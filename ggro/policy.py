@@ -71,13 +71,19 @@ class SegmentDecoder:
         rows = list(range(B))   # request index of each live batch row
         j = 0
         while rows:
-            ent = entropy(logits).tolist()
-            greedy = logits.argmax(-1).tolist()
+            # one host sync per step: entropies, greedy tokens and the top-k rows due at this offset together
+            want = [i for i, b in enumerate(rows) if j == requests[b].insert_at and requests[b].top_k]
+            k = min(max((requests[rows[i]].top_k for i in want), default=1), logits.shape[-1])
+            stats = [entropy(logits).double(), logits.argmax(-1).double()]
+            if want:
+                stats.append(logits[want].topk(k).indices.flatten().double())
+            flat, n = torch.cat(stats).tolist(), len(rows)
+            ent, greedy, top = flat[:n], [int(t) for t in flat[n:2 * n]], flat[2 * n:]
+            for w, i in enumerate(want):
+                candidates[rows[i]] = [int(t) for t in top[w * k:w * k + min(requests[rows[i]].top_k, k)]]
             keep, feed = [], []
             for i, b in enumerate(rows):
                 r = requests[b]
-                if j == r.insert_at and r.top_k:
-                    candidates[b] = logits[i].topk(min(r.top_k, logits.shape[-1])).indices.tolist()
                 if r.forced is not None and j == r.insert_at:
                     tok = r.forced
                 elif r.sampling is not None:

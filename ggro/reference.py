@@ -103,6 +103,8 @@ def reference_ggro(prompt_id: str, x: list[int], model, reward: ReferenceReward,
                 if best is None or r > best[1]:
                     best = (s, r, i, stop)
                 i += 1
+                if cfg.search_mode == "parallel" and i > 1:
+                    continue      # the second round: every nudge of the first gradient is decoded and scored
                 if not more or (cfg.search_mode == "adaptive" and i > 1 and gain < cfg.adaptive_margin):
                     break
                 q = len(x + y) + insert_at

@@ -104,20 +104,21 @@ class _Active:
         return self.p.ids + self.res.tokens
 
 
-def _next(a: _Active, s, r, more: bool, cfg: GGROConfig) -> bool:
-    """After scoring refinement `s` (reward `r`): set the next round's nudges; False when the segment is done."""
+def _next(a: _Active, s, r, idx: int, more: bool, cfg: GGROConfig) -> bool:
+    """After scoring refinement `idx`, segment `s` with reward `r`: set the next round's nudges; False when
+    the segment is done."""
     seg, S = a.seg, cfg.num_refinements
     improved = seg.best is None or r.reward > seg.best[1]
     gain = r.reward - seg.best[1] if seg.best is not None else math.inf
     if improved:
-        seg.best = (s.tokens, r.reward, seg.i - 1, s.stop)
+        seg.best = (s.tokens, r.reward, idx, s.stop)
     if not more:
         return False
     current = s.tokens[seg.insert_at]
     if cfg.search_mode == "parallel":
         seg.pending = propose_many(r.scores, s.candidates, current, cfg, a.gen, S - 1)
         return bool(seg.pending)
-    if cfg.search_mode == "adaptive" and seg.i > 1 and gain < cfg.adaptive_margin:
+    if cfg.search_mode == "adaptive" and idx > 0 and gain < cfg.adaptive_margin:
         return False      # this nudge did not pay: stop refining the segment
     nudge = propose(r.scores, s.candidates, current, cfg, a.gen)
     if cfg.search_mode == "adaptive" and nudge in seg.at_q():
@@ -166,14 +167,14 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
             more = seg.i <= budget and seg.i < S and seg.insert_at < len(s.tokens) and s.candidates is not None
             cands = s.candidates + [s.tokens[seg.insert_at]] if more else None
             queries.append(RewardQuery(a.prefix + s.tokens, q if more else None, cands, a.p.id, len(a.prefix)))
-            scored.append((a, f, s, more))
+            scored.append((a, f, s, seg.i - 1, more))
         going = set()
-        for (a, f, s, more), r in zip(scored, reward.score(queries)):
+        for (a, f, s, idx, more), r in zip(scored, reward.score(queries)):
             a.res.reward_calls += 1
             if a.res.trace is not None:
                 a.seg.tried.append({"nudge": f, "reward": r.reward, "stop": s.stop,
                                     "stop_entropy": s.stop_entropy, "tokens": len(s.tokens)})
-            if _next(a, s, r, more, cfg):
+            if _next(a, s, r, idx, more, cfg):
                 going.add(id(a))
         for a in active:
             if id(a) not in going and a not in closing:

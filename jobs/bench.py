@@ -5,10 +5,12 @@
 
 Prints and writes (bench.csv, bench_reward_vs_wall.png):
   1. methods: wall time, prompts/s, policy tokens, reward calls, mean reward, win rate vs greedy
-     (paired by id, ties count half), for greedy, best-of-n for each --best-of-n and GGRO for each
-     --refinements, all on the same prompts with the same models; each method's rows are also written
-     as an align output under OUTPUT/align/<method>/, so `ggro report --input OUTPUT/align/*` adds
-     the task metrics and plots;
+     (paired by id, ties count half), wall time relative to greedy and the reward gained over greedy
+     per wall-second, for greedy, best-of-n for each --best-of-n and GGRO for each --modes and
+     --refinements (and, with --cohorts 2, GGRO again in two overlapped cohorts), all on the same
+     prompts with the same models; --second-opinion adds a judge's view of every response (a reward
+     that did not guide the search). Each method's rows are also written as an align output under
+     OUTPUT/align/<method>/, so `ggro report --input OUTPUT/align/*` adds the task metrics and plots;
   2. engine vs oracle: the batched, KV-cached engine against the plain reference implementation
      (ggro/reference.py: one prompt at a time, no cache, dense one-hot gradient) on the same prompts;
      the outputs are checked token for token, so the ratio is a pure speed-up (bench_oracle.csv);

@@ -32,6 +32,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="only N rows, evenly spaced over the set (covers every category)")
     p.add_argument("--prefill", help="assistant prefill for every row (e.g. the prefilling attack "
                    "'Sure, I can help with that.')")
+    p.add_argument("--heldout", action="store_true",
+                   help="only prompts in the shipped guide's held-out split (never trained on): for evaluations")
     p.add_argument("--no-instruction", action="store_true",
                    help="gsm8k: the bare question, without the 'final answer as a number' instruction")
 
@@ -44,6 +46,9 @@ def run(args) -> int:
         rows = load_rows(args.source, None if args.no_instruction else GSM8K_INSTRUCTION)
     except MissingData as e:
         fail(str(e), 1)
+    if args.heldout:
+        from ggro.guide import prompt_group, split_of
+        rows = [r for r in rows if split_of(prompt_group([{"role": "user", "content": r["prompt"]}])) == "test"]
     rows = spread(rows, args.limit)
     if args.prefill:
         rows = [{**r, "prefill": args.prefill} for r in rows]
