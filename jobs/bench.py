@@ -186,6 +186,7 @@ def second_opinions(engine, rows, results: list[dict], log) -> None:
                  for i in r["guide"] if i in base["guide"] and r["guide"][i] != base["guide"][i]
                  and r["judge"][i] != base["judge"][i]]
         r["judge_agreement"] = sum(agree) / len(agree) if agree else math.nan
+    for r in results:
         del r["judge"], r["guide"]
 
 
