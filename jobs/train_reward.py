@@ -27,7 +27,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="default", help="frozen causal LM whose features the head reads "
                    "(same forms as --policy); GGRO needs it to share the policy's vocabulary")
     p.add_argument("--save-head", help="also write the head alone (a few KB of safetensors) to this file")
-    p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the standardised head weights")
+    p.add_argument("--l2", type=float, default=0.03, help="L2 penalty on the standardised head weights")
+    p.add_argument("--truncated-weight", type=float, default=0.35, help="training weight of the pairs compared "
+                   "at 8 and 24 response tokens (GGRO scores partial responses) against whole-response pairs")
     p.add_argument("--heldout", type=float, default=0.2, help="share of prompts held out for the report")
     p.add_argument("--val", type=float, default=0.1, help="share of prompts for early stopping")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per feature forward")
@@ -127,8 +129,9 @@ def run(args) -> int:
     full = torch.ones(len(owner), dtype=torch.bool)
     full[:-1] = owner[1:] != owner[:-1]          # the last feature row of each example: the whole responses
     rows_in = lambda name: torch.tensor([split[i] == name for i in owner.tolist()])
-    tr, va = rows_in("train"), rows_in("val")
-    w, fit = guide.train_head(c[tr], r[tr], c[va], r[va], l2=args.l2)
+    tr, va = rows_in("train"), rows_in("val") & full
+    weights = torch.where(full[tr], 1.0, args.truncated_weight)
+    w, fit = guide.train_head(c[tr], r[tr], c[va], r[va], weights, l2=args.l2)
     report_split = "test" if "test" in split else "val"
     acc = {}
     for tag in ["all"] + sorted({e.tag for e in examples}):
@@ -136,15 +139,21 @@ def run(args) -> int:
                                               torch.tensor([examples[i].tag == tag for i in owner.tolist()]))
         if sel.any():
             acc[tag] = (guide.accuracy(w, c[sel], r[sel]), int(sel.sum()))
+    sel = rows_in(report_split) & ~full
+    trunc_acc = guide.accuracy(w, c[sel], r[sel]) if sel.any() else None
     meta = {"base": args.base, "pairs": str(pairs_path), "examples": len(examples), "skipped": len(errors),
             "split_counts": {s: split.count(s) for s in ("train", "val", "test")}, "l2": args.l2,
-            "report_split": report_split, "accuracy": {k: v[0] for k, v in acc.items()}, "fit": fit}
+            "truncated_weight": args.truncated_weight, "report_split": report_split,
+            "accuracy": {k: v[0] for k, v in acc.items()}, "accuracy_truncated": trunc_acc, "fit": fit}
     guide.save_classifier(model, tok, w, out)
     (out / "report.json").write_text(json.dumps(meta, indent=2))
     if args.save_head:
         guide.save_head(w, Path(args.save_head), {"base": args.base, "accuracy": meta["accuracy"]})
     print(f"pairs: {len(examples)} used, {len(errors)} skipped; pairs per split {meta['split_counts']}")
     print(f"{report_split} split, pairwise accuracy (whole responses):\n{report_table(acc)}")
+    if trunc_acc is not None:
+        print(f"{report_split} split, pairs cut at {'/'.join(map(str, guide.TRUNCATIONS))} response tokens: "
+              f"{trunc_acc:.1%} ({int(sel.sum())})")
     print(f"wrote {out} (load with --reward {out} --reward-kind classifier)"
           + (f" and {args.save_head}" if args.save_head else ""))
     return 0

