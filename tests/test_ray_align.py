@@ -39,7 +39,8 @@ def write_input(path: Path, extra_lines=("not json",)) -> Path:
 
 def model_flags(tiny) -> list[str]:
     return ["--policy", tiny["policy"], "--reward", tiny["classifier"], "--reward-kind", "classifier",
-            "--dtype", "float64", "--max-new-tokens", "12", "--num-refinements", "3"]
+            "--dtype", "float64", "--max-new-tokens", "12", "--num-refinements", "3",
+            "--max-error-fraction", "0.5"]   # ROWS and the bad line: 2 error rows of 7
 
 
 def align(argv) -> int:
@@ -94,7 +95,8 @@ def test_resume_after_killed_driver(ray_cluster, tiny_models, tmp_path):
     import ray
     inp = write_input(tmp_path / "in.jsonl")
     out = tmp_path / "out"
-    argv = ["--input", str(inp), "--output", str(out), "--batch-size", "1", "--in-flight", "1"] + model_flags(tiny_models)
+    argv = ["--input", str(inp), "--output", str(out), "--batch-size", "1", "--in-flight", "1",
+            "--rows-per-file", "1"] + model_flags(tiny_models)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.align", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -131,7 +133,7 @@ def align_killing(argv, out: Path, find_pid) -> None:
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    assert align(argv + ["--output", str(out)]) == 0
+    assert align(argv + ["--output", str(out), "--rows-per-file", "1"]) == 0
     th.join(5)
     assert killed, "the job finished before the process could be killed"
     assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
