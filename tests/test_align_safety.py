@@ -38,6 +38,9 @@ def test_overwrite_lock_manifest_and_retry(tmp_path, tiny_models, capsys):
     assert m["models"]["policy"] == tiny_models["policy"] and m["ended"] >= m["started"]
     assert {"ggro", "torch", "transformers", "ray", "pyarrow"} <= set(m["versions"])
     assert set(t.column("config_hash").to_pylist()) == {m["config_hash"]}    # the hash stays on every row
+    for r in t.to_pylist():   # "length": cut at --max-new-tokens 6 without EOS; "stop": ended by EOS
+        assert r["finish_reason"] in ("stop", "length")
+        assert (r["segment_boundaries"][-1] == 6) if r["finish_reason"] == "length" else r["segment_boundaries"][-1] <= 6
 
     # a run while another holds the folder is refused; nothing is written
     with OutputLock(out):

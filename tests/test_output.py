@@ -132,8 +132,8 @@ def test_align_and_dpo_write_s3(s3, tiny_models, tmp_path, capsys):
     assert read_output(out).num_rows == 3
 
     dpo = s3("cli/dpo")
-    assert main(["dpo", *models, "--output", dpo, "--min-margin", "-1000"]) == 0
+    assert main(["dpo", *models, "--output", dpo, "--min-margin", "-1000", "--keep-truncated"]) == 0
     fs, path = output_fs(dpo)
-    assert {"aligned-ggro", "aligned-greedy", "pairs.parquet"} <= set(listing(dpo))
+    assert {"__aligned-ggro", "__aligned-greedy", "pairs.parquet", ".ggro_run.json"} == set(listing(dpo))
     pairs = pq.read_table(f"{path}/pairs.parquet", filesystem=fs)
     assert sorted(pairs.column("id").to_pylist()) == ["a", "b"]
