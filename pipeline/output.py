@@ -319,12 +319,18 @@ def _read_part(fs, f: str, columns: list[str]) -> pa.Table:
     return t.select(columns)
 
 
-def id_digests(ids) -> np.ndarray:
+def id_digests(ids, chunk: int = 1 << 16) -> np.ndarray:
     """16-byte digests of ids (a list or pyarrow array of str), as a numpy 'S16' array: 16 B per id,
-    whatever the id's length, with no practical chance of two ids colliding."""
-    if isinstance(ids, (pa.Array, pa.ChunkedArray)):
-        ids = ids.to_pylist()
-    return np.array([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids], dtype="S16")
+    whatever the id's length, with no practical chance of two ids colliding. Arrow arrays are hashed a
+    chunk at a time, so no Python object per id outlives its chunk."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    n = len(ids)
+    out = np.empty(n, dtype="S16")
+    for s in range(0, n, chunk):
+        part = ids.slice(s, chunk).to_pylist() if isinstance(ids, pa.Array) else ids[s:s + chunk]
+        out[s:s + len(part)] = [hashlib.blake2b(i.encode(), digest_size=16).digest() for i in part]
+    return out
 
 
 def contains(sorted_digests: np.ndarray, digests: np.ndarray) -> np.ndarray:

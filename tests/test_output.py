@@ -10,7 +10,7 @@ from pyarrow import fs as pafs
 
 from pipeline.output import (OutputConflict, OutputError, OutputLock, OutputLocked, child, clear_output,
                              done_ids, drop_error_rows, output_fs, output_index, prepare_output, read_output,
-                             write_file, write_part)
+                             write_part)
 
 
 def rec(i: str, h: str = "h1") -> dict:
