@@ -362,6 +362,18 @@ def prepare(batch: pa.Table, done: np.ndarray, cutoff: int | None, dup_keys: np.
     return batch.drop_columns(["key"])
 
 
+def _light_repartition(ds):
+    """Give the streaming repartition the prepare stage's CPU share so Ray Data fuses the two into one
+    task: by default it asks for a whole CPU, which a small cluster whose CPUs the policy and reward
+    actors hold never frees (the job would wait forever). Ray Data has no public argument for this in
+    2.60; without the internal attribute the repartition runs unfused, as before."""
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    args = getattr(op, "ray_remote_args", None)
+    if type(op).__name__ == "StreamingRepartition" and isinstance(args, dict):
+        args["num_cpus"] = READ_CPUS
+    return ds
+
+
 def align_on_ray(plan: InputPlan, out_dir, gcfg, mcfg, args, workers) -> None:
     """Stream `plan`'s input through the aligners on `workers`, adding whole part files to `out_dir`."""
     import ray
@@ -376,7 +388,7 @@ def align_on_ray(plan: InputPlan, out_dir, gcfg, mcfg, args, workers) -> None:
         prepare, batch_format="pyarrow", num_cpus=READ_CPUS,
         fn_kwargs=dict(done=ray.put(plan.done), cutoff=plan.cutoff, dup_keys=plan.dup_keys, dup_k=plan.dup_k))
     # one block per aligner call (streaming: no shuffle), so every aligner actor gets work
-    ds = ds.repartition(target_num_rows_per_block=per_call)
+    ds = _light_repartition(ds.repartition(target_num_rows_per_block=per_call))
     out = ds.map_batches(
         Aligner, batch_size=per_call, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=res.aligners),
