@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .seam import Prompt
+from .search import Prompt
 
 ROLES = ("system", "user", "assistant")
 
@@ -77,47 +77,167 @@ def parse_row(obj, where: str) -> InputRow:
     return row
 
 
-def read_records(path: str | Path) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(where, object, error) for each record of a .jsonl or .parquet file (or a folder of them);
-    a line that is not valid UTF-8 or JSON comes back as an error, never dropped."""
-    path = Path(path)
-    if path.is_dir():
-        for f in sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet")):
-            yield from read_records(f)
-        return
-    if path.suffix == ".parquet":
+class InputError(ValueError):
+    """The input cannot be read at all (missing, corrupt, empty); the message names the file and why."""
+
+
+JSON_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+BOM = b"\xef\xbb\xbf"
+
+
+def input_kind(name: str) -> str | None:
+    """"json" (JSON Lines, or a JSON array in a .json file), "parquet", or None (not an input file)."""
+    low = name.lower()
+    if low.endswith(JSON_SUFFIXES):
+        return "json"
+    if low.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def list_inputs(filesystem, path: str) -> tuple[list[str], list[str]]:
+    """(input files, skipped files) of a file or folder on a pyarrow filesystem, in sorted order.
+
+    A folder's files are read when their extension (any case) is .jsonl, .json or .parquet and their
+    name does not start with "." or "_" (hidden and bookkeeping files); every other file is returned
+    in `skipped` so the caller can name it. Subfolders are not entered (they are named as skipped)."""
+    from pyarrow import fs as pafs
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    if info.type != pafs.FileType.Directory:
+        return [path], []
+    files, skipped = [], []
+    for f in sorted(filesystem.get_file_info(pafs.FileSelector(path)), key=lambda f: f.path):
+        ok = f.type == pafs.FileType.File and input_kind(f.base_name) and not f.base_name.startswith((".", "_"))
+        (files if ok else skipped).append(f.path if ok else f.base_name + ("/" if f.type == pafs.FileType.Directory else ""))
+    return files, skipped
+
+
+def check_parquet(filesystem, path: str) -> None:
+    """Read a Parquet file's footer: a corrupt or non-Parquet file is an InputError, not a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        with filesystem.open_input_file(path) as f:
+            pq.ParquetFile(f).metadata
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"--input {path} is not a readable Parquet file: {e}") from None
+
+
+def iter_lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Lines (split on \\n, the \\n kept) of a binary stream that has only `read` (pyarrow input streams)."""
+    rest = b""
+    while data := stream.read(chunk):
+        lines = (rest + data).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def file_rows(stream, name: str, kind: str, batch_rows: int = 4096, parse=None) -> Iterator[tuple[int, InputRow]]:
+    """(n, row) for every row of one input file, errors included; n is the 1-based line (JSON Lines),
+    item (JSON array) or row (Parquet) number, so rows can be ordered across a streamed read.
+
+    `stream` is a binary file with `read` (JSON) or a random-access file (Parquet); `name` is the file's
+    base name, used in the ids of rows that have none of their own. A .json file whose first character
+    is `[` is one JSON array (read whole: arrays cannot be streamed); otherwise JSON Lines. A UTF-8 byte
+    order mark at the start is dropped. Raises InputError for a corrupt Parquet file or JSON array.
+    `parse(obj, where)` turns each decoded record into a row (default: parse_row, a prompt row); lines that
+    are not valid UTF-8 or JSON are InputRow errors whatever it is."""
+    parse = parse or parse_row
+    if kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        for i, obj in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path.name}:row-{i + 1}", {k: v for k, v in obj.items() if v is not None}, None
+        try:
+            pf = pq.ParquetFile(stream)
+            n = 0
+            for batch in pf.iter_batches(batch_size=batch_rows):
+                for obj in batch.to_pylist():
+                    n += 1
+                    yield n, parse({k: v for k, v in obj.items() if v is not None}, f"{name}:row-{n}")
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"--input file {name} is not a readable Parquet file: {e}") from None
         return
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path.name}:line-{n}"
-            if not raw.strip():
-                continue
-            try:
-                yield where, json.loads(raw.decode("utf-8")), None
-            except UnicodeDecodeError as e:
-                yield where, None, f"line {n} is not valid UTF-8 ({e.reason} at byte {e.start})"
-            except json.JSONDecodeError as e:
-                yield where, None, f"line {n} is not valid JSON: {e.msg} (column {e.colno})"
+    lines = iter_lines(stream)
+    for n, raw in enumerate(lines, 1):
+        if n == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        if n == 1 and name.lower().endswith(".json") and raw.lstrip().startswith(b"["):
+            yield from _json_array(raw + b"".join(lines), name, parse)
+            return
+        if not raw.strip():
+            continue
+        yield n, parse_line(raw, n, name, parse)
 
 
-def read_rows(path: str | Path) -> Iterator[InputRow]:
-    """Rows of a .jsonl/.json-lines or .parquet file (or a folder of them), errors included."""
-    for where, obj, err in read_records(path):
-        yield InputRow(id=where, error=err) if err else parse_row(obj, where)
+def _json_array(data: bytes, name: str, parse=None) -> Iterator[tuple[int, InputRow]]:
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"--input file {name} starts with `[` but is not a valid JSON array: {e}") from None
+    for i, obj in enumerate(items, 1):
+        yield i, (parse or parse_row)(obj, f"{name}:item-{i}")
+
+
+def parse_line(raw: bytes, n: int, name: str, parse=None) -> InputRow:
+    """One JSON Lines line (bytes) as a row; bad UTF-8 or JSON becomes an error row named by its line."""
+    where = f"{name}:line-{n}"
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return InputRow(id=where, error=f"line {n} is not valid UTF-8 ({e.reason} at byte {e.start})")
+    except json.JSONDecodeError as e:
+        return InputRow(id=where, error=f"line {n} is not valid JSON: {e.msg} (column {e.colno})")
+    return (parse or parse_row)(obj, where)
+
+
+def read_rows(path: str | Path, skipped: list | None = None, parse=None) -> Iterator[InputRow]:
+    """Rows of a .jsonl/.json/.parquet file (or a folder of them) at a local path or any pyarrow URI,
+    errors included, in file order (the in-process reader; `ggro align` on Ray streams the same rows).
+    Files a folder holds that are not inputs are appended to `skipped` (pass a list to learn them)."""
+    filesystem, root = input_fs(path)
+    files, skip = list_inputs(filesystem, root)
+    if skipped is not None:
+        skipped.extend(skip)
+    for f in files:
+        if input_kind(f) == "parquet":
+            check_parquet(filesystem, f)
+    for f in files:
+        kind = input_kind(f) or "json"      # a file named explicitly is read as JSON Lines whatever its name
+        opener = filesystem.open_input_file if kind == "parquet" else filesystem.open_input_stream
+        with opener(f) as stream:
+            yield from (r for _, r in file_rows(stream, f.rsplit("/", 1)[-1], kind, parse=parse))
+
+
+def input_fs(path: str | Path):
+    """(pyarrow filesystem, path) of a local path or a URI (s3://, gs://, hdfs://, file://)."""
+    from pyarrow import fs as pafs
+    s = str(path)
+    if "://" in s:
+        return pafs.FileSystem.from_uri(s)
+    return pafs.LocalFileSystem(), str(Path(s).absolute())
+
+
+def dup_id(rid: str, k: int) -> str:
+    """The id of the k-th (k >= 2) row carrying id `rid`: each copy gets its own error row."""
+    return f"{rid}#dup{k}"
 
 
 def dedupe(rows) -> Iterator[InputRow]:
-    """Outputs are keyed by id, so a repeated id is reported on the later row instead of aligned."""
-    seen = set()
+    """Outputs are keyed by id, so a repeated id is reported on each later row (as `id#dupK`, K = 2, 3..
+    for the K-th copy) instead of aligned."""
+    seen: dict[str, int] = {}
     for r in rows:
-        if r.id in seen:
-            yield InputRow(id=f"{r.id}#dup", messages=r.messages, prompt=r.prompt, prefill=r.prefill,
+        k = seen.get(r.id, 0) + 1
+        seen[r.id] = k
+        if k > 1:
+            yield InputRow(id=dup_id(r.id, k), messages=r.messages, prompt=r.prompt, prefill=r.prefill,
                            metadata=r.metadata, error=f"duplicate id {r.id!r}: ids must be unique")
             continue
-        seen.add(r.id)
         yield r
 
 

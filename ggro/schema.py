@@ -15,6 +15,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("prefill", pa.string()),
     ("response", pa.string()),
     ("reward", pa.float64()),
+    ("finish_reason", pa.string()),   # stop (ended with EOS) | length (cut at max_new_tokens); null on errors
     ("method", pa.string()),
     ("num_nudges", pa.int32()),
     ("num_segments", pa.int32()),
@@ -37,7 +38,7 @@ def output_record(row, result, tokenizer, provenance: dict, method: str, error: 
     """One output row from an InputRow and its search Result (None for an error row)."""
     rec = {
         "id": row.id, "prompt": row.prompt_text, "messages": row.messages, "prefill": row.prefill,
-        "response": None, "reward": None, "method": method, "num_nudges": None, "num_segments": None,
+        "response": None, "reward": None, "finish_reason": None, "method": method, "num_nudges": None, "num_segments": None,
         "segment_boundaries": None, "refinements": None, "policy_tokens": None, "reward_calls": None,
         "elapsed_s": None, "error": error or row.error,
         "metadata": json.dumps(row.metadata, ensure_ascii=False, default=str) if row.metadata else None,
@@ -47,6 +48,7 @@ def output_record(row, result, tokenizer, provenance: dict, method: str, error: 
         rec.update(
             response=tokenizer.decode(result.tokens, skip_special_tokens=True),
             reward=None if math.isnan(result.reward) else result.reward,
+            finish_reason=result.finish_reason,
             num_nudges=result.num_nudges, num_segments=result.num_segments,
             segment_boundaries=result.segment_boundaries, refinements=result.refinements,
             policy_tokens=result.policy_tokens, reward_calls=result.reward_calls,

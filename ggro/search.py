@@ -34,6 +34,7 @@ class Result:
     reward_calls: int = 0
     elapsed_s: float = 0.0
     trace: list[dict] | None = None
+    finish_reason: str = "stop"   # "length": cut at max_new_tokens without ending in EOS
 
 
 def row_seed(seed: int, row_id: str, salt: int = 0) -> int:
@@ -191,6 +192,7 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
                 res.trace.append({"stop": stop, "accepted": i, "tried": a.seg.tried})
             if stop == "eos" or len(res.tokens) >= cfg.max_new_tokens:
                 res.reward = rew    # RM(x + y): the accepted candidate is the whole response
+                res.finish_reason = "stop" if stop == "eos" else "length"
                 res.elapsed_s = time.perf_counter() - a.t0
                 done.append(a)
             else:
@@ -224,7 +226,8 @@ def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGR
             best_k = max(range(n), key=lambda k: (group[k][1].reward, -k))   # first wins ties
             s, r = group[best_k]
             yield Result(p.id, s.tokens, r.reward, cfg.method, 0, 1, [len(s.tokens)], n,
-                         sum(g.decoded for g, _ in group), n, elapsed)
+                         sum(g.decoded for g, _ in group), n, elapsed,
+                         finish_reason="stop" if s.stop == "eos" else "length")
 
 
 class _Locked:

@@ -1,7 +1,9 @@
 """`ggro dpo`: DPO preference pairs (TRL conversational format), chosen = GGRO, rejected = a baseline.
 
-Either run both methods over --input now (on Ray, or --local), each into OUTPUT/aligned-METHOD/
+Either run both methods over --input now (on Ray, or --local), each into OUTPUT/__aligned-METHOD/
 (resumable like `ggro align`), or join two existing align outputs with --chosen DIR --rejected DIR.
+OUTPUT then holds pairs.parquet as its only data file: the sub-runs' "__" folders and the ".ggro_run.json"
+manifest are skipped by pyarrow.dataset.dataset(OUTPUT) and datasets.load_dataset("parquet", data_dir=OUTPUT).
 
     python -m jobs.dpo --input prompts.jsonl --output dpo/ --rejected-method greedy --min-margin 0.5
 """
@@ -20,15 +22,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("dpo")
     d.add_argument("--rejected-method", choices=("greedy", "best-of-n"), default="greedy",
                    help="baseline for the rejected response (best-of-n with --n 1 is one sampled response)")
-    d.add_argument("--min-margin", type=float, default=0.0,
-                   help="keep pairs with chosen_reward - rejected_reward >= this")
+    d.add_argument("--min-margin", type=float, default=None,
+                   help="keep pairs with chosen_reward - rejected_reward >= this; the default drops ties "
+                   "[1e-6]; pairs whose two responses are the same text are always dropped")
+    d.add_argument("--keep-truncated", action="store_true",
+                   help="keep pairs where either response was cut at --max-new-tokens (finish_reason length)")
     d.add_argument("--chosen", help="existing `ggro align` output folder to use as chosen (skip aligning)")
     d.add_argument("--rejected", help="existing `ggro align` output folder to use as rejected (skip aligning)")
 
 
 def run(args) -> int:
-    from pipeline.dpo import build_pairs
-    from pipeline.output import OutputError, child, prepare_output, read_output, write_file
+    import uuid
+
+    from pipeline.dpo import DEFAULT_MIN_MARGIN, build_pairs
+    from pipeline.output import (SUBRUN_PREFIX, OutputError, OutputLock, _now, child, clear_output, prepare_output,
+                                 read_output, versions, write_file, write_manifest)
 
     if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both
         from jobs.plan import dry_run_args
@@ -40,29 +48,50 @@ def run(args) -> int:
         fail("give both --chosen and --rejected (join mode), or neither (align both now)")
     if args.method not in (None, "ggro"):
         fail("--method is the chosen side and must be ggro; pick the baseline with --rejected-method")
+    min_margin = DEFAULT_MIN_MARGIN if args.min_margin is None else args.min_margin
     try:
-        prepare_output(out, args.overwrite)
+        prepare_output(out)
+        lock = OutputLock(out).acquire()
     except OutputError as e:
         fail(str(e), 1)
-    if args.chosen:
-        chosen_dir, rejected_dir = args.chosen, args.rejected
-    else:
-        chosen_dir, rejected_dir = child(out, "aligned-ggro"), child(out, f"aligned-{args.rejected_method}")
-        aligners = align.Aligners(args)     # both methods run on the same models, loaded once
-        try:
-            for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
-                sub = copy.copy(args)
-                sub.method, sub.output, sub.overwrite = method, where, False
-                print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
-                if align.run(sub, aligners):
-                    print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
-        finally:
-            aligners.close()
-    chosen, rejected = read_output(chosen_dir), read_output(rejected_dir)
-    if chosen.num_rows == 0:
-        fail(f"no aligned rows in {chosen_dir}")
-    pairs, stats = build_pairs(chosen, rejected, args.min_margin)
-    write_file(out, "pairs.parquet", pairs)
+    try:
+        if args.overwrite:
+            clear_output(out)
+        info = {"command": "dpo", "run_id": uuid.uuid4().hex[:12], "status": "running", "started": _now(),
+                "ended": None, "input": args.input, "output": str(out), "chosen": args.chosen,
+                "rejected": args.rejected, "rejected_method": args.rejected_method, "min_margin": min_margin,
+                "keep_truncated": bool(args.keep_truncated), "versions": versions()}
+        write_manifest(out, info)
+        if args.chosen:
+            chosen_dir, rejected_dir = args.chosen, args.rejected
+        else:
+            chosen_dir = child(out, f"{SUBRUN_PREFIX}ggro")
+            rejected_dir = child(out, f"{SUBRUN_PREFIX}{args.rejected_method}")
+            aligners = align.Aligners(args)     # both methods run on the same models, loaded once
+            try:
+                for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
+                    sub = copy.copy(args)
+                    sub.method, sub.output, sub.overwrite = method, where, False
+                    print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
+                    code = align.run(sub, aligners)
+                    if code == 1:
+                        print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
+                    elif code:
+                        print(f"dpo: warning: {method} output has many error rows (no pairs for them)",
+                              file=sys.stderr)
+            finally:
+                aligners.close()
+        chosen, rejected = read_output(chosen_dir), read_output(rejected_dir)
+        if chosen.num_rows == 0:
+            fail(f"no aligned rows in {chosen_dir}")
+        pairs, stats = build_pairs(chosen, rejected, min_margin, keep_truncated=args.keep_truncated)
+        write_file(out, "pairs.parquet", pairs)
+        info.update(status="finished", ended=_now(), pairs=stats.__dict__.copy())
+        write_manifest(out, info)
+    except OutputError as e:
+        fail(str(e), 1)
+    finally:
+        lock.release()
     print(f"wrote {child(out, 'pairs.parquet')}\n{stats.render()}")
     return 0
 

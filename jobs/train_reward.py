@@ -68,12 +68,14 @@ def base_answers(model, tok, rows: list[dict], max_tokens: int, batch: int) -> d
 def read_pairs(path: str, tok) -> tuple[list, list[str]]:
     """(examples, errors): every bad row is named with its place and reason."""
     from ggro.guide import parse_pair
-    from ggro.rows import read_records
+    from ggro.rows import InputRow, read_rows
     examples, errors = [], []
-    for where, obj, err in read_records(path):
+    for item in read_rows(path, parse=lambda obj, where: (where, obj)):
+        if isinstance(item, InputRow):          # a line that is not valid UTF-8 or JSON
+            errors.append(f"{item.id}: {item.error}")
+            continue
+        where, obj = item
         try:
-            if err:
-                raise ValueError(err)
             examples.append(parse_pair(obj, tok))
         except ValueError as e:
             errors.append(f"{where}: {e}")

@@ -1,14 +1,36 @@
-"""Output folders (local or any pyarrow filesystem URI): Parquet part files, resume by id, and the
-end-of-run summary. No Ray here."""
+"""Output folders (local or any pyarrow filesystem URI): Parquet part files, resume by id, the lock,
+the run manifest, --overwrite and --retry-errors, and the end-of-run summary. No Ray here.
+
+What ggro writes in an output folder, and so all that --overwrite may delete:
+    part-<12 hex>.parquet     whole part files (written as .NAME.tmp, then moved into place)
+    .ggro_run.json            the run manifest (configuration, versions, models, times, row counts)
+    .ggro.lock                held while a run writes (holder host, pid, start; see OutputLock)
+    pairs.parquet             `ggro dpo` only
+    __aligned-METHOD/         `ggro dpo` only: the aligned sub-runs, each an output folder like this one
+Bookkeeping names start with "." and sub-runs with "__" because both pyarrow.dataset (ignores "." and
+"_") and Hugging Face `datasets` (ignores "." files and "__" folders) then read the folder as its rows
+alone.
+
+Memory: resume, --retry-errors and the summary read one part at a time and only the columns they
+need (never responses); ids are kept as 16-byte digests (16 B per output row in the driver).
+"""
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
+import json
 import math
 import os
+import re
+import socket
+import threading
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
@@ -22,6 +44,16 @@ class OutputError(RuntimeError):
 
 class OutputConflict(OutputError):
     pass
+
+
+class OutputLocked(OutputError):
+    """Another run holds the folder's lock."""
+
+
+MANIFEST = ".ggro_run.json"
+LOCK = ".ggro.lock"
+PART_RE = re.compile(r"part-[0-9a-f]{12}\.parquet")
+SUBRUN_PREFIX = "__aligned-"
 
 
 def output_uri(out_dir: str | Path) -> str:
@@ -42,39 +74,337 @@ def child(out_dir: str | Path, name: str) -> str:
     return urlunsplit(u._replace(path=u.path.rstrip("/") + "/" + name))
 
 
-def prepare_output(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Create --output (emptied first with overwrite) before any work, so a missing bucket or a
-    read-only path fails the job at once rather than when the first rows are written."""
+def _ours(rel: str, dpo: bool) -> bool:
+    """Is `rel` (a path relative to an output folder) a file ggro writes there?"""
+    parts = rel.split("/")
+    if len(parts) > 1:   # only a dpo folder's sub-runs, holding an output folder's own files
+        return dpo and parts[0].startswith(SUBRUN_PREFIX) and len(parts) == 2 and _ours(parts[1], False)
+    name = parts[0]
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:-4]
+    return bool(PART_RE.fullmatch(name)) or name in (MANIFEST, LOCK) or (dpo and name == "pairs.parquet")
+
+
+def _manifest_command(fs, path: str) -> str | None:
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+            return json.loads(f.read()).get("command")
+    except (OSError, ValueError):
+        return None
+
+
+def clear_output(out_dir: str | Path) -> int:
+    """--overwrite: delete what ggro wrote in out_dir (its parts, manifest, temp files, a dpo folder's
+    pairs and sub-runs), keeping the lock this run holds. A folder holding anything else is refused
+    with OutputError and nothing is deleted. Returns the number of files deleted."""
+    fs, path = output_fs(out_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    dpo = _manifest_command(fs, path) == "dpo"
+    files = [(f.path, f.path[len(path):].lstrip("/")) for f in infos if f.type == pafs.FileType.File]
+    foreign = sorted(rel for _, rel in files if not _ours(rel, dpo))
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise OutputError(f"--overwrite refused: {out_dir} holds files ggro did not write ({', '.join(foreign[:5])}"
+                          f"{more}); nothing was deleted. Move them away or pick another --output")
+    n = 0
+    for full, rel in files:
+        if rel != LOCK:
+            fs.delete_file(full)
+            n += 1
+    for f in infos:
+        if f.type == pafs.FileType.Directory:
+            fs.delete_dir(f.path)
+    return n
+
+
+def prepare_output(out_dir: str | Path) -> None:
+    """Create --output before any work, so a missing bucket or a read-only path fails the job at once
+    rather than when the first rows are written (taking the lock then proves it writable)."""
     try:
         fs, path = output_fs(out_dir)
-        if overwrite:
-            fs.delete_dir_contents(path, missing_dir_ok=True)
         fs.create_dir(path, recursive=True)
     except (OSError, ValueError) as e:   # pyarrow raises OSError subclasses; bad URIs ValueError
         raise OutputError(f"cannot write --output {out_dir}: {e}") from None
 
 
-def read_output(out_dir: str | Path) -> pa.Table:
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the holder."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, proc_start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return proc_start is None or _proc_start(pid) in (None, proc_start)
+
+
+class OutputLock:
+    """`.ggro.lock` in an output folder: one writing run at a time.
+
+    The file holds the holder's host, pid, process start and run start. A second run is refused with
+    OutputLocked naming the holder. A lock is stale, and taken over, when its holder is on this host
+    and its process is gone (a SIGKILLed driver), or when the holder has not refreshed it for
+    `stale_after_s` (a driver on another machine or pod that died: the holder rewrites the file every
+    `heartbeat_s`). On a local or shared POSIX path the lock is taken atomically (O_EXCL); object
+    stores have no create-if-absent here, so there it is written, then read back to confirm."""
+
+    def __init__(self, out_dir: str | Path, heartbeat_s: float = 60.0, stale_after_s: float = 900.0):
+        self.out_dir = out_dir
+        self.fs, self.dir = output_fs(out_dir)
+        self.path = f"{self.dir}/{LOCK}"
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self.token = uuid.uuid4().hex
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
+                     "started": _now(), "token": self.token}
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _write(self, exclusive: bool) -> bool:
+        data = json.dumps(self.info).encode()
+        if self.local:
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if exclusive and self.fs.get_file_info(self.path).type != pafs.FileType.NotFound:
+            return False
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+        return not exclusive or (self.holder() or {}).get("token") == self.token
+
+    def holder(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                return json.loads(f.read() or b"{}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def _stale(self, h: dict) -> bool:
+        if h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int):
+            return not _alive(h["pid"], h.get("proc_start"))
+        mtime = self.fs.get_file_info(self.path).mtime
+        return mtime is not None and time.time() - mtime.timestamp() > self.stale_after_s
+
+    def acquire(self) -> "OutputLock":
+        try:
+            for _ in range(3):
+                if self._write(exclusive=True):
+                    break
+                h = self.holder()
+                if h is None:
+                    continue        # released meanwhile: try again
+                if not self._stale(h):
+                    raise OutputLocked(
+                        f"--output {self.out_dir} is being written by another run (host {h.get('host', '?')}, "
+                        f"pid {h.get('pid', '?')}, since {h.get('started', '?')}); wait for it to finish, or, if "
+                        f"that run is gone, delete {self.path}")
+                print(f"ggro: taking over the stale lock of host {h.get('host')} pid {h.get('pid')} "
+                      f"(started {h.get('started')})", file=__import__("sys").stderr)
+                self.fs.delete_file(self.path)
+            else:
+                raise OutputLocked(f"could not take the lock {self.path}: other runs keep taking it")
+        except OutputError:
+            raise
+        except (OSError, ValueError) as e:
+            raise OutputError(f"cannot write --output {self.out_dir}: {e}") from None
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="ggro-lock-heartbeat")
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if (self.holder() or {}).get("token") == self.token:
+                    self._write(exclusive=False)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            if (self.holder() or {}).get("token") == self.token:
+                self.fs.delete_file(self.path)
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def write_manifest(out_dir: str | Path, manifest: dict) -> None:
+    """Write .ggro_run.json whole (tmp + move); earlier runs' start/end/counts are kept under `previous`."""
     fs, path = output_fs(out_dir)
-    files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                   if f.type == pafs.FileType.File and f.base_name.endswith(".parquet"))
+    old = read_manifest(out_dir)
+    if old and old.get("run_id") != manifest.get("run_id"):
+        prev = old.pop("previous", [])
+        manifest = {**manifest, "previous": (prev + [{k: old.get(k) for k in ("run_id", "started", "ended",
+                                                                             "status", "rows", "config_hash")}])[-20:]}
+    elif old and "previous" in old:
+        manifest = {**manifest, "previous": old["previous"]}
+    tmp = f"{path}/.{MANIFEST}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(manifest, indent=2, default=str).encode())
+    fs.move(tmp, f"{path}/{MANIFEST}")
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    fs, path = output_fs(out_dir)
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ("ggro", "torch", "transformers", "ray", "pyarrow", "deepspeed"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    import platform
+    out["python"] = platform.python_version()
+    return out
+
+
+def part_files(out_dir: str | Path) -> list[str]:
+    """The whole part files of an output folder (tmp files, manifest, lock and sub-folders excluded)."""
+    fs, path = output_fs(out_dir)
+    return sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+                  if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
+                  and not f.base_name.startswith((".", "_")))
+
+
+def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """The whole output table (small outputs, tests, reports); `columns` reads only those."""
+    fs, _ = output_fs(out_dir)
+    names = columns or OUTPUT_SCHEMA.names
+    schema = pa.schema([OUTPUT_SCHEMA.field(n) for n in names])
+    files = part_files(out_dir)
     if not files:
-        return OUTPUT_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, filesystem=fs).select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA)
-                             for f in files])
+        return schema.empty_table()
+    return pa.concat_tables([_read_part(fs, f, names).cast(schema) for f in files])
+
+
+def _read_part(fs, f: str, columns: list[str]) -> pa.Table:
+    have = pq.read_schema(f, filesystem=fs).names
+    t = pq.read_table(f, filesystem=fs, columns=[c for c in columns if c in have])
+    for c in columns:          # parts written before a column existed (e.g. finish_reason) read as null
+        if c not in have:
+            t = t.append_column(OUTPUT_SCHEMA.field(c), pa.nulls(t.num_rows, OUTPUT_SCHEMA.field(c).type))
+    return t.select(columns)
+
+
+def id_digests(ids, chunk: int = 1 << 16) -> np.ndarray:
+    """16-byte digests of ids (a list or pyarrow array of str), as a numpy 'S16' array: 16 B per id,
+    whatever the id's length, with no practical chance of two ids colliding. Arrow arrays are hashed a
+    chunk at a time, so no Python object per id outlives its chunk."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    n = len(ids)
+    out = np.empty(n, dtype="S16")
+    for s in range(0, n, chunk):
+        part = ids.slice(s, chunk).to_pylist() if isinstance(ids, pa.Array) else ids[s:s + chunk]
+        out[s:s + len(part)] = [hashlib.blake2b(i.encode(), digest_size=16).digest() for i in part]
+    return out
+
+
+def contains(sorted_digests: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """Boolean mask: which of `digests` are in `sorted_digests` (sorted, as from np.sort)."""
+    if len(sorted_digests) == 0 or len(digests) == 0:
+        return np.zeros(len(digests), dtype=bool)
+    i = np.searchsorted(sorted_digests, digests).clip(0, len(sorted_digests) - 1)
+    return sorted_digests[i] == digests
+
+
+@dataclass
+class OutputIndex:
+    """The ids in an output folder, read from its `id`, `error` and `config_hash` columns only."""
+    done: np.ndarray                 # sorted digests of every id written
+    errors: np.ndarray               # sorted digests of the ids whose row is an error
+    rows: int
+    duplicates: int                  # rows whose id another row already has (0 unless something broke)
+    hashes: set = field(default_factory=set)
+
+
+def output_index(out_dir: str | Path, config_hash: str | None = None) -> OutputIndex:
+    """Ids already written (resume), reading one part at a time and only three small columns. With
+    `config_hash`, rows of another configuration are an OutputConflict."""
+    fs, _ = output_fs(out_dir)
+    done, errors, hashes, rows = [], [], set(), 0
+    for f in part_files(out_dir):
+        t = _read_part(fs, f, ["id", "error", "config_hash"])
+        d = id_digests(t.column("id"))
+        done.append(d)
+        errors.append(d[np.array(t.column("error").is_valid().to_pylist(), dtype=bool)])
+        hashes |= set(t.column("config_hash").unique().to_pylist()) - {None}
+        rows += t.num_rows
+    if config_hash is not None and hashes - {config_hash}:
+        raise OutputConflict(
+            f"{out_dir} already holds rows of another configuration (config hash {sorted(hashes - {config_hash})[0]}, "
+            f"this run is {config_hash}); pass a new --output folder or --overwrite")
+    done = np.sort(np.concatenate(done)) if done else np.array([], dtype="S16")
+    dups = int(np.count_nonzero(done[1:] == done[:-1])) if len(done) > 1 else 0
+    return OutputIndex(done, np.sort(np.concatenate(errors)) if errors else np.array([], dtype="S16"),
+                       rows, dups, hashes)
 
 
 def done_ids(out_dir: str | Path, config_hash: str) -> set[str]:
-    """Ids already written by an earlier run of the same configuration (resume)."""
-    t = read_output(out_dir)
-    if t.num_rows == 0:
-        return set()
-    hashes = set(t.column("config_hash").to_pylist()) - {None}
-    if hashes - {config_hash}:
-        raise OutputConflict(
-            f"{out_dir} already holds rows of another configuration (config hash {sorted(hashes)[0]}, this "
-            f"run is {config_hash}); pass a new --output folder or --overwrite")
-    return set(t.column("id").to_pylist())
+    """Ids already written by an earlier run of the same configuration (small outputs; see output_index)."""
+    output_index(out_dir, config_hash)      # the configuration check
+    return set(read_output(out_dir, ["id"]).column("id").to_pylist())
+
+
+def drop_error_rows(out_dir: str | Path, select=None) -> int:
+    """--retry-errors: remove the error rows (of the ids `select(ids) -> bool mask` picks, or all) from their
+    part files, so those ids count as not done and the run aligns them again: exactly one row per id
+    at every moment. Each affected part is rewritten whole under its own name (tmp + move replaces it
+    atomically; a part left empty is deleted), so a reader never sees a half-rewritten part, and a
+    run killed after this step simply aligns those ids on its next run. Returns the rows removed."""
+    fs, path = output_fs(out_dir)
+    removed = 0
+    for f in part_files(out_dir):
+        t = _read_part(fs, f, ["id", "error"])
+        bad = np.array(t.column("error").is_valid().to_pylist(), dtype=bool)
+        if select is not None and bad.any():
+            bad &= select(t.column("id").to_pylist())
+        if not bad.any():
+            continue
+        full = pq.read_table(f, filesystem=fs)
+        keep = full.filter(pa.array(~bad))
+        removed += int(bad.sum())
+        if keep.num_rows == 0:
+            fs.delete_file(f)
+            continue
+        name = f.rsplit("/", 1)[-1]
+        tmp = f"{path}/.{name}.tmp"
+        pq.write_table(keep, tmp, filesystem=fs)
+        fs.move(tmp, f)
+    return removed
 
 
 def write_file(out_dir: str | Path, name: str, table: pa.Table) -> str:
@@ -88,34 +418,78 @@ def write_file(out_dir: str | Path, name: str, table: pa.Table) -> str:
     return final
 
 
-def write_part(out_dir: str | Path, records: list[dict]) -> str:
-    return write_file(out_dir, f"part-{uuid.uuid4().hex[:12]}.parquet", to_table(records))
+def write_part(out_dir: str | Path, records: "list[dict] | pa.Table") -> str:
+    table = records if isinstance(records, pa.Table) else to_table(records)
+    return write_file(out_dir, f"part-{uuid.uuid4().hex[:12]}.parquet", table)
+
+
+SUMMARY_COLUMNS = ["id", "error", "reward", "num_nudges", "policy_tokens", "reward_calls"]
 
 
 @dataclass
 class Summary:
-    rows: int
-    ok: int
-    errors: int
-    mean_reward: float
-    mean_nudges: float
-    policy_tokens: int
-    reward_calls: int
-    wall_s: float
+    rows: int = 0               # output rows of this run's input ids
+    ok: int = 0
+    errors: int = 0
+    mean_reward: float = math.nan
+    mean_nudges: float = math.nan
+    policy_tokens: int = 0
+    reward_calls: int = 0
+    wall_s: float = 0.0
+    duplicates: int = 0         # output rows whose id another row of this input already has
+    error_examples: list = field(default_factory=list)   # (id, error), the first few
+    _rsum: float = field(default=0.0, repr=False)
+    _rn: int = field(default=0, repr=False)
+    _nsum: int = field(default=0, repr=False)
 
     @classmethod
     def of(cls, table: pa.Table, wall_s: float) -> "Summary":
-        d = table.select(["reward", "num_nudges", "policy_tokens", "reward_calls", "error"]).to_pydict()
-        ok = [i for i, e in enumerate(d["error"]) if e is None]
-        rewards = [d["reward"][i] for i in ok if d["reward"][i] is not None]
-        return cls(rows=table.num_rows, ok=len(ok), errors=table.num_rows - len(ok),
-                   mean_reward=sum(rewards) / len(rewards) if rewards else math.nan,
-                   mean_nudges=sum(d["num_nudges"][i] or 0 for i in ok) / len(ok) if ok else math.nan,
-                   policy_tokens=sum(d["policy_tokens"][i] or 0 for i in ok),
-                   reward_calls=sum(d["reward_calls"][i] or 0 for i in ok), wall_s=wall_s)
+        s = cls(wall_s=wall_s)
+        s._add(table)
+        return s._done()
+
+    def _add(self, table: pa.Table, show: int = 10) -> None:
+        d = table.select(SUMMARY_COLUMNS[1:] + ["id"]).to_pydict()
+        for i, e in enumerate(d["error"]):
+            self.rows += 1
+            if e is not None:
+                self.errors += 1
+                if len(self.error_examples) < show:
+                    self.error_examples.append((d["id"][i], e))
+                continue
+            self.ok += 1
+            if d["reward"][i] is not None:
+                self._rsum += d["reward"][i]
+                self._rn += 1
+            self._nsum += d["num_nudges"][i] or 0
+            self.policy_tokens += d["policy_tokens"][i] or 0
+            self.reward_calls += d["reward_calls"][i] or 0
+
+    def _done(self) -> "Summary":
+        self.mean_reward = self._rsum / self._rn if self._rn else math.nan
+        self.mean_nudges = self._nsum / self.ok if self.ok else math.nan
+        return self
+
+    @classmethod
+    def of_output(cls, out_dir: str | Path, select=None, wall_s: float = 0.0) -> "Summary":
+        """The summary of the rows whose ids `select(ids) -> bool mask` picks (None: all), reading one part
+        at a time and no response text."""
+        fs, _ = output_fs(out_dir)
+        s, seen = cls(wall_s=wall_s), []
+        for f in part_files(out_dir):
+            t = _read_part(fs, f, SUMMARY_COLUMNS)
+            if select is not None:
+                t = t.filter(pa.array(select(t.column("id").to_pylist())))
+            seen.append(id_digests(t.column("id")))
+            s._add(t)
+        if seen:
+            allseen = np.sort(np.concatenate(seen))
+            s.duplicates = int(np.count_nonzero(allseen[1:] == allseen[:-1])) if len(allseen) > 1 else 0
+        return s._done()
 
     def render(self, rows_in: int) -> str:
-        check = "OK" if rows_in == self.rows else f"MISMATCH: {rows_in} rows in"
+        check = "OK" if rows_in == self.rows and not self.duplicates else (
+            f"MISMATCH: {rows_in} rows in" + (f", {self.duplicates} duplicate rows" if self.duplicates else ""))
         return (f"rows: {self.rows} out ({self.ok} ok, {self.errors} error) / {rows_in} in [{check}]\n"
                 f"mean reward: {self.mean_reward:.4f}   mean nudges: {self.mean_nudges:.2f}   "
                 f"policy tokens: {self.policy_tokens}   reward calls: {self.reward_calls}   "

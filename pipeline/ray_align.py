@@ -1,15 +1,25 @@
-"""`ggro align` on Ray: Ray Data rows -> Aligner actor pool (search over actor handles) -> Parquet parts.
+"""`ggro align` on Ray: the input streams from storage through Ray Data to Parquet parts.
 
-    rows ──from_items──> map_batches(Aligner, ActorPoolStrategy, num_cpus=--aligner-cpus)
-                           Aligner: the unchanged ggro Engine/search; its Policy is a policy replica
-                           (tp rank actors), its Reward the reward pool. Each Aligner call splits its
-                           batch into `--in-flight` sub-batches run in threads, so one sub-batch's RM
-                           call overlaps another's policy decode.
-         ──write_datasink(AtomicParquetSink)──> OUTPUT_SCHEMA part files (tmp + move, like --local),
-                                                 on a shared path or any pyarrow URI (s3://, gs://)
+    input files ──read_datasource(PromptFiles)──> rows parsed and validated in the read tasks (the
+                   in-process reader's code: ggro.rows.file_rows; bad rows become error rows)
+         ──map_batches(prepare)──> drop rows past --limit and ids already in --output (resume), turn the
+                   2nd, 3rd.. copy of an id into an `id#dupK` error row
+         ──map_batches(Aligner, ActorPoolStrategy, num_cpus=--aligner-cpus)
+                   Aligner: the unchanged ggro Engine/search; its Policy is a policy replica (tp rank
+                   actors), its Reward the reward pool. Each Aligner call splits its batch into
+                   `--in-flight` sub-batches run in threads, so one sub-batch's RM call overlaps
+                   another's policy decode.
+         ──write_datasink(AtomicParquetSink)──> whole OUTPUT_SCHEMA part files of --rows-per-file rows
+                   (the tail smaller; tmp + move), on a shared path or any pyarrow URI (s3://, gs://)
 
-Resume is the local mode's: `jobs.align` skips ids already in --output (pipeline.output.done_ids)
-before calling `align_on_ray`; parts are only ever whole files, so a killed job leaves whole parts.
+The driver never holds the prompt set. Before the pipeline it makes one id-only pass (`scan_input`):
+ids and an order key (file number, line) stream back and are kept as an Arrow string column plus
+int64 keys (about len(id) + 12 bytes a row) to find duplicate ids (the first occurrence in file order
+wins, as in --local) and the --limit cut-off; after it only 16-byte digests of the ids are kept
+(16 B a row). Resume reads only the `id`/`error`/`config_hash` columns of --output, one part at a time
+(pipeline.output.output_index), and ships the sorted digests to the prepare tasks through the object
+store. Ray Data's CheckpointConfig is not used: it keeps its own checkpoint files beside the output,
+written apart from the data, while here the whole, atomically moved part files are the checkpoint.
 """
 from __future__ import annotations
 
@@ -22,13 +32,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
+import numpy as np
+
 from ggro.schema import OUTPUT_SCHEMA, output_record, to_table
-from pipeline.output import output_uri, write_part
+from pipeline.output import contains, id_digests, output_uri, write_part
 
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ("prompt", pa.string()), ("prefill", pa.string()), ("metadata", pa.string()), ("error", pa.string()),
 ])
+KEYED_SCHEMA = ROW_SCHEMA.append(pa.field("key", pa.int64()))
+KEY_BITS = 40                 # key = file number << 40 | line (or row) number within the file
+READ_BLOCK_ROWS = 4096
+READ_CPUS = 0.25              # read/parse and prepare tasks: light, and fused into one task
+DEFAULT_ROWS_PER_FILE = 10_000
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -147,17 +164,22 @@ class Aligner:
         return to_table(records)
 
 
-def _sink(out_dir: str):
+def _sink(out_dir: str, rows_per_file: int):
     from ray.data import Datasink
 
     class AtomicParquetSink(Datasink):
-        """Whole OUTPUT_SCHEMA part files only (tmp + move): a killed job never leaves half a file."""
+        """Whole OUTPUT_SCHEMA part files only (tmp + move): a killed job never leaves half a file. Ray Data
+        hands each write call `min_rows_per_write` rows (the tail fewer): one part file per call."""
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return rows_per_file
 
         def write(self, blocks, ctx):
-            for block in blocks:
-                table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-                if table.num_rows:
-                    write_part(out_dir, table.cast(OUTPUT_SCHEMA).to_pylist())
+            tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
+            tables = [t.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for t in tables if t.num_rows]
+            if tables:
+                write_part(out_dir, pa.concat_tables(tables))
 
         def get_name(self) -> str:
             return "GGROParquet"
@@ -182,47 +204,201 @@ def start_ray_workers(mcfg, args):
     return workers
 
 
-def align_on_ray(rows, out_dir, gcfg, mcfg, args, workers) -> None:
-    """Align `rows` (InputRow, errors included) on `workers` and add their part files to `out_dir`."""
+class PromptFiles:
+    """Factory for the Ray Data datasource over input files (a FileBasedDatasource subclass, built lazily so
+    this module imports without Ray Data). JSON Lines/.json files stream line by line; Parquet files by
+    record batch; every file is parsed by ggro.rows.file_rows, the in-process reader's code."""
+
+    @staticmethod
+    def make(files: list[str], filesystem):
+        from ray.data.datasource import FileBasedDatasource
+        from ggro.rows import input_kind
+
+        numbers = {f: i for i, f in enumerate(files)}
+
+        class _PromptFiles(FileBasedDatasource):
+            def __init__(self):
+                super().__init__(files, filesystem=filesystem)
+                self.numbers = numbers
+
+            def _open_input_source(self, fs, path, **open_args):
+                if input_kind(path) == "parquet":          # Parquet needs random access
+                    return fs.open_input_file(path)
+                return super()._open_input_source(fs, path, **open_args)
+
+            def _read_stream(self, f, path):
+                from ggro.rows import file_rows
+                base = self.numbers[path] << KEY_BITS
+                buf = []
+                for n, row in file_rows(f, path.rsplit("/", 1)[-1], input_kind(path) or "json"):
+                    buf.append({**row_to_item(row), "key": base | n})
+                    if len(buf) >= READ_BLOCK_ROWS:
+                        yield pa.Table.from_pylist(buf, schema=KEYED_SCHEMA)
+                        buf = []
+                if buf:
+                    yield pa.Table.from_pylist(buf, schema=KEYED_SCHEMA)
+
+        return _PromptFiles()
+
+
+class InputPlan:
+    """What the driver knows of a streamed input after the id-only pass: no prompt text."""
+
+    def __init__(self, uri, files, filesystem, skipped, count, ids, cutoff, dup_keys, dup_k):
+        self.uri, self.files, self.filesystem, self.skipped = uri, files, filesystem, skipped
+        self.count = count            # input rows (after --limit)
+        self.ids = ids                # sorted digests of every output id this input has
+        self.cutoff = cutoff          # largest key within --limit (None: no limit)
+        self.dup_keys, self.dup_k = dup_keys, dup_k   # sorted keys of the 2nd.. copies of an id, and K
+        self.done = np.array([], dtype="S16")
+
+    def dataset(self):
+        """The input rows (KEYED_SCHEMA), one read task per file, streamed in blocks of READ_BLOCK_ROWS."""
+        import ray.data
+        return ray.data.read_datasource(PromptFiles.make(self.files, self.filesystem), num_cpus=READ_CPUS,
+                                        override_num_blocks=len(self.files))
+
+    def count_todo(self, done: np.ndarray) -> int:
+        self.done = done
+        return self.count - int(np.count_nonzero(contains(done, self.ids)))
+
+
+def _ids_and_keys(batch: pa.Table) -> pa.Table:
+    return batch.select(["id", "key"])
+
+
+def scan_input(uri: str, limit: int | None = None) -> InputPlan:
+    """List the input files (naming the skipped ones), check Parquet footers, then stream ids and order
+    keys back once to count rows, apply --limit and find duplicate ids (see the module docstring)."""
+    from ggro.rows import check_parquet, dup_id, input_fs, input_kind, list_inputs
+    import pyarrow.compute as pc
+
+    filesystem, path = input_fs(uri)
+    files, skipped = list_inputs(filesystem, path)
+    for f in files:
+        if input_kind(f) == "parquet":
+            check_parquet(filesystem, f)
+    plan = InputPlan(uri, files, filesystem, skipped, 0, np.array([], dtype="S16"), None,
+                     np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+    if not files:
+        return plan
+    ids, keys = [], []
+    try:
+        for b in plan.dataset().map_batches(_ids_and_keys, batch_format="pyarrow", num_cpus=READ_CPUS).iter_batches(
+                batch_size=None, batch_format="pyarrow"):
+            ids.append(b.column("id").combine_chunks())
+            keys.append(b.column("key").to_numpy())
+    except Exception as e:   # a read task failed: surface our InputError (a corrupt file) as itself
+        raise _input_error(e) from None
+    if not ids:
+        return plan
+    t = pa.table({"id": pa.concat_arrays(ids), "key": np.concatenate(keys)})
+    del ids, keys
+    if limit is not None and limit < t.num_rows:
+        t = t.take(pc.sort_indices(t, [("key", "ascending")])[:limit])
+        plan.cutoff = int(pc.max(t.column("key")).as_py())
+    t = t.take(pc.sort_indices(t, [("id", "ascending"), ("key", "ascending")]))
+    idcol = t.column("id").combine_chunks()
+    same = np.zeros(t.num_rows, dtype=bool)
+    if t.num_rows > 1:
+        same[1:] = pc.equal(idcol[1:], idcol[:-1]).to_numpy(zero_copy_only=False)
+    final = idcol.to_pylist() if same.any() else None
+    if same.any():   # the K-th copy of an id (K >= 2), in key order, becomes id#dupK
+        keys_sorted = t.column("key").to_numpy()
+        k = 1
+        dk, dkk = [], []
+        for i in range(t.num_rows):
+            k = k + 1 if same[i] else 1
+            if same[i]:
+                final[i] = dup_id(final[i], k)
+                dk.append(keys_sorted[i])
+                dkk.append(k)
+        order = np.argsort(np.array(dk, dtype=np.int64))
+        plan.dup_keys, plan.dup_k = np.array(dk, dtype=np.int64)[order], np.array(dkk, dtype=np.int64)[order]
+    plan.count = t.num_rows
+    plan.ids = np.sort(id_digests(final if final is not None else idcol))
+    return plan
+
+
+def _input_error(e: Exception) -> Exception:
+    from ggro.rows import InputError
+    seen = e
+    while seen is not None:
+        if isinstance(seen, InputError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    text = str(e)
+    if "InputError" in text:
+        line = next((ln for ln in text.splitlines() if "InputError" in ln), text)
+        return InputError(line.split("InputError:", 1)[-1].strip())
+    return e
+
+
+def prepare(batch: pa.Table, done: np.ndarray, cutoff: int | None, dup_keys: np.ndarray,
+            dup_k: np.ndarray) -> pa.Table:
+    """Rows past --limit and ids already in --output leave; later copies of an id become error rows."""
+    if not isinstance(done, np.ndarray):      # an ObjectRef: one copy in the object store, read zero-copy
+        import ray
+        done = ray.get(done)
+    keys = batch.column("key").to_numpy()
+    if cutoff is not None:
+        batch = batch.filter(pa.array(keys <= cutoff))
+        keys = batch.column("key").to_numpy()
+    ids = batch.column("id").to_pylist()
+    if len(dup_keys):
+        i = np.searchsorted(dup_keys, keys).clip(0, len(dup_keys) - 1)
+        hit = dup_keys[i] == keys
+        if hit.any():
+            from ggro.rows import dup_id
+            errors = batch.column("error").to_pylist()
+            for j in np.nonzero(hit)[0]:
+                errors[j] = f"duplicate id {ids[j]!r}: ids must be unique"
+                ids[j] = dup_id(ids[j], int(dup_k[i[j]]))
+            batch = batch.set_column(batch.schema.get_field_index("id"), "id", pa.array(ids, pa.string()))
+            batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+    if len(done):
+        batch = batch.filter(pa.array(~contains(done, id_digests(ids))))
+    return batch.drop_columns(["key"])
+
+
+def _light_repartition(ds):
+    """Give the streaming repartition the prepare stage's CPU share so Ray Data fuses the two into one
+    task: by default it asks for a whole CPU, which a small cluster whose CPUs the policy and reward
+    actors hold never frees (the job would wait forever). Ray Data has no public argument for this in
+    2.60; without the internal attribute the repartition runs unfused, as before."""
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    args = getattr(op, "ray_remote_args", None)
+    if type(op).__name__ == "StreamingRepartition" and isinstance(args, dict):
+        args["num_cpus"] = READ_CPUS
+    return ds
+
+
+def align_on_ray(plan: InputPlan, out_dir, gcfg, mcfg, args, workers) -> None:
+    """Stream `plan`'s input through the aligners on `workers`, adding whole part files to `out_dir`."""
+    import ray
     import ray.data
 
     out_dir = output_uri(out_dir)      # the sink's write tasks run on other nodes, in other folders
     res = resources_from(args)
     in_flight = getattr(args, "in_flight", None) or 2
     per_call = max(1, mcfg.batch_size) * in_flight
-    items = [row_to_item(r) for r in rows]
-    # one block per aligner call, built here: a repartition would need a whole-CPU task
-    ds = ray.data.from_arrow([pa.Table.from_pylist(items[i:i + per_call], schema=ROW_SCHEMA)
-                              for i in range(0, len(items), per_call)])
+    rows_per_file = getattr(args, "rows_per_file", None) or DEFAULT_ROWS_PER_FILE
+    ds = plan.dataset().map_batches(
+        prepare, batch_format="pyarrow", num_cpus=READ_CPUS,
+        fn_kwargs=dict(done=ray.put(plan.done), cutoff=plan.cutoff, dup_keys=plan.dup_keys, dup_k=plan.dup_k))
+    # one block per aligner call (streaming: no shuffle), so every aligner actor gets work
+    ds = _light_repartition(ds.repartition(target_num_rows_per_block=per_call))
     out = ds.map_batches(
         Aligner, batch_size=per_call, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=res.aligners),
         num_cpus=res.aligner_cpus, max_restarts=-1, max_task_retries=-1,
         fn_constructor_kwargs=dict(mcfg=mcfg, gcfg=gcfg, policies=workers.policies, reward=workers.reward,
                                    context=workers.context, in_flight=in_flight))
-    out.write_datasink(_sink(str(out_dir)), ray_remote_args={"num_cpus": res.io_cpus})
-
-
-def read_uri_rows(uri: str):
-    """Rows of a JSONL/Parquet file or folder at any URI pyarrow's filesystems accept (s3://, gs://,
-    hdfs://, file://), with the same per-row validation and error rows as `ggro.rows.read_rows`."""
-    import tempfile
-    from pyarrow import fs as pafs
-    from ggro.rows import read_rows
-
-    filesystem, path = pafs.FileSystem.from_uri(uri)
-    info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(uri)
-    if info.type == pafs.FileType.Directory:
-        files = sorted(f.path for f in filesystem.get_file_info(pafs.FileSelector(path))
-                       if f.type == pafs.FileType.File and f.path.endswith((".jsonl", ".parquet")))
-    else:
-        files = [path]
-    with tempfile.TemporaryDirectory(prefix="ggro-input-") as tmp:
-        for f in files:   # copied locally once, then parsed exactly like a local file (names kept for ids)
-            local = os.path.join(tmp, os.path.basename(f))
-            with filesystem.open_input_stream(f) as src, open(local, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            yield from read_rows(local)
+    try:
+        out.write_datasink(_sink(str(out_dir), rows_per_file), ray_remote_args={"num_cpus": res.io_cpus})
+    except Exception as e:
+        err = _input_error(e)
+        if err is not e:
+            raise err from None
+        raise

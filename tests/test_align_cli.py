@@ -39,7 +39,7 @@ def test_bad_rows_are_reported_and_nothing_disappears(tmp_path, tiny_models, cap
     ]
     src.write_bytes(b"\n".join(lines) + b"\n")
     code, out = align(tmp_path, tiny_models, src)
-    assert code == 0   # the job completed: bad rows are reported in the output, not fatal
+    assert code == 3   # the output is complete, but 7 of 9 rows failed: more than --max-error-fraction 0.1
     rows = {r["id"]: r for r in read_output(out).to_pylist()}
     assert len(rows) == len(lines)
     assert rows["good-1"]["error"] is None and rows["good-1"]["response"] is not None
@@ -50,10 +50,12 @@ def test_bad_rows_are_reported_and_nothing_disappears(tmp_path, tiny_models, cap
     assert "not valid UTF-8" in rows["in.jsonl:line-5"]["error"]
     assert "context window of 256" in rows["too-long"]["error"]
     assert "messages[0]" in rows["bad-msg"]["error"]
-    assert "duplicate id" in rows["good-1#dup"]["error"]
+    assert "duplicate id" in rows["good-1#dup2"]["error"]
     captured = capsys.readouterr()
     assert "9 out (2 ok, 7 error) / 9 in [OK]" in captured.out
     assert "too-long: prompt is 30" in captured.err   # errors are listed with id and reason
+    assert "7 of 9 rows are error rows" in captured.err
+    assert align(tmp_path, tiny_models, src, "--max-error-fraction", "0.8")[0] == 0   # resumed: nothing to do
 
 
 def test_parquet_input_config_file_and_resume(tmp_path, tiny_models, capsys):

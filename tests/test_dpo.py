@@ -7,15 +7,16 @@ import pyarrow.parquet as pq
 
 from ggro.schema import to_table
 from pipeline.dpo import DPO_SCHEMA, build_pairs
+from pipeline.output import read_output
 
 COLUMNS = ["id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "chosen_method",
            "rejected_method", "policy", "reward_model", "config_hash"]
 
 
-def rec(i, method, reward, error=None, prefill=""):
+def rec(i, method, reward, error=None, prefill="", finish="stop", response=None):
     return {"id": i, "prompt": "q", "messages": [{"role": "user", "content": f"q{i}"}], "prefill": prefill,
-            "response": f"{method} answer {i}", "reward": reward, "method": method, "error": error,
-            "policy": "p", "reward_model": "r", "config_hash": f"h-{method}", "seed": 0}
+            "response": response or f"{method} answer {i}", "reward": reward, "method": method, "error": error,
+            "finish_reason": finish, "policy": "p", "reward_model": "r", "config_hash": f"h-{method}", "seed": 0}
 
 
 def test_build_pairs_margin_errors_missing():
@@ -32,6 +33,21 @@ def test_build_pairs_margin_errors_missing():
     assert d["chosen"] == [{"role": "assistant", "content": "Sure. ggro answer d"}]
     assert d["rejected"] == [{"role": "assistant", "content": "Sure. greedy answer d"}]
     assert (d["chosen_method"], d["rejected_method"]) == ("ggro", "greedy")
+
+
+def test_default_margin_drops_ties_identical_texts_and_truncated():
+    chosen = to_table([rec("tie", "ggro", 1.0), rec("same", "ggro", 2.0, response="same words"),
+                       rec("cut", "ggro", 3.0, finish="length"), rec("rcut", "ggro", 3.0), rec("ok", "ggro", 1.5)])
+    rejected = to_table([rec("tie", "greedy", 1.0), rec("same", "greedy", 1.0, response="same words"),
+                         rec("cut", "greedy", 1.0), rec("rcut", "greedy", 1.0, finish="length"),
+                         rec("ok", "greedy", 1.0)])
+    pairs, stats = build_pairs(chosen, rejected)
+    assert pairs.column("id").to_pylist() == ["ok"]
+    assert (stats.below_margin, stats.identical, stats.truncated) == (1, 1, 2)
+    pairs, stats = build_pairs(chosen, rejected, keep_truncated=True)
+    assert pairs.column("id").to_pylist() == ["cut", "ok", "rcut"]
+    pairs, _ = build_pairs(chosen, rejected, min_margin=-1)          # a negative margin keeps the tie ...
+    assert "tie" in pairs.column("id").to_pylist() and "same" not in pairs.column("id").to_pylist()   # never same
 
 
 def load_pairs(path):
@@ -52,10 +68,14 @@ def test_dpo_local_one_pass_and_join(tiny_models, tmp_path, capsys):
     flags = ["--input", str(inp), "--policy", tiny_models["policy"], "--reward", tiny_models["classifier"],
              "--reward-kind", "classifier", "--dtype", "float64", "--max-new-tokens", "10",
              "--num-refinements", "3", "--local", "--min-margin", "-1000"]
-    assert main(flags + ["--output", str(tmp_path / "dpo")]) == 0
+    assert main(flags + ["--output", str(tmp_path / "dpo"), "--keep-truncated"]) == 0
     assert capsys.readouterr().err.count("ggro: loading") == 1     # both methods ran on one load
     rows = load_pairs(tmp_path / "dpo" / "pairs.parquet")
-    assert sorted(r["id"] for r in rows) == ["a", "b"]      # the bad row has no pair
+    aligned = {m: read_output(tmp_path / "dpo" / f"__aligned-{m}").to_pylist() for m in ("ggro", "greedy")}
+    assert {r["finish_reason"] for m in aligned for r in aligned[m] if not r["error"]} <= {"stop", "length"}
+    same = {c["id"] for c in aligned["ggro"] for g in aligned["greedy"] if c["id"] == g["id"] and not c["error"]
+            and c["response"] == g["response"]}
+    assert sorted(r["id"] for r in rows) == sorted({"a", "b"} - same)      # the bad row has no pair
     assert set(rows[0]) == set(COLUMNS)
     for r in rows:
         assert r["chosen"][0]["role"] == "assistant" and r["rejected"][0]["role"] == "assistant"
@@ -63,7 +83,19 @@ def test_dpo_local_one_pass_and_join(tiny_models, tmp_path, capsys):
         assert (r["chosen_method"], r["rejected_method"]) == ("ggro", "greedy")
         assert r["chosen_reward"] >= r["rejected_reward"] - 1000
     # join mode over the two outputs just written, with a margin nobody passes
-    assert main(["--output", str(tmp_path / "join"), "--chosen", str(tmp_path / "dpo" / "aligned-ggro"),
-                 "--rejected", str(tmp_path / "dpo" / "aligned-greedy"), "--min-margin", "1e9"]) == 0
+    # OUT reads back as the pairs alone (the sub-runs and the manifest are skipped by both readers)
+    import pyarrow.dataset
+    assert sorted(pyarrow.dataset.dataset(tmp_path / "dpo").to_table().column("id").to_pylist()) == \
+        sorted(r["id"] for r in rows)
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    if datasets is not None:
+        loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "dpo"), split="train")
+        assert sorted(loaded["id"]) == sorted(r["id"] for r in rows)
+    # join mode over the two outputs just written, with a margin nobody passes
+    assert main(["--output", str(tmp_path / "join"), "--chosen", str(tmp_path / "dpo" / "__aligned-ggro"),
+                 "--rejected", str(tmp_path / "dpo" / "__aligned-greedy"), "--min-margin", "1e9"]) == 0
     assert pq.read_table(tmp_path / "join" / "pairs.parquet").num_rows == 0
     assert "pairs: 0 of 3 rows" in capsys.readouterr().out

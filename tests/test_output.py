@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from pipeline.output import (OutputConflict, OutputError, child, done_ids, output_fs, prepare_output,
-                             read_output, write_part)
+from pipeline.output import (OutputConflict, OutputError, OutputLock, OutputLocked, child, clear_output,
+                             done_ids, drop_error_rows, output_fs, output_index, prepare_output, read_output,
+                             write_part)
 
 
 def rec(i: str, h: str = "h1") -> dict:
@@ -33,8 +34,68 @@ def test_parts_resume_and_overwrite_on_s3(s3):
     assert done_ids(out, "h1") == {"a", "b", "c"}
     with pytest.raises(OutputConflict, match="another configuration"):
         done_ids(out, "h2")
-    prepare_output(out, overwrite=True)
+    with OutputLock(out):
+        assert clear_output(out) == 2
+        assert listing(out) == [".ggro.lock"]
     assert listing(out) == [] and read_output(out).num_rows == 0
+
+
+def test_overwrite_refuses_foreign_files_and_deletes_only_ggros(tmp_path):
+    out = tmp_path / "out"
+    write_part(out, [rec("a")])
+    (out / ".part-0123456789ab.parquet.tmp").write_bytes(b"half")      # a killed writer's temp file
+    (out / ".ggro_run.json").write_text("{}")
+    (out / "prompts.jsonl").write_text('{"prompt": "keep me"}\n')      # not ours
+    (out / "part-00000-c000.snappy.parquet").write_bytes(b"spark")     # not ours either
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(OutputError, match=r"holds files ggro did not write \(part-00000-c000.snappy.parquet, "
+                                          r"prompts.jsonl\); nothing was deleted"):
+        clear_output(out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    (out / "prompts.jsonl").unlink()
+    (out / "part-00000-c000.snappy.parquet").unlink()
+    assert clear_output(out) == 3 and list(out.iterdir()) == []
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import time
+    out = tmp_path / "out"
+    prepare_output(out)
+    with OutputLock(out) as held:
+        with pytest.raises(OutputLocked, match=rf"being written by another run \(host {socket.gethostname()}, "
+                                               rf"pid {os.getpid()}"):
+            OutputLock(out).acquire()
+        assert (out / ".ggro.lock").exists() and held.holder()["pid"] == os.getpid()
+    assert not (out / ".ggro.lock").exists()          # released
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                      # a pid on this host that no longer runs
+    (out / ".ggro.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "x"}))
+    lock = OutputLock(out).acquire()                 # stale: taken over
+    assert lock.holder()["token"] == lock.token
+    lock.release()
+    # another host: stale only once its holder stopped refreshing the file for stale_after_s
+    (out / ".ggro.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
+    with pytest.raises(OutputLocked, match="host elsewhere"):
+        OutputLock(out).acquire()
+    old = time.time() - 3600
+    os.utime(out / ".ggro.lock", (old, old))
+    OutputLock(out).acquire().release()
+
+
+def test_drop_error_rows_rewrites_parts_whole(tmp_path):
+    out = tmp_path / "out"
+    write_part(out, [rec("a"), {**rec("b"), "error": "boom", "response": None}])
+    write_part(out, [{**rec("c"), "error": "boom", "response": None}])
+    idx = output_index(out, "h1")
+    assert (idx.rows, len(idx.done), len(idx.errors), idx.duplicates) == (3, 3, 2, 0)
+    assert drop_error_rows(out, lambda ids: [i != "c" for i in ids]) == 1     # only the ids asked for
+    assert sorted(read_output(out).column("id").to_pylist()) == ["a", "c"]
+    assert drop_error_rows(out) == 1
+    assert read_output(out).column("id").to_pylist() == ["a"]
+    assert len(list(out.glob("*.parquet"))) == 1 and not list(out.glob(".*"))   # the emptied part is gone
 
 
 def test_missing_bucket_fails_before_any_work(s3):
@@ -59,7 +120,7 @@ def test_align_and_dpo_write_s3(s3, tiny_models, tmp_path, capsys):
         {"id": "bad", "prompt": ""}]) + "\n")
     models = ["--input", str(inp), "--policy", tiny_models["policy"], "--reward", tiny_models["classifier"],
               "--reward-kind", "classifier", "--dtype", "float64", "--max-new-tokens", "8",
-              "--num-refinements", "2", "--local"]
+              "--num-refinements", "2", "--local", "--max-error-fraction", "0.5"]
     out = s3("cli/aligned")
     assert main(["align", *models, "--output", out]) == 0
     first = read_output(out)
@@ -71,8 +132,8 @@ def test_align_and_dpo_write_s3(s3, tiny_models, tmp_path, capsys):
     assert read_output(out).num_rows == 3
 
     dpo = s3("cli/dpo")
-    assert main(["dpo", *models, "--output", dpo, "--min-margin", "-1000"]) == 0
+    assert main(["dpo", *models, "--output", dpo, "--min-margin", "-1000", "--keep-truncated"]) == 0
     fs, path = output_fs(dpo)
-    assert {"aligned-ggro", "aligned-greedy", "pairs.parquet"} <= set(listing(dpo))
+    assert {"__aligned-ggro", "__aligned-greedy", "pairs.parquet", ".ggro_run.json"} == set(listing(dpo))
     pairs = pq.read_table(f"{path}/pairs.parquet", filesystem=fs)
     assert sorted(pairs.column("id").to_pylist()) == ["a", "b"]

@@ -39,7 +39,8 @@ def write_input(path: Path, extra_lines=("not json",)) -> Path:
 
 def model_flags(tiny) -> list[str]:
     return ["--policy", tiny["policy"], "--reward", tiny["classifier"], "--reward-kind", "classifier",
-            "--dtype", "float64", "--max-new-tokens", "12", "--num-refinements", "3"]
+            "--dtype", "float64", "--max-new-tokens", "12", "--num-refinements", "3",
+            "--max-error-fraction", "0.5"]   # ROWS and the bad line: 2 error rows of 7
 
 
 def align(argv) -> int:
@@ -94,7 +95,8 @@ def test_resume_after_killed_driver(ray_cluster, tiny_models, tmp_path):
     import ray
     inp = write_input(tmp_path / "in.jsonl")
     out = tmp_path / "out"
-    argv = ["--input", str(inp), "--output", str(out), "--batch-size", "1", "--in-flight", "1"] + model_flags(tiny_models)
+    argv = ["--input", str(inp), "--output", str(out), "--batch-size", "1", "--in-flight", "1",
+            "--rows-per-file", "1"] + model_flags(tiny_models)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.align", *argv], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -131,7 +133,7 @@ def align_killing(argv, out: Path, find_pid) -> None:
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    assert align(argv + ["--output", str(out)]) == 0
+    assert align(argv + ["--output", str(out), "--rows-per-file", "1"]) == 0
     th.join(5)
     assert killed, "the job finished before the process could be killed"
     assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
@@ -173,3 +175,32 @@ def test_aligner_actor_killed_midjob(ray_cluster, tiny_models, tmp_path):
     inp = write_input(tmp_path / "in.jsonl", ())
     align_killing(["--input", str(inp), "--batch-size", "1", "--in-flight", "1"] + model_flags(tiny_models),
                   tmp_path / "out", aligner_pid)
+
+
+def test_streamed_folder_equals_local(ray_cluster, tiny_models, tmp_path, capsys):
+    """A folder of mixed files streams through Ray Data: the same rows as --local (BOM, a .json array,
+    an upper-case .PARQUET, a repeated id, a bad line), the skipped file named, whole parts of
+    --rows-per-file rows but the tail, and --limit cutting at the same row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in ROWS[:3]).encode()
+                                + b"{broken\n" + json.dumps({"id": "a", "prompt": "the same id again"}).encode())
+    (d / "b.json").write_text(json.dumps(ROWS[3:5] + [{"id": "a", "prompt": "and a third copy"}]))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "what is hot ?"}, ROWS[5]]), d / "c.PARQUET")
+    (d / "notes.txt").write_text("not an input")
+    flags = ["--input", str(d), "--rows-per-file", "3", "--max-error-fraction", "1"] + model_flags(tiny_models)
+    assert align(flags + ["--output", str(tmp_path / "local"), "--local"]) == 0
+    assert align(flags + ["--output", str(tmp_path / "ray")]) == 0
+    assert "skipped notes.txt in --input" in capsys.readouterr().err
+    local, dist = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
+    assert sorted(local) == sorted(dist) and len(dist) == 10
+    assert {"a#dup2", "a#dup3", "a.jsonl:line-4"} <= set(dist) and dist["a#dup3"]["error"].startswith("duplicate id")
+    for i in local:
+        assert {k: v for k, v in local[i].items() if k != "reward"} == {k: v for k, v in dist[i].items() if k != "reward"}
+    sizes = sorted(pq.read_metadata(p).num_rows for p in (tmp_path / "ray").glob("part-*.parquet"))
+    assert sum(sizes) == 10 and all(n >= 3 for n in sizes[1:])          # whole parts; only one may be smaller
+    assert align(flags + ["--output", str(tmp_path / "lim"), "--limit", "4"]) == 0
+    assert align(flags + ["--output", str(tmp_path / "lim-local"), "--limit", "4", "--local"]) == 0
+    assert sorted(rows_of(tmp_path / "lim")) == sorted(rows_of(tmp_path / "lim-local")) == ["a", "a.jsonl:line-4", "b", "c"]

@@ -1,13 +1,18 @@
-"""Inputs at filesystem URIs (s3://, gs://, file://): same rows and error rows as a local path."""
+"""Input files: the same rows from a local path and a URI, BOM, .json (lines or array), upper-case
+extensions, skipped files named, corrupt Parquet as a clear error."""
 from __future__ import annotations
 
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from ggro.rows import read_rows
-from pipeline.ray_align import read_uri_rows
+from ggro.rows import InputError, dedupe, read_rows
+
+
+def key(rows):
+    return [(r.id, r.prompt, r.error) for r in rows]
 
 
 def test_uri_rows_match_local(tmp_path):
@@ -16,14 +21,40 @@ def test_uri_rows_match_local(tmp_path):
     (d / "a.jsonl").write_text(json.dumps({"id": "x", "prompt": "hi"}) + "\n{broken\n"
                                + json.dumps({"id": "y", "prompt": ""}) + "\n")
     pq.write_table(pa.Table.from_pylist([{"id": "z", "prompt": "yo"}]), d / "b.parquet")
-    def key(rows):
-        return [(r.id, r.prompt, r.error) for r in rows]
-    assert key(read_uri_rows(f"file://{d}")) == key(read_rows(d))
-    assert key(read_uri_rows(f"file://{d}/a.jsonl")) == key(read_rows(d / "a.jsonl"))
-    assert [r.id for r in read_uri_rows(f"file://{d}")] == ["x", "a.jsonl:line-2", "y", "z"]
-
-
-def test_uri_missing(tmp_path):
-    import pytest
+    assert key(read_rows(f"file://{d}")) == key(read_rows(d))
+    assert key(read_rows(f"file://{d}/a.jsonl")) == key(read_rows(d / "a.jsonl"))
+    assert [r.id for r in read_rows(f"file://{d}")] == ["x", "a.jsonl:line-2", "y", "z"]
     with pytest.raises(FileNotFoundError):
-        list(read_uri_rows(f"file://{tmp_path}/nope.jsonl"))
+        list(read_rows(f"file://{tmp_path}/nope.jsonl"))
+
+
+def test_bom_json_arrays_upper_case_and_skipped_files(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.JSONL").write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "bom", "prompt": "hi"}).encode() + b"\n")
+    (d / "b.json").write_text(json.dumps([{"id": "arr1", "prompt": "p"}, {"id": "arr2", "prompt": "q"}, 7]))
+    (d / "c.json").write_text(json.dumps({"id": "lines", "prompt": "z"}) + "\n")   # .json holding JSON Lines
+    pq.write_table(pa.Table.from_pylist([{"id": "P", "prompt": "yo"}]), d / "d.PARQUET")
+    (d / "notes.txt").write_text("hello")
+    (d / "_SUCCESS").write_text("")
+    (d / "sub").mkdir()
+    skipped = []
+    rows = list(read_rows(d, skipped))
+    assert [(r.id, r.error) for r in rows] == [
+        ("bom", None), ("arr1", None), ("arr2", None), ("b.json:item-3", "row is a int, expected a JSON object"),
+        ("lines", None), ("P", None)]
+    assert skipped == ["_SUCCESS", "notes.txt", "sub/"]
+    # every copy of a repeated id gets its own error row
+    again = list(dedupe([rows[0], rows[0], rows[0]]))
+    assert [r.id for r in again] == ["bom", "bom#dup2", "bom#dup3"]
+
+
+def test_corrupt_parquet_and_bad_json_array_are_clear_errors(tmp_path):
+    bad = tmp_path / "x.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match="x.parquet is not a readable Parquet file"):
+        list(read_rows(bad))
+    arr = tmp_path / "y.json"
+    arr.write_text('[{"prompt": "a"}, ')
+    with pytest.raises(InputError, match="y.json starts with `\\[` but is not a valid JSON array"):
+        list(read_rows(arr))

@@ -99,7 +99,8 @@ def test_ray_job_submit_align_and_dpo(ray_head, tiny_models, tmp_path):
         {"id": "b", "prompt": "what is the number of people ?"},
         {"id": "bad", "messages": "not a list"}]) + "\n")
     models = ["--policy", tiny_models["policy"], "--reward", tiny_models["classifier"], "--reward-kind",
-              "classifier", "--dtype", "float64", "--max-new-tokens", "8", "--num-refinements", "2"]
+              "classifier", "--dtype", "float64", "--max-new-tokens", "8", "--num-refinements", "2",
+              "--max-error-fraction", "0.5"]      # 1 bad row of 3: the job still succeeds
     out = tmp_path / "aligned"
     log = submit(url, env, "jobs.align", ["--input", str(inp), "--output", str(out), *models])
     assert "rows: 3 out (2 ok, 1 error) / 3 in [OK]" in log
@@ -108,7 +109,8 @@ def test_ray_job_submit_align_and_dpo(ray_head, tiny_models, tmp_path):
     assert set(t.column("method").to_pylist()) == {"ggro"}
     # dpo job, one pass: GGRO and greedy both aligned on the cluster, then paired
     dpo = tmp_path / "dpo"
-    log = submit(url, env, "jobs.dpo", ["--input", str(inp), "--output", str(dpo), "--min-margin", "-1000", *models])
+    log = submit(url, env, "jobs.dpo", ["--input", str(inp), "--output", str(dpo), "--min-margin", "-1000", "--keep-truncated",
+                                      *models])
     assert "pairs: 2 of 3 rows" in log
     assert log.count("ggro: started 1 policy replica(s)") == 1       # both methods ran on one set of workers
     pairs = pq.read_table(dpo / "pairs.parquet")

@@ -1,0 +1,137 @@
+"""`ggro align --local` and its output folder: --overwrite never deletes another's file, one run at a
+time (the lock), exit codes for failed rows, --retry-errors, the run manifest, and inputs that cannot
+be aligned (empty, corrupt, --limit 0, unwritable --output) failing clearly before any model loads."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline.output import OutputLock, read_manifest, read_output, write_part
+
+PROMPTS = [{"id": "a", "prompt": "how do you make water hot ?"}, {"id": "b", "prompt": "what is the number ?"}]
+
+
+def flags(tiny, inp, out, *extra):
+    return ["align", "--local", "--input", str(inp), "--output", str(out), "--policy", tiny["policy"],
+            "--reward", tiny["classifier"], "--reward-kind", "classifier", "--dtype", "float64",
+            "--max-new-tokens", "6", "--num-refinements", "2", *extra]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_overwrite_lock_manifest_and_retry(tmp_path, tiny_models, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    assert main(flags(tiny_models, inp, out)) == 0
+    m = read_manifest(out)
+    t = read_output(out)
+    assert m["command"] == "align" and m["status"] == "finished" and m["mode"] == "local"
+    assert m["rows"] == {"in": 2, "out": 2, "ok": 2, "error": 0, "aligned_this_run": 2, "skipped_files": []}
+    assert m["ggro_config"]["max_new_tokens"] == 6 and m["model_config"]["reward_kind"] == "classifier"
+    assert m["models"]["policy"] == tiny_models["policy"] and m["ended"] >= m["started"]
+    assert {"ggro", "torch", "transformers", "ray", "pyarrow"} <= set(m["versions"])
+    assert set(t.column("config_hash").to_pylist()) == {m["config_hash"]}    # the hash stays on every row
+    for r in t.to_pylist():   # "length": cut at --max-new-tokens 6 without EOS; "stop": ended by EOS
+        assert r["finish_reason"] in ("stop", "length")
+        assert (r["segment_boundaries"][-1] == 6) if r["finish_reason"] == "length" else r["segment_boundaries"][-1] <= 6
+
+    # a run while another holds the folder is refused; nothing is written
+    with OutputLock(out):
+        with pytest.raises(SystemExit) as e:
+            main(flags(tiny_models, inp, out, "--overwrite"))
+        assert e.value.code == 1
+    assert "is being written by another run" in capsys.readouterr().err
+    assert read_output(out).num_rows == 2
+
+    # --overwrite with a file that is not ggro's in the folder: refused, nothing deleted
+    keep = write_jsonl(out / "my-prompts.jsonl", PROMPTS)
+    with pytest.raises(SystemExit) as e:
+        main(flags(tiny_models, inp, out, "--overwrite"))
+    assert e.value.code == 1 and keep.exists() and read_output(out).num_rows == 2
+    assert "holds files ggro did not write (my-prompts.jsonl); nothing was deleted" in capsys.readouterr().err
+    keep.unlink()
+
+    # a transient failure left an error row for "a": a plain rerun keeps it, --retry-errors replaces it
+    rows = read_output(out).to_pylist()
+    for p in out.glob("part-*.parquet"):
+        p.unlink()
+    write_part(out, [{**r, "response": None, "reward": None, "error": "RayActorError: gone"} if r["id"] == "a"
+                     else r for r in rows])
+    assert main(flags(tiny_models, inp, out)) == 3                       # 1 of 2 rows is an error
+    assert read_output(out).column("error").to_pylist().count("RayActorError: gone") == 1
+    capsys.readouterr()
+    assert main(flags(tiny_models, inp, out, "--retry-errors")) == 0
+    err = capsys.readouterr().err
+    assert "--retry-errors: 1 error row(s) removed" in err and "resuming: 1 of 2 rows" in err
+    final = read_output(out).to_pylist()
+    assert sorted(r["id"] for r in final) == ["a", "b"] and all(r["error"] is None for r in final)
+    assert read_manifest(out)["previous"][-1]["status"] == "finished"    # earlier runs are kept, briefly
+
+    # --overwrite of a folder holding only ggro's files starts over
+    assert main(flags(tiny_models, inp, out, "--overwrite")) == 0
+    assert "deleted" in capsys.readouterr().err and read_output(out).num_rows == 2
+
+
+def test_exit_codes_when_rows_fail(tmp_path, tiny_models, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "prompt": ""}, {"id": "y", "text": "no prompt"}])
+    code = main(flags(tiny_models, bad, tmp_path / "o1", "--max-error-fraction", "1"))
+    assert code == 3                                # every row failed: never a success
+    assert "2 of 2 rows are error rows" in capsys.readouterr().err
+    assert read_output(tmp_path / "o1").num_rows == 2
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", PROMPTS + [{"id": "z", "prompt": " "}])
+    assert main(flags(tiny_models, mixed, tmp_path / "o2")) == 3                       # 1/3 > 0.1
+    assert main(flags(tiny_models, mixed, tmp_path / "o2", "--max-error-fraction", "0.34")) == 0
+
+
+@pytest.mark.parametrize("case", ["empty", "blank-lines", "corrupt-parquet", "limit-0", "unwritable", "missing"])
+def test_unusable_input_or_output_fails_before_models_load(tmp_path, case, capsys):
+    inp, out, extra = tmp_path / "in.jsonl", tmp_path / "out", []
+    write_jsonl(inp, PROMPTS)
+    if case == "empty":
+        inp.write_text("")
+        words, code = "has no rows", 2
+    elif case == "blank-lines":
+        inp.write_text("\n\n  \n")
+        words, code = "has no rows", 2
+    elif case == "corrupt-parquet":
+        inp = tmp_path / "in.parquet"
+        inp.write_bytes(b"PAR1 garbage")
+        words, code = "is not a readable Parquet file", 2
+    elif case == "limit-0":
+        extra, words, code = ["--limit", "0"], "--limit must be >= 1", 2
+    elif case == "unwritable":
+        (tmp_path / "afile").write_text("x")
+        out, words, code = tmp_path / "afile" / "out", "cannot write --output", 1
+    else:
+        inp, words, code = tmp_path / "nope.jsonl", "no such file", 2
+    # a policy that does not exist: had any model been loaded first, the error would name it instead
+    with pytest.raises(SystemExit) as e:
+        main(["align", "--local", "--input", str(inp), "--output", str(out), "--policy",
+              str(tmp_path / "no-model"), *extra])
+    assert e.value.code == code
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "model path" not in err
+    if case == "empty":
+        assert not (out / ".ggro.lock").exists() and read_manifest(out)["status"] == "failed"
+
+
+def test_folder_input_names_skipped_files_and_reads_json_arrays(tmp_path, tiny_models, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.JSONL").write_bytes(b"\xef\xbb\xbf" + json.dumps(PROMPTS[0]).encode() + b"\n")
+    (d / "b.json").write_text(json.dumps([PROMPTS[1]]))
+    (d / "readme.txt").write_text("hi")
+    assert main(flags(tiny_models, d, tmp_path / "out")) == 0
+    err = capsys.readouterr().err
+    assert "skipped readme.txt in --input" in err
+    assert sorted(read_output(tmp_path / "out").column("id").to_pylist()) == ["a", "b"]
+    assert read_manifest(tmp_path / "out")["rows"]["skipped_files"] == ["readme.txt"]
+    assert all(pq.read_schema(p).names for p in (tmp_path / "out").glob("part-*.parquet"))
+    assert os.listdir(tmp_path / "out") and not (tmp_path / "out" / ".ggro.lock").exists()
