@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .search import Prompt
+from .seam import Prompt
 
 ROLES = ("system", "user", "assistant")
 
