@@ -41,6 +41,7 @@ class RewardModel:
         self.base = getattr(model, model.base_model_prefix)
         self.prefixes = PrefixCache(self._prefill, self.device, max_cached)
         self.suffix, self.eos = [], set(eos_ids)
+        self.head = getattr(model, "score", None) if kind == "classifier" else None   # Llama, Qwen, Mistral, Gemma...
         if kind == "judge":
             self.suffix = judge_suffix(tokenizer, rubric)
             self.yes, self.no = first_token(tokenizer, "Yes"), first_token(tokenizer, "No")
@@ -61,9 +62,14 @@ class RewardModel:
             logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                 past_key_values=cache, logits_to_keep=1).logits[:, -1]
             return (logits[:, self.yes] - logits[:, self.no]).double()
-        # Every row ends at the last column, where HF's classifier pools.
-        return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                          past_key_values=cache).logits[:, 0].double()
+        # Every row ends at the last column: pool there ourselves. HF's classifier cannot see padding in
+        # inputs_embeds, and refuses batches outright when its config has no pad token.
+        if self.head is None:
+            return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                              past_key_values=cache).logits[:, 0].double()
+        h = self.base(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                      past_key_values=cache).last_hidden_state[:, -1]
+        return self.head(h)[:, 0].double()
 
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
         if not queries:

@@ -123,10 +123,14 @@ def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Pat
     configs += [(f"ggro{'' if m == 'faithful' else '-' + m} S={k}{f' x{c}' if c > 1 else ''}",
                  replace(gcfg, method="ggro", num_refinements=k, search_mode=m), c)
                 for c in sorted({1, engine.mcfg.cohorts}) for m in s["modes"] for k in s["refinements"]]
+    import torch
     results, greedy = [], None
+    threads = torch.get_num_threads()
     for label, cfg, cohorts in configs:
         log(f"bench: {label} on {len(rows)} prompts, max_new_tokens={cfg.max_new_tokens} ...")
+        torch.set_num_threads(max(1, threads // cohorts))    # every row gets the same cores in all
         r = time_method(engine, rows, cfg, batch_size, cohorts)
+        torch.set_num_threads(threads)
         recs = r["records"]
         if save_dir is not None:
             d = save_dir / label.replace(" S=", "-S").replace(" x", "-x")

@@ -117,3 +117,17 @@ def test_default_guide_shares_the_default_policy():
     refuse = x + tok.encode("I'm sorry, but I can't help with that.", add_special_tokens=False)
     got = eng.reward.score([RewardQuery(comply), RewardQuery(refuse)])
     assert got[0].reward > got[1].reward       # a benign request: the guide prefers the answer to a refusal
+
+
+def test_padless_classifier_scores_batches(tiny_models, tmp_path):
+    """A classifier whose config has no pad token (common for Llama-based RMs) scores a batch of 4: the
+    reward model pools at the last real token itself instead of relying on the config."""
+    from tests.conftest import save_tiny
+    rm = save_tiny(tmp_path / "padless", "classifier", seed=5, pad_token_id=None)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": " ".join(WORDS[i:i + 4])}) + "\n" for i in range(6)))
+    out = tmp_path / "o"
+    assert main(["align", "--local", "--input", str(src), "--output", str(out), "--policy", tiny_models["policy"],
+                 "--reward", rm, "--reward-kind", "classifier", "--batch-size", "4", "--max-new-tokens", "6"]) == 0
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 6 and all(r["error"] is None and r["reward"] is not None for r in rows)
