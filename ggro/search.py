@@ -153,7 +153,7 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
                 for a in active for f in a.seg.pending]
         segs = policy.decode(reqs)
         queries, scored, closing = [], [], []
-        for a, f, s in zip(owners, [f for a in active for f in a.seg.pending], segs):
+        for a, req, s in zip(owners, reqs, segs):
             a.res.refinements += 1
             a.res.policy_tokens += s.decoded
             seg = a.seg
@@ -164,11 +164,11 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
             seg.seen.append(tuple(s.tokens))
             seg.i += 1
             q = len(a.prefix) + seg.insert_at
-            budget = 1 if cfg.search_mode == "parallel" else S - 1   # gradient rounds this segment may still use
-            more = seg.i <= budget and seg.i < S and seg.insert_at < len(s.tokens) and s.candidates is not None
+            grads = min(1, S - 1) if cfg.search_mode == "parallel" else S - 1   # refinements that get a gradient
+            more = seg.i <= grads and seg.insert_at < len(s.tokens) and s.candidates is not None
             cands = s.candidates + [s.tokens[seg.insert_at]] if more else None
             queries.append(RewardQuery(a.prefix + s.tokens, q if more else None, cands, a.p.id, len(a.prefix)))
-            scored.append((a, f, s, seg.i - 1, more))
+            scored.append((a, req.forced, s, seg.i - 1, more))
         going = set()
         for (a, f, s, idx, more), r in zip(scored, reward.score(queries)):
             a.res.reward_calls += 1
