@@ -66,7 +66,7 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None) -> RewardModel
     elif mcfg.reward_kind == "judge":
         model = policy_model
     else:
-        model = guide.with_head(policy_model, guide.load_head(guide.shipped_head()))
+        model = guide.shipped_guide(policy_model)
     return RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model))
 
 

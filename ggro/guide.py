@@ -188,6 +188,11 @@ def save_head(weight: torch.Tensor, path: Path, meta: dict) -> None:
               metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
+def shipped_guide(causal_model):
+    """The shipped guide: the trained head on `causal_model` (the default backbone), sharing its weights."""
+    return with_head(causal_model, load_head(shipped_head()))
+
+
 def load_head(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file
     return load_file(str(path))["score.weight"].reshape(-1)

@@ -84,8 +84,8 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
 def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: str = "cpu"):
     """A frozen eval-mode model: kind 'causal' (policy, judge) or 'classifier' (scalar RM)."""
     if spec == "default" and kind == "classifier":   # the shipped guide: the default backbone + a trained head
-        from .guide import load_head, shipped_head, with_head
-        return with_head(load_model(spec, "causal", dtype, device), load_head(shipped_head()))
+        from .guide import shipped_guide
+        return shipped_guide(load_model(spec, "causal", dtype, device))
     where, kw = resolve(spec)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
