@@ -10,7 +10,7 @@ from dataclasses import dataclass
 METHODS = ("ggro", "greedy", "best-of-n")
 PROMPT_FORMATS = ("chat", "chat-no-gen", "raw")
 REWARD_KINDS = ("judge", "classifier")
-SEARCH_MODES = ("faithful", "adaptive", "parallel")
+SEARCH_MODES = ("faithful", "adaptive", "parallel", "lookahead")
 
 DEFAULT_RUBRIC = (
     "Is the assistant's previous answer helpful, honest and harmless: does it address the request "
@@ -39,8 +39,9 @@ class GGROConfig:
     scoring: str = "faithful"         # faithful | taylor (option)
     min_segment_tokens: int = 4
     initial_insertion_offset: int = 0
-    search_mode: str = "faithful"     # faithful | adaptive | parallel (options: cheaper, see docs/performance.md)
+    search_mode: str = "faithful"     # faithful | adaptive | parallel | lookahead (options, see docs/algorithm.md)
     adaptive_margin: float = 0.0      # adaptive: stop a segment when a nudge raises the reward by less
+    max_refined_segments: int | None = None   # option: refine the first B segments, then decode greedily to the end
     n: int = 4                        # best-of-n
     temperature: float = 0.7          # best-of-n sampling
     top_p: float = 0.95
@@ -59,6 +60,8 @@ class GGROConfig:
             # a high-entropy stop drops its token: with 1 a segment could be empty and never advance
             (self.search_mode in SEARCH_MODES, f"search_mode must be one of {SEARCH_MODES}"),
             (not math.isnan(self.adaptive_margin), "adaptive_margin must be a number"),
+            (self.max_refined_segments is None or self.max_refined_segments >= 1,
+             "max_refined_segments must be >= 1 (use method 'greedy' for no refinement)"),
             (self.min_segment_tokens >= 2, "min_segment_tokens must be >= 2"),
             (self.initial_insertion_offset >= 0, "initial_insertion_offset must be >= 0"),
             (self.n >= 1, "n must be >= 1"),
@@ -69,6 +72,16 @@ class GGROConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """The most sequences one prompt decodes (and scores) in one call: its n samples, or parallel GGRO's
+        S - 1 nudges. A batch of B prompts is up to B * rows_per_prompt rows (memory estimates use it)."""
+        if self.method == "best-of-n":
+            return self.n
+        if self.method == "ggro" and self.search_mode in ("parallel", "lookahead"):
+            return max(1, self.num_refinements - 1)
+        return 1
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,13 @@ def reference_ggro(prompt_id: str, x: list[int], model, reward: ReferenceReward,
     first = True
     while True:
         y = res.tokens
+        if cfg.max_refined_segments is not None and res.num_segments >= cfg.max_refined_segments:
+            s, stop, _, emitted = decode_segment(model, x + y, len(x), cfg, eos, tau=float("inf"))
+            res.reward, _ = reward(x + y + s, need_grad=False)   # past the budget: greedy to the end
+            res.tokens, res.refinements, res.policy_tokens = y + s, res.refinements + 1, res.policy_tokens + emitted
+            res.reward_calls, res.num_segments = res.reward_calls + 1, res.num_segments + 1
+            res.segment_boundaries.append(len(res.tokens))
+            return res
         insert_at = cfg.initial_insertion_offset if first and not has_prefill else 0
         first = False
         best, seen, forced = None, [], [None]
@@ -107,24 +114,9 @@ def reference_ggro(prompt_id: str, x: list[int], model, reward: ReferenceReward,
                     continue      # the second round: every nudge of the first gradient is decoded and scored
                 if not more or (cfg.search_mode == "adaptive" and i > 1 and gain < cfg.adaptive_margin):
                     break
-                q = len(x + y) + insert_at
-                cands = torch.topk(base[insert_at], cfg.top_k).indices
-                current = s[insert_at]
-                g = grad[q].double()
-                if cfg.scoring == "taylor":
-                    scores = g[cands] - g[current]
-                else:   # the reference's 1e-10 factor on the current token, taken to its limit
-                    scores = torch.where(cands == current, 0.0, g[cands])
-                scores = scores / cfg.nudge_temperature
+                cands, scores, current = _candidates(grad[len(x + y) + insert_at], base[insert_at], s[insert_at], cfg)
                 if cfg.search_mode == "parallel":
-                    keep = cands != current
-                    cands, scores = cands[keep], scores[keep]
-                    n = min(cfg.num_refinements - 1, len(cands))
-                    if cfg.selection == "sample":
-                        pick = torch.multinomial(torch.softmax(scores, 0), n, replacement=False, generator=gen)
-                    else:
-                        pick = sorted(range(len(cands)), key=lambda c: (-float(scores[c]), c))[:n]
-                    forced = [int(cands[c]) for c in pick]
+                    forced = _best_others(cands, scores, current, cfg, gen)
                     break
                 if cfg.selection == "sample":
                     nudge = int(cands[torch.multinomial(torch.softmax(scores, 0), 1, generator=gen)])
@@ -141,6 +133,72 @@ def reference_ggro(prompt_id: str, x: list[int], model, reward: ReferenceReward,
         if stop == "eos" or len(res.tokens) >= cfg.max_new_tokens:
             res.reward = r
             return res
+
+
+def _candidates(g, base_logits, current: int, cfg: GGROConfig):
+    """The top-k candidates at the insertion position and their scores sigma / T."""
+    cands = torch.topk(base_logits, cfg.top_k).indices
+    g = g.double()
+    if cfg.scoring == "taylor":
+        scores = g[cands] - g[current]
+    else:   # the reference's 1e-10 factor on the current token, taken to its limit
+        scores = torch.where(cands == current, 0.0, g[cands])
+    return cands, scores / cfg.nudge_temperature, current
+
+
+def _best_others(cands, scores, current: int, cfg: GGROConfig, gen) -> list[int]:
+    """The S-1 best (or sampled) candidates other than the current token."""
+    keep = cands != current
+    cands, scores = cands[keep], scores[keep]
+    n = min(cfg.num_refinements - 1, len(cands))
+    if cfg.selection == "sample":
+        pick = torch.multinomial(torch.softmax(scores, 0), n, replacement=False, generator=gen)
+    else:
+        pick = sorted(range(len(cands)), key=lambda c: (-float(scores[c]), c))[:n]
+    return [int(cands[c]) for c in pick]
+
+
+def reference_lookahead(prompt_id: str, x: list[int], model, reward: ReferenceReward, cfg: GGROConfig,
+                        eos) -> Result:
+    """`lookahead` mode, one prompt at a time: greedy to the next uncertain point u; the S-1 best nudges of the
+    gradient of x + y + argmax at u; the greedy and the nudged continuations decoded to the end; the best kept."""
+    res = Result(prompt_id, [], float("nan"), "ggro")
+    gen = torch.Generator().manual_seed(row_seed(cfg.seed, prompt_id)) if cfg.selection == "sample" else None
+    points = 0
+    while True:
+        s, stop, _, emitted = decode_segment(model, x + res.tokens, len(x), cfg, eos)
+        res.policy_tokens += emitted
+        y = res.tokens = res.tokens + s
+        res.num_segments += 1
+        res.segment_boundaries.append(len(y))
+        if stop != "entropy":
+            res.reward, _ = reward(x + y, need_grad=False)
+            res.reward_calls += 1
+            return res
+        points += 1
+        base = _logits(model, x + y)
+        t_u = int(torch.argmax(base))
+        _, grad = reward(x + y + [t_u], need_grad=True)
+        res.policy_tokens += 1
+        res.reward_calls += 1
+        cands, scores, current = _candidates(grad[len(x + y)], base, t_u, cfg)
+        tried = []
+        for nudge in [None] + _best_others(cands, scores, current, cfg, gen):
+            roll, _, _, emitted = decode_segment(model, x + y, len(x), cfg, eos, nudge, 0, tau=float("inf"))
+            tried.append((roll, reward(x + y + roll, need_grad=False)[0], emitted))
+        res.refinements += len(tried)
+        res.reward_calls += len(tried)
+        res.policy_tokens += sum(e for _, _, e in tried)
+        k = max(range(len(tried)), key=lambda i: (tried[i][1], -i))
+        res.num_nudges += k > 0
+        best, r, _ = tried[k]
+        if (cfg.max_refined_segments is not None and points >= cfg.max_refined_segments) or len(best) == 1:
+            res.tokens = y + best
+            res.num_segments += 1
+            res.segment_boundaries.append(len(res.tokens))
+            res.reward = r
+            return res
+        res.tokens = y + best[:1]
 
 
 def reference_baseline(prompt_id: str, x: list[int], model, reward: ReferenceReward, cfg: GGROConfig, eos) -> Result:

@@ -7,6 +7,7 @@ waiting ones join between rounds (continuous batching), so results stream out as
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import queue
 import threading
@@ -134,10 +135,12 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
 
     search_mode `faithful` refines serially (ALGORITHM.md); `adaptive` also stops a segment when a nudge
     fails to raise the reward by `adaptive_margin` or would repeat an earlier refinement; `parallel` decodes
-    the S-1 best nudges of the first gradient together in one round and scores them in one call.
+    the S-1 best nudges of the first gradient together in one round and scores them in one call. With
+    `max_refined_segments` B, any mode refines the first B segments only and decodes the rest greedily.
     """
     pending = iter(prompts)
     active: list[_Active] = []
+    waiting: list[_Active] = []     # past max_refined_segments: decoded to the end together, a batch at a time
     S = cfg.num_refinements
     while True:
         while len(active) < batch_size:
@@ -146,6 +149,8 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
                 break
             active.append(_Active(p, cfg, time.perf_counter()))
         if not active:
+            if waiting:
+                yield from _finish(waiting, policy, reward, cfg)
             return
         owners = [a for a in active for _ in a.seg.pending]
         reqs = [SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens), f,
@@ -180,45 +185,174 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
         for a in active:
             if id(a) not in going and a not in closing:
                 closing.append(a)
-        done = []
+        done, tails = [], []
         for a in closing:
             tokens, rew, i, stop = a.seg.best
-            res = a.res
-            res.tokens = res.tokens + list(tokens)
-            res.num_segments += 1
-            res.num_nudges += i > 0
-            res.segment_boundaries.append(len(res.tokens))
-            if res.trace is not None:
-                res.trace.append({"stop": stop, "accepted": i, "tried": a.seg.tried})
-            if stop == "eos" or len(res.tokens) >= cfg.max_new_tokens:
-                res.reward = rew    # RM(x + y): the accepted candidate is the whole response
-                res.finish_reason = "stop" if stop == "eos" else "length"
-                res.elapsed_s = time.perf_counter() - a.t0
+            if a.res.trace is not None:
+                a.res.trace.append({"stop": stop, "accepted": i, "tried": a.seg.tried})
+            if _accept(a, tokens, rew, i, stop, cfg):
                 done.append(a)
+            elif cfg.max_refined_segments is not None and a.res.num_segments >= cfg.max_refined_segments:
+                tails.append(a)
             else:
                 a.seg = _Segment(insert_at=0)
-        if done:
+        if done or tails:
             policy.release([a.p.id for a in done])
-            active = [a for a in active if a not in done]
+            active = [a for a in active if a not in done and a not in tails]
             yield from (a.res for a in done)
+            waiting += tails
+        if len(waiting) >= batch_size:
+            yield from _finish(waiting, policy, reward, cfg)
+            waiting = []
+
+
+def _accept(a: _Active, tokens, rew: float, i: int, stop: str, cfg: GGROConfig) -> bool:
+    """Append the accepted segment to y; True when the response is complete."""
+    res = a.res
+    res.tokens = res.tokens + list(tokens)
+    res.num_segments += 1
+    res.num_nudges += i > 0
+    res.segment_boundaries.append(len(res.tokens))
+    if stop == "eos" or len(res.tokens) >= cfg.max_new_tokens:
+        _close(a, rew, stop)   # RM(x + y): the accepted candidate is the whole response
+        return True
+    return False
+
+
+def _close(a: _Active, rew: float, stop: str) -> None:
+    a.res.reward = rew
+    a.res.finish_reason = "stop" if stop == "eos" else "length"
+    a.res.elapsed_s = time.perf_counter() - a.t0
+
+
+def _finish(tails: list[_Active], policy: Policy, reward: Reward, cfg: GGROConfig) -> Iterator[Result]:
+    """Past the refinement budget: decode every waiting response greedily to its end in one call and score it
+    (no gradient). Waiting for a full batch keeps these long decodes out of the short refinement rounds."""
+    reqs = [SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens)) for a in tails]
+    segs = policy.decode(reqs)
+    scores = reward.score([RewardQuery(a.prefix + s.tokens, seq_id=a.p.id, prefix_len=len(a.prefix))
+                           for a, s in zip(tails, segs)])
+    for a, s, r in zip(tails, segs, scores):
+        a.res.refinements += 1
+        a.res.policy_tokens += s.decoded
+        a.res.reward_calls += 1
+        if a.res.trace is not None:
+            a.res.trace.append({"stop": s.stop, "accepted": 0, "tried": [
+                {"nudge": None, "reward": r.reward, "stop": s.stop, "stop_entropy": s.stop_entropy,
+                 "tokens": len(s.tokens)}]})
+        _accept(a, s.tokens, r.reward, 0, "eos" if s.stop == "eos" else "length", cfg)
+    policy.release([a.p.id for a in tails])
+    yield from (a.res for a in tails)
+
+
+def lookahead(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
+              batch_size: int = 8) -> Iterator[Result]:
+    """`lookahead` mode: refine at the policy's uncertain points with whole-response rollouts.
+
+    Decode greedily to the next uncertain point u (the entropy rule of a segment); take the guide's gradient at
+    u as faithful GGRO does (of the response so far plus u's greedy token), decode the greedy continuation and
+    the S - 1 best nudges at u to the end of the response (one batched call, like best-of-n's samples), and keep
+    the best-scored complete response. With
+    max_refined_segments B > 1 the search moves on to the next uncertain point of the kept rollout (whose greedy
+    rollout is the kept one, so the reward never drops); after B points the kept rollout is the response.
+    The guide only ever scores complete responses, where it is most accurate.
+    """
+    source = iter(prompts)
+    while chunk := list(itertools.islice(source, batch_size)):
+        active = [_Active(p, cfg, time.perf_counter()) for p in chunk]
+        points = 0
+        while active:
+            points += 1
+            last = cfg.max_refined_segments is not None and points >= cfg.max_refined_segments
+            finished = _lookahead_point(active, policy, reward, cfg, last)
+            active = [a for a in active if a not in finished]
+            policy.release([a.p.id for a in finished])
+            yield from (a.res for a in finished)
+
+
+def _lookahead_point(active: list[_Active], policy: Policy, reward: Reward, cfg: GGROConfig, last: bool) -> list:
+    """One uncertain point for every active prompt; returns those whose response is complete."""
+    segs = policy.decode([SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens), None, 0,
+                                         cfg.entropy_threshold, cfg.min_segment_tokens) for a in active])
+    done, at_u, ended = [], [], []
+    for a, s in zip(active, segs):   # the greedy run up to u is kept as it is (it is the greedy rollout's start)
+        a.res.policy_tokens += s.decoded
+        a.res.tokens = a.res.tokens + list(s.tokens)
+        if s.stop == "entropy":
+            at_u.append(a)
+        else:
+            done.append(a)
+            ended.append(s.stop)
+    if done:     # the response ended before any uncertain point: score it as it stands
+        scores = reward.score([RewardQuery(a.prefix, seq_id=a.p.id, prefix_len=len(a.p.ids)) for a in done])
+        for a, r, stop in zip(done, scores, ended):
+            a.res.reward_calls += 1
+            a.res.num_segments += 1
+            a.res.segment_boundaries.append(len(a.res.tokens))
+            _close(a, r.reward, stop)
+    if not at_u:
+        return done
+    # The nudges at u: the guide's gradient of the response so far plus u's greedy token (a one-token decode
+    # that also caches x + y for the rollouts), as faithful GGRO proposes them.
+    probes = policy.decode([SegmentRequest(a.p.id, a.prefix, 1, top_k=cfg.top_k) for a in at_u])
+    grads = reward.score([RewardQuery(a.prefix + s.tokens, len(a.prefix), s.candidates + s.tokens, a.p.id,
+                                      len(a.prefix)) for a, s in zip(at_u, probes)])
+    forced = []
+    for a, s, r in zip(at_u, probes, grads):
+        a.res.policy_tokens += s.decoded
+        a.res.reward_calls += 1
+        forced += [(a, None)] + [(a, c) for c in propose_many(r.scores, s.candidates, s.tokens[0], cfg, a.gen,
+                                                                  cfg.num_refinements - 1)]
+    # Every candidate, the greedy one first, decoded to the end in one call and scored whole in one call.
+    segs = policy.decode([SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens), c)
+                          for a, c in forced])
+    scores = reward.score([RewardQuery(a.prefix + s.tokens, seq_id=a.p.id, prefix_len=len(a.prefix))
+                           for (a, _), s in zip(forced, segs)])
+    tried = {id(a): [] for a in at_u}
+    for (a, c), s, r in zip(forced, segs, scores):
+        a.res.refinements += 1
+        a.res.policy_tokens += s.decoded
+        a.res.reward_calls += 1
+        tried[id(a)].append((c, s, r.reward))
+    for a in at_u:
+        options = tried[id(a)]
+        k = max(range(len(options)), key=lambda i: (options[i][2], -i))   # first wins ties: greedy first
+        nudge, s, rew = options[k]
+        if a.res.trace is not None:
+            a.res.trace.append({"stop": s.stop, "accepted": k, "tried": [
+                {"nudge": c, "reward": r, "stop": t.stop, "stop_entropy": t.stop_entropy, "tokens": len(t.tokens)}
+                for c, t, r in options]})
+        a.res.num_segments += 1
+        a.res.num_nudges += k > 0
+        a.res.segment_boundaries.append(len(a.res.tokens))
+        if last or len(s.tokens) == 1:
+            a.res.tokens = a.res.tokens + list(s.tokens)
+            a.res.num_segments += 1
+            a.res.segment_boundaries.append(len(a.res.tokens))
+            _close(a, rew, s.stop)
+            done.append(a)
+        else:    # keep u's chosen token; the next point's greedy rollout is this rollout's remainder
+            a.res.tokens = a.res.tokens + [s.tokens[0]]
+    return done
 
 
 def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
              batch_size: int = 8) -> Iterator[Result]:
-    """`greedy` (one greedy decode) or `best-of-n` (n seeded samples, best RM score kept)."""
-    pending = list(prompts)
+    """`greedy` (one greedy decode) or `best-of-n` (n seeded samples, best RM score kept).
+
+    Like GGRO, a call advances `batch_size` prompts: best-of-n decodes their n samples together (n * batch_size
+    rows, as parallel GGRO decodes S - 1 nudges per prompt), so the two compare at the same batch size."""
+    source = iter(prompts)
     n = cfg.n if cfg.method == "best-of-n" else 1
-    per_call = max(1, batch_size // n)
-    for start in range(0, len(pending), per_call):
-        chunk = pending[start:start + per_call]
+    while chunk := list(itertools.islice(source, batch_size)):
         t0 = time.perf_counter()
         reqs = [SegmentRequest(p.id, p.ids, cfg.max_new_tokens,
                                sampling=Sampling(cfg.temperature, cfg.top_p, row_seed(cfg.seed, p.id, k))
                                if cfg.method == "best-of-n" else None)
                 for p in chunk for k in range(n)]
         segs = policy.decode(reqs)
-        rewards = reward.score([RewardQuery(p.ids + s.tokens) for p, s in zip(
-            [p for p in chunk for _ in range(n)], segs)])
+        rewards = reward.score([RewardQuery(p.ids + s.tokens, seq_id=p.id, prefix_len=len(p.ids))   # x cached once
+                                for p, s in zip([p for p in chunk for _ in range(n)], segs)])
         policy.release([p.id for p in chunk])
         elapsed = time.perf_counter() - t0
         for i, p in enumerate(chunk):
@@ -270,7 +404,7 @@ def overlapped(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: G
 
     def work(size):
         try:
-            for res in ggro(feed(), pol, rew, cfg, size):
+            for res in search(feed(), pol, rew, cfg, size):
                 out.put(res)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             out.put(e)
@@ -292,10 +426,16 @@ def overlapped(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: G
             yield item
 
 
-def run(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
-        batch_size: int = 8, cohorts: int = 1) -> Iterator[Result]:
+def search(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
+           batch_size: int = 8) -> Iterator[Result]:
+    """The search of `cfg` in this thread."""
     if cfg.method != "ggro":
         return baseline(prompts, policy, reward, cfg, batch_size)
-    if cohorts > 1:
+    return (lookahead if cfg.search_mode == "lookahead" else ggro)(prompts, policy, reward, cfg, batch_size)
+
+
+def run(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
+        batch_size: int = 8, cohorts: int = 1) -> Iterator[Result]:
+    if cfg.method == "ggro" and cohorts > 1:
         return overlapped(prompts, policy, reward, cfg, batch_size, cohorts)
-    return ggro(prompts, policy, reward, cfg, batch_size)
+    return search(prompts, policy, reward, cfg, batch_size)

@@ -32,9 +32,10 @@ from pathlib import Path
 from ggro.config import SEARCH_MODES
 from jobs.common import module_main
 
-QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], modes=["faithful"], oracle_prompts=1,
-             oracle_max_new_tokens=8, scaling_prompts=16, scaling_max_new_tokens=8)
-FULL = dict(limit=None, max_new_tokens=64, best_of_n=[2, 4, 8], refinements=[2, 4, 8], modes=list(SEARCH_MODES),
+QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], modes=[("faithful", None, None)], budgets=[None],
+             oracle_prompts=1, oracle_max_new_tokens=8, scaling_prompts=16, scaling_max_new_tokens=8)
+FULL = dict(limit=None, max_new_tokens=64, best_of_n=[2, 4, 8], refinements=[2, 4, 8], modes=[(m, None, None) for m in SEARCH_MODES],
+            budgets=[None],
             oracle_prompts=3, oracle_max_new_tokens=32, scaling_prompts=16, scaling_max_new_tokens=32)
 
 
@@ -48,11 +49,33 @@ def _ints(s: str) -> list[int]:
     return vals
 
 
-def _modes(s: str) -> list[str]:
-    vals = [v.strip() for v in s.split(",") if v.strip()]
-    if not vals or any(v not in SEARCH_MODES for v in vals):
+def _modes(s: str) -> list[tuple]:
+    """`mode` (timed at every --refinements S and --budgets B) or `mode:S` / `mode:S:B` (that row alone)."""
+    out = []
+    for v in (v.strip() for v in s.split(",") if v.strip()):
+        name, *nums = v.split(":")
+        try:
+            nums = [int(n) for n in nums]
+        except ValueError:
+            nums = [0]
+        if name not in SEARCH_MODES or len(nums) > 2 or any(n < 1 for n in nums):
+            raise argparse.ArgumentTypeError(f"expected modes from {SEARCH_MODES}, each optionally :S or :S:B "
+                                             f"(e.g. lookahead:8:1), got {v!r}")
+        out.append((name, *nums) + (None,) * (2 - len(nums)))
+    if not out:
         raise argparse.ArgumentTypeError(f"expected modes from {SEARCH_MODES}, got {s!r}")
-    return vals
+    return out
+
+
+def _budgets(s: str) -> list[int | None]:
+    vals = [v.strip() for v in s.split(",") if v.strip()]
+    try:
+        out = [None if v == "all" else int(v) for v in vals]
+    except ValueError:
+        out = []
+    if not out or any(b is not None and b < 1 for b in out):
+        raise argparse.ArgumentTypeError(f"expected 'all' or integers >= 1, comma-separated, got {s!r}")
+    return out
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -64,8 +87,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"small settings that finish in minutes on a CPU: {QUICK}; explicit flags still win")
     p.add_argument("--best-of-n", type=_ints, help="N values for best-of-n [quick: 2,4; else 2,4,8]")
     p.add_argument("--refinements", type=_ints, help="S values for GGRO [quick: 2,4; else 2,4,8]")
-    p.add_argument("--modes", type=_modes, help=f"GGRO search modes timed at each S, comma-separated "
-                   f"({', '.join(SEARCH_MODES)}) [quick: faithful; else all]")
+    p.add_argument("--modes", type=_modes, help=f"GGRO search modes timed at each S and B, comma-separated "
+                   f"({', '.join(SEARCH_MODES)}); `mode:S` or `mode:S:B` times that one setting (e.g. "
+                   f"faithful,lookahead:8:1) [quick: faithful; else all]")
+    p.add_argument("--budgets", type=_budgets, help="max refined segments B for the GGRO rows, comma-separated; "
+                   "'all' is no budget (e.g. all,1,2) [all]")
     p.add_argument("--second-opinion", action="store_true",
                    help="also score every response with the policy as a yes/no judge (a reward that did not "
                         "guide the search) and report how often it agrees with the guide against greedy")
@@ -120,9 +146,13 @@ def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Pat
     from pipeline.output import write_part
     configs = [("greedy", replace(gcfg, method="greedy"), 1)]
     configs += [(f"best-of-{n}", replace(gcfg, method="best-of-n", n=n), 1) for n in s["best_of_n"]]
-    configs += [(f"ggro{'' if m == 'faithful' else '-' + m} S={k}{f' x{c}' if c > 1 else ''}",
-                 replace(gcfg, method="ggro", num_refinements=k, search_mode=m), c)
-                for c in sorted({1, engine.mcfg.cohorts}) for m in s["modes"] for k in s["refinements"]]
+    ggro = []    # (mode, S, B): every mode at every S and B, unless the mode names its own
+    for b in s["budgets"]:
+        for m, ms, mb in s["modes"]:
+            ggro += [(m, k, mb or b) for k in ([ms] if ms else s["refinements"])]
+    configs += [(f"ggro{'' if m == 'faithful' else '-' + m} S={k}{f' B={b}' if b else ''}{f' x{c}' if c > 1 else ''}",
+                 replace(gcfg, method="ggro", num_refinements=k, search_mode=m, max_refined_segments=b), c)
+                for c in sorted({1, engine.mcfg.cohorts}) for m, k, b in dict.fromkeys(ggro)]
     import torch
     results, greedy = [], None
     threads = torch.get_num_threads()
@@ -133,7 +163,7 @@ def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Pat
         torch.set_num_threads(threads)
         recs = r["records"]
         if save_dir is not None:
-            d = save_dir / label.replace(" S=", "-S").replace(" x", "-x")
+            d = save_dir / label.replace(" S=", "-S").replace(" B=", "-B").replace(" x", "-x")
             shutil.rmtree(d, ignore_errors=True)
             write_part(d, recs)
         ok = [x for x in recs if x["error"] is None]

@@ -47,8 +47,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--search-mode", choices=SEARCH_MODES,
                    help="faithful: the reference's serial refinements; adaptive: stop a segment when a nudge does "
                         "not raise the reward by --adaptive-margin or would repeat a refinement; parallel: decode "
-                        "the S-1 best nudges of the first gradient in one round [faithful]")
+                        "the S-1 best nudges of the first gradient in one round; lookahead: at each uncertain point, decode the "
+                        "greedy and the S-1 best nudged continuations to the end and keep the best-scored complete "
+                        "response (use with --max-refined-segments) [faithful]")
     s.add_argument("--adaptive-margin", type=float, help="adaptive: least reward gain that keeps refining [0.0]")
+    s.add_argument("--max-refined-segments", type=int,
+                   help="budget: refine only the first B segments (uncertain points), then decode greedily to the "
+                        "end [no limit: every segment, as the reference]")
     s.add_argument("--min-segment-tokens", type=int, help="[4]")
     s.add_argument("--initial-insertion-offset", type=int, help="first segment's nudge offset [0]")
     s.add_argument("--n", type=int, help="best-of-n samples [4]")

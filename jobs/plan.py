@@ -457,14 +457,15 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
     bs = batch_size or mcfg.batch_size
     on_gpu = res.policy_gpus > 0
     seq = prompt_tokens + gcfg.max_new_tokens
-    kv_seqs = bs * (res.cached_batches + 1)     # the rank's bounded prefix cache + the live (padded) decode batch
+    rows = bs * gcfg.rows_per_prompt             # best-of-n samples and parallel nudges decode side by side
+    kv_seqs = bs * res.cached_batches + rows    # the rank's bounded prefix cache + the live (padded) decode batch
     weights = pol.params * db
     kv_per_token = 2 * (pol.layers or 0) * (pol.kv_heads or 0) * (pol.head_dim or 0) * db    # K and V
     kv = kv_seqs * seq * kv_per_token
     policy_rank = (weights + kv) / tp * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if on_gpu else 0)
 
     rm_seq = seq + (JUDGE_SUFFIX_TOKENS if mcfg.reward_kind == "judge" else 0)
-    per_call = math.ceil(bs / max(1, res.reward_replicas))   # the pool splits each batch across actors
+    per_call = math.ceil(rows / max(1, res.reward_replicas))   # the pool splits each batch across actors
     rm_w = rm.params * db
     act = ACT_FACTOR * per_call * rm_seq * (rm.hidden or 0) * (rm.layers or 0) * db
     reward_actor = (rm_w + act) * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if res.reward_gpus > 0 else 0)

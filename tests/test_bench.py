@@ -46,21 +46,22 @@ def test_bench_rejects_single_method_flags(capsys):
 
 
 def test_bench_modes_cohorts_and_second_opinion(tiny_models, tmp_path, capsys):
-    """Every search mode gets its own row, once serial and once in two overlapped cohorts (the same outputs),
+    """Every search mode (and budget) gets its own row, once serial and once in two overlapped cohorts (the same outputs),
     with the cost relative to greedy, the reward gained per second and a judge's second opinion."""
     out = tmp_path / "bench"
     code = main(["bench", "--quick", "--policy", tiny_models["policy"], "--reward", tiny_models["classifier"],
                  "--reward-kind", "classifier", "--limit", "3", "--max-new-tokens", "10", "--best-of-n", "2",
-                 "--refinements", "3", "--modes", "faithful,adaptive,parallel", "--cohorts", "2",
+                 "--refinements", "3", "--modes", "faithful,adaptive,parallel,lookahead:2:1", "--budgets", "all,1", "--cohorts", "2",
                  "--second-opinion", "--oracle-prompts", "0", "--scaling-prompts", "0", "--output", str(out)])
     assert code == 0
     rows = {r["method"]: r for r in csv.DictReader(open(out / "bench.csv"))}
     modes = ["ggro S=3", "ggro-adaptive S=3", "ggro-parallel S=3"]
+    modes += ["ggro-lookahead S=2 B=1"] + [m + " B=1" for m in modes]     # a mode:S:B row is timed once
     assert list(rows) == ["greedy", "best-of-2", *modes, *(m + " x2" for m in modes)]
     assert float(rows["greedy"]["wall_vs_greedy"]) == 1.0 and float(rows["greedy"]["gain_per_s"]) == 0.0
     for m in modes:     # cohorts change the schedule, not a token
-        a = {r["id"]: r["response"] for r in pq.read_table(out / "align" / m.replace(" S=", "-S")).to_pylist()}
-        b = {r["id"]: r["response"] for r in pq.read_table(out / "align" / (m.replace(" S=", "-S") + "-x2")).to_pylist()}
+        a = {r["id"]: r["response"] for r in pq.read_table(out / "align" / m.replace(" S=", "-S").replace(" B=", "-B")).to_pylist()}
+        b = {r["id"]: r["response"] for r in pq.read_table(out / "align" / (m.replace(" S=", "-S").replace(" B=", "-B") + "-x2")).to_pylist()}
         assert a == b
     for r in rows.values():
         assert all(v not in ("", "nan") for k, v in r.items() if k != "judge_agreement"), r

@@ -44,7 +44,7 @@ def non_default(a: argparse.Action):
     if a.type in (None, str):
         return f"yaml-{a.dest}", f"yaml-{a.dest}"
     if a.dest == "modes":                       # bench's comma-separated search modes
-        return ["adaptive", "parallel"], a.type("adaptive,parallel")
+        return ["adaptive", "lookahead:8:1"], a.type("adaptive,lookahead:8:1")
     return [3, 5], a.type("3,5")                # a comma-separated list flag (bench's --best-of-n)
 
 

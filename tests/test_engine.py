@@ -8,7 +8,7 @@ import pytest
 from ggro import models
 from ggro.config import ConfigError, GGROConfig
 from ggro.policy import SegmentDecoder
-from ggro.reference import ReferenceReward, reference_baseline, reference_ggro
+from ggro.reference import ReferenceReward, reference_baseline, reference_ggro, reference_lookahead
 from ggro.reward import RewardModel
 from ggro.search import Prompt, run
 from ggro.seam import RewardQuery, SegmentRequest
@@ -74,6 +74,14 @@ MODE_CASES = [
     ("classifier", dict(search_mode="parallel", selection="sample", nudge_temperature=1.0, seed=3), 5),
     ("classifier", dict(search_mode="adaptive", num_refinements=6), 2),
     ("judge", dict(search_mode="adaptive", adaptive_margin=0.01, entropy_threshold=2.0), 4),
+    # a budget of B refined segments, then greedy to the end (waiting rows are decoded a batch at a time)
+    ("classifier", dict(max_refined_segments=1), 3),
+    ("judge", dict(search_mode="adaptive", max_refined_segments=2, entropy_threshold=2.0), 2),
+    ("classifier", dict(search_mode="parallel", max_refined_segments=2), 4),
+    # lookahead: greedy to u, then the greedy rollout and the S-1 best nudges of its gradient, decoded to the end
+    ("classifier", dict(search_mode="lookahead", max_refined_segments=1), 3),
+    ("judge", dict(search_mode="lookahead", max_refined_segments=2, num_refinements=3, entropy_threshold=2.0), 2),
+    ("classifier", dict(search_mode="lookahead", selection="sample", nudge_temperature=1.0, seed=5), 4),
 ]
 
 
@@ -85,7 +93,11 @@ def test_engine_matches_oracle(setup, kind, over, bs):
     got = engine_results(policy, rewards[kind], tok, prompts, cfg, bs)
     ref = ReferenceReward.of(rewards[kind])
     for p in prompts:
-        assert_same(got[p.id], reference_ggro(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id]))
+        if cfg.search_mode == "lookahead":
+            want = reference_lookahead(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id])
+        else:
+            want = reference_ggro(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id])
+        assert_same(got[p.id], want)
 
 
 def test_cases_exercise_every_path(setup):
@@ -197,3 +209,62 @@ def test_adaptive_only_skips_work(setup):
             for seg in g.trace:
                 rewards_tried = [t["reward"] for t in seg["tried"]]
                 assert rewards_tried[seg["accepted"]] == max(rewards_tried) >= rewards_tried[0]
+
+
+def test_budget_refines_first_segments_only(setup):
+    """max_refined_segments B: the first B segments are faithful GGRO's own, then one greedy tail to the end
+    (at most B + 1 segments); B = 1 tries nudges at the first position only."""
+    tok, policy, rewards = setup
+    base = dict(max_new_tokens=16, num_refinements=4, entropy_threshold=2.2, trace=True)
+    prompts = prompts_of(tok, PROMPTS)
+    faithful = engine_results(policy, rewards["classifier"], tok, prompts, GGROConfig(**base), 3)
+    for B in (1, 2):
+        got = engine_results(policy, rewards["classifier"], tok, prompts,
+                             GGROConfig(**base, max_refined_segments=B), 3)
+        tails = 0
+        for p in prompts:
+            g, f = got[p.id], faithful[p.id]
+            assert g.num_segments <= B + 1
+            assert g.segment_boundaries[:B] == f.segment_boundaries[:B]      # the refined part is faithful's
+            assert g.tokens[:g.segment_boundaries[min(B, g.num_segments) - 1]] == \
+                f.tokens[:g.segment_boundaries[min(B, g.num_segments) - 1]]
+            if g.num_segments == B + 1:
+                tails += 1
+                assert [t["nudge"] for t in g.trace[-1]["tried"]] == [None] and g.trace[-1]["stop"] != "entropy"
+        assert tails, "no response reached its greedy tail: the case does not test the budget"
+
+
+def test_lookahead_keeps_the_best_complete_response(setup):
+    """Each uncertain point tries the greedy rollout first and keeps the best-scored complete response, so a
+    second point never ends below the first point's choice (its greedy rollout is that choice)."""
+    tok, policy, rewards = setup
+    base = dict(max_new_tokens=16, num_refinements=4, entropy_threshold=2.0, search_mode="lookahead", trace=True)
+    prompts = prompts_of(tok, PROMPTS)
+    one, two = (engine_results(policy, rewards["classifier"], tok, prompts,
+                               GGROConfig(**base, max_refined_segments=b), 4) for b in (1, 2))
+    assert sum(r.num_nudges for r in one.values()) > 0
+    for p in prompts:
+        for seg in one[p.id].trace + two[p.id].trace:
+            tried = [t["reward"] for t in seg["tried"]]
+            assert seg["tried"][0]["nudge"] is None and tried[seg["accepted"]] == max(tried)
+            assert all(t["stop"] != "entropy" for t in seg["tried"])          # rollouts run to the end
+        assert two[p.id].reward >= one[p.id].reward - 1e-9
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.01])   # peaked: a small nucleus; flat: wider than the first head
+def test_sample_token_draws_from_the_nucleus(scale):
+    import torch
+    from ggro.policy import sample_token
+    logits = torch.randn(3000, generator=torch.Generator().manual_seed(1)) * scale
+    probs = torch.softmax(logits.double() / 0.7, -1)
+    sorted_p, order = probs.sort(descending=True)
+    nucleus = order[sorted_p.cumsum(0) - sorted_p < 0.9]
+    want = torch.zeros_like(probs).scatter(0, nucleus, probs[nucleus])
+    want /= want.sum()
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor([sample_token(logits, 0.7, 0.9, gen, head=64) for _ in range(4000)])
+    assert set(draws.tolist()) <= set(nucleus.tolist())
+    got = torch.bincount(draws, minlength=len(probs)).double() / len(draws)
+    assert (got - want).abs().sum() < 0.12 if scale > 1 else len(set(draws.tolist())) > 500
+    again = torch.Generator().manual_seed(0)
+    assert [sample_token(logits, 0.7, 0.9, again, head=64) for _ in range(50)] == draws[:50].tolist()
