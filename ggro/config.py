@@ -75,11 +75,14 @@ class GGROConfig:
 
     @property
     def rows_per_prompt(self) -> int:
-        """The most sequences one prompt decodes (and scores) in one call: its n samples, or parallel GGRO's
-        S - 1 nudges. A batch of B prompts is up to B * rows_per_prompt rows (memory estimates use it)."""
+        """The most sequences one prompt decodes (and scores) in one call: its n samples, parallel GGRO's S - 1
+        nudges, lookahead's S continuations. A batch of B prompts is up to B * rows_per_prompt rows (memory
+        estimates use it)."""
         if self.method == "best-of-n":
             return self.n
-        if self.method == "ggro" and self.search_mode in ("parallel", "lookahead"):
+        if self.method == "ggro" and self.search_mode == "lookahead":
+            return self.num_refinements
+        if self.method == "ggro" and self.search_mode == "parallel":
             return max(1, self.num_refinements - 1)
         return 1
 

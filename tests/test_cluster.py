@@ -534,3 +534,23 @@ def test_dry_run_reads_the_connected_cluster(ray_cluster, tiny_models, capsys, m
                     "--aligner-cpus", "1"], capsys)
     assert rc == 1 and f"the cluster has {cpus:g}" in out
     assert ray_cluster.is_initialized()      # the planner reused the session's connection, never shut it down
+
+
+def test_estimate_counts_every_row_a_prompt_decodes():
+    """best-of-n decodes n rows per prompt and lookahead S: the planner's KV and activation estimates grow with
+    them (a pure function: no printing, no cluster)."""
+    from ggro.config import GGROConfig, ModelConfig
+    from jobs.plan import ModelInfo, Resources, estimate
+    info = ModelInfo("m", 10**9, "test", layers=16, hidden=2048, heads=16, kv_heads=8, head_dim=128, vocab=32000)
+    res = Resources(tp=1, policy_gpus=1, policy_replicas=1, reward_replicas=1, reward_gpus=1, policy_cpus=1,
+                    reward_cpus=1, aligner_cpus=1, aligners=1)
+    mcfg = ModelConfig(policy="p", reward="r", reward_kind="classifier", batch_size=8)
+
+    def est(**kw):
+        return estimate(info, info, res, GGROConfig(max_new_tokens=256, **kw), mcfg, prompt_tokens=256)
+
+    greedy, bo8 = est(method="greedy"), est(method="best-of-n", n=8)
+    look = est(search_mode="lookahead", num_refinements=8)
+    assert bo8.policy_rank_bytes > greedy.policy_rank_bytes and bo8.reward_actor_bytes > greedy.reward_actor_bytes
+    assert look.policy_rank_bytes == bo8.policy_rank_bytes
+    assert est(search_mode="parallel", num_refinements=8).policy_rank_bytes < look.policy_rank_bytes
