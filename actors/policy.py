@@ -52,8 +52,9 @@ class PolicyRank:
         # A tp > 1 rank loads on the host and init_inference moves only its shard to the GPU: loading the
         # whole model on every GPU first would need P*B per GPU, not the P*B/tp the planner promises.
         load_on = "cpu" if self.tp > 1 else self.mcfg.device
-        model = models.load_model(self.mcfg.policy, "causal", self.mcfg.dtype, load_on)
-        tok = models.load_tokenizer(self.mcfg.policy)
+        model = models.load_model(self.mcfg.policy, "causal", self.mcfg.dtype, load_on,
+                                  **self.mcfg.source(self.mcfg.policy))
+        tok = models.load_tokenizer(self.mcfg.policy, **self.mcfg.source(self.mcfg.policy))
         eos = models.eos_ids(tok, model)
         context = context_window(model.config)
         if self.tp > 1:

@@ -23,7 +23,7 @@ class RewardWorker:
         from ggro import models
         from ggro.engine import load_reward
         torch.set_num_threads(max(1, int(round(threads))))
-        tok = models.load_tokenizer(mcfg.policy)
+        tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
         self.rm = load_reward(mcfg, tok)
 
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:

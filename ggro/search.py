@@ -7,7 +7,6 @@ waiting ones join between rounds (continuous batching), so results stream out as
 from __future__ import annotations
 
 import hashlib
-import itertools
 import math
 import queue
 import threading
@@ -106,6 +105,14 @@ class _Active:
         return self.p.ids + self.res.tokens
 
 
+def _take(source: Iterator[Prompt], n: int) -> list[Prompt]:
+    """Up to n prompts from `source`; a None from it means "none waiting now" (Serve's feed), like its end."""
+    out = []
+    while len(out) < n and (p := next(source, None)) is not None:
+        out.append(p)
+    return out
+
+
 def _next(a: _Active, s, r, idx: int, more: bool, cfg: GGROConfig) -> bool:
     """After scoring refinement `idx`, segment `s` with reward `r`: set the next round's nudges; False when
     the segment is done."""
@@ -143,11 +150,7 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
     waiting: list[_Active] = []     # past max_refined_segments: decoded to the end together, a batch at a time
     S = cfg.num_refinements
     while True:
-        while len(active) < batch_size:
-            p = next(pending, None)
-            if p is None:
-                break
-            active.append(_Active(p, cfg, time.perf_counter()))
+        active += [_Active(p, cfg, time.perf_counter()) for p in _take(pending, batch_size - len(active))]
         if not active:
             if waiting:
                 yield from _finish(waiting, policy, reward, cfg)
@@ -258,7 +261,7 @@ def lookahead(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GG
     The guide only ever scores complete responses, where it is most accurate.
     """
     source = iter(prompts)
-    while chunk := list(itertools.islice(source, batch_size)):
+    while chunk := _take(source, batch_size):
         active = [_Active(p, cfg, time.perf_counter()) for p in chunk]
         points = 0
         while active:
@@ -344,7 +347,7 @@ def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGR
     rows, as parallel GGRO decodes S - 1 nudges per prompt), so the two compare at the same batch size."""
     source = iter(prompts)
     n = cfg.n if cfg.method == "best-of-n" else 1
-    while chunk := list(itertools.islice(source, batch_size)):
+    while chunk := _take(source, batch_size):
         t0 = time.perf_counter()
         reqs = [SegmentRequest(p.id, p.ids, cfg.max_new_tokens,
                                sampling=Sampling(cfg.temperature, cfg.top_p, row_seed(cfg.seed, p.id, k))

@@ -127,9 +127,13 @@ class Aligners:
                 self.engine = Engine.load(self.mcfg)
             align_local(self.engine, rows, out_dir, gcfg, max(1, getattr(self.args, "rows_per_file", None) or 10_000))
             return
+        from actors.policy import ClusterTooSmall
         from pipeline.ray_align import align_on_ray, start_ray_workers
         if self.workers is None:
-            self.workers = start_ray_workers(self.mcfg, self.args)
+            try:
+                self.workers = start_ray_workers(self.mcfg, self.args)
+            except ClusterTooSmall as e:
+                fail(str(e), 1)
         align_on_ray(rows, out_dir, gcfg, self.mcfg, self.args, self.workers)   # rows: an InputPlan
 
     def close(self) -> None:

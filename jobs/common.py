@@ -30,6 +30,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--prompt-format", choices=PROMPT_FORMATS,
                    help="chat: chat template + generation prompt; chat-no-gen: without it (reference setting, "
                         "use with --initial-insertion-offset 4 on Llama-3); raw: the prompt string as-is [chat]")
+    m.add_argument("--revision", help="hub ids: the policy's branch, tag or commit [the default branch]")
+    m.add_argument("--reward-revision", help="hub ids: the reward model's branch, tag or commit [the default branch]")
+    m.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow models that ship their own modelling code to run it (off, as in transformers)")
     m.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), help="[float32]")
     m.add_argument("--device", help="cpu or cuda [cpu]")
     m.add_argument("--batch-size", type=int, help="prompts advanced together per round [8]")

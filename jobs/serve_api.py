@@ -20,9 +20,11 @@ from ggro.rows import InputRow, parse_row
 GGRO_KNOBS = {
     "method": str, "num_refinements": int, "entropy_threshold": (int, float), "top_k": int,
     "nudge_temperature": (int, float), "selection": str, "scoring": str, "min_segment_tokens": int,
-    "initial_insertion_offset": int, "n": int, "prefill": str,
+    "initial_insertion_offset": int, "n": int, "prefill": str, "search_mode": str, "max_refined_segments": int,
+    "adaptive_margin": (int, float),
 }
 MAX_CHOICES = 8
+MAX_REFINEMENTS = 32     # S: lookahead decodes S rows per prompt, best-of-n n (ggro.n) alike
 MAX_STOPS = 4
 
 
@@ -40,7 +42,8 @@ class ApiError(Exception):
 
 
 def _type_error(param: str, want: str, got) -> ApiError:
-    return ApiError(422, f"`{param}` must be {want}, got {type(got).__name__}", param=param, code="invalid_type")
+    # 400 like OpenAI, vLLM and SGLang (FastAPI's default would be 422)
+    return ApiError(400, f"`{param}` must be {want}, got {type(got).__name__}", param=param, code="invalid_type")
 
 
 def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
@@ -117,6 +120,10 @@ def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple
         if v is not None and (isinstance(v, bool) or not isinstance(v, GGRO_KNOBS[k])):
             want = {str: "a string", int: "an integer"}.get(GGRO_KNOBS[k], "a number")
             raise _type_error(f"ggro.{k}", want, v)
+    for k in ("num_refinements", "n"):
+        if isinstance(ggro.get(k), int) and ggro[k] > MAX_REFINEMENTS:
+            raise ApiError(400, f"`ggro.{k}` must be <= {MAX_REFINEMENTS}, got {ggro[k]}", param=f"ggro.{k}",
+                           code="invalid_value")
     prefill = ggro.get("prefill")
     if kind == "chat":
         if "messages" not in body:
@@ -222,7 +229,8 @@ def normalize(cfg: GGROConfig) -> GGROConfig:
         cfg = dataclasses.replace(cfg, num_refinements=d.num_refinements, entropy_threshold=d.entropy_threshold,
                                   top_k=d.top_k, nudge_temperature=d.nudge_temperature, selection=d.selection,
                                   scoring=d.scoring, min_segment_tokens=d.min_segment_tokens,
-                                  initial_insertion_offset=d.initial_insertion_offset)
+                                  initial_insertion_offset=d.initial_insertion_offset, search_mode=d.search_mode,
+                                  adaptive_margin=d.adaptive_margin, max_refined_segments=d.max_refined_segments)
     if not uses_randomness(cfg):
         cfg = dataclasses.replace(cfg, seed=d.seed)
     return cfg

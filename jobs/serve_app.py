@@ -70,7 +70,7 @@ class ModelServer:
         from jobs.common import torch_threads
         torch_threads()
         self.roles = roles
-        tok = models.load_tokenizer(mcfg.policy)
+        tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
         policy_model = None
         self.group = None
         if "policy" in roles and tp > 1:
@@ -80,7 +80,7 @@ class ModelServer:
                                               name=f"ggro-serve-policy-{uuid.uuid4().hex[:8]}")
             self.policy = self.group
         elif "policy" in roles:
-            policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device)
+            policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device, **mcfg.source(mcfg.policy))
             self.policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model),
                                          max_cached=4 * mcfg.batch_size)
         if "reward" in roles:
@@ -294,7 +294,7 @@ class GGROIngress:
         from ggro import models
         from ggro.engine import context_window
         self.s = settings
-        self.tok = models.load_tokenizer(settings.mcfg.policy)
+        self.tok = models.load_tokenizer(settings.mcfg.policy, **settings.mcfg.source(settings.mcfg.policy))
         where, kw = models.resolve(settings.mcfg.policy)
         self.context = context_window(AutoConfig.from_pretrained(where, **kw))
         eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()

@@ -115,7 +115,7 @@ class Aligner:
         self.policies, self.dead = list(policies), set()
         self.in_flight = max(1, in_flight)
         # one tokenizer per thread: fast tokenizers are not safe to share across threads
-        self.engines = [Engine(models.load_tokenizer(mcfg.policy), None, reward, context, mcfg)
+        self.engines = [Engine(models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy)), None, reward, context, mcfg)
                         for _ in range(self.in_flight)]
         self.pool = ThreadPoolExecutor(self.in_flight)
         self.lock = threading.Lock()
@@ -188,17 +188,13 @@ def _sink(out_dir: str, rows_per_file: int):
 
 
 def start_ray_workers(mcfg, args):
-    """Connect to Ray and start the policy replicas and the reward pool (actors.cluster.Workers)."""
+    """Connect to Ray and start the policy replicas and the reward pool (actors.cluster.Workers); raises
+    actors.policy.ClusterTooSmall when they cannot be placed (the entry point turns it into an exit code)."""
     from actors.cluster import start_workers
-    from actors.policy import ClusterTooSmall
-    from jobs.common import fail
 
     connect(getattr(args, "address", None))
     res = resources_from(args)
-    try:
-        workers = start_workers(mcfg, res, timeout_s=getattr(args, "ray_timeout", None) or 120)
-    except ClusterTooSmall as e:
-        fail(str(e), 1)
+    workers = start_workers(mcfg, res, timeout_s=getattr(args, "ray_timeout", None) or 120)
     print(f"ggro: started {res.policy_replicas} policy replica(s) x tp {res.tp} and {res.reward_replicas} "
           "reward actor(s) on Ray", file=sys.stderr)
     return workers

@@ -80,15 +80,41 @@ def test_parquet_input_config_file_and_resume(tmp_path, tiny_models, capsys):
         align(tmp_path, tiny_models, src, "--method", "ggro")
 
 
-def test_unknown_model_path_and_hub_id_fail_clearly(tmp_path, capsys):
+def test_unknown_model_path_and_hub_id_fail_clearly(tmp_path, capsys, monkeypatch, tiny_models):
+    """With HF_HUB_OFFLINE set (the manifests set it) a hub id must already be cached; --revision is for hub ids."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src = tmp_path / "in.jsonl"
     src.write_text('{"prompt": "hi"}\n')
-    for spec, words in [(str(tmp_path / "nope"), "model path not found"),
-                        ("someorg/not-cached-model", "nor in the local Hugging Face cache")]:
+    for extra, words in [(["--policy", str(tmp_path / "nope")], "model path not found"),
+                         (["--policy", "someorg/not-cached-model", "--revision", "v2"], "HF_HUB_OFFLINE is set"),
+                         (["--policy", tiny_models["policy"], "--revision", "v2"], "--revision applies to hub ids")]:
         with pytest.raises(SystemExit) as e:
-            main(["align", "--local", "--input", str(src), "--output", str(tmp_path / "o"), "--policy", spec])
+            main(["align", "--local", "--input", str(src), "--output", str(tmp_path / "o"), *extra])
         assert e.value.code == 1
         assert words in capsys.readouterr().err
+
+
+def test_remote_code_runs_only_when_trusted(tmp_path, tiny_models):
+    """A model folder that ships its own modelling code loads with trust_remote_code, and fails clearly without."""
+    import json
+    import shutil
+    from ggro import models
+    from ggro.config import ModelLoadError
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_models["policy"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="ggro_test_llama", architectures=["CustomLlama"],
+               auto_map={"AutoConfig": "custom_config.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomLlama"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "custom_config.py").write_text(
+        "from transformers import LlamaConfig\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'ggro_test_llama'\n")
+    (folder / "custom_model.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .custom_config import CustomConfig\n\n"
+        "class CustomLlama(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+        models.load_model(str(folder))
+    model = models.load_model(str(folder), trust_remote_code=True)
+    assert type(model).__name__ == "CustomLlama" and not model.training
 
 
 def test_mismatched_vocabularies_fail_at_load(tmp_path, tiny_models, capsys):

@@ -155,7 +155,8 @@ def test_sixteen_concurrent_requests(client, tiny_models):
 @slow
 def test_concurrent_requests_with_different_settings(client):
     """Different settings run in different search loops whose model calls @serve.batch merges."""
-    reqs = [(6, {}), (12, {"num_refinements": 2}), (9, {"method": "greedy"}), (12, {"top_k": 3})]
+    reqs = [(6, {}), (12, {"num_refinements": 2}), (9, {"method": "greedy"}), (12, {"top_k": 3}),
+            (10, {"search_mode": "lookahead", "max_refined_segments": 1, "num_refinements": 3})]
 
     def one(r):
         return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go now"}],
@@ -168,8 +169,8 @@ def test_concurrent_requests_with_different_settings(client):
 BAD = [
     (b"{not json", 400, "invalid_json"),
     (b"[1, 2]", 400, "invalid_json"),
-    ({"model": "tiny", "messages": "hi"}, 422, "invalid_type"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 422, "invalid_type"),
+    ({"model": "tiny", "messages": "hi"}, 400, "invalid_type"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "invalid_type"),
     ({"model": "tiny", "messages": []}, 400, "invalid_value"),
     ({"model": "tiny"}, 400, "missing_field"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "max_tokens_exceeded"),
@@ -249,9 +250,14 @@ def test_parse_request_validation_and_config_sharing():
     b = parse_request({"prompt": ["x"], "seed": 4, "temperature": 0.3, "ggro": {"method": "best-of-n", "n": 2}},
                       "completion", base, **kw)
     assert b.seeded and (b.cfg.seed, b.cfg.temperature, b.cfg.n) == (4, 0.3, 2)
-    for body, status in [({"messages": msgs, "n": 9}, 400), ({"messages": msgs, "stop": 3}, 422),
-                         ({"messages": msgs, "stream": "yes"}, 422), ({"messages": msgs, "ggro": {"top_k": "5"}}, 422),
+    look = parse_request({"messages": msgs, "ggro": {"search_mode": "lookahead", "max_refined_segments": 1}},
+                         "chat", base, **kw)
+    assert (look.cfg.search_mode, look.cfg.max_refined_segments) == ("lookahead", 1)
+    for body, status in [({"messages": msgs, "n": 9}, 400), ({"messages": msgs, "stop": 3}, 400),
+                         ({"messages": msgs, "stream": "yes"}, 400), ({"messages": msgs, "ggro": {"top_k": "5"}}, 400),
                          ({"messages": msgs, "ggro": {"method": "beam"}}, 400),
+                         ({"messages": msgs, "ggro": {"num_refinements": 33}}, 400),
+                         ({"messages": msgs, "ggro": {"search_mode": "beam"}}, 400),
                          ({"messages": [{"role": "robot", "content": "x"}]}, 400),
                          ({"prompt": ["a", "b"]}, 400), ({"messages": msgs, "temperature": 3}, 400)]:
         kind = "completion" if "prompt" in body else "chat"
