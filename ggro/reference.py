@@ -37,7 +37,9 @@ class ReferenceReward:
         if self.kind == "judge" and tokens and tokens[-1] in self.eos and suffix and suffix[0] == tokens[-1]:
             suffix = suffix[1:]
         z = torch.tensor(list(tokens) + suffix)
-        E = self.model.get_input_embeddings().weight
+        embed = self.model.get_input_embeddings()
+        with torch.no_grad():   # the rows the model really reads (Gemma scales its embeddings in the module)
+            E = embed(torch.arange(embed.weight.shape[0]))
         onehot = torch.nn.functional.one_hot(z, E.shape[0]).to(E.dtype).requires_grad_(need_grad)
         with torch.set_grad_enabled(need_grad):
             r = self._reward(onehot @ E)

@@ -101,10 +101,10 @@ class RewardModel:
             # Rows are independent, so d(sum)/d(e_b) is row b's own gradient.
             (grad,) = torch.autograd.grad(rewards[want].sum(), embeds)
         out = [RewardResult(float(r)) for r in rewards.detach()]
-        E = self.embed.weight
         for b in want:
             q = queries[b]
             g = grad[b, N - len(rests[b]) + q.position - past_lens[b]]
-            cand = torch.tensor(q.candidates, device=dev)
-            out[b].scores = (E[cand].double() @ g.double()).tolist()
+            with torch.no_grad():   # the embedding module's rows, scaling included (Gemma): the one-hot gradient
+                E = self.embed(torch.tensor(q.candidates, device=dev))
+            out[b].scores = (E.double() @ g.double()).tolist()
         return out

@@ -268,3 +268,51 @@ def test_sample_token_draws_from_the_nucleus(scale):
     assert (got - want).abs().sum() < 0.12 if scale > 1 else len(set(draws.tolist())) > 500
     again = torch.Generator().manual_seed(0)
     assert [sample_token(logits, 0.7, 0.9, again, head=64) for _ in range(50)] == draws[:50].tolist()
+
+
+ARCHITECTURES = {   # (config class, causal LM, classifier, config overrides): each a tiny random model
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", dict(head_dim=12)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "MistralForSequenceClassification", dict(sliding_window=None)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification",
+               dict(head_dim=12, sliding_window=64)),     # scales its input embeddings inside the module
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", "Phi3ForSequenceClassification", {}),
+}
+GEMMA2 = ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification", dict(head_dim=12))   # eager only
+
+
+def tiny_arch(classes: tuple, kind: str, seed: int, tok):
+    import torch
+    import transformers
+    conf, lm, cls, extra = classes
+    base = dict(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.4, tie_word_embeddings=False,
+                pad_token_id=0, eos_token_id=3, bos_token_id=None)
+    config = getattr(transformers, conf)(**{**base, **extra, **({"num_labels": 1} if kind == "classifier" else {})})
+    torch.manual_seed(seed)
+    return getattr(transformers, cls if kind == "classifier" else lm)(config)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architectures_match_the_oracle(setup, arch):
+    """Policies and classifier RMs of each supported architecture run GGRO exactly as the oracle (float64)."""
+    tok = setup[0]
+    policy = tiny_arch(ARCHITECTURES[arch], "causal", 1, tok).double().eval().requires_grad_(False)
+    rm = RewardModel(tiny_arch(ARCHITECTURES[arch], "classifier", 2, tok).double().eval().requires_grad_(False), tok, "classifier")
+    cfg = GGROConfig(max_new_tokens=12, num_refinements=3, entropy_threshold=2.4)
+    prompts = prompts_of(tok, PROMPTS[:5])
+    got = engine_results(policy, rm, tok, prompts, cfg, 3)
+    ref = ReferenceReward.of(rm)
+    wants = [reference_ggro(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id]) for p in prompts]
+    for p, want in zip(prompts, wants):
+        assert_same(got[p.id], want)
+    assert sum(w.num_nudges for w in wants) > 0
+
+
+def test_eager_only_architectures_are_refused_at_load(setup, tmp_path):
+    """Gemma2 runs only eager attention, whose padded rows turn NaN and change other rows' tokens: refused."""
+    from ggro.config import ModelLoadError
+    tok = setup[0]
+    tiny_arch(GEMMA2, "causal", 1, tok).save_pretrained(tmp_path / "gemma2")
+    with pytest.raises(ModelLoadError, match="eager attention"):
+        models.load_model(str(tmp_path / "gemma2"))
