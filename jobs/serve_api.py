@@ -23,6 +23,13 @@ GGRO_KNOBS = {
     "initial_insertion_offset": int, "n": int, "prefill": str, "search_mode": str, "max_refined_segments": int,
     "adaptive_margin": (int, float),
 }
+# OpenAI fields ggro does not implement, with the value that means "not used": any other value is a 400, never a
+# silent ignore. Fields that do not change an answer (user, metadata, store, ...) are accepted.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+               "tool_choice": (None, "none", "auto"), "functions": (None, []), "function_call": (None, "none", "auto"),
+               "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "echo": (None, False),
+               "suffix": (None, ""), "best_of": (None, 1), "response_format": (None, {"type": "text"}),
+               "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 MAX_CHOICES = 8
 MAX_REFINEMENTS = 32     # S: lookahead decodes S rows per prompt, best-of-n n (ggro.n) alike
 MAX_STOPS = 4
@@ -107,6 +114,11 @@ def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple
     if model and model not in model_names:
         raise ApiError(404, f"model {model!r} does not exist; this server serves {', '.join(model_names)}",
                        param="model", code="model_not_found")
+
+    for name, unused in UNSUPPORTED.items():
+        if name in body and body[name] not in unused:
+            raise ApiError(400, f"`{name}` is not supported by ggro (got {body[name]!r}); leave it out",
+                           param=name, code="unsupported_parameter")
 
     # -- the prompt --------------------------------------------------------------------------------
     ggro = body.get("ggro") or {}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from ggro.config import GGROConfig, ModelConfig
@@ -284,6 +285,14 @@ fastapi_app = FastAPI(title="GGRO", description="Gradient-Guided Reward Optimiza
 
 def _error_response(e: api.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown paths (404) and wrong methods (405) answer in OpenAI's error shape too, not FastAPI's."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return _error_response(api.ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                        code=code, headers=getattr(exc, "headers", None)))
 
 
 @serve.deployment(max_ongoing_requests=1024, max_queued_requests=1024)

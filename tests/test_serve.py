@@ -178,6 +178,7 @@ BAD = [
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ggro": {"top_k": 0}}, 400, "invalid_value"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ggro": {"bogus": 1}}, 400, "invalid_value"),
     ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "unsupported_parameter"),
 ]
 
 
@@ -187,6 +188,9 @@ def test_bad_requests_get_4xx(server, client):
         got, err, _ = post(server["url"] + "/v1/chat/completions", body)
         assert (got, err["error"]["code"]) == (status, code), (body, err)
         assert err["error"]["message"]
+    for path, status, code in [("/v1/nope", 404, "not_found"), ("/v1/models", 405, "method_not_allowed")]:
+        got, err, _ = post(server["url"] + path, {"model": "tiny"})     # OpenAI's error shape on every status
+        assert (got, err["error"]["code"], err["error"]["type"]) == (status, code, "invalid_request_error"), err
     with pytest.raises(openai.BadRequestError, match="limit of 64"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=100)
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
@@ -250,6 +254,9 @@ def test_parse_request_validation_and_config_sharing():
     b = parse_request({"prompt": ["x"], "seed": 4, "temperature": 0.3, "ggro": {"method": "best-of-n", "n": 2}},
                       "completion", base, **kw)
     assert b.seeded and (b.cfg.seed, b.cfg.temperature, b.cfg.n) == (4, 0.3, 2)
+    quiet = parse_request({"messages": msgs, "logprobs": False, "user": "u", "frequency_penalty": 0,
+                           "response_format": {"type": "text"}}, "chat", base, **kw)    # "not used" values pass
+    assert quiet.cfg == plain.cfg
     look = parse_request({"messages": msgs, "ggro": {"search_mode": "lookahead", "max_refined_segments": 1}},
                          "chat", base, **kw)
     assert (look.cfg.search_mode, look.cfg.max_refined_segments) == ("lookahead", 1)
@@ -257,6 +264,9 @@ def test_parse_request_validation_and_config_sharing():
                          ({"messages": msgs, "stream": "yes"}, 400), ({"messages": msgs, "ggro": {"top_k": "5"}}, 400),
                          ({"messages": msgs, "ggro": {"method": "beam"}}, 400),
                          ({"messages": msgs, "ggro": {"num_refinements": 33}}, 400),
+                         ({"messages": msgs, "tools": [{"type": "function"}]}, 400),
+                         ({"messages": msgs, "response_format": {"type": "json_object"}}, 400),
+                         ({"messages": msgs, "presence_penalty": 0.5}, 400),
                          ({"messages": msgs, "ggro": {"search_mode": "beam"}}, 400),
                          ({"messages": [{"role": "robot", "content": "x"}]}, 400),
                          ({"prompt": ["a", "b"]}, 400), ({"messages": msgs, "temperature": 3}, 400)]:
