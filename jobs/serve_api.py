@@ -31,6 +31,7 @@ UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias
                "suffix": (None, ""), "best_of": (None, 1), "response_format": (None, {"type": "text"}),
                "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 MAX_CHOICES = 8
+MAX_BODY_BYTES = 4 * 1024 * 1024   # a request body above this is a 413 before it is parsed or tokenized
 MAX_REFINEMENTS = 32     # S: lookahead decodes S rows per prompt, best-of-n n (ggro.n) alike
 MAX_STOPS = 4
 
@@ -46,6 +47,11 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def request_too_large(size: int) -> ApiError:
+    return ApiError(413, f"request body of {size} bytes is over this server's limit of {MAX_BODY_BYTES} bytes",
+                    code="request_too_large")
 
 
 def _type_error(param: str, want: str, got) -> ApiError:

@@ -330,12 +330,21 @@ class GGROIngress:
     async def _parse(self, request: Request, kind: str) -> tuple[api.ApiRequest, list[Prompt]]:
         from ggro.rows import encode
         self._auth(request)
-        body = api.parse_json(await request.body())
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > api.MAX_BODY_BYTES:
+            raise api.request_too_large(int(declared))
+        raw = await request.body()
+        if len(raw) > api.MAX_BODY_BYTES:
+            raise api.request_too_large(len(raw))
+        body = api.parse_json(raw)
         req = api.parse_request(body, kind, self.s.gcfg, model_names=self.model_names,
                                 max_tokens_limit=self.s.max_tokens_limit)
+        if req.n > self.s.max_queue:
+            raise api.ApiError(400, f"n={req.n} is more than this server ever admits at once (--max-queue "
+                               f"{self.s.max_queue}): it could never run", param="n", code="invalid_value")
         fmt = self.s.mcfg.prompt_format if kind == "chat" else "raw"
-        try:
-            x = encode(req.row, self.tok, fmt, req.cfg.max_new_tokens, self.context)
+        try:   # in a worker thread: a long prompt must not stall every other request's event loop (/health too)
+            x = await asyncio.to_thread(encode, req.row, self.tok, fmt, req.cfg.max_new_tokens, self.context)
         except ValueError as e:
             raise api.ApiError(400, str(e), param="messages" if kind == "chat" else "prompt",
                                code="context_length_exceeded") from None

@@ -227,6 +227,12 @@ def test_overload_503_then_recovery(server):
     time.sleep(0.5)
     status, resp, _ = post(url, {**body, "max_tokens": 4}, hdr)
     assert status == 200 and resp["choices"][0]["message"]["content"] is not None
+    # more choices than the queue ever admits is the request's fault (400), not a busy server's (503)
+    status, err, _ = post(url, {**body, "n": 3}, hdr)
+    assert (status, err["error"]["param"]) == (400, "n"), err
+    # a body over the size limit is refused before it is parsed or tokenized
+    status, err, _ = post(url, b'{"model": "tiny", "prompt": "' + b"a " * (2 * 1024 * 1024) + b'"}', hdr)
+    assert (status, err["error"]["code"]) == (413, "request_too_large"), err
 
 
 @slow
