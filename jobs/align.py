@@ -19,7 +19,8 @@ import numpy as np
 
 from ggro.config import ConfigError, ModelLoadError
 from ggro.rows import InputError, dedupe, read_rows
-from jobs.common import add_engine_args, example_prompts, fail, resolve_args, torch_threads, module_main
+from ggro.threads import torch_threads
+from jobs.common import add_engine_args, example_prompts, fail, resolve_args, module_main
 from jobs.plan import add_plan_args, dry_run
 from pipeline.output import (OutputError, OutputLock, Summary, _now, clear_output, contains, drop_error_rows,
                              id_digests, output_index, prepare_output, versions, write_manifest, write_part)

@@ -406,7 +406,8 @@ def run(args) -> int:
     from ggro.config import ConfigError
     from ggro.models import ModelLoadError
     from jobs.align import input_rows
-    from jobs.common import fail, resolve_args, torch_threads
+    from ggro.threads import torch_threads
+    from jobs.common import fail, resolve_args
     for flag in ("method", "n", "num_refinements"):
         if getattr(args, flag, None) is not None:
             fail(f"--{flag.replace('_', '-')} does not apply to bench: use --best-of-n and --refinements lists")

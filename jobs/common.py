@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import sys
 from importlib import resources
 
@@ -215,14 +214,6 @@ def resolve_args(args: argparse.Namespace) -> tuple[GGROConfig, ModelConfig, dic
 def fail(msg: str, code: int = 2):
     print(f"ggro: error: {msg}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def torch_threads(cohorts: int = 1) -> None:
-    """Use every core we were given (Ray sets OMP_NUM_THREADS=1 in workers otherwise), shared by the cohorts:
-    oversubscribed OpenMP threads spin-wait for each other and run many times slower."""
-    import torch
-    n = int(os.environ.get("GGRO_THREADS", "0")) or os.cpu_count() or 1
-    torch.set_num_threads(max(1, n // cohorts))
 
 
 def module_main(module: str, doc: str | None, add_args, run, argv=None) -> int:

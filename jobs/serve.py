@@ -61,7 +61,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """ServeSettings from parsed flags (raises ConfigError)."""
-    from jobs.serve_app import ServeSettings
+    from pipeline.serve_app import ServeSettings
     gcfg, mcfg, rest = resolve_args(args)
     key = args.api_key or os.environ.get(ENV_KEY) or None
     checks = [(args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
@@ -96,7 +96,7 @@ def build(args: dict | None = None):
             argv.append(flag)
         else:
             argv += [flag, str(v)]
-    from jobs.serve_app import build_app
+    from pipeline.serve_app import build_app
     return build_app(settings_from_args(parse(argv)))
 
 
@@ -117,7 +117,7 @@ def run(args) -> int:
         return dry_run(args, settings.gcfg, settings.mcfg)
     import ray
     from ray import serve
-    from jobs.serve_app import build_app
+    from pipeline.serve_app import build_app
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
     serve.start(http_options={"host": args.host, "port": args.port})

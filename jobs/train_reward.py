@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import fail, module_main, torch_threads
+from ggro.threads import torch_threads
+from jobs.common import fail, module_main
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

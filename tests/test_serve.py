@@ -34,7 +34,7 @@ def free_port() -> int:
 
 def settings(policy, reward, kind, **kw):
     from ggro.config import GGROConfig, ModelConfig
-    from jobs.serve_app import ServeSettings
+    from pipeline.serve_app import ServeSettings
     mcfg = ModelConfig(policy=policy, reward=reward, reward_kind=kind, dtype="float64", batch_size=8,
                        rubric="is it good ? Yes or No")
     base = dict(gcfg=GGROConfig(**SEARCH), mcfg=mcfg, model_name="tiny", max_tokens_limit=64,
@@ -45,7 +45,7 @@ def settings(policy, reward, kind, **kw):
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_models):
     from ray import serve
-    from jobs.serve_app import build_app
+    from pipeline.serve_app import build_app
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = settings(tiny_models["policy"], tiny_models["classifier"], "classifier", max_queue=32)
@@ -247,7 +247,7 @@ def test_request_timeout_504(server):
 # -- fast: no Ray ------------------------------------------------------------------------------------
 def test_parse_request_validation_and_config_sharing():
     from ggro.config import GGROConfig
-    from jobs.serve_api import ApiError, parse_request
+    from pipeline.serve_api import ApiError, parse_request
     base = GGROConfig(max_new_tokens=1000)
     kw = dict(model_names=("ggro",), max_tokens_limit=256)
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]
@@ -300,7 +300,7 @@ def test_app_builders_and_cli_flags(tiny_models, monkeypatch):
 def test_tensor_parallel_policy_replica(server, tiny_models):
     """--tp 2: the policy deployment forwards to an actors.policy rank group (DeepSpeed AutoTP over gloo)."""
     from ray import serve
-    from jobs.serve_app import build_app
+    from pipeline.serve_app import build_app
     st = settings(tiny_models["policy"], tiny_models["classifier"], "classifier", tp=2, replica_cpus=0.2)
     st = type(st)(**{**st.__dict__, "mcfg": type(st.mcfg)(**{**st.mcfg.__dict__, "dtype": "float32"})})
     serve.run(build_app(st), name="ggro-test-tp", route_prefix="/tp")

@@ -28,7 +28,7 @@ from ray import serve
 
 from ggro.config import GGROConfig, ModelConfig
 from ggro.search import Prompt, run as run_search
-from jobs import serve_api as api
+from pipeline import serve_api as api
 
 log = logging.getLogger("ray.serve")
 
@@ -68,7 +68,7 @@ class ModelServer:
         from ggro import models
         from ggro.engine import load_reward
         from ggro.policy import SegmentDecoder
-        from jobs.common import torch_threads
+        from ggro.threads import torch_threads
         torch_threads()
         self.roles = roles
         tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
