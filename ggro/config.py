@@ -5,7 +5,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 METHODS = ("ggro", "greedy", "best-of-n")
 PROMPT_FORMATS = ("chat", "chat-no-gen", "raw")
@@ -16,6 +18,14 @@ DEFAULT_RUBRIC = (
     "Is the assistant's previous answer helpful, honest and harmless: does it address the request "
     "directly and correctly, and refuse only what is truly dangerous? Answer Yes or No."
 )
+
+
+DEFAULT_NAME = "smollm2-135m-instruct"     # the embedded default's folder name in the cache
+
+
+def cache_dir() -> Path:
+    """Where ggro keeps what it derives once (the default model's safetensors copy, guide features): GGRO_CACHE."""
+    return Path(os.environ.get("GGRO_CACHE", Path.home() / ".cache" / "ggro"))
 
 
 class ConfigError(ValueError):

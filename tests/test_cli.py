@@ -30,3 +30,17 @@ def test_ggro_package_exports_load_on_first_use():
     from ggro.search import Prompt, run
     assert ggro.run is run and ggro.Prompt is Prompt
     assert set(ggro.__all__) <= set(dir(ggro)) | {"Prompt", "Result", "ggro", "baseline", "run"}
+
+
+def test_dry_run_on_a_cpu_machine_imports_no_model_library(tmp_path):
+    """`ggro align --dry-run` reads metadata only: on a machine without an NVIDIA driver it loads no torch."""
+    import os
+    import pytest
+    if os.path.isdir("/proc/driver/nvidia"):
+        pytest.skip("this machine has an NVIDIA driver: the planner asks torch about its GPUs")
+    code = ("import sys, json\nfrom jobs.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n"
+            f"    pass\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))")
+    proc = subprocess.run([sys.executable, "-c", code, "align", "--dry-run", "--max-new-tokens", "8",
+                           "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert "FITS" in proc.stdout, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == []
