@@ -83,6 +83,10 @@ class GGROConfig:
             if not ok:
                 raise ConfigError(msg)
 
+    def budget_spent(self, refined: int) -> bool:
+        """Whether `refined` segments (lookahead: uncertain points) use up max_refined_segments."""
+        return self.max_refined_segments is not None and refined >= self.max_refined_segments
+
     @property
     def rows_per_prompt(self) -> int:
         """The most sequences one prompt decodes (and scores) in one call: its n samples, parallel GGRO's S - 1

@@ -82,22 +82,21 @@ def resolve(spec: str, revision: str | None = None, trust_remote_code: bool = Fa
     if local:
         raise ModelLoadError(f"model path not found: {spec}")
     hub = {**code, **({"revision": revision} if revision else {})}
+    named = f"{spec!r}{f' at revision {revision!r}' if revision else ''}"
     try:   # the local cache first: no network round trip when the files are already here
         AutoConfig.from_pretrained(spec, local_files_only=True, **hub)
         return spec, {"local_files_only": True, **hub}
     except (OSError, ValueError) as e:
-        if _remote_code_error(spec, e):
-            raise _remote_code_error(spec, e) from None
-        if hub_offline():
-            raise ModelLoadError(
-                f"model {spec!r}{f' at revision {revision!r}' if revision else ''} is neither a local path nor in "
-                "the local Hugging Face cache, and HF_HUB_OFFLINE is set. Download it first (unset HF_HUB_OFFLINE "
-                "or `hf download`), or pass a local folder, a .gguf file, or 'default'.") from None
+        if hub_offline() or _remote_code_error(spec, e):
+            raise _remote_code_error(spec, e) or ModelLoadError(
+                f"model {named} is neither a local path nor in the local Hugging Face cache, and HF_HUB_OFFLINE is "
+                "set. Download it first (unset HF_HUB_OFFLINE or `hf download`), or pass a local folder, a .gguf "
+                "file, or 'default'.") from None
     try:
         AutoConfig.from_pretrained(spec, **hub)
     except (OSError, ValueError) as e:
         raise _remote_code_error(spec, e) or ModelLoadError(
-            f"could not get {spec!r}{f' at revision {revision!r}' if revision else ''} from the Hugging Face hub "
+            f"could not get {named} from the Hugging Face hub "
             f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]}). Check the id and your network; gated models "
             "need HF_TOKEN; or pass a local folder, a .gguf file, or 'default'.") from None
     return spec, hub

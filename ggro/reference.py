@@ -83,7 +83,7 @@ def reference_ggro(prompt_id: str, x: list[int], model, reward: ReferenceReward,
     first = True
     while True:
         y = res.tokens
-        if cfg.max_refined_segments is not None and res.num_segments >= cfg.max_refined_segments:
+        if cfg.budget_spent(res.num_segments):
             s, stop, _, emitted = decode_segment(model, x + y, len(x), cfg, eos, tau=float("inf"))
             res.reward, _ = reward(x + y + s, need_grad=False)   # past the budget: greedy to the end
             res.tokens, res.refinements, res.policy_tokens = y + s, res.refinements + 1, res.policy_tokens + emitted
@@ -194,7 +194,7 @@ def reference_lookahead(prompt_id: str, x: list[int], model, reward: ReferenceRe
         k = max(range(len(tried)), key=lambda i: (tried[i][1], -i))
         res.num_nudges += k > 0
         best, r, _ = tried[k]
-        if (cfg.max_refined_segments is not None and points >= cfg.max_refined_segments) or len(best) == 1:
+        if cfg.budget_spent(points) or len(best) == 1:
             res.tokens = y + best
             res.num_segments += 1
             res.segment_boundaries.append(len(res.tokens))

@@ -113,6 +113,11 @@ def _take(source: Iterator[Prompt], n: int) -> list[Prompt]:
     return out
 
 
+def _tried(nudge: int | None, s, reward: float) -> dict:
+    """One refinement in a segment's trace."""
+    return {"nudge": nudge, "reward": reward, "stop": s.stop, "stop_entropy": s.stop_entropy, "tokens": len(s.tokens)}
+
+
 def _next(a: _Active, s, r, idx: int, more: bool, cfg: GGROConfig) -> bool:
     """After scoring refinement `idx`, segment `s` with reward `r`: set the next round's nudges; False when
     the segment is done."""
@@ -181,8 +186,7 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
         for (a, f, s, idx, more), r in zip(scored, reward.score(queries)):
             a.res.reward_calls += 1
             if a.res.trace is not None:
-                a.seg.tried.append({"nudge": f, "reward": r.reward, "stop": s.stop,
-                                    "stop_entropy": s.stop_entropy, "tokens": len(s.tokens)})
+                a.seg.tried.append(_tried(f, s, r.reward))
             if _next(a, s, r, idx, more, cfg):
                 going.add(id(a))
         for a in active:
@@ -195,7 +199,7 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
                 a.res.trace.append({"stop": stop, "accepted": i, "tried": a.seg.tried})
             if _accept(a, tokens, rew, i, stop, cfg):
                 done.append(a)
-            elif cfg.max_refined_segments is not None and a.res.num_segments >= cfg.max_refined_segments:
+            elif cfg.budget_spent(a.res.num_segments):
                 tails.append(a)
             else:
                 a.seg = _Segment(insert_at=0)
@@ -240,10 +244,8 @@ def _finish(tails: list[_Active], policy: Policy, reward: Reward, cfg: GGROConfi
         a.res.policy_tokens += s.decoded
         a.res.reward_calls += 1
         if a.res.trace is not None:
-            a.res.trace.append({"stop": s.stop, "accepted": 0, "tried": [
-                {"nudge": None, "reward": r.reward, "stop": s.stop, "stop_entropy": s.stop_entropy,
-                 "tokens": len(s.tokens)}]})
-        _accept(a, s.tokens, r.reward, 0, "eos" if s.stop == "eos" else "length", cfg)
+            a.res.trace.append({"stop": s.stop, "accepted": 0, "tried": [_tried(None, s, r.reward)]})
+        _accept(a, s.tokens, r.reward, 0, s.stop, cfg)   # decoded to the end: stop is "eos" or "length"
     policy.release([a.p.id for a in tails])
     yield from (a.res for a in tails)
 
@@ -266,7 +268,7 @@ def lookahead(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GG
         points = 0
         while active:
             points += 1
-            last = cfg.max_refined_segments is not None and points >= cfg.max_refined_segments
+            last = cfg.budget_spent(points)
             finished = _lookahead_point(active, policy, reward, cfg, last)
             active = [a for a in active if a not in finished]
             policy.release([a.p.id for a in finished])
@@ -277,22 +279,19 @@ def _lookahead_point(active: list[_Active], policy: Policy, reward: Reward, cfg:
     """One uncertain point for every active prompt; returns those whose response is complete."""
     segs = policy.decode([SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens), None, 0,
                                          cfg.entropy_threshold, cfg.min_segment_tokens) for a in active])
-    done, at_u, ended = [], [], []
-    for a, s in zip(active, segs):   # the greedy run up to u is kept as it is (it is the greedy rollout's start)
+    ended, unsure = [], []
+    for a, s in zip(active, segs):
         a.res.policy_tokens += s.decoded
-        a.res.tokens = a.res.tokens + list(s.tokens)
-        if s.stop == "entropy":
-            at_u.append(a)
-        else:
-            done.append(a)
-            ended.append(s.stop)
-    if done:     # the response ended before any uncertain point: score it as it stands
-        scores = reward.score([RewardQuery(a.prefix, seq_id=a.p.id, prefix_len=len(a.p.ids)) for a in done])
-        for a, r, stop in zip(done, scores, ended):
+        (unsure if s.stop == "entropy" else ended).append((a, s))
+    if ended:     # the response ended before any uncertain point: score it as it stands
+        scores = reward.score([RewardQuery(a.prefix + s.tokens, seq_id=a.p.id, prefix_len=len(a.prefix))
+                               for a, s in ended])
+        for (a, s), r in zip(ended, scores):
             a.res.reward_calls += 1
-            a.res.num_segments += 1
-            a.res.segment_boundaries.append(len(a.res.tokens))
-            _close(a, r.reward, stop)
+            _accept(a, s.tokens, r.reward, 0, s.stop, cfg)
+    for a, s in unsure:   # the greedy run up to u is kept as it is (it is the greedy rollout's start)
+        _accept(a, s.tokens, math.nan, 0, s.stop, cfg)
+    done, at_u = [a for a, _ in ended], [a for a, _ in unsure]
     if not at_u:
         return done
     # The nudges at u: the guide's gradient of the response so far plus u's greedy token (a one-token decode
@@ -322,17 +321,10 @@ def _lookahead_point(active: list[_Active], policy: Policy, reward: Reward, cfg:
         k = max(range(len(options)), key=lambda i: (options[i][2], -i))   # first wins ties: greedy first
         nudge, s, rew = options[k]
         if a.res.trace is not None:
-            a.res.trace.append({"stop": s.stop, "accepted": k, "tried": [
-                {"nudge": c, "reward": r, "stop": t.stop, "stop_entropy": t.stop_entropy, "tokens": len(t.tokens)}
-                for c, t, r in options]})
-        a.res.num_segments += 1
+            a.res.trace.append({"stop": s.stop, "accepted": k, "tried": [_tried(c, t, r) for c, t, r in options]})
         a.res.num_nudges += k > 0
-        a.res.segment_boundaries.append(len(a.res.tokens))
-        if last or len(s.tokens) == 1:
-            a.res.tokens = a.res.tokens + list(s.tokens)
-            a.res.num_segments += 1
-            a.res.segment_boundaries.append(len(a.res.tokens))
-            _close(a, rew, s.stop)
+        if last or len(s.tokens) == 1:    # the kept rollout ends the response (its stop is "eos" or "length")
+            _accept(a, s.tokens, rew, 0, s.stop, cfg)
             done.append(a)
         else:    # keep u's chosen token; the next point's greedy rollout is this rollout's remainder
             a.res.tokens = a.res.tokens + [s.tokens[0]]
