@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (docs/gpu.md): install Ray from carried wheels, run the `gpu`-marked tests, then the
-# methods benchmark at Llama-3.2-1B's shape; every output lands in one folder. Ends within 8 minutes
+# methods benchmark at Llama-3.2-1B's shape; every output lands in one folder. Ends within 9 minutes
 # (each step has its own time limit), so one run fits a 10-minute device command.
 #
 #   bash benchmarks/gpu_check.sh [all|tests|bench]     # into $OUT if set, else ./out-gpu/
@@ -54,7 +54,7 @@ fi
 bench_rc=-
 if [[ $what == all || $what == bench ]]; then
     # the Markdown table on stdout; progress and errors on stderr, into gpu_methods.log
-    timeout 150 $py benchmarks/gpu_methods.py ${BENCH_ARGS:-} --json "$out/gpu_methods.json" --csv "$out/gpu_methods.csv" \
+    timeout 240 $py benchmarks/gpu_methods.py ${BENCH_ARGS:-} --json "$out/gpu_methods.json" --csv "$out/gpu_methods.csv" \
         2>"$out/gpu_methods.log" | tee "$out/gpu_methods.md"
     bench_rc=$?
     [[ $bench_rc == 0 ]] || tail -n 30 "$out/gpu_methods.log"
