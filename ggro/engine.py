@@ -28,7 +28,8 @@ class Engine:
         tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
         policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device,
                                          **mcfg.source(mcfg.policy))
-        policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model), max_cached=4 * mcfg.batch_size)
+        policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model), max_cached=4 * mcfg.batch_size,
+                                tokenizer=tok)
         return cls(tok, policy, load_reward(mcfg, tok, policy_model), context_window(policy_model.config), mcfg)
 
     def provenance(self, gcfg: GGROConfig) -> dict:

@@ -61,9 +61,10 @@ def sample_tokens(logits: torch.Tensor, temperature: list[float], top_p: list[fl
 class SegmentDecoder:
     """Decodes one segment for each request of a batch (ALGORITHM.md "One segment")."""
 
-    def __init__(self, model, eos_ids: list[int], max_cached: int = 64, pad_id: int = 0):
+    def __init__(self, model, eos_ids: list[int], max_cached: int = 64, pad_id: int = 0, tokenizer=None):
         self.model = model
         self.eos = set(eos_ids)
+        self.tokenizer = tokenizer      # only requests with stop strings need it
         self.device = next(model.parameters()).device
         self.prefixes = PrefixCache(self._forward, self.device, max_cached, pad_id)
 
@@ -74,6 +75,18 @@ class SegmentDecoder:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         return out.past_key_values, out.logits[:, -1]
+
+    def _stopped(self, r: SegmentRequest, emitted: list[int]) -> bool:
+        """Whether the token just emitted completes one of r's stop strings (checked as text, since a string
+        has many tokenizations). The window spans enough tokens for the longest string and may reach back
+        into the prefix, so a string split across segments is caught; one that was already complete
+        without the new token is not counted again."""
+        if self.tokenizer is None:
+            raise ValueError("stop strings need the policy's tokenizer: build SegmentDecoder(..., tokenizer=tok)")
+        w = max(map(len, r.stop)) + 1
+        tail = (r.prefix[-w:] + emitted)[-w - 1:]
+        now, before = self.tokenizer.decode(tail), self.tokenizer.decode(tail[:-1])
+        return any(s in now and s not in before for s in r.stop)
 
     # -- decoding -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -127,6 +140,8 @@ class SegmentDecoder:
                 stop = None
                 if tok in self.eos:
                     stop = "eos"
+                elif r.stop and self._stopped(r, emitted[b]):
+                    stop = "stop"
                 elif j + 1 >= r.max_tokens:
                     stop = "length"
                 elif j + 1 >= r.min_segment_tokens and ent[i] >= r.entropy_threshold:

@@ -15,6 +15,7 @@ class Prompt:
     id: str
     ids: list[int]              # x: prompt tokens, assistant prefill included
     has_prefill: bool = False
+    stop: tuple[str, ...] = ()  # stop strings (Serve's `stop`): decoding ends once one appears in y
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,16 @@ class SegmentRequest:
     min_segment_tokens: int = 4
     top_k: int = 0              # return the top-k base-logit token ids at `insert_at`
     sampling: Sampling | None = None
+    stop: tuple[str, ...] = ()  # end the segment ("stop") once one of these strings appears in the emitted text
+
+
+ENDED = ("eos", "stop")         # segment stops that end the whole response
 
 
 @dataclass
 class SegmentResult:
     tokens: list[int]           # emitted tokens, the dropped uncertain one excluded
-    stop: str                   # "eos" | "length" | "entropy"
+    stop: str                   # "eos" | "stop" (a stop string) | "length" | "entropy"
     stop_entropy: float         # H(p_j) at the last emitted (or dropped) token, nats
     candidates: list[int] | None  # top-k at insert_at (None if decoding never reached it)
     decoded: int                # tokens the policy emitted, dropped one included (cost)

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .config import GGROConfig
-from .seam import Policy, Prompt, Reward, RewardQuery, Sampling, SegmentRequest
+from .seam import ENDED, Policy, Prompt, Reward, RewardQuery, Sampling, SegmentRequest
 
 
 @dataclass
@@ -104,6 +104,11 @@ class _Active:
     def prefix(self) -> list[int]:
         return self.p.ids + self.res.tokens
 
+    def request(self, cfg: GGROConfig, forced: int | None = None, **kw) -> SegmentRequest:
+        """The next segment of this response: up to its token budget, ending at its prompt's stop strings."""
+        return SegmentRequest(self.p.id, self.prefix, cfg.max_new_tokens - len(self.res.tokens), forced,
+                              stop=self.p.stop, **kw)
+
 
 def _take(source: Iterator[Prompt], n: int) -> list[Prompt]:
     """Up to n prompts from `source`; a None from it means "none waiting now" (Serve's feed), like its end."""
@@ -161,8 +166,8 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
                 yield from _finish(waiting, policy, reward, cfg)
             return
         owners = [a for a in active for _ in a.seg.pending]
-        reqs = [SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens), f,
-                               a.seg.insert_at, cfg.entropy_threshold, cfg.min_segment_tokens, cfg.top_k)
+        reqs = [a.request(cfg, f, insert_at=a.seg.insert_at, entropy_threshold=cfg.entropy_threshold,
+                          min_segment_tokens=cfg.min_segment_tokens, top_k=cfg.top_k)
                 for a in active for f in a.seg.pending]
         segs = policy.decode(reqs)
         queries, scored, closing = [], [], []
@@ -220,7 +225,7 @@ def _accept(a: _Active, tokens, rew: float, i: int, stop: str, cfg: GGROConfig) 
     res.num_segments += 1
     res.num_nudges += i > 0
     res.segment_boundaries.append(len(res.tokens))
-    if stop == "eos" or len(res.tokens) >= cfg.max_new_tokens:
+    if stop in ENDED or len(res.tokens) >= cfg.max_new_tokens:
         _close(a, rew, stop)   # RM(x + y): the accepted candidate is the whole response
         return True
     return False
@@ -228,14 +233,14 @@ def _accept(a: _Active, tokens, rew: float, i: int, stop: str, cfg: GGROConfig) 
 
 def _close(a: _Active, rew: float, stop: str) -> None:
     a.res.reward = rew
-    a.res.finish_reason = "stop" if stop == "eos" else "length"
+    a.res.finish_reason = "stop" if stop in ENDED else "length"
     a.res.elapsed_s = time.perf_counter() - a.t0
 
 
 def _finish(tails: list[_Active], policy: Policy, reward: Reward, cfg: GGROConfig) -> Iterator[Result]:
     """Past the refinement budget: decode every waiting response greedily to its end in one call and score it
     (no gradient). Waiting for a full batch keeps these long decodes out of the short refinement rounds."""
-    reqs = [SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens)) for a in tails]
+    reqs = [a.request(cfg) for a in tails]
     segs = policy.decode(reqs)
     scores = reward.score([RewardQuery(a.prefix + s.tokens, seq_id=a.p.id, prefix_len=len(a.prefix))
                            for a, s in zip(tails, segs)])
@@ -277,8 +282,8 @@ def lookahead(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GG
 
 def _lookahead_point(active: list[_Active], policy: Policy, reward: Reward, cfg: GGROConfig, last: bool) -> list:
     """One uncertain point for every active prompt; returns those whose response is complete."""
-    segs = policy.decode([SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens), None, 0,
-                                         cfg.entropy_threshold, cfg.min_segment_tokens) for a in active])
+    segs = policy.decode([a.request(cfg, entropy_threshold=cfg.entropy_threshold,
+                                    min_segment_tokens=cfg.min_segment_tokens) for a in active])
     ended, unsure = [], []
     for a, s in zip(active, segs):
         a.res.policy_tokens += s.decoded
@@ -306,8 +311,7 @@ def _lookahead_point(active: list[_Active], policy: Policy, reward: Reward, cfg:
         forced += [(a, None)] + [(a, c) for c in propose_many(r.scores, s.candidates, s.tokens[0], cfg, a.gen,
                                                                   cfg.num_refinements - 1)]
     # Every candidate, the greedy one first, decoded to the end in one call and scored whole in one call.
-    segs = policy.decode([SegmentRequest(a.p.id, a.prefix, cfg.max_new_tokens - len(a.res.tokens), c)
-                          for a, c in forced])
+    segs = policy.decode([a.request(cfg, c) for a, c in forced])
     scores = reward.score([RewardQuery(a.prefix + s.tokens, seq_id=a.p.id, prefix_len=len(a.prefix))
                            for (a, _), s in zip(forced, segs)])
     tried = {id(a): [] for a in at_u}
@@ -343,7 +347,7 @@ def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGR
         t0 = time.perf_counter()
         reqs = [SegmentRequest(p.id, p.ids, cfg.max_new_tokens,
                                sampling=Sampling(cfg.temperature, cfg.top_p, row_seed(cfg.seed, p.id, k))
-                               if cfg.method == "best-of-n" else None)
+                               if cfg.method == "best-of-n" else None, stop=p.stop)
                 for p in chunk for k in range(n)]
         segs = policy.decode(reqs)
         rewards = reward.score([RewardQuery(p.ids + s.tokens, seq_id=p.id, prefix_len=len(p.ids))   # x cached once
@@ -356,7 +360,7 @@ def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGR
             s, r = group[best_k]
             yield Result(p.id, s.tokens, r.reward, cfg.method, 0, 1, [len(s.tokens)], n,
                          sum(g.decoded for g, _ in group), n, elapsed,
-                         finish_reason="stop" if s.stop == "eos" else "length")
+                         finish_reason="stop" if s.stop in ENDED else "length")
 
 
 class _Locked:

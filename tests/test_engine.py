@@ -1,6 +1,7 @@
 """The batched, cached engine against the plain oracle (ggro/reference.py), on tiny float64 models."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -316,3 +317,41 @@ def test_eager_only_architectures_are_refused_at_load(setup, tmp_path):
     tiny_arch(GEMMA2, "causal", 1, tok).save_pretrained(tmp_path / "gemma2")
     with pytest.raises(ModelLoadError, match="eager attention"):
         models.load_model(str(tmp_path / "gemma2"))
+
+
+def test_stop_strings_end_decoding_where_they_appear(setup):
+    """A stop string ends the response at the token that completes it, checked while decoding (the tokens after
+    it are never decoded), for the baselines and for GGRO, also when it spans two tokens or two segments."""
+    tok, policy, rewards = setup
+    prompts = prompts_of(tok, PROMPTS[:4])
+    cfg = GGROConfig(method="greedy", max_new_tokens=14)
+    free = engine_results(policy, rewards["classifier"], tok, prompts, cfg, 4)
+    y0 = free[prompts[0].id].tokens
+    stop = tok.decode(y0[3:5])             # two tokens from the middle of one greedy response
+    stopped = [dataclasses.replace(p, stop=(stop,)) for p in prompts]
+
+    def with_stops(c):
+        dec = SegmentDecoder(policy, [tok.eos_token_id], max_cached=4, tokenizer=tok)
+        return {r.id: r for r in run(stopped, dec, rewards["classifier"], c, 4)}
+
+    got = with_stops(cfg)
+    for p in prompts:
+        want = free[p.id].tokens
+        cut = next((j + 1 for j in range(len(want)) if stop in tok.decode(want[:j + 1])), None)
+        assert got[p.id].tokens == (want if cut is None else want[:cut])
+        if cut is not None:
+            assert got[p.id].finish_reason == "stop" and got[p.id].policy_tokens == cut
+    assert len(got[prompts[0].id].tokens) <= 5 < len(y0)
+    # GGRO with one refinement per segment is greedy decoding cut into segments at uncertain points: the stop
+    # must cut it at the same token, whichever segment that falls in
+    segmented = with_stops(GGROConfig(max_new_tokens=14, num_refinements=1, entropy_threshold=1.0))
+    assert segmented[prompts[0].id].tokens == got[prompts[0].id].tokens
+    assert segmented[prompts[0].id].num_segments > 1
+    for c in (GGROConfig(max_new_tokens=14, entropy_threshold=2.0),
+              GGROConfig(max_new_tokens=14, search_mode="lookahead", max_refined_segments=2)):
+        for r in with_stops(c).values():
+            text = tok.decode(r.tokens)
+            if stop in text:     # the response ends at the stop string's first appearance
+                assert text.endswith(stop) and stop not in tok.decode(r.tokens[:-1]) and r.finish_reason == "stop"
+    with pytest.raises(ValueError, match="tokenizer"):
+        run(stopped[:1], SegmentDecoder(policy, [tok.eos_token_id]), rewards["classifier"], cfg, 1).__next__()
