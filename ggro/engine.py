@@ -5,8 +5,9 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from . import guide, models
-from .config import GGROConfig, ModelConfig, config_hash
+from .config import ConfigError, GGROConfig, ModelConfig, config_hash
 from .policy import SegmentDecoder
+from .retokenize import Retokenized
 from .reward import RewardModel
 from .rows import InputRow, encode
 from .schema import output_record
@@ -23,14 +24,16 @@ class Engine:
     mcfg: ModelConfig
 
     @classmethod
-    def load(cls, mcfg: ModelConfig) -> "Engine":
-        """Load both models in this process (the judge shares the policy's weights when it is the same model)."""
+    def load(cls, mcfg: ModelConfig, gradient: bool = True) -> "Engine":
+        """Load both models in this process (the judge shares the policy's weights when it is the same model).
+        `gradient`: the methods to run need the reward model's gradient (GGRO), hence one shared vocabulary."""
         tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
         policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device,
                                          **mcfg.source(mcfg.policy))
         policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model), max_cached=4 * mcfg.batch_size,
                                 tokenizer=tok)
-        return cls(tok, policy, load_reward(mcfg, tok, policy_model), context_window(policy_model.config), mcfg)
+        return cls(tok, policy, load_reward(mcfg, tok, policy_model, gradient), context_window(policy_model.config),
+                   mcfg)
 
     def provenance(self, gcfg: GGROConfig) -> dict:
         return {"policy": self.mcfg.policy, "reward_model": self.mcfg.reward_model,
@@ -38,6 +41,9 @@ class Engine:
 
     def align(self, rows: Iterable[InputRow], gcfg: GGROConfig) -> Iterator[dict]:
         """One output record per input row, in completion order; bad rows become error records."""
+        if gcfg.method == "ggro" and isinstance(self.reward, Retokenized):
+            raise ConfigError("this reward model has its own vocabulary, which only --method greedy or best-of-n can "
+                              "use: GGRO reads its gradient as policy tokens")
         prov = self.provenance(gcfg)
         by_id: dict[str, InputRow] = {}
         prompts = []
@@ -47,6 +53,8 @@ class Engine:
                     prompts.append(encode(row, self.tokenizer, self.mcfg.prompt_format, gcfg.max_new_tokens,
                                           self.context))
                     by_id[row.id] = row
+                    if isinstance(self.reward, Retokenized):
+                        self.reward.register(row)
                     continue
                 except ValueError as e:
                     row.error = str(e)
@@ -55,13 +63,18 @@ class Engine:
             yield output_record(by_id[res.id], res, self.tokenizer, prov, gcfg.method)
 
 
-def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None) -> RewardModel:
-    """The reward model; on the policy's weights when the config says they are shared and they are at hand."""
+def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool = True) -> Reward:
+    """The reward model; on the policy's weights when the config says they are shared and they are at hand.
+
+    A reward model with another vocabulary works for methods that need no `gradient` (greedy, best-of-n): it is
+    then wrapped to read each response in its own tokens (ggro.retokenize); for GGRO it is an error."""
     spec = mcfg.reward_model
     shared = mcfg.shares_policy_weights and policy_model is not None
     tok = policy_tok if spec == mcfg.policy else models.load_tokenizer(spec, **mcfg.source(spec))
-    if spec != mcfg.policy:
-        models.check_same_vocab(policy_tok, tok, mcfg.policy, spec)
+    problem = models.vocab_mismatch(policy_tok, tok, mcfg.policy, spec) if spec != mcfg.policy else None
+    if problem and gradient:
+        raise models.ModelLoadError(f"{problem}: GGRO reads the reward model's gradient as policy tokens and needs "
+                                    "one shared vocabulary (--method greedy or best-of-n work with any reward model)")
     if not shared:
         model = models.load_model(spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype,
                                   mcfg.device, **mcfg.source(spec))
@@ -69,7 +82,8 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None) -> RewardModel
         model = policy_model
     else:
         model = guide.shipped_guide(policy_model)
-    return RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model))
+    rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model))
+    return Retokenized(rm, policy_tok, tok, mcfg.prompt_format, mcfg.reward_kind == "judge") if problem else rm
 
 
 def context_window(config) -> int:

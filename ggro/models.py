@@ -132,17 +132,17 @@ def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: 
     return model.to(device).eval()
 
 
-def check_same_vocab(policy_tok, reward_tok, policy_spec: str, reward_spec: str) -> None:
-    """GGRO reads RM gradients back as policy tokens: the token ids must mean the same strings."""
+def vocab_mismatch(policy_tok, reward_tok, policy_spec: str, reward_spec: str) -> str | None:
+    """How the two vocabularies differ (None: the token ids mean the same strings, as GGRO needs)."""
     if len(policy_tok) != len(reward_tok):
-        raise ModelLoadError(f"policy {policy_spec!r} has {len(policy_tok)} tokens but reward model "
-                             f"{reward_spec!r} has {len(reward_tok)}: GGRO needs one shared vocabulary")
+        return (f"policy {policy_spec!r} has {len(policy_tok)} tokens but reward model {reward_spec!r} has "
+                f"{len(reward_tok)}")
     for s in PROBE_STRINGS:
         a = policy_tok.encode(s, add_special_tokens=False)
         b = reward_tok.encode(s, add_special_tokens=False)
         if a != b:
-            raise ModelLoadError(f"policy {policy_spec!r} and reward model {reward_spec!r} tokenize "
-                                 f"{s!r} differently ({a} vs {b}): GGRO needs one shared vocabulary")
+            return f"policy {policy_spec!r} and reward model {reward_spec!r} tokenize {s!r} differently ({a} vs {b})"
+    return None
 
 
 def eos_ids(tok, model) -> list[int]:

@@ -125,7 +125,7 @@ class Aligners:
                     also = f" and {'the shipped guide' if guide else m.reward_model}"
                 print(f"ggro: loading {m.policy}{also} in this process", file=sys.stderr)
                 torch_threads(self.mcfg.cohorts)
-                self.engine = Engine.load(self.mcfg)
+                self.engine = Engine.load(self.mcfg, gradient=gcfg.method == "ggro")
             align_local(self.engine, rows, out_dir, gcfg, max(1, getattr(self.args, "rows_per_file", None) or 10_000))
             return
         from actors.policy import ClusterTooSmall

@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from ggro import models
 from ggro.config import ConfigError, GGROConfig
@@ -355,3 +356,51 @@ def test_stop_strings_end_decoding_where_they_appear(setup):
                 assert text.endswith(stop) and stop not in tok.decode(r.tokens[:-1]) and r.finish_reason == "stop"
     with pytest.raises(ValueError, match="tokenizer"):
         run(stopped[:1], SegmentDecoder(policy, [tok.eos_token_id]), rewards["classifier"], cfg, 1).__next__()
+
+
+def test_a_reward_model_with_its_own_vocabulary_scores_the_baselines(setup, tiny_models, tmp_path):
+    """Greedy and best-of-n score each response with the RM's own tokenizer and chat template; GGRO, which reads
+    the RM's gradient as policy tokens, refuses that RM with a message saying which methods work."""
+    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
+    from tests.conftest import llama_config, make_tokenizer
+    from ggro.config import ModelConfig
+    from ggro.engine import Engine
+    from ggro.models import ModelLoadError
+    from ggro.rows import InputRow
+    tok = setup[0]
+    # the same strings under other ids: the policy's vocabulary reversed
+    base = make_tokenizer()
+    words = [w for w, _ in sorted(base.get_vocab().items(), key=lambda kv: kv[1])][4:]
+    other = PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer(list(reversed(words))), unk_token="<unk>",
+                                    pad_token="<pad>", eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"],
+                                    chat_template=base.chat_template)
+    assert other.encode("the water") != tok.encode("the water")
+    torch.manual_seed(11)
+    rm_dir = tmp_path / "rm"
+    LlamaForSequenceClassification(llama_config(len(other), num_labels=1)).save_pretrained(rm_dir)
+    other.save_pretrained(rm_dir)
+    mcfg = ModelConfig(policy=tiny_models["policy"], reward=str(rm_dir), reward_kind="classifier", dtype="float64")
+    with pytest.raises(ModelLoadError, match="one shared vocabulary.*greedy or best-of-n"):
+        Engine.load(mcfg)
+    engine = Engine.load(mcfg, gradient=False)
+    rows = [InputRow(f"r{i}", [{"role": "user", "content": t}]) for i, t in enumerate(PROMPTS[:3])]
+    rm = RewardModel(models.load_model(str(rm_dir), "classifier", "float64"), other, "classifier")
+    for cfg in (GGROConfig(method="greedy", max_new_tokens=8), GGROConfig(method="best-of-n", n=2, max_new_tokens=8)):
+        recs = {r["id"]: r for r in engine.align(rows, cfg)}
+        for row in rows:
+            rec = recs[row.id]
+            assert rec["error"] is None
+            conv = row.messages + [{"role": "assistant", "content": rec["response"]}]
+            ids = other.encode(other.apply_chat_template(conv, tokenize=False), add_special_tokens=False)
+            assert rec["reward"] == pytest.approx(rm.score([RewardQuery(ids)])[0].reward, rel=1e-9)
+    with pytest.raises(ConfigError, match="its own vocabulary"):
+        list(engine.align(rows, GGROConfig(max_new_tokens=8)))
+
+
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
+    from tests.conftest import SPECIALS
+    tk = Tokenizer(tmodels.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.decoder = decoders.WordPiece(prefix="##")
+    return tk
