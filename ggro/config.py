@@ -13,6 +13,7 @@ METHODS = ("ggro", "greedy", "best-of-n")
 PROMPT_FORMATS = ("chat", "chat-no-gen", "raw")
 REWARD_KINDS = ("judge", "classifier")
 SEARCH_MODES = ("faithful", "adaptive", "parallel", "lookahead")
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 DEFAULT_RUBRIC = (
     "Is the assistant's previous answer helpful, honest and harmless: does it address the request "
@@ -26,6 +27,15 @@ DEFAULT_NAME = "smollm2-135m-instruct"     # the embedded default's folder name 
 def cache_dir() -> Path:
     """Where ggro keeps what it derives once (the default model's safetensors copy, guide features): GGRO_CACHE."""
     return Path(os.environ.get("GGRO_CACHE", Path.home() / ".cache" / "ggro"))
+
+
+def resolve_auto(dtype: str, device: str, cuda: bool, bf16: bool = True) -> tuple[str, str]:
+    """(dtype, device) with `auto` made concrete for a process that has a GPU (`cuda`) whose kernels run
+    bfloat16 (`bf16`) or not: cuda where there is one, else cpu; bfloat16 on such a GPU, else float32."""
+    device = ("cuda" if cuda else "cpu") if device == "auto" else device
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and bf16 else "float32"
+    return dtype, device
 
 
 class ConfigError(ValueError):
@@ -109,8 +119,8 @@ class ModelConfig:
     reward_kind: str | None = None   # None: classifier for `default` (the shipped guide), judge for any other model
     rubric: str = DEFAULT_RUBRIC
     prompt_format: str = "chat"      # chat | chat-no-gen | raw
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "float32"           # or "auto": bfloat16 on a GPU that has it, else float32 (see `resolved`)
+    device: str = "cpu"              # or "auto": cuda where there is a GPU, else cpu
     batch_size: int = 8
     cohorts: int = 1                 # GGRO in-process: threads whose policy and RM calls overlap (same outputs)
     revision: str | None = None      # hub ids: the policy's branch, tag or commit
@@ -126,8 +136,16 @@ class ModelConfig:
             raise ConfigError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
+        if self.dtype not in DTYPE_NAMES + ("auto",):
+            raise ConfigError(f"dtype must be one of {DTYPE_NAMES + ('auto',)}, got {self.dtype!r}")
         if not 1 <= self.cohorts <= self.batch_size:
             raise ConfigError("cohorts must be between 1 and batch_size")
+
+    def resolved(self, cuda: bool, bf16: bool = True) -> ModelConfig:
+        """`auto` dtype and device made concrete (see `resolve_auto`). Outputs and their config hash depend on
+        the concrete values only."""
+        dtype, device = resolve_auto(self.dtype, self.device, cuda, bf16)
+        return dataclasses.replace(self, device=device, dtype=dtype)
 
     @property
     def reward_model(self) -> str:

@@ -27,6 +27,7 @@ class Engine:
     def load(cls, mcfg: ModelConfig, gradient: bool = True) -> "Engine":
         """Load both models in this process (the judge shares the policy's weights when it is the same model).
         `gradient`: the methods to run need the reward model's gradient (GGRO), hence one shared vocabulary."""
+        mcfg = models.here(mcfg)       # `auto` dtype/device made concrete: the config hash names what ran
         tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
         policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device,
                                          **mcfg.source(mcfg.policy))

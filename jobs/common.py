@@ -8,8 +8,8 @@ from importlib import resources
 
 import yaml
 
-from ggro.config import (METHODS, PROMPT_FORMATS, REWARD_KINDS, SEARCH_MODES, ConfigError, GGROConfig, ModelConfig,
-                         split_fields)
+from ggro.config import (DTYPE_NAMES, METHODS, PROMPT_FORMATS, REWARD_KINDS, SEARCH_MODES, ConfigError, GGROConfig,
+                         ModelConfig, split_fields)
 
 
 def example_prompts() -> str:
@@ -33,8 +33,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--reward-revision", help="hub ids: the reward model's branch, tag or commit [the default branch]")
     m.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow models that ship their own modelling code to run it (off, as in transformers)")
-    m.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), help="[float32]")
-    m.add_argument("--device", help="cpu or cuda [cpu]")
+    m.add_argument("--dtype", choices=DTYPE_NAMES + ("auto",),
+                   help="auto: bfloat16 on a GPU that supports it, else float32 [float32]")
+    m.add_argument("--device", help="cpu, cuda (cuda:N) or auto: cuda where there is a GPU, else cpu [cpu]")
     m.add_argument("--batch-size", type=int, help="prompts advanced together per round [8]")
     m.add_argument("--cohorts", type=int, help="--local GGRO: split the batch into this many threads whose policy "
                    "and reward calls overlap (same outputs; each gets cores / cohorts torch threads) [1]")

@@ -404,3 +404,23 @@ def _word_tokenizer(words):
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tk.decoder = decoders.WordPiece(prefix="##")
     return tk
+
+
+def test_auto_dtype_and_device_resolve_to_the_hardware(tiny_models):
+    """`auto` is bfloat16 on a GPU that runs it, float32 elsewhere; cuda where there is a GPU. An engine loaded
+    with `auto` here runs (and hashes) exactly what the explicit CPU settings do."""
+    from ggro.config import ModelConfig, config_hash, resolve_auto
+    from ggro.engine import Engine
+    assert resolve_auto("auto", "auto", cuda=True, bf16=True) == ("bfloat16", "cuda")
+    assert resolve_auto("auto", "auto", cuda=True, bf16=False) == ("float32", "cuda")
+    assert resolve_auto("auto", "auto", cuda=False) == ("float32", "cpu")
+    assert resolve_auto("auto", "cpu", cuda=True) == ("float32", "cpu")         # an explicit device wins
+    assert resolve_auto("float16", "auto", cuda=True) == ("float16", "cuda")
+    with pytest.raises(ConfigError, match="dtype"):
+        ModelConfig(dtype="fp8")
+    auto = Engine.load(ModelConfig(policy=tiny_models["policy"], dtype="auto", device="auto"))
+    explicit = ModelConfig(policy=tiny_models["policy"], dtype="float32", device="cpu")
+    if not torch.cuda.is_available():
+        assert (auto.mcfg.dtype, auto.mcfg.device) == ("float32", "cpu")
+        assert auto.provenance(GGROConfig())["config_hash"] == config_hash(GGROConfig(), explicit)
+        assert next(auto.reward.model.parameters()).dtype == torch.float32
