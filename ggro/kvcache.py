@@ -78,6 +78,18 @@ def left_pad_kv(prefixes: list[Prefix], length: int, room: int = 0) -> DynamicCa
     return cache
 
 
+def same_length_groups(items: list, lengths: list[int], ragged: bool) -> list[list]:
+    """`items` in one group (ragged) or grouped by length, in first-seen order; no group when there are none."""
+    if not items:
+        return []
+    if ragged:
+        return [items]
+    groups: dict[int, list] = {}
+    for item, n in zip(items, lengths):
+        groups.setdefault(n, []).append(item)
+    return list(groups.values())
+
+
 def chunk_layout(past_lens: list[int], new_lens: list[int], device):
     """Mask and positions for rows laid out as [pad | past | pad | new] (every row ends at the last column).
 
@@ -98,9 +110,19 @@ def chunk_layout(past_lens: list[int], new_lens: list[int], device):
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache | None], tuple]
 
 
+def eager_attention(model) -> bool:
+    """Whether `model` runs eager attention, where a fully masked query row (left padding as a query) turns NaN
+    and the NaN reaches other rows through 0 * NaN in the attention-weighted values."""
+    return getattr(model.config, "_attn_implementation", None) == "eager"
+
+
 class PrefixCache:
-    def __init__(self, forward: Forward, device, max_entries: int = 64, pad_id: int = 0):
+    """Per-sequence KV caches of prefixes, extended in batched forward calls. With `ragged` False (eager
+    attention) a call only batches rows of one new length, so no padding is ever a query row."""
+
+    def __init__(self, forward: Forward, device, max_entries: int = 64, pad_id: int = 0, ragged: bool = True):
         self.forward, self.device, self.max_entries, self.pad_id = forward, device, max_entries, pad_id
+        self.ragged = ragged
         self._entries: OrderedDict[str, Prefix] = OrderedDict()
 
     def release(self, keys) -> None:
@@ -120,8 +142,8 @@ class PrefixCache:
                 todo[key] = (have, ids[len(have.ids):])
             else:
                 todo[key] = (None, list(ids))
-        if todo:
-            for key, p in zip(todo, self._extend(list(todo.values()))):
+        for keys in same_length_groups(list(todo), [len(todo[k][1]) for k in todo], self.ragged):
+            for key, p in zip(keys, self._extend([todo[k] for k in keys])):
                 self._entries[key] = p
                 self._entries.move_to_end(key)
         out = [self._entries[key] for key, _ in keyed]

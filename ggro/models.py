@@ -131,12 +131,6 @@ def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: 
         model = cls.from_pretrained(where, dtype=DTYPES[dtype], **kw)
     except (OSError, ValueError) as e:
         raise _remote_code_error(spec, e) or ModelLoadError(f"could not load {spec!r} as a {kind} model: {e}") from None
-    if getattr(model.config, "_attn_implementation", None) == "eager":
-        # Measured: in eager attention the padding rows of a left-padded batch turn NaN and leak into real rows
-        # (a tiny Llama decodes other tokens at batch 3 than at batch 1); SDPA and flash kernels do not.
-        raise ModelLoadError(f"{spec!r} ({model.config.model_type}) runs only eager attention here, which is "
-                             "not batch-invariant in ggro's padded batches; architectures with SDPA or flash "
-                             "attention are supported (docs/troubleshooting.md)")
     if kind == "classifier" and model.config.num_labels != 1:
         raise ModelLoadError(f"{spec!r} has num_labels={model.config.num_labels}; a reward classifier "
                              "must output one scalar (num_labels == 1)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .kvcache import PrefixCache, left_pad_kv
+from .kvcache import PrefixCache, eager_attention, left_pad_kv
 from .seam import SegmentRequest, SegmentResult
 
 
@@ -66,7 +66,7 @@ class SegmentDecoder:
         self.eos = set(eos_ids)
         self.tokenizer = tokenizer      # only requests with stop strings need it
         self.device = next(model.parameters()).device
-        self.prefixes = PrefixCache(self._forward, self.device, max_cached, pad_id)
+        self.prefixes = PrefixCache(self._forward, self.device, max_cached, pad_id, ragged=not eager_attention(model))
 
     def release(self, seq_ids) -> None:
         self.prefixes.release(seq_ids)

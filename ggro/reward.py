@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .kvcache import Prefix, PrefixCache, chunk_layout, left_pad_kv
+from .kvcache import Prefix, PrefixCache, chunk_layout, eager_attention, left_pad_kv, same_length_groups
 from .seam import RewardQuery, RewardResult
 
 
@@ -39,7 +39,8 @@ class RewardModel:
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.base = getattr(model, model.base_model_prefix)
-        self.prefixes = PrefixCache(self._prefill, self.device, max_cached)
+        self.ragged = not eager_attention(model)
+        self.prefixes = PrefixCache(self._prefill, self.device, max_cached, ragged=self.ragged)
         self.suffix, self.eos = [], set(eos_ids)
         self.head = getattr(model, "score", None) if kind == "classifier" else None   # Llama, Qwen, Mistral, Gemma...
         if kind == "judge":
@@ -72,8 +73,16 @@ class RewardModel:
         return self.head(h)[:, 0].double()
 
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
-        if not queries:
-            return []
+        """One reward per query, and candidate scores where a position is given (eager attention: one call per
+        length of the uncached rest, so no padding is a query row)."""
+        rest = [len(self.rm_tokens(q.tokens)) - (q.prefix_len if q.seq_id is not None else 0) for q in queries]
+        out: list[RewardResult | None] = [None] * len(queries)
+        for group in same_length_groups(list(range(len(queries))), rest, self.ragged):
+            for i, r in zip(group, self._score([queries[i] for i in group])):
+                out[i] = r
+        return out
+
+    def _score(self, queries: list[RewardQuery]) -> list[RewardResult]:
         dev = self.device
         cached = [(q.seq_id, q.tokens[:q.prefix_len]) for q in queries if q.seq_id is not None and q.prefix_len]
         got = iter(self.prefixes.get(cached)) if cached else iter(())

@@ -279,8 +279,9 @@ ARCHITECTURES = {   # (config class, causal LM, classifier, config overrides): e
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification",
                dict(head_dim=12, sliding_window=64)),     # scales its input embeddings inside the module
     "phi3": ("Phi3Config", "Phi3ForCausalLM", "Phi3ForSequenceClassification", {}),
+    # eager attention only: batched calls group rows so that no left padding is a query row (NaN there leaks)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification", dict(head_dim=12)),
 }
-GEMMA2 = ("Gemma2Config", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification", dict(head_dim=12))   # eager only
 
 
 def tiny_arch(classes: tuple, kind: str, seed: int, tok):
@@ -309,15 +310,6 @@ def test_architectures_match_the_oracle(setup, arch):
     for p, want in zip(prompts, wants):
         assert_same(got[p.id], want)
     assert sum(w.num_nudges for w in wants) > 0
-
-
-def test_eager_only_architectures_are_refused_at_load(setup, tmp_path):
-    """Gemma2 runs only eager attention, whose padded rows turn NaN and change other rows' tokens: refused."""
-    from ggro.config import ModelLoadError
-    tok = setup[0]
-    tiny_arch(GEMMA2, "causal", 1, tok).save_pretrained(tmp_path / "gemma2")
-    with pytest.raises(ModelLoadError, match="eager attention"):
-        models.load_model(str(tmp_path / "gemma2"))
 
 
 def test_stop_strings_end_decoding_where_they_appear(setup):
