@@ -22,8 +22,10 @@ from ggro.rows import InputError, dedupe, read_rows
 from ggro.threads import torch_threads
 from jobs.common import add_engine_args, example_prompts, fail, resolve_args, module_main
 from jobs.plan import add_plan_args, dry_run
-from pipeline.output import (OutputError, OutputLock, Summary, _now, clear_output, contains, drop_error_rows,
-                             id_digests, output_index, prepare_output, versions, write_manifest, write_part)
+from pipeline.lock import OutputLock
+from pipeline.manifest import now, versions, write_manifest
+from pipeline.output import (OutputError, Summary, clear_output, contains, drop_error_rows, id_digests, output_index,
+                             prepare_output, write_part)
 from pipeline.ray_align import add_cluster_args
 
 DEFAULT_MAX_ERROR_FRACTION = 0.1
@@ -197,7 +199,7 @@ def run(args, aligners: Aligners | None = None) -> int:
     if args.dry_run:
         return dry_run(args, gcfg, mcfg)
     from ggro.config import config_hash
-    t0, started, run_id = time.perf_counter(), _now(), uuid.uuid4().hex[:12]
+    t0, started, run_id = time.perf_counter(), now(), uuid.uuid4().hex[:12]
     try:                     # the folder is writable and ours before any input is read or model loaded
         prepare_output(args.output)
         lock = OutputLock(args.output).acquire()
@@ -238,7 +240,7 @@ def run(args, aligners: Aligners | None = None) -> int:
         if ntodo:
             aligners.align(todo, args.output, gcfg, mcfg)
         summary = Summary.of_output(args.output, prompts.mask, time.perf_counter() - t0)
-        info.update(status="finished", ended=_now(), rows={
+        info.update(status="finished", ended=now(), rows={
             "in": prompts.count, "out": summary.rows, "ok": summary.ok, "error": summary.errors,
             "aligned_this_run": ntodo, "skipped_files": prompts.skipped})
         write_manifest(args.output, info)
@@ -264,7 +266,7 @@ def run(args, aligners: Aligners | None = None) -> int:
 def _failed(out_dir, info: dict | None, why: str) -> None:
     if info is not None:
         try:
-            write_manifest(out_dir, {**info, "status": "failed", "ended": _now(), "failure": why})
+            write_manifest(out_dir, {**info, "status": "failed", "ended": now(), "failure": why})
         except OSError:
             pass
 

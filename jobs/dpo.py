@@ -35,8 +35,9 @@ def run(args) -> int:
     import uuid
 
     from pipeline.dpo import DEFAULT_MIN_MARGIN, build_pairs
-    from pipeline.output import (SUBRUN_PREFIX, OutputError, OutputLock, _now, child, clear_output, prepare_output,
-                                 read_output, versions, write_file, write_manifest)
+    from pipeline.lock import OutputLock
+    from pipeline.manifest import now, versions, write_manifest
+    from pipeline.output import SUBRUN_PREFIX, OutputError, child, clear_output, prepare_output, read_output, write_file
 
     if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both
         from jobs.plan import dry_run_args
@@ -57,7 +58,7 @@ def run(args) -> int:
     try:
         if args.overwrite:
             clear_output(out)
-        info = {"command": "dpo", "run_id": uuid.uuid4().hex[:12], "status": "running", "started": _now(),
+        info = {"command": "dpo", "run_id": uuid.uuid4().hex[:12], "status": "running", "started": now(),
                 "ended": None, "input": args.input, "output": str(out), "chosen": args.chosen,
                 "rejected": args.rejected, "rejected_method": args.rejected_method, "min_margin": min_margin,
                 "keep_truncated": bool(args.keep_truncated), "versions": versions()}
@@ -86,7 +87,7 @@ def run(args) -> int:
             fail(f"no aligned rows in {chosen_dir}")
         pairs, stats = build_pairs(chosen, rejected, min_margin, keep_truncated=args.keep_truncated)
         write_file(out, "pairs.parquet", pairs)
-        info.update(status="finished", ended=_now(), pairs=stats.__dict__.copy())
+        info.update(status="finished", ended=now(), pairs=stats.__dict__.copy())
         write_manifest(out, info)
     except OutputError as e:
         fail(str(e), 1)

@@ -16,15 +16,11 @@ need (never responses); ids are kept as 16-byte digests (16 B per output row in 
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import math
 import os
 import re
-import socket
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,170 +121,6 @@ def prepare_output(out_dir: str | Path) -> None:
         fs.create_dir(path, recursive=True)
     except (OSError, ValueError) as e:   # pyarrow raises OSError subclasses; bad URIs ValueError
         raise OutputError(f"cannot write --output {out_dir}: {e}") from None
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the holder."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, proc_start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return proc_start is None or _proc_start(pid) in (None, proc_start)
-
-
-class OutputLock:
-    """`.ggro.lock` in an output folder: one writing run at a time.
-
-    The file holds the holder's host, pid, process start and run start. A second run is refused with
-    OutputLocked naming the holder. A lock is stale, and taken over, when its holder is on this host
-    and its process is gone (a SIGKILLed driver), or when the holder has not refreshed it for
-    `stale_after_s` (a driver on another machine or pod that died: the holder rewrites the file every
-    `heartbeat_s`). On a local or shared POSIX path the lock is taken atomically (O_EXCL); object
-    stores have no create-if-absent here, so there it is written, then read back to confirm."""
-
-    def __init__(self, out_dir: str | Path, heartbeat_s: float = 60.0, stale_after_s: float = 900.0):
-        self.out_dir = out_dir
-        self.fs, self.dir = output_fs(out_dir)
-        self.path = f"{self.dir}/{LOCK}"
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)
-        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
-        self.token = uuid.uuid4().hex
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
-                     "started": _now(), "token": self.token}
-        self._stop = threading.Event()
-        self._thread = None
-
-    def _write(self, exclusive: bool) -> bool:
-        data = json.dumps(self.info).encode()
-        if self.local:
-            flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-            try:
-                fd = os.open(self.path, flags, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        if exclusive and self.fs.get_file_info(self.path).type != pafs.FileType.NotFound:
-            return False
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(data)
-        return not exclusive or (self.holder() or {}).get("token") == self.token
-
-    def holder(self) -> dict | None:
-        try:
-            with self.fs.open_input_stream(self.path) as f:
-                return json.loads(f.read() or b"{}")
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-
-    def _stale(self, h: dict) -> bool:
-        if h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int):
-            return not _alive(h["pid"], h.get("proc_start"))
-        mtime = self.fs.get_file_info(self.path).mtime
-        return mtime is not None and time.time() - mtime.timestamp() > self.stale_after_s
-
-    def acquire(self) -> "OutputLock":
-        try:
-            for _ in range(3):
-                if self._write(exclusive=True):
-                    break
-                h = self.holder()
-                if h is None:
-                    continue        # released meanwhile: try again
-                if not self._stale(h):
-                    raise OutputLocked(
-                        f"--output {self.out_dir} is being written by another run (host {h.get('host', '?')}, "
-                        f"pid {h.get('pid', '?')}, since {h.get('started', '?')}); wait for it to finish, or, if "
-                        f"that run is gone, delete {self.path}")
-                print(f"ggro: taking over the stale lock of host {h.get('host')} pid {h.get('pid')} "
-                      f"(started {h.get('started')})", file=__import__("sys").stderr)
-                self.fs.delete_file(self.path)
-            else:
-                raise OutputLocked(f"could not take the lock {self.path}: other runs keep taking it")
-        except OutputError:
-            raise
-        except (OSError, ValueError) as e:
-            raise OutputError(f"cannot write --output {self.out_dir}: {e}") from None
-        self._thread = threading.Thread(target=self._beat, daemon=True, name="ggro-lock-heartbeat")
-        self._thread.start()
-        return self
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                if (self.holder() or {}).get("token") == self.token:
-                    self._write(exclusive=False)
-            except OSError:
-                pass
-
-    def release(self) -> None:
-        self._stop.set()
-        try:
-            if (self.holder() or {}).get("token") == self.token:
-                self.fs.delete_file(self.path)
-        except OSError:
-            pass
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def write_manifest(out_dir: str | Path, manifest: dict) -> None:
-    """Write .ggro_run.json whole (tmp + move); earlier runs' start/end/counts are kept under `previous`."""
-    fs, path = output_fs(out_dir)
-    old = read_manifest(out_dir)
-    if old and old.get("run_id") != manifest.get("run_id"):
-        prev = old.pop("previous", [])
-        manifest = {**manifest, "previous": (prev + [{k: old.get(k) for k in ("run_id", "started", "ended",
-                                                                             "status", "rows", "config_hash")}])[-20:]}
-    elif old and "previous" in old:
-        manifest = {**manifest, "previous": old["previous"]}
-    tmp = f"{path}/.{MANIFEST}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(manifest, indent=2, default=str).encode())
-    fs.move(tmp, f"{path}/{MANIFEST}")
-
-
-def read_manifest(out_dir: str | Path) -> dict | None:
-    fs, path = output_fs(out_dir)
-    try:
-        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for pkg in ("ggro", "torch", "transformers", "ray", "pyarrow", "deepspeed"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    import platform
-    out["python"] = platform.python_version()
-    return out
 
 
 def part_files(out_dir: str | Path) -> list[str]:

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline.output import OutputLock, read_manifest, read_output, write_part
+from pipeline.lock import OutputLock
+from pipeline.manifest import read_manifest
+from pipeline.output import read_output, write_part
 
 PROMPTS = [{"id": "a", "prompt": "how do you make water hot ?"}, {"id": "b", "prompt": "what is the number ?"}]
 

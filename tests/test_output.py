@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from pipeline.output import (OutputConflict, OutputError, OutputLock, OutputLocked, child, clear_output,
+from pipeline.lock import OutputLock
+from pipeline.output import (OutputConflict, OutputError, OutputLocked, child, clear_output,
                              done_ids, drop_error_rows, output_fs, output_index, prepare_output, read_output,
                              write_part)
 
