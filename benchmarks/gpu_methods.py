@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_throughput import PRESETS, build, peak_gib, reset_peak, sync  # noqa: E402
+from gpu_throughput import PRESETS, build, no_device, peak_gib, reset_peak, sync  # noqa: E402
 
 from ggro.config import GGROConfig  # noqa: E402
 from ggro.policy import SegmentDecoder  # noqa: E402
@@ -186,8 +186,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write setting, rows, check and targets here")
     p.add_argument("--csv", help="write the rows here")
     a = p.parse_args(argv)
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: pass --device cpu (with --tiny for a quick check)", file=sys.stderr)
+    if no_device(a.device, "with --tiny"):
         return 2
     if os.environ.get("GGRO_THREADS"):
         torch.set_num_threads(int(os.environ["GGRO_THREADS"]))

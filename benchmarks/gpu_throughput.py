@@ -50,6 +50,14 @@ def build(preset: str, kind: str, device: str, dtype: str, **overrides):
     return model.eval()
 
 
+def no_device(device: str, hint: str) -> bool:
+    """True (after saying so) when `device` is CUDA and there is none: the benchmarks then exit 2."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"no CUDA device: pass --device cpu ({hint} for a quick check)", file=sys.stderr)
+        return True
+    return False
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -115,8 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-reward", action="store_true")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: pass --device cpu (with --preset tiny for a quick check)", file=sys.stderr)
+    if no_device(a.device, "with --preset tiny"):
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     sizes = [int(s) for s in a.batch_sizes.split(",")]
