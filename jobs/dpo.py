@@ -34,10 +34,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import uuid
 
-    from pipeline.dpo import DEFAULT_MIN_MARGIN, build_pairs
+    from pipeline.dpo import DEFAULT_MIN_MARGIN, join_outputs
     from pipeline.lock import OutputLock
     from pipeline.manifest import now, versions, write_manifest
-    from pipeline.output import SUBRUN_PREFIX, OutputError, child, clear_output, prepare_output, read_output, write_file
+    from pipeline.output import SUBRUN_PREFIX, OutputError, child, clear_output, prepare_output
 
     if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both
         from jobs.plan import dry_run_args
@@ -82,18 +82,16 @@ def run(args) -> int:
                               file=sys.stderr)
             finally:
                 aligners.close()
-        chosen, rejected = read_output(chosen_dir), read_output(rejected_dir)
-        if chosen.num_rows == 0:
+        stats = join_outputs(chosen_dir, rejected_dir, out, min_margin, keep_truncated=args.keep_truncated)
+        if stats.rows == 0:
             fail(f"no aligned rows in {chosen_dir}")
-        pairs, stats = build_pairs(chosen, rejected, min_margin, keep_truncated=args.keep_truncated)
-        write_file(out, "pairs.parquet", pairs)
         info.update(status="finished", ended=now(), pairs=stats.__dict__.copy())
         write_manifest(out, info)
     except OutputError as e:
         fail(str(e), 1)
     finally:
         lock.release()
-    print(f"wrote {child(out, 'pairs.parquet')}\n{stats.render()}")
+    print(f"wrote the pairs into {out}\n{stats.render()}")
     return 0
 
 

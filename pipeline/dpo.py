@@ -7,16 +7,25 @@ The pair format is TRL's conversational preference format (DPOTrainer reads it a
 plus id, chosen_reward, rejected_reward, chosen_method, rejected_method, policy, reward_model,
 config_hash. Pairs are kept when chosen_reward - rejected_reward >= min_margin, the two responses
 differ, and (unless keep_truncated) neither was cut at max_new_tokens (finish_reason "length").
+
+Outputs of any size: `join_outputs` holds about `bucket_rows` rows of each side in memory. Larger outputs are
+split by a hash of the id into buckets (scratch part files under OUT/.dpo-join/, removed at the end), one part
+file at a time, and joined a bucket at a time into pairs-NNNNN.parquet; small ones give one pairs.parquet.
 No Ray here.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ggro.schema import MESSAGE
+from ggro.schema import MESSAGE, OUTPUT_SCHEMA
+from pipeline.output import PAIRS_RE, _read_part, child, id_digests, output_fs, part_files, read_output, write_file, write_part
 
 DPO_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -42,6 +51,9 @@ class PairStats:
     below_margin: int = 0
     identical: int = 0     # chosen and rejected texts are the same: no preference to learn
     truncated: int = 0     # either side was cut at max_new_tokens
+
+    def __add__(self, other: "PairStats") -> "PairStats":
+        return PairStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
     def render(self) -> str:
         return (f"pairs: {self.pairs} of {self.rows} rows (dropped: {self.below_margin} below margin, "
@@ -92,3 +104,57 @@ def build_pairs(chosen: pa.Table, rejected: pa.Table, min_margin: float = DEFAUL
         })
         stats.pairs += 1
     return pa.Table.from_pylist(out, schema=DPO_SCHEMA), stats
+
+
+JOIN_DIR = ".dpo-join"          # scratch bucket files of a large join (hidden from dataset readers)
+BUCKET_ROWS = 200_000           # rows of one side a bucket may hold (each a response and its metadata)
+
+
+def join_outputs(chosen_dir: str, rejected_dir: str, out_dir: str, min_margin: float = DEFAULT_MIN_MARGIN,
+                 keep_truncated: bool = False, bucket_rows: int = BUCKET_ROWS) -> PairStats:
+    """Join two align outputs by id into pair files in out_dir (see the module docstring); returns the counts."""
+    n = max(_rows(chosen_dir), _rows(rejected_dir))
+    k = max(1, math.ceil(n / bucket_rows))
+    _clear_pairs(out_dir)
+    if k == 1:
+        pairs, stats = build_pairs(read_output(chosen_dir), read_output(rejected_dir), min_margin, keep_truncated)
+        write_file(out_dir, "pairs.parquet", pairs)
+        return stats
+    scratch = child(out_dir, JOIN_DIR)
+    for side, src in (("chosen", chosen_dir), ("rejected", rejected_dir)):
+        _split(src, child(scratch, side), k)
+    total = PairStats()
+    for b in range(k):
+        pairs, stats = build_pairs(*(read_output(child(scratch, f"{side}/{b:05d}")) for side in ("chosen", "rejected")),
+                                   min_margin, keep_truncated)
+        write_file(out_dir, f"pairs-{b:05d}.parquet", pairs)
+        total += stats
+    fs, path = output_fs(scratch)
+    fs.delete_dir(path)
+    return total
+
+
+def _rows(out_dir: str) -> int:
+    fs, _ = output_fs(out_dir)
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in part_files(out_dir))
+
+
+def _split(src: str, dest: str, k: int) -> None:
+    """Each part of `src` split into k bucket folders by a hash of the id, one part in memory at a time."""
+    fs, _ = output_fs(src)
+    for f in part_files(src):
+        t = _read_part(fs, f, OUTPUT_SCHEMA.names)
+        bucket = id_digests(t.column("id")).view("<u8")[::2] % k      # the digest's first 8 bytes
+        for b in np.unique(bucket):
+            write_part(child(dest, f"{int(b):05d}"), t.filter(pa.array(bucket == b)))
+
+
+def _clear_pairs(out_dir: str) -> None:
+    """Pair files of an earlier join: a join into fewer buckets must not leave stale ones beside its own."""
+    fs, path = output_fs(out_dir)
+    from pyarrow import fs as pafs
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type == pafs.FileType.File and PAIRS_RE.fullmatch(info.base_name):
+            fs.delete_file(info.path)
+    if fs.get_file_info(f"{path}/{JOIN_DIR}").type == pafs.FileType.Directory:
+        fs.delete_dir(f"{path}/{JOIN_DIR}")

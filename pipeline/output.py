@@ -5,7 +5,8 @@ What ggro writes in an output folder, and so all that --overwrite may delete:
     part-<12 hex>.parquet     whole part files (written as .NAME.tmp, then moved into place)
     .ggro_run.json            the run manifest (configuration, versions, models, times, row counts)
     .ggro.lock                held while a run writes (holder host, pid, start; see OutputLock)
-    pairs.parquet             `ggro dpo` only
+    pairs.parquet             `ggro dpo` only (pairs-NNNNN.parquet when the join ran in hash buckets)
+    .dpo-join/               `ggro dpo` only, while a bucketed join runs: its scratch buckets
     __aligned-METHOD/         `ggro dpo` only: the aligned sub-runs, each an output folder like this one
 Bookkeeping names start with "." and sub-runs with "__" because both pyarrow.dataset (ignores "." and
 "_") and Hugging Face `datasets` (ignores "." files and "__" folders) then read the folder as its rows
@@ -50,6 +51,7 @@ MANIFEST = ".ggro_run.json"
 LOCK = ".ggro.lock"
 PART_RE = re.compile(r"part-[0-9a-f]{12}\.parquet")
 SUBRUN_PREFIX = "__aligned-"
+PAIRS_RE = re.compile(r"pairs(-\d{5})?\.parquet")     # ggro dpo's pair files
 
 
 def output_uri(out_dir: str | Path) -> str:
@@ -73,12 +75,14 @@ def child(out_dir: str | Path, name: str) -> str:
 def _ours(rel: str, dpo: bool) -> bool:
     """Is `rel` (a path relative to an output folder) a file ggro writes there?"""
     parts = rel.split("/")
+    if dpo and parts[0] == ".dpo-join":    # a dpo join's scratch buckets (pipeline.dpo.JOIN_DIR)
+        return True
     if len(parts) > 1:   # only a dpo folder's sub-runs, holding an output folder's own files
         return dpo and parts[0].startswith(SUBRUN_PREFIX) and len(parts) == 2 and _ours(parts[1], False)
     name = parts[0]
     if name.startswith(".") and name.endswith(".tmp"):
         name = name[1:-4]
-    return bool(PART_RE.fullmatch(name)) or name in (MANIFEST, LOCK) or (dpo and name == "pairs.parquet")
+    return bool(PART_RE.fullmatch(name)) or name in (MANIFEST, LOCK) or (dpo and bool(PAIRS_RE.fullmatch(name)))
 
 
 def _manifest_command(fs, path: str) -> str | None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pyarrow.parquet as pq
 
@@ -99,3 +100,36 @@ def test_dpo_local_one_pass_and_join(tiny_models, tmp_path, capsys):
                  "--rejected", str(tmp_path / "dpo" / "__aligned-greedy"), "--min-margin", "1e9"]) == 0
     assert pq.read_table(tmp_path / "join" / "pairs.parquet").num_rows == 0
     assert "pairs: 0 of 3 rows" in capsys.readouterr().out
+
+
+def test_large_joins_run_in_hash_buckets(tmp_path):
+    """A join larger than one bucket splits both sides by a hash of the id, one part at a time, and joins a bucket at
+    a time: the same pairs and counts as the in-memory join, written as pair files that read back as the pairs alone;
+    a later join into one bucket leaves no stale bucket files, and --overwrite knows them as ggro's."""
+    import pyarrow.dataset
+    from pipeline.dpo import build_pairs, join_outputs
+    from pipeline.output import clear_output, write_part
+    from pipeline.manifest import write_manifest
+    rng = random.Random(3)
+    ids = [f"id{i}" for i in range(40)]
+    sides = {}
+    for side, base in (("chosen", 1.0), ("rejected", 0.0)):
+        rows = [rec(i, "ggro" if side == "chosen" else "greedy", base + rng.random(), response=f"{side} {rng.random():.3f}")
+                for i in ids if rng.random() > 0.1]
+        for k in range(0, len(rows), 7):          # several parts per side
+            write_part(tmp_path / side, rows[k:k + 7])
+        sides[side] = rows
+    want, want_stats = build_pairs(to_table(sides["chosen"]), to_table(sides["rejected"]), 0.2)
+    out = tmp_path / "out"
+    stats = join_outputs(str(tmp_path / "chosen"), str(tmp_path / "rejected"), str(out), 0.2, bucket_rows=8)
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 5 and all(f.startswith("pairs-") for f in files)        # 40 rows / 8 a bucket
+    got = pyarrow.dataset.dataset(out).to_table()
+    assert sorted(got.to_pylist(), key=lambda r: r["id"]) == want.to_pylist()
+    assert stats == want_stats and stats.pairs == want.num_rows > 0
+    write_manifest(out, {"command": "dpo"})
+    assert clear_output(out) == 6                # its pair files and manifest are ggro's own
+    join_outputs(str(tmp_path / "chosen"), str(tmp_path / "rejected"), str(out), 0.2, bucket_rows=8)
+    join_outputs(str(tmp_path / "chosen"), str(tmp_path / "rejected"), str(out), 0.2)
+    assert sorted(p.name for p in out.iterdir()) == ["pairs.parquet"]
+    assert pq.read_table(out / "pairs.parquet").to_pylist() == want.to_pylist()
