@@ -9,6 +9,7 @@ import ray
 
 from actors.policy import ClusterTooSmall, PolicyReplica, start_policy_replica
 from actors.reward import RewardPool, start_reward_pool
+from actors.worker import shares_weights
 from ggro.config import ModelConfig
 
 
@@ -77,13 +78,20 @@ def wait_for_room(res: Resources, timeout_s: float) -> None:
 
 
 def start_workers(mcfg: ModelConfig, res: Resources, timeout_s: float = 120) -> Workers:
+    """Start the policy replicas and the reward pool. With shared weights the pool is the replicas' workers
+    (--reward-replicas and the reward shares are then unused), as in Serve's one deployment for both roles."""
     wait_for_room(res, timeout_s)
+    shared = shares_weights(mcfg, res.tp)
+    roles = ("policy", "reward") if shared else ("policy",)
     policies, tag = [], uuid.uuid4().hex[:8]
     try:
         for i in range(res.policy_replicas):
             policies.append(start_policy_replica(mcfg, res.tp, res.policy_gpus_per_replica, res.policy_cpus,
-                                                 timeout_s=timeout_s, name=f"ggro-policy-{tag}-{i}"))
-        reward = start_reward_pool(mcfg, res.reward_replicas, res.reward_gpus, res.reward_cpus)
+                                                 timeout_s=timeout_s, name=f"ggro-policy-{tag}-{i}", roles=roles))
+        if shared:
+            reward = RewardPool([p.ranks[0] for p in policies], owned=False)
+        else:
+            reward = start_reward_pool(mcfg, res.reward_replicas, res.reward_gpus, res.reward_cpus)
     except BaseException:
         for p in policies:
             p.shutdown()
