@@ -1,6 +1,7 @@
 """Start the policy replicas and the reward pool after checking that the cluster can hold them."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -80,8 +81,10 @@ def wait_for_room(res: Resources, timeout_s: float) -> None:
 def start_workers(mcfg: ModelConfig, res: Resources, timeout_s: float = 120) -> Workers:
     """Start the policy replicas and the reward pool. With shared weights the pool is the replicas' workers
     (--reward-replicas and the reward shares are then unused), as in Serve's one deployment for both roles."""
-    wait_for_room(res, timeout_s)
     shared = shares_weights(mcfg, res.tp)
+    # no reward actors start then, so their GPUs must not be waited for (their small CPU share still is:
+    # Resources.check insists every share is > 0)
+    wait_for_room(dataclasses.replace(res, reward_gpus=0) if shared else res, timeout_s)
     roles = ("policy", "reward") if shared else ("policy",)
     policies, tag = [], uuid.uuid4().hex[:8]
     try:
