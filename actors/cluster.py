@@ -1,6 +1,7 @@
 """Start the policy replicas and the reward pool after checking that the cluster can hold them."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import ray
 
 from actors.policy import ClusterTooSmall, PolicyReplica, start_policy_replica
 from actors.reward import RewardPool, start_reward_pool
+from actors.worker import shares_weights
 from ggro.config import ModelConfig
 
 
@@ -77,13 +79,22 @@ def wait_for_room(res: Resources, timeout_s: float) -> None:
 
 
 def start_workers(mcfg: ModelConfig, res: Resources, timeout_s: float = 120) -> Workers:
-    wait_for_room(res, timeout_s)
+    """Start the policy replicas and the reward pool. With shared weights the pool is the replicas' workers
+    (--reward-replicas and the reward shares are then unused), as in Serve's one deployment for both roles."""
+    shared = shares_weights(mcfg, res.tp)
+    # no reward actors start then, so their GPUs must not be waited for (their small CPU share still is:
+    # Resources.check insists every share is > 0)
+    wait_for_room(dataclasses.replace(res, reward_gpus=0) if shared else res, timeout_s)
+    roles = ("policy", "reward") if shared else ("policy",)
     policies, tag = [], uuid.uuid4().hex[:8]
     try:
         for i in range(res.policy_replicas):
             policies.append(start_policy_replica(mcfg, res.tp, res.policy_gpus_per_replica, res.policy_cpus,
-                                                 timeout_s=timeout_s, name=f"ggro-policy-{tag}-{i}"))
-        reward = start_reward_pool(mcfg, res.reward_replicas, res.reward_gpus, res.reward_cpus)
+                                                 timeout_s=timeout_s, name=f"ggro-policy-{tag}-{i}", roles=roles))
+        if shared:
+            reward = RewardPool([p.ranks[0] for p in policies], owned=False)
+        else:
+            reward = start_reward_pool(mcfg, res.reward_replicas, res.reward_gpus, res.reward_cpus)
     except BaseException:
         for p in policies:
             p.shutdown()

@@ -1,41 +1,28 @@
-"""The reward model on Ray: M single-device actors, each a frozen, unsharded `ggro.reward.RewardModel`.
+"""The reward model on Ray: M single-device `actors.worker.ModelWorker` actors with the reward role, each a
+frozen, unsharded `ggro.reward.RewardModel`.
 
 A batch of RewardQuery is split across the M actors by sequence id, scored in parallel and reassembled.
 Only rewards and k candidate scores per query cross the wire, never gradients. Actors restart
 when they die and Ray retries their calls (their only state is a prefix cache, rebuilt on demand),
-so a lost actor costs time only.
+so a lost actor costs time only. When the policy is its own judge or guide (tp == 1), the pool's actors
+are the policy replicas' workers, which hold both roles on one copy of the weights (`owned=False`: the
+replicas own them).
 """
 from __future__ import annotations
 
-import os
 import uuid
 import zlib
 
 import ray
 
+from actors.worker import ModelWorker, threads_for
 from ggro.config import ModelConfig
 from ggro.seam import RewardQuery, RewardResult
 
 
-class RewardWorker:
-    def __init__(self, mcfg: ModelConfig, threads: float):
-        import torch
-        from ggro import models
-        from ggro.engine import load_reward
-        torch.set_num_threads(max(1, int(round(threads))))
-        tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
-        self.rm = load_reward(mcfg, tok)
-
-    def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
-        return self.rm.score(queries)
-
-    def pid(self) -> int:
-        return os.getpid()
-
-
 class RewardPool:
-    def __init__(self, workers):
-        self.workers = list(workers)
+    def __init__(self, workers, owned: bool = True):
+        self.workers, self.owned = list(workers), owned
 
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
         """Each sequence always goes to the same actor, so its cached x + y prefix is found there."""
@@ -54,15 +41,17 @@ class RewardPool:
         return out
 
     def shutdown(self) -> None:
+        if not self.owned:      # the policy replicas' workers: their replica shuts them down
+            return
         for w in self.workers:
             ray.kill(w)
 
 
 def start_reward_pool(mcfg: ModelConfig, replicas: int = 1, gpus: float = 0, cpus: float = 0.5) -> RewardPool:
-    from actors.policy import threads_for
-    cls = ray.remote(RewardWorker)
+    cls = ray.remote(ModelWorker)
     opts = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
     tag = uuid.uuid4().hex[:8]   # named (ggro-reward-TAG-i) so operators and tests can find them
-    workers = [cls.options(**opts, name=f"ggro-reward-{tag}-{i}").remote(mcfg, threads_for(cpus)) for i in range(replicas)]
+    workers = [cls.options(**opts, name=f"ggro-reward-{tag}-{i}").remote(mcfg, ("reward",), threads=threads_for(cpus))
+               for i in range(replicas)]
     ray.get([w.pid.remote() for w in workers])   # wait until loaded: errors surface here
     return RewardPool(workers)

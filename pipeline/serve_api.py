@@ -111,22 +111,25 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
-def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple[str, ...],
-                  max_tokens_limit: int) -> ApiRequest:
-    """Validate an OpenAI chat/completions body into an ApiRequest (raises ApiError)."""
+def _model(body: dict, model_names: tuple[str, ...]) -> str | None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _type_error("model", "a string", model)
     if model and model not in model_names:
         raise ApiError(404, f"model {model!r} does not exist; this server serves {', '.join(model_names)}",
                        param="model", code="model_not_found")
+    return model
 
+
+def _check_unsupported(body: dict) -> None:
     for name, unused in UNSUPPORTED.items():
         if name in body and body[name] not in unused:
             raise ApiError(400, f"`{name}` is not supported by ggro (got {body[name]!r}); leave it out",
                            param=name, code="unsupported_parameter")
 
-    # -- the prompt --------------------------------------------------------------------------------
+
+def _ggro_knobs(body: dict) -> dict:
+    """The request's `ggro` object, every field known and of its type."""
     ggro = body.get("ggro") or {}
     if not isinstance(ggro, dict):
         raise _type_error("ggro", "an object", ggro)
@@ -142,53 +145,67 @@ def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple
         if isinstance(ggro.get(k), int) and ggro[k] > MAX_REFINEMENTS:
             raise ApiError(400, f"`ggro.{k}` must be <= {MAX_REFINEMENTS}, got {ggro[k]}", param=f"ggro.{k}",
                            code="invalid_value")
-    prefill = ggro.get("prefill")
-    if kind == "chat":
-        if "messages" not in body:
-            raise ApiError(400, "`messages` is required: a non-empty list of {role, content}", param="messages",
-                           code="missing_field")
-        msgs = body["messages"]
-        if not isinstance(msgs, list):
-            raise _type_error("messages", "a list of {role, content}", msgs)
-        for i, m in enumerate(msgs):
-            if isinstance(m, dict) and isinstance(m.get("content"), list):   # content parts: text only
-                parts = m["content"]
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in parts):
-                    raise ApiError(400, f"messages[{i}].content: only text parts are supported",
-                                   param=f"messages[{i}].content", code="invalid_value")
-                msgs[i] = {**m, "content": "".join(p["text"] for p in parts)}
-            elif isinstance(m, dict) and m.get("content") is not None and not isinstance(m["content"], str):
-                raise _type_error(f"messages[{i}].content", "a string", m["content"])
-        row = parse_row({"id": "request", "messages": msgs, "prefill": prefill}, "request")
-        param = "messages"
-    else:
-        if "prompt" not in body:
-            raise ApiError(400, "`prompt` is required (a string)", param="prompt", code="missing_field")
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, list):
-            raise ApiError(400, "only one prompt string per request is supported", param="prompt",
-                           code="invalid_value")
-        if not isinstance(prompt, str):
-            raise _type_error("prompt", "a string", prompt)
-        row = parse_row({"id": "request", "prompt": prompt, "prefill": prefill}, "request")
-        param = "prompt"
-    if row.error:
-        raise ApiError(400, row.error, param=param, code="invalid_value")
+    return ggro
 
-    # -- sampling-ish fields ------------------------------------------------------------------------
+
+def _text_message(i: int, m):
+    """messages[i] with list content (text parts only) joined into one string."""
+    if isinstance(m, dict) and isinstance(m.get("content"), list):
+        parts = m["content"]
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in parts):
+            raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                           param=f"messages[{i}].content", code="invalid_value")
+        return {**m, "content": "".join(p["text"] for p in parts)}
+    if isinstance(m, dict) and m.get("content") is not None and not isinstance(m["content"], str):
+        raise _type_error(f"messages[{i}].content", "a string", m["content"])
+    return m
+
+
+def _chat_row(body: dict, prefill) -> InputRow:
+    if "messages" not in body:
+        raise ApiError(400, "`messages` is required: a non-empty list of {role, content}", param="messages",
+                       code="missing_field")
+    msgs = body["messages"]
+    if not isinstance(msgs, list):
+        raise _type_error("messages", "a list of {role, content}", msgs)
+    msgs[:] = [_text_message(i, m) for i, m in enumerate(msgs)]
+    return parse_row({"id": "request", "messages": msgs, "prefill": prefill}, "request")
+
+
+def _completion_row(body: dict, prefill) -> InputRow:
+    if "prompt" not in body:
+        raise ApiError(400, "`prompt` is required (a string)", param="prompt", code="missing_field")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        raise ApiError(400, "only one prompt string per request is supported", param="prompt",
+                       code="invalid_value")
+    if not isinstance(prompt, str):
+        raise _type_error("prompt", "a string", prompt)
+    return parse_row({"id": "request", "prompt": prompt, "prefill": prefill}, "request")
+
+
+def _row(body: dict, kind: str, prefill) -> InputRow:
+    row = _chat_row(body, prefill) if kind == "chat" else _completion_row(body, prefill)
+    if row.error:
+        raise ApiError(400, row.error, param="messages" if kind == "chat" else "prompt", code="invalid_value")
+    return row
+
+
+def _max_tokens(body: dict, limit: int) -> int | None:
     max_tokens = _int(body, "max_completion_tokens", lo=1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", lo=1)
-    if max_tokens is not None and max_tokens > max_tokens_limit:
-        raise ApiError(400, f"max_tokens={max_tokens} is beyond this server's limit of {max_tokens_limit}",
+    if max_tokens is not None and max_tokens > limit:
+        raise ApiError(400, f"max_tokens={max_tokens} is beyond this server's limit of {limit}",
                        param="max_tokens", code="max_tokens_exceeded")
-    n = _int(body, "n", lo=1, hi=MAX_CHOICES) or 1
-    seed = _int(body, "seed")
-    temperature = _num(body, "temperature", 0.0, 2.0)
-    top_p = _num(body, "top_p", 0.0, 1.0)
+    return max_tokens
+
+
+def _stream(body: dict) -> tuple[bool, dict]:
+    """`stream` and `stream_options`."""
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -197,6 +214,10 @@ def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _type_error("stream_options", "an object", opts)
+    return stream, opts
+
+
+def _stops(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -206,31 +227,59 @@ def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple
         raise _type_error("stop", "a string or a list of strings", stop)
     if len(stop) > MAX_STOPS or any(not s for s in stop):
         raise ApiError(400, f"`stop` takes at most {MAX_STOPS} non-empty strings", param="stop", code="invalid_value")
+    return stop
 
-    # -- the search config ----------------------------------------------------------------------------
+
+def _sampling(method: str, temperature: float | None, top_p: float | None) -> dict:
+    """The search-config fields temperature and top_p set: only best-of-n samples."""
+    over: dict = {}
+    if method != "best-of-n":
+        return over
+    if temperature is not None:
+        if temperature == 0:
+            raise ApiError(400, "temperature=0 with method best-of-n: use ggro.method 'greedy' for greedy "
+                           "decoding", param="temperature", code="invalid_value")
+        over["temperature"] = temperature
+    if top_p is not None:
+        if top_p == 0:
+            raise ApiError(400, "`top_p` must be > 0", param="top_p", code="invalid_value")
+        over["top_p"] = top_p
+    return over
+
+
+def _search_config(base: GGROConfig, over: dict) -> GGROConfig:
+    try:
+        return normalize(dataclasses.replace(base, **over))
+    except ConfigError as e:
+        raise ApiError(400, f"ggro: {e}", param="ggro", code="invalid_value") from None
+
+
+def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple[str, ...],
+                  max_tokens_limit: int) -> ApiRequest:
+    """Validate an OpenAI chat/completions body into an ApiRequest (raises ApiError). The checks run in a
+    fixed order (model, unsupported fields, ggro knobs, prompt, limits), so a body with several faults
+    always gets the same error."""
+    model = _model(body, model_names)
+    _check_unsupported(body)
+    ggro = _ggro_knobs(body)
+    row = _row(body, kind, ggro.get("prefill"))
+    max_tokens = _max_tokens(body, max_tokens_limit)
+    n = _int(body, "n", lo=1, hi=MAX_CHOICES) or 1
+    seed = _int(body, "seed")
+    temperature, top_p = _num(body, "temperature", 0.0, 2.0), _num(body, "top_p", 0.0, 1.0)
+    stream, opts = _stream(body)
+    stop = _stops(body)
+
     over = {k: v for k, v in ggro.items() if k != "prefill" and v is not None}
     if max_tokens is not None:
         over["max_new_tokens"] = max_tokens
-    if base.max_new_tokens > max_tokens_limit and max_tokens is None:
+    elif base.max_new_tokens > max_tokens_limit:
         over["max_new_tokens"] = max_tokens_limit
-    method = over.get("method", base.method)
-    if method == "best-of-n":
-        if temperature is not None:
-            if temperature == 0:
-                raise ApiError(400, "temperature=0 with method best-of-n: use ggro.method 'greedy' for greedy "
-                               "decoding", param="temperature", code="invalid_value")
-            over["temperature"] = temperature
-        if top_p is not None:
-            if top_p == 0:
-                raise ApiError(400, "`top_p` must be > 0", param="top_p", code="invalid_value")
-            over["top_p"] = top_p
+    over.update(_sampling(over.get("method", base.method), temperature, top_p))
     if seed is not None:
         over["seed"] = seed
-    try:
-        cfg = dataclasses.replace(base, **over)
-    except ConfigError as e:
-        raise ApiError(400, f"ggro: {e}", param="ggro", code="invalid_value") from None
-    return ApiRequest(kind, row, normalize(cfg), n=n, stream=stream, include_usage=bool(opts.get("include_usage")),
+    cfg = _search_config(base, over)
+    return ApiRequest(kind, row, cfg, n=n, stream=stream, include_usage=bool(opts.get("include_usage")),
                       stop=stop, seeded=seed is not None and uses_randomness(cfg), model=model or model_names[0])
 
 

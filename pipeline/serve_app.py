@@ -5,6 +5,9 @@
         '-- handle --> ModelServer role=reward  (RewardModel; score, @serve.batch)
     (one ModelServer with both roles when the reward is the policy itself as a judge: one copy of the weights)
 
+The model side (ModelServer over actors.worker.ModelWorker, the seam over its handles) is
+pipeline/serve_models.py; this module is the front: settings, search loops, the HTTP ingress, build_app.
+
 Concurrency: the ingress keeps one background search loop per distinct search config (requests whose
 settings are equal after `serve_api.normalize`). A loop runs `ggro.search.run` over a feed that pulls
 newly admitted prompts between rounds (the search's continuous batching), so concurrent users join
@@ -12,7 +15,6 @@ shared rounds: one Policy.decode / Reward.score call per round for all of them. 
 configs still share model calls: the model deployments merge concurrent calls with `@serve.batch`.
 """
 import asyncio
-import dataclasses
 import hmac
 import logging
 import queue
@@ -26,13 +28,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
+from actors.worker import shares_weights
 from ggro.config import GGROConfig, ModelConfig
 from ggro.search import Prompt, run as run_search
 from pipeline import serve_api as api
+from pipeline.serve_models import HandlePolicy, HandleReward, ModelServer
 
 log = logging.getLogger("ray.serve")
-
-CALL_TIMEOUT_S = 600.0     # one policy/reward call; a dead replica must not hang a loop forever
 
 
 @dataclass(frozen=True)
@@ -53,108 +55,8 @@ class ServeSettings:
 
     @property
     def shared_weights(self) -> bool:
-        m = self.mcfg
-        # a tp-sharded policy cannot be differentiated (AutoTP has no backward): the judge gets its own copy
-        return m.shares_policy_weights and self.tp == 1
-
-
-# -- model deployments ---------------------------------------------------------------------------------
-@serve.deployment(max_ongoing_requests=256)
-class ModelServer:
-    """Holds the weights: the policy (SegmentDecoder), the reward (RewardModel), or both (shared judge)."""
-
-    def __init__(self, mcfg: ModelConfig, roles: tuple[str, ...], tp: int = 1, rank_cpus: float = 0.5,
-                 rank_gpus: float = 0.0):
-        from ggro import models
-        from ggro.engine import load_reward
-        from ggro.policy import SegmentDecoder
-        from ggro.threads import torch_threads
-        torch_threads()
-        self.roles = roles
-        tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
-        policy_model = None
-        self.group = None
-        if "policy" in roles and tp > 1:
-            # the weights live in `tp` rank actors (DeepSpeed AutoTP), started and owned by this replica
-            from actors.policy import start_policy_replica
-            self.group = start_policy_replica(mcfg, tp=tp, gpus_per_rank=rank_gpus, cpus_per_rank=rank_cpus,
-                                              name=f"ggro-serve-policy-{uuid.uuid4().hex[:8]}")
-            self.policy = self.group
-        elif "policy" in roles:
-            policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device, **mcfg.source(mcfg.policy))
-            self.policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model),
-                                         max_cached=4 * mcfg.batch_size)
-        if "reward" in roles:
-            self.reward = load_reward(mcfg, tok, policy_model)
-        self._lock = asyncio.Lock()          # one model computation at a time per replica
-
-    async def _compute(self, fn, arg):
-        async with self._lock:
-            return await asyncio.to_thread(fn, arg)
-
-    async def _merged(self, fn, calls: list[list]) -> list[list]:
-        """One model call for the requests of every caller Serve batched together, split back per caller."""
-        out = await self._compute(fn, [item for c in calls for item in c])
-        res, k = [], 0
-        for c in calls:
-            res.append(out[k:k + len(c)])
-            k += len(c)
-        return res
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
-    async def decode(self, calls: list[list]) -> list[list]:
-        return await self._merged(self.policy.decode, calls)
-
-    async def release(self, seq_ids: list[str]) -> None:
-        await self._compute(self.policy.release, seq_ids)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
-    async def score(self, calls: list[list]) -> list[list]:
-        return await self._merged(self.reward.score, calls)
-
-    def ready(self) -> bool:
-        return True
-
-    def __del__(self):
-        if getattr(self, "group", None) is not None:
-            try:
-                self.group.shutdown()
-            except Exception:
-                pass
-
-
-# -- the seam over deployment handles -------------------------------------------------------------------
-class HandlePolicy:
-    """The Policy side of the seam over a ModelServer handle. Sequence ids are namespaced per search
-    loop (`token/`) so loops never share prefix caches; `watch(seq_id, prefix)` sees every request,
-    which is how streaming observes accepted segments (a segment's prefix grows by the accepted one)."""
-
-    def __init__(self, handle, token: str, watch=None):
-        self.handle, self.token, self.watch = handle, token, watch
-
-    def decode(self, requests):
-        if self.watch is not None:
-            for r in requests:
-                self.watch(r.seq_id, r.prefix)
-        reqs = [dataclasses.replace(r, seq_id=f"{self.token}/{r.seq_id}") for r in requests]
-        return self.handle.decode.remote(reqs).result(timeout_s=CALL_TIMEOUT_S)
-
-    def release(self, seq_ids):
-        self.handle.release.remote([f"{self.token}/{s}" for s in seq_ids]).result(timeout_s=CALL_TIMEOUT_S)
-
-
-class HandleReward:
-    """The Reward side of the seam over a ModelServer handle; reward-side cache keys (RewardQuery.seq_id,
-    where the seam has them) are namespaced per search loop like the policy's."""
-
-    def __init__(self, handle, token: str = ""):
-        self.handle, self.token = handle, token
-
-    def score(self, queries):
-        if self.token:
-            queries = [dataclasses.replace(q, seq_id=f"{self.token}/{q.seq_id}")
-                       if getattr(q, "seq_id", None) is not None else q for q in queries]
-        return self.handle.score.remote(queries).result(timeout_s=CALL_TIMEOUT_S)
+        # the same rule as batch (actors.cluster.start_workers): at tp > 1 the judge gets its own copy
+        return shares_weights(self.mcfg, self.tp)
 
 
 # -- search loops ----------------------------------------------------------------------------------------

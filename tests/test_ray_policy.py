@@ -45,3 +45,43 @@ def test_tp2_equals_tp1(ray_cluster, tiny_models):
     assert [(g.tokens, g.stop) for g in got2] == [(w.tokens, w.stop) for w in want]
     assert [set(g.candidates or []) for g in got2] == [set(w.candidates or []) for w in want]
     assert again2[0].tokens == want[0].tokens
+
+
+def test_self_judge_runs_on_the_policy_workers(ray_cluster, tiny_models):
+    """A policy that is its own judge (tp 1): batch's reward pool is the policy replicas' workers, each with one
+    copy of the weights for both roles, and it decodes and scores like the in-process models."""
+    import ray
+    from actors.cluster import Resources, start_workers
+    from actors.worker import class_path
+    from ggro import models
+    from ggro.engine import load_reward
+    from ggro.policy import SegmentDecoder
+    from ggro.seam import RewardQuery
+
+    mcfg = ModelConfig(policy=tiny_models["policy"], reward_kind="judge", dtype="float64", batch_size=4,
+                       rubric="is it good ? Yes or No")
+    tok = models.load_tokenizer(mcfg.policy)
+    reqs = _requests(tok)
+    model = models.load_model(mcfg.policy, "causal", "float64")
+    want_seg = SegmentDecoder(model, models.eos_ids(tok, model)).decode(reqs)
+    queries = [RewardQuery(r.prefix + w.tokens, seq_id=r.seq_id) for r, w in zip(reqs, want_seg)]
+    want = load_reward(mcfg, tok).score(queries)
+
+    workers = start_workers(mcfg, Resources(policy_replicas=2, policy_cpus=0.25, reward_cpus=0.25))
+    try:
+        ranks = [p.ranks[0] for p in workers.policies]
+        pids = ray.get([r.pid.remote() for r in ranks])
+        pool_pids = ray.get([w.pid.remote() for w in workers.reward.workers])
+        classes = ray.get([r.__ray_call__.remote(class_path) for r in ranks])
+        # asked inside each actor (a local function: pickled by value): does its reward read the very
+        # embedding tensor its decoder does?
+        shared = ray.get([r.__ray_call__.remote(
+            lambda w: w.reward.embed.weight is w.decoder.model.get_input_embeddings().weight) for r in ranks])
+        got_seg = workers.policies[1].decode(reqs)
+        got = workers.reward.score(queries)
+    finally:
+        workers.shutdown()
+    assert pool_pids == pids and len(set(pids)) == 2        # no reward actors of their own
+    assert classes == ["actors.worker.ModelWorker"] * 2 and shared == [True, True]
+    assert [g.tokens for g in got_seg] == [w.tokens for w in want_seg]
+    assert [g.reward for g in got] == pytest.approx([w.reward for w in want], rel=1e-9, abs=1e-9)

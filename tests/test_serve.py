@@ -244,6 +244,27 @@ def test_request_timeout_504(server):
         assert json.loads(r.read())["status"] == "ok"
 
 
+@slow
+def test_serve_and_batch_run_one_worker_class(server):
+    """Serve's model replicas and batch's actors hold their weights in the same class, as the running
+    processes report it; a self-judging policy is one worker with both roles in each."""
+    import ray
+    from ray import serve
+    from actors.cluster import Resources, start_workers
+    from actors.worker import class_path
+    deployments = [("ggro-test", "GGROPolicy"), ("ggro-test", "GGROReward"), ("ggro-test-small", "GGROModels")]
+    served = {serve.get_deployment_handle(d, app).worker_class.remote().result() for app, d in deployments}
+    workers = start_workers(server["small"].mcfg, Resources(policy_cpus=0.2, reward_cpus=0.2, aligner_cpus=0.1))
+    try:
+        actors = workers.policies[0].ranks + workers.reward.workers
+        batch = set(ray.get([a.__ray_call__.remote(class_path) for a in actors]))
+        pids = set(ray.get([a.pid.remote() for a in actors]))
+    finally:
+        workers.shutdown()
+    assert served == batch == {"actors.worker.ModelWorker"}
+    assert len(pids) == 1          # the policy replica is also the whole reward pool: one copy of the weights
+
+
 # -- fast: no Ray ------------------------------------------------------------------------------------
 def test_parse_request_validation_and_config_sharing():
     from ggro.config import GGROConfig
@@ -308,6 +329,7 @@ def test_tensor_parallel_policy_replica(server, tiny_models):
         c = openai.OpenAI(base_url=server["url"] + "/tp/v1", api_key="x", max_retries=0, timeout=120)
         msgs = [{"role": "user", "content": "can you find my water"}]
         got = c.chat.completions.create(model="tiny", messages=msgs).choices[0].message.content
+        ranks = serve.get_deployment_handle("GGROPolicy", "ggro-test-tp").worker_class.remote().result()
     finally:
         serve.delete("ggro-test-tp")
     from ggro.config import GGROConfig, ModelConfig
@@ -316,3 +338,4 @@ def test_tensor_parallel_policy_replica(server, tiny_models):
     eng = Engine.load(ModelConfig(policy=tiny_models["policy"], reward=tiny_models["classifier"],
                                   reward_kind="classifier"))
     assert got == next(eng.align([parse_row({"messages": msgs}, "r")], GGROConfig(**SEARCH)))["response"]
+    assert ranks == "actors.worker.ModelWorker"      # the rank group runs batch's worker class too

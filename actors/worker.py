@@ -1,0 +1,143 @@
+"""The one process that holds model weights, in batch and in Serve: `ModelWorker`.
+
+A worker has one or both roles:
+    policy  a `ggro.policy.SegmentDecoder` (decode, release); for tp > 1 one tensor-parallel rank of it
+    reward  a `ggro.reward.RewardModel` (score), via `ggro.engine.load_reward`
+With both roles and `ModelConfig.shares_policy_weights` the reward runs on the policy's weights: one copy
+in memory. Batch runs workers as Ray actors (a policy replica's ranks, the reward pool); a Serve model
+replica constructs one in its own process. Both paths therefore load, cache and score the same way.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+from ggro.config import ModelConfig
+from ggro.seam import RewardQuery, RewardResult, SegmentRequest, SegmentResult
+
+ROLES = ("policy", "reward")
+
+
+def class_path(obj) -> str:
+    """`module.Class` of `obj` as it runs (for a Ray actor: the class Ray instantiated in its process)."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def threads_for(cpus: float) -> float:
+    """torch threads for an actor with a fractional CPU share: GGRO_THREADS, else at least 1."""
+    return float(os.environ.get("GGRO_THREADS", "0")) or max(1.0, cpus)
+
+
+def shares_weights(mcfg: ModelConfig, tp: int) -> bool:
+    """The reward runs on the policy's workers (one copy of the weights): the policy judges or guides itself
+    and is not sharded (a tp-sharded policy cannot be differentiated: AutoTP has no backward)."""
+    return mcfg.shares_policy_weights and tp == 1
+
+
+def check_roles(roles: tuple[str, ...], tp: int) -> None:
+    if not roles or set(roles) - set(ROLES):
+        raise ValueError(f"roles must be a non-empty subset of {ROLES}, got {roles}")
+    if "reward" in roles and tp > 1:
+        # AutoTP has no backward and the reward needs input gradients: a sharded policy cannot judge
+        raise ValueError("a tensor-parallel worker (tp > 1) cannot hold the reward role")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _set_threads(threads: float | None) -> None:
+    import torch
+    from ggro.threads import torch_threads
+    if threads is None:      # in-process (a Serve replica): every core the process was given
+        torch_threads()
+    else:                    # a Ray actor: its fractional CPU share, rounded
+        torch.set_num_threads(max(1, int(round(threads))))
+
+
+def _shard(model, mcfg: ModelConfig, rank: int, tp: int, master_addr: str, master_port: int):
+    """Join the replica's torch.distributed world and keep this rank's DeepSpeed AutoTP shard of `model`."""
+    from ggro import models
+    # On CUDA, Ray's CUDA_VISIBLE_DEVICES shows each rank only its own GPU, as cuda:0, and DeepSpeed
+    # calls set_device(LOCAL_RANK): any other value is an invalid device ordinal there.
+    local = 0 if mcfg.device.startswith("cuda") else rank
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(tp), LOCAL_RANK=str(local),
+                      # STRICT_PACK puts every rank on one node; without LOCAL_SIZE DeepSpeed's
+                      # CPU shm all-reduce runs on uninitialized buffers and segfaults
+                      LOCAL_SIZE=str(tp))
+    import deepspeed
+    backend = "nccl" if mcfg.device.startswith("cuda") else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, rank=rank, world_size=tp)
+    engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, replace_with_kernel_inject=False,
+                                      dtype=models.DTYPES[mcfg.dtype])
+    engine.module.requires_grad_(False)
+    return engine.module
+
+
+class ModelWorker:
+    """Holds the weights for `roles`. Loads in the constructor, so a restarted tp == 1 actor (Ray re-runs
+    only the constructor) serves again at once; a tp > 1 rank also needs `setup`, with every rank together.
+
+    `cached_batches`: the policy's prefix cache holds that many x batch_size sequences (the planner's
+    CACHED_BATCHES for actors, IN_PROCESS_CACHED_BATCHES for Serve replicas, in pipeline/sizing.py).
+    """
+
+    def __init__(self, mcfg: ModelConfig, roles: tuple[str, ...] = ("policy",), rank: int = 0, tp: int = 1,
+                 threads: float | None = None, cached_batches: int = 8):
+        check_roles(roles, tp)
+        from ggro import models
+        from ggro.engine import load_reward
+        self.mcfg, self.roles, self.rank, self.tp = mcfg, tuple(roles), rank, tp
+        self.max_cached = cached_batches * mcfg.batch_size
+        self.model = self.decoder = self.reward = self.context = None
+        _set_threads(threads)
+        self.tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
+        if "policy" in roles:
+            self._load_policy()
+        if "reward" in roles:   # on self.model when the config shares weights (load_reward decides)
+            self.reward = load_reward(mcfg, self.tok, self.model)
+
+    def _load_policy(self) -> None:
+        from ggro import models
+        from ggro.engine import context_window
+        m = self.mcfg
+        # A tp > 1 rank loads on the host and sharding moves only its shard to the GPU: loading the whole
+        # model on every GPU first would need P*B per GPU, not the P*B/tp the planner promises.
+        self.model = models.load_model(m.policy, "causal", m.dtype, "cpu" if self.tp > 1 else m.device,
+                                       **m.source(m.policy))
+        self.eos = models.eos_ids(self.tok, self.model)
+        self.context = context_window(self.model.config)
+        if self.tp == 1:
+            self._make_decoder()
+
+    def _make_decoder(self) -> None:
+        from ggro.policy import SegmentDecoder
+        self.decoder = SegmentDecoder(self.model, self.eos, max_cached=self.max_cached)
+
+    def address(self) -> tuple[str, int]:
+        import ray
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str | None = None, master_port: int | None = None) -> int | None:
+        """Shard the policy across the replica's ranks (tp > 1; all ranks call it together, with rank 0's
+        `address`); returns the policy's context window (None for a reward-only worker)."""
+        if self.tp > 1 and self.decoder is None:
+            self.model = _shard(self.model, self.mcfg, self.rank, self.tp, master_addr, master_port)
+            self._make_decoder()
+        return self.context
+
+    def decode(self, requests: list[SegmentRequest]) -> list[SegmentResult] | None:
+        out = self.decoder.decode(requests)
+        return out if self.rank == 0 else None    # every rank computes; rank 0 answers
+
+    def release(self, seq_ids: list[str]) -> None:
+        self.decoder.release(seq_ids)
+
+    def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
+        return self.reward.score(queries)
+
+    def pid(self) -> int:
+        return os.getpid()
