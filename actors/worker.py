@@ -90,6 +90,7 @@ class ModelWorker:
         check_roles(roles, tp)
         from ggro import models
         from ggro.engine import load_reward
+        mcfg = models.here(mcfg)     # `auto` dtype and device against this actor's own hardware
         self.mcfg, self.roles, self.rank, self.tp = mcfg, tuple(roles), rank, tp
         self.max_cached = cached_batches * mcfg.batch_size
         self.model = self.decoder = self.reward = self.context = None
@@ -115,7 +116,7 @@ class ModelWorker:
 
     def _make_decoder(self) -> None:
         from ggro.policy import SegmentDecoder
-        self.decoder = SegmentDecoder(self.model, self.eos, max_cached=self.max_cached)
+        self.decoder = SegmentDecoder(self.model, self.eos, max_cached=self.max_cached, tokenizer=self.tok)
 
     def address(self) -> tuple[str, int]:
         import ray

@@ -75,7 +75,8 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
     problem = models.vocab_mismatch(policy_tok, tok, mcfg.policy, spec) if spec != mcfg.policy else None
     if problem and gradient:
         raise models.ModelLoadError(f"{problem}: GGRO reads the reward model's gradient as policy tokens and needs "
-                                    "one shared vocabulary (--method greedy or best-of-n work with any reward model)")
+                                    "one shared vocabulary (with --local, --method greedy or best-of-n work with "
+                                    "any reward model)")
     if not shared:
         model = models.load_model(spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype,
                                   mcfg.device, **mcfg.source(spec))

@@ -252,7 +252,8 @@ class GGROIngress:
                                code="context_length_exceeded") from None
         # Prompt ids: sampled methods derive their per-row seed from the id, so a seeded request uses
         # fixed ids (reproducible); otherwise ids are unique and every request can share one loop.
-        prompts = [Prompt(f"choice-{i}" if req.seeded else f"{req.id}-{i}", x.ids, x.has_prefill)
+        # `stop` ends decoding where it appears (the text is still cut at it: a string ending inside a token)
+        prompts = [Prompt(f"choice-{i}" if req.seeded else f"{req.id}-{i}", x.ids, x.has_prefill, tuple(req.stop))
                    for i in range(req.n)]
         return req, prompts
 

@@ -372,7 +372,7 @@ def test_a_reward_model_with_its_own_vocabulary_scores_the_baselines(setup, tiny
     LlamaForSequenceClassification(llama_config(len(other), num_labels=1)).save_pretrained(rm_dir)
     other.save_pretrained(rm_dir)
     mcfg = ModelConfig(policy=tiny_models["policy"], reward=str(rm_dir), reward_kind="classifier", dtype="float64")
-    with pytest.raises(ModelLoadError, match="one shared vocabulary.*greedy or best-of-n"):
+    with pytest.raises(ModelLoadError, match="one shared vocabulary.*--method greedy or best-of-n"):
         Engine.load(mcfg)
     engine = Engine.load(mcfg, gradient=False)
     rows = [InputRow(f"r{i}", [{"role": "user", "content": t}]) for i, t in enumerate(PROMPTS[:3])]

@@ -339,3 +339,22 @@ def test_tensor_parallel_policy_replica(server, tiny_models):
                                   reward_kind="classifier"))
     assert got == next(eng.align([parse_row({"messages": msgs}, "r")], GGROConfig(**SEARCH)))["response"]
     assert ranks == "actors.worker.ModelWorker"      # the rank group runs batch's worker class too
+
+
+@slow
+def test_stop_ends_decoding_where_it_appears(client):
+    """`stop` is checked while decoding: the response ends at the stop string's first appearance (cut before it, as
+    OpenAI does), finish_reason is stop, and usage counts only the tokens decoded up to it."""
+    def ask(prompt):
+        return dict(model="tiny", prompt=prompt, max_tokens=16, extra_body={"ggro": {"method": "greedy"}})
+    for prompt in PROMPTS:     # one whose greedy answer is long enough to stop in the middle
+        free = client.completions.create(**ask(prompt))
+        words = free.choices[0].text.split()
+        if len(words) >= 6 and words[4] not in " ".join(words[:4]):
+            break
+    stop = words[4]
+    ask = ask(prompt)
+    cut = client.completions.create(**ask, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == free.choices[0].text[:free.choices[0].text.index(stop)]
+    assert cut.usage.completion_tokens < free.usage.completion_tokens
