@@ -10,10 +10,11 @@ manifest are skipped by pyarrow.dataset.dataset(OUTPUT) and datasets.load_datase
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import sys
 
 from jobs import align
+from ggro.config import ConfigError
 from jobs.common import fail, module_main
 
 
@@ -39,8 +40,9 @@ def run(args) -> int:
                                  read_output, versions, write_file, write_manifest)
 
     if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both
-        from jobs.plan import dry_run_args
-        return dry_run_args(args)
+        from jobs.plan import dry_run
+        job = _job(args)
+        return dry_run(args, job.gcfg, job.mcfg, job.resources)
     if not args.output:
         fail("--output DIR is required")
     out = args.output
@@ -67,13 +69,14 @@ def run(args) -> int:
         else:
             chosen_dir = child(out, f"{SUBRUN_PREFIX}ggro")
             rejected_dir = child(out, f"{SUBRUN_PREFIX}{args.rejected_method}")
-            aligners = align.Aligners(args)     # both methods run on the same models, loaded once
+            job = _job(args)
+            aligners = align.Aligners(job)     # both methods run on the same models, loaded once
             try:
                 for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
-                    sub = copy.copy(args)
-                    sub.method, sub.output, sub.overwrite = method, where, False
+                    sub = dataclasses.replace(job, gcfg=dataclasses.replace(job.gcfg, method=method), output=where,
+                                              overwrite=False)
                     print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
-                    code = align.run(sub, aligners)
+                    code = align.run_job(sub, aligners)
                     if code == 1:
                         print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
                     elif code:
@@ -94,6 +97,13 @@ def run(args) -> int:
         lock.release()
     print(f"wrote {child(out, 'pairs.parquet')}\n{stats.render()}")
     return 0
+
+
+def _job(args):
+    try:
+        return align.job_from_args(args)
+    except ConfigError as e:
+        fail(str(e))
 
 
 def main(argv=None) -> int:
