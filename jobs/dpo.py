@@ -36,8 +36,8 @@ def run(args) -> int:
     import uuid
 
     from pipeline.dpo import DEFAULT_MIN_MARGIN, build_pairs
-    from pipeline.output import (SUBRUN_PREFIX, OutputError, OutputLock, _now, child, clear_output, prepare_output,
-                                 read_output, versions, write_file, write_manifest)
+    from pipeline.output import (OutputError, OutputLock, _now, child, clear_output, prepare_output, read_output,
+                                 versions, write_file, write_manifest)
 
     if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both
         from jobs.plan import dry_run
@@ -64,26 +64,7 @@ def run(args) -> int:
                 "rejected": args.rejected, "rejected_method": args.rejected_method, "min_margin": min_margin,
                 "keep_truncated": bool(args.keep_truncated), "versions": versions()}
         write_manifest(out, info)
-        if args.chosen:
-            chosen_dir, rejected_dir = args.chosen, args.rejected
-        else:
-            chosen_dir = child(out, f"{SUBRUN_PREFIX}ggro")
-            rejected_dir = child(out, f"{SUBRUN_PREFIX}{args.rejected_method}")
-            job = _job(args)
-            aligners = align.Aligners(job)     # both methods run on the same models, loaded once
-            try:
-                for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
-                    sub = dataclasses.replace(job, gcfg=dataclasses.replace(job.gcfg, method=method), output=where,
-                                              overwrite=False)
-                    print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
-                    code = align.run_job(sub, aligners)
-                    if code == 1:
-                        print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
-                    elif code:
-                        print(f"dpo: warning: {method} output has many error rows (no pairs for them)",
-                              file=sys.stderr)
-            finally:
-                aligners.close()
+        chosen_dir, rejected_dir = (args.chosen, args.rejected) if args.chosen else align_both(args, out)
         chosen, rejected = read_output(chosen_dir), read_output(rejected_dir)
         if chosen.num_rows == 0:
             fail(f"no aligned rows in {chosen_dir}")
@@ -97,6 +78,28 @@ def run(args) -> int:
         lock.release()
     print(f"wrote {child(out, 'pairs.parquet')}\n{stats.render()}")
     return 0
+
+
+def align_both(args, out) -> tuple[str, str]:
+    """Align --input with GGRO and with the baseline into OUT/__aligned-METHOD/, on the same models."""
+    from pipeline.output import SUBRUN_PREFIX, child
+    chosen_dir = child(out, f"{SUBRUN_PREFIX}ggro")
+    rejected_dir = child(out, f"{SUBRUN_PREFIX}{args.rejected_method}")
+    job = _job(args)
+    aligners = align.Aligners(job)     # both methods run on the same models, loaded once
+    try:
+        for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
+            sub = dataclasses.replace(job, gcfg=dataclasses.replace(job.gcfg, method=method), output=where,
+                                      overwrite=False)
+            print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
+            code = align.run_job(sub, aligners)
+            if code == 1:
+                print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
+            elif code:
+                print(f"dpo: warning: {method} output has many error rows (no pairs for them)", file=sys.stderr)
+    finally:
+        aligners.close()
+    return chosen_dir, rejected_dir
 
 
 def _job(args):
