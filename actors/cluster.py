@@ -8,47 +8,11 @@ from dataclasses import dataclass
 
 import ray
 
-from actors.policy import ClusterTooSmall, PolicyReplica, start_policy_replica
+from actors.policy import PolicyReplica, start_policy_replica
 from actors.reward import RewardPool, start_reward_pool
 from actors.worker import shares_weights
 from ggro.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class Resources:
-    tp: int = 1                          # tensor-parallel ranks per policy replica
-    policy_gpus_per_replica: float = 0   # GPUs per TP rank (0: CPU)
-    policy_replicas: int = 1
-    policy_cpus: float = 0.5             # CPU share per TP rank
-    reward_replicas: int = 1
-    reward_gpus: float = 0               # GPUs per reward actor
-    reward_cpus: float = 0.5
-    aligners: int = 1
-    aligner_cpus: float = 0.25
-    io_cpus: float = 0.1                 # Ray Data write tasks
-
-    def needs(self) -> dict[str, float]:
-        cpu = (self.policy_replicas * self.tp * self.policy_cpus + self.reward_replicas * self.reward_cpus
-               + self.aligners * self.aligner_cpus + self.io_cpus)
-        gpu = self.policy_replicas * self.tp * self.policy_gpus_per_replica + self.reward_replicas * self.reward_gpus
-        return {"CPU": cpu, "GPU": gpu}
-
-    def check(self, available: dict, what: str = "available") -> None:
-        """Fail fast (ClusterTooSmall) instead of leaving actors pending forever."""
-        if self.tp < 1 or self.policy_replicas < 1 or self.reward_replicas < 1 or self.aligners < 1:
-            raise ClusterTooSmall("--tp, --policy-replicas, --reward-replicas and --aligners must be >= 1")
-        for name, v in (("--policy-cpus", self.policy_cpus), ("--reward-cpus", self.reward_cpus),
-                        ("--aligner-cpus", self.aligner_cpus)):
-            if v <= 0:
-                raise ClusterTooSmall(f"{name} must be > 0 (every actor needs an explicit CPU share)")
-        need = self.needs()
-        short = [f"{k}: need {v:g}, {available.get(k, 0):g} {what}"
-                 for k, v in need.items() if v > available.get(k, 0) + 1e-9]
-        if short:
-            raise ClusterTooSmall(
-                "the cluster cannot fit this job (" + "; ".join(short) + "). Need = policy-replicas x tp x "
-                "(policy-cpus, policy-gpus-per-replica) + reward-replicas x (reward-cpus, reward-gpus) + "
-                "aligners x aligner-cpus + 0.1 CPU for writes. Lower the shares/replicas or add nodes.")
+from pipeline.resources import ClusterTooSmall, Resources
 
 
 @dataclass

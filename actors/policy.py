@@ -18,10 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.worker import ModelWorker, check_roles, threads_for
 from ggro.config import ModelConfig, check_tp_dtype
 from ggro.seam import SegmentRequest, SegmentResult
-
-
-class ClusterTooSmall(RuntimeError):
-    """The cluster cannot fit the requested actors; the message says what is missing."""
+from pipeline.resources import ClusterTooSmall
 
 
 class PolicyReplica:

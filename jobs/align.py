@@ -20,15 +20,16 @@ import numpy as np
 from ggro.config import ConfigError, ModelLoadError
 from ggro.rows import InputError, dedupe, read_rows
 from ggro.threads import torch_threads
-from jobs.common import add_engine_args, example_prompts, fail, resolve_args, module_main
+from jobs.common import add_engine_args, add_resource_args, example_prompts, fail, resolve_args, module_main, \
+    resources_from_args
 from jobs.plan import add_plan_args, dry_run
+from pipeline.job import (DEFAULT_IN_FLIGHT, DEFAULT_MAX_ERROR_FRACTION, DEFAULT_RAY_TIMEOUT_S, DEFAULT_ROWS_PER_FILE,
+                          AlignJob)
 from pipeline.lock import OutputLock
 from pipeline.manifest import now, versions, write_manifest
 from pipeline.output import (OutputError, Summary, clear_output, contains, drop_error_rows, id_digests, output_index,
                              prepare_output, write_part)
-from pipeline.ray_align import add_cluster_args
-
-DEFAULT_MAX_ERROR_FRACTION = 0.1
+from pipeline.resources import ClusterTooSmall, Resources
 
 
 def add_io_args(p: argparse.ArgumentParser) -> None:
@@ -44,10 +45,21 @@ def add_io_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-error-fraction", type=float, default=None, metavar="F",
                    help=f"exit 3 when more than this fraction of the input's rows are error rows; every row "
                    f"failing always exits 3; 1 turns the check off [{DEFAULT_MAX_ERROR_FRACTION}]")
-    p.add_argument("--rows-per-file", type=int, default=10_000, metavar="N",
+    p.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE, metavar="N",
                    help="rows per output part file, the last one smaller (--local also writes a part every "
                    "5 minutes): a killed job loses only aligned rows not yet in a whole part")
     p.add_argument("--local", action="store_true", help="run in this process instead of on Ray")
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ray cluster (without --local)")
+    g.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: "
+                   "$RAY_ADDRESS, else start a local Ray instance")
+    add_resource_args(g)
+    g.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT,
+                   help="sub-batches each aligner keeps in flight (overlaps policy and reward work)")
+    g.add_argument("--ray-timeout", type=float, default=DEFAULT_RAY_TIMEOUT_S,
+                   help="seconds to wait for placement groups before failing with a clear message")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -63,14 +75,29 @@ def input_path(args) -> str:
 
 def input_rows(args, skipped: list | None = None) -> list:
     """Every input row in memory (--local, bench): read, deduplicated, cut to --limit."""
-    path = input_path(args)
+    return read_input(input_path(args), args.limit, skipped)
+
+
+def read_input(path: str, limit: int | None, skipped: list | None = None) -> list:
     try:
         rows = list(dedupe(read_rows(path, skipped)))
     except FileNotFoundError:
         fail(f"--input {path}: no such file or folder")
     except InputError as e:
         fail(str(e))
-    return rows[:args.limit] if args.limit else rows
+    return rows[:limit] if limit else rows
+
+
+def job_from_args(args) -> AlignJob:
+    """The resolved run (raises ConfigError); --local sizes one in-process policy, not the Ray flags."""
+    gcfg, mcfg, _ = resolve_args(args)
+    res = Resources.local(mcfg) if args.local else resources_from_args(args, "align")
+    frac = args.max_error_fraction
+    return AlignJob(gcfg=gcfg, mcfg=mcfg, input=input_path(args), output=args.output, limit=args.limit,
+                    overwrite=bool(args.overwrite), retry_errors=bool(args.retry_errors),
+                    max_error_fraction=DEFAULT_MAX_ERROR_FRACTION if frac is None else frac,
+                    rows_per_file=args.rows_per_file, local=bool(args.local), resources=res, address=args.address,
+                    ray_timeout=args.ray_timeout or DEFAULT_RAY_TIMEOUT_S, in_flight=args.in_flight or DEFAULT_IN_FLIGHT)
 
 
 @dataclass
@@ -109,35 +136,25 @@ class Aligners:
     """Where rows get aligned: this process (--local) or Ray workers. Models load on first use and stay
     for every later run (`ggro dpo` aligns twice with the same models); a resumed, finished job loads none."""
 
-    def __init__(self, args):
-        self.args, self.mcfg = args, None
+    def __init__(self, job: AlignJob):
+        self.job = job
         self.engine = self.workers = None
 
-    def align(self, rows, out_dir, gcfg, mcfg) -> None:
-        assert self.mcfg in (None, mcfg), "one Aligners serves one ModelConfig"
-        self.mcfg = mcfg
-        if self.args.local:
+    def align(self, rows, job: AlignJob) -> None:
+        """Align `rows` (--local: InputRows; Ray: an InputPlan) into job.output with job.gcfg."""
+        assert job.mcfg == self.job.mcfg, "one Aligners serves one ModelConfig"
+        if job.local:
             if self.engine is None:
-                from ggro.engine import Engine
-                m = self.mcfg
-                guide = m.reward_kind == "classifier" and m.reward_model == "default"
-                if m.shares_policy_weights:
-                    also = f" ({'with the shipped guide head' if guide else 'as its own judge'}, one copy of the weights)"
-                else:
-                    also = f" and {'the shipped guide' if guide else m.reward_model}"
-                print(f"ggro: loading {m.policy}{also} in this process", file=sys.stderr)
-                torch_threads(self.mcfg.cohorts)
-                self.engine = Engine.load(self.mcfg, gradient=gcfg.method == "ggro")
-            align_local(self.engine, rows, out_dir, gcfg, max(1, getattr(self.args, "rows_per_file", None) or 10_000))
+                self.engine = _load_engine(job.mcfg, gradient=job.gcfg.method == "ggro")
+            align_local(self.engine, rows, job.output, job.gcfg, job.rows_per_file)
             return
-        from actors.policy import ClusterTooSmall
         from pipeline.ray_align import align_on_ray, start_ray_workers
         if self.workers is None:
             try:
-                self.workers = start_ray_workers(self.mcfg, self.args)
+                self.workers = start_ray_workers(self.job)
             except ClusterTooSmall as e:
                 fail(str(e), 1)
-        align_on_ray(rows, out_dir, gcfg, self.mcfg, self.args, self.workers)   # rows: an InputPlan
+        align_on_ray(rows, job, self.workers)
 
     def close(self) -> None:
         if self.workers is not None:
@@ -145,122 +162,136 @@ class Aligners:
             self.workers = None
 
 
-def read_prompts(args, gcfg, mcfg) -> Prompts:
-    path = input_path(args)
-    if args.local:
+def _load_engine(m, gradient: bool = True):
+    """The models in this process; `gradient`: GGRO will run (it needs one vocabulary for both models)."""
+    from ggro.engine import Engine
+    guide = m.reward_kind == "classifier" and m.reward_model == "default"
+    if m.shares_policy_weights:
+        also = f" ({'with the shipped guide head' if guide else 'as its own judge'}, one copy of the weights)"
+    else:
+        also = f" and {'the shipped guide' if guide else m.reward_model}"
+    print(f"ggro: loading {m.policy}{also} in this process", file=sys.stderr)
+    torch_threads(m.cohorts)
+    return Engine.load(m, gradient)
+
+
+def read_prompts(job: AlignJob) -> Prompts:
+    if job.local:
         skipped: list = []
-        return Prompts.of_rows(input_rows(args, skipped), skipped)
-    from pipeline.ray_align import connect, scan_input
-    connect(getattr(args, "address", None))
-    try:
-        plan = scan_input(path, args.limit)
-    except FileNotFoundError:
-        fail(f"--input {path}: no such file or folder")
-    except InputError as e:
-        fail(str(e))
-    return Prompts(plan.count, plan.ids, plan.skipped, plan=plan)
+        prompts = Prompts.of_rows(read_input(job.input, job.limit, skipped), skipped)
+    else:
+        from pipeline.ray_align import connect, scan_input
+        connect(job.address)
+        try:
+            plan = scan_input(job.input, job.limit)
+        except FileNotFoundError:
+            fail(f"--input {job.input}: no such file or folder")
+        except InputError as e:
+            fail(str(e))
+        prompts = Prompts(plan.count, plan.ids, plan.skipped, plan=plan)
+    for name in prompts.skipped:
+        print(f"ggro: skipped {name} in --input (not .jsonl, .json or .parquet, or a hidden/_ name)", file=sys.stderr)
+    if prompts.count == 0:
+        fail(f"--input {job.input} has no rows" + (
+            f" (skipped: {', '.join(prompts.skipped)})" if prompts.skipped else ""))
+    return prompts
 
 
-def manifest(args, gcfg, mcfg, run_id: str, started: str, mode: str) -> dict:
+def manifest(job: AlignJob, run_id: str, started: str) -> dict:
     from ggro.config import config_hash
-    cluster = {k: getattr(args, k, None) for k in ("address", "tp", "policy_gpus_per_replica", "policy_replicas",
-                                                    "policy_cpus", "reward_replicas", "reward_gpus", "reward_cpus",
-                                                    "aligners", "aligner_cpus", "in_flight")} if mode == "ray" else {}
+    gcfg, mcfg = job.gcfg, job.mcfg
     return {"command": "align", "run_id": run_id, "status": "running", "started": started, "ended": None,
-            "mode": mode, "input": input_path(args), "output": str(args.output), "limit": args.limit,
-            "retry_errors": bool(args.retry_errors), "overwrite": bool(args.overwrite),
-            "max_error_fraction": max_error_fraction(args),
+            "mode": job.mode, "input": job.input, "output": str(job.output), "limit": job.limit,
+            "retry_errors": job.retry_errors, "overwrite": job.overwrite,
+            "max_error_fraction": job.max_error_fraction,
             "config_hash": config_hash(gcfg, mcfg), "ggro_config": dataclasses.asdict(gcfg),
             "model_config": {**dataclasses.asdict(mcfg), "reward_model": mcfg.reward_model},
             "models": {"policy": mcfg.policy, "reward_model": mcfg.reward_model, "reward_kind": mcfg.reward_kind},
-            "cluster": cluster, "versions": versions(), "host": __import__("socket").gethostname(),
+            "cluster": job.cluster(), "versions": versions(), "host": __import__("socket").gethostname(),
             "rows": None}
 
 
-def max_error_fraction(args) -> float:
-    f = getattr(args, "max_error_fraction", None)
-    return DEFAULT_MAX_ERROR_FRACTION if f is None else f
-
-
 def run(args, aligners: Aligners | None = None) -> int:
-    """`ggro align`; pass `aligners` to reuse models already loaded by an earlier run (same ModelConfig)."""
+    """`ggro align` from parsed flags; --dry-run only plans."""
     if not args.output and not args.dry_run:
         fail("--output DIR is required (Parquet part files are written there)")
-    if args.limit is not None and args.limit < 1:
-        fail(f"--limit must be >= 1, got {args.limit}")
-    if getattr(args, "rows_per_file", 1) is not None and getattr(args, "rows_per_file", 1) < 1:
-        fail("--rows-per-file must be >= 1")
-    if not 0 <= max_error_fraction(args) <= 1:
-        fail("--max-error-fraction must be between 0 and 1")
     try:
-        gcfg, mcfg, rest = resolve_args(args)
+        job = job_from_args(args)
     except ConfigError as e:
         fail(str(e))
     if args.dry_run:
-        return dry_run(args, gcfg, mcfg)
-    from ggro.config import config_hash
+        return dry_run(args, job.gcfg, job.mcfg, job.resources)
+    return run_job(job, aligners)
+
+
+def run_job(job: AlignJob, aligners: Aligners | None = None) -> int:
+    """One align run; pass `aligners` to reuse models already loaded by an earlier run (same ModelConfig)."""
     t0, started, run_id = time.perf_counter(), now(), uuid.uuid4().hex[:12]
     try:                     # the folder is writable and ours before any input is read or model loaded
-        prepare_output(args.output)
-        lock = OutputLock(args.output).acquire()
+        prepare_output(job.output)
+        lock = OutputLock(job.output).acquire()
     except OutputError as e:
         fail(str(e), 1)
-    own = aligners is None
-    aligners = aligners or Aligners(args)
+    own, info = aligners is None, None
+    aligners = aligners or Aligners(job)
     try:
-        if args.overwrite:
-            n = clear_output(args.output)
+        if job.overwrite:
+            n = clear_output(job.output)
             if n:
-                print(f"--overwrite: deleted {n} file(s) ggro wrote in {args.output}", file=sys.stderr)
-        info = manifest(args, gcfg, mcfg, run_id, started, "local" if args.local else "ray")
-        write_manifest(args.output, info)
-        prompts = read_prompts(args, gcfg, mcfg)
-        for name in prompts.skipped:
-            print(f"ggro: skipped {name} in --input (not .jsonl, .json or .parquet, or a hidden/_ name)",
-                  file=sys.stderr)
-        if prompts.count == 0:
-            fail(f"--input {input_path(args)} has no rows" + (
-                f" (skipped: {', '.join(prompts.skipped)})" if prompts.skipped else ""))
-        index = output_index(args.output, config_hash(gcfg, mcfg))
-        if args.retry_errors and len(index.errors):
-            removed = drop_error_rows(args.output, prompts.mask)
-            print(f"--retry-errors: {removed} error row(s) removed from {args.output}; aligning those ids again",
-                  file=sys.stderr)
-            index = output_index(args.output, config_hash(gcfg, mcfg))
-        if args.local:
-            todo = [r for r, d in zip(prompts.rows, contains(index.done, id_digests([r.id for r in prompts.rows])))
-                    if not d]
-            ntodo = len(todo)
-        else:
-            ntodo = prompts.plan.count_todo(index.done)
-            todo = prompts.plan
-        if ntodo < prompts.count:
-            print(f"resuming: {prompts.count - ntodo} of {prompts.count} rows already in {args.output}",
-                  file=sys.stderr)
-        if ntodo:
-            aligners.align(todo, args.output, gcfg, mcfg)
-        summary = Summary.of_output(args.output, prompts.mask, time.perf_counter() - t0)
+                print(f"--overwrite: deleted {n} file(s) ggro wrote in {job.output}", file=sys.stderr)
+        info = manifest(job, run_id, started)
+        write_manifest(job.output, info)
+        prompts = read_prompts(job)
+        ntodo = align_todo(job, prompts, aligners)
+        summary = Summary.of_output(job.output, prompts.mask, time.perf_counter() - t0)
         info.update(status="finished", ended=now(), rows={
             "in": prompts.count, "out": summary.rows, "ok": summary.ok, "error": summary.errors,
             "aligned_this_run": ntodo, "skipped_files": prompts.skipped})
-        write_manifest(args.output, info)
+        write_manifest(job.output, info)
     except (ModelLoadError, OutputError, ConfigError) as e:
-        _failed(args.output, locals().get("info"), str(e))
+        _failed(job.output, info, str(e))
         fail(str(e), 1)
     except BaseException as e:
-        _failed(args.output, locals().get("info"), f"{e.__class__.__name__}: {e}")
+        _failed(job.output, info, f"{e.__class__.__name__}: {e}")
         raise
     finally:
         if own:
             aligners.close()
         lock.release()
+    return report(job, summary, prompts.count)
+
+
+def align_todo(job: AlignJob, prompts: Prompts, aligners: Aligners) -> int:
+    """Align the input ids not yet in the output (--retry-errors: error rows count as not done); returns how many."""
+    from ggro.config import config_hash
+    index = output_index(job.output, config_hash(job.gcfg, job.mcfg))
+    if job.retry_errors and len(index.errors):
+        removed = drop_error_rows(job.output, prompts.mask)
+        print(f"--retry-errors: {removed} error row(s) removed from {job.output}; aligning those ids again",
+              file=sys.stderr)
+        index = output_index(job.output, config_hash(job.gcfg, job.mcfg))
+    if job.local:
+        done = contains(index.done, id_digests([r.id for r in prompts.rows]))
+        todo = [r for r, d in zip(prompts.rows, done) if not d]
+        ntodo = len(todo)
+    else:
+        ntodo = prompts.plan.count_todo(index.done)
+        todo = prompts.plan
+    if ntodo < prompts.count:
+        print(f"resuming: {prompts.count - ntodo} of {prompts.count} rows already in {job.output}", file=sys.stderr)
+    if ntodo:
+        aligners.align(todo, job)
+    return ntodo
+
+
+def report(job: AlignJob, summary: Summary, rows_in: int) -> int:
     for rid, err in summary.error_examples:
         print(f"row {rid}: {err}", file=sys.stderr)
     if summary.errors > len(summary.error_examples):
         print(f"... and {summary.errors - len(summary.error_examples)} more rows with errors (see the `error` column)",
               file=sys.stderr)
-    print(f"wrote {args.output}\n" + summary.render(prompts.count))
-    return exit_code(summary, prompts.count, max_error_fraction(args))
+    print(f"wrote {job.output}\n" + summary.render(rows_in))
+    return exit_code(summary, rows_in, job.max_error_fraction)
 
 
 def _failed(out_dir, info: dict | None, why: str) -> None:
@@ -269,7 +300,6 @@ def _failed(out_dir, info: dict | None, why: str) -> None:
             write_manifest(out_dir, {**info, "status": "failed", "ended": now(), "failure": why})
         except OSError:
             pass
-
 
 def exit_code(summary: Summary, rows_in: int, max_frac: float) -> int:
     if summary.rows != rows_in or summary.duplicates:

@@ -20,15 +20,13 @@ Prints and writes (bench.csv, bench_reward_vs_wall.png):
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import math
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
 from ggro.config import SEARCH_MODES
 from jobs.common import module_main
 
@@ -117,297 +115,11 @@ def settings(args) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- measurements
-
-def time_method(engine, rows, gcfg, batch_size: int, cohorts: int = 1) -> dict:
-    """Run one configuration over `rows`; wall time covers encoding, search and decoding to text."""
-    from ggro.engine import Engine
-    eng = Engine(engine.tokenizer, engine.policy, engine.reward, engine.context,
-                 replace(engine.mcfg, batch_size=batch_size, cohorts=min(cohorts, batch_size)))
-    t0 = time.perf_counter()
-    recs = list(eng.align(rows, gcfg))
-    wall = time.perf_counter() - t0
-    engine.policy.release([r.id for r in rows])
-    return {"records": recs, "wall_s": wall}
-
-
-def warm_up(engine, rows, gcfg) -> None:
-    """One short untimed greedy and GGRO pass, so the first timed method does not pay for warm-up
-    (allocator growth, first-call kernel selection)."""
-    time_method(engine, rows[:2], replace(gcfg, method="greedy", max_new_tokens=4), 2)
-    time_method(engine, rows[:2], replace(gcfg, method="ggro", max_new_tokens=6, num_refinements=2), 2)
-
-
-def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Path | None = None,
-                second_opinion: bool = False) -> list[dict]:
-    """Time each method; with `save_dir`, also write its rows as an align output (for `ggro report`)."""
-    import shutil
-    from pipeline import metrics as M
-    from pipeline.output import write_part
-    configs = [("greedy", replace(gcfg, method="greedy"), 1)]
-    configs += [(f"best-of-{n}", replace(gcfg, method="best-of-n", n=n), 1) for n in s["best_of_n"]]
-    ggro = []    # (mode, S, B): every mode at every S and B, unless the mode names its own
-    for b in s["budgets"]:
-        for m, ms, mb in s["modes"]:
-            ggro += [(m, k, mb or b) for k in ([ms] if ms else s["refinements"])]
-    configs += [(f"ggro{'' if m == 'faithful' else '-' + m} S={k}{f' B={b}' if b else ''}{f' x{c}' if c > 1 else ''}",
-                 replace(gcfg, method="ggro", num_refinements=k, search_mode=m, max_refined_segments=b), c)
-                for c in sorted({1, engine.mcfg.cohorts}) for m, k, b in dict.fromkeys(ggro)]
-    import torch
-    results, greedy = [], None
-    threads = torch.get_num_threads()
-    for label, cfg, cohorts in configs:
-        log(f"bench: {label} on {len(rows)} prompts, max_new_tokens={cfg.max_new_tokens} ...")
-        torch.set_num_threads(max(1, threads // cohorts))    # every row gets the same cores in all
-        r = time_method(engine, rows, cfg, batch_size, cohorts)
-        torch.set_num_threads(threads)
-        recs = r["records"]
-        if save_dir is not None:
-            d = save_dir / label.replace(" S=", "-S").replace(" B=", "-B").replace(" x", "-x")
-            shutil.rmtree(d, ignore_errors=True)
-            write_part(d, recs)
-        ok = [x for x in recs if x["error"] is None]
-        by_id = {x["id"]: x["reward"] for x in ok}
-        if greedy is None:
-            greedy = by_id
-        wr = M.win_rate(by_id, greedy)
-        results.append({
-            "method": label, "prompts": len(recs), "errors": len(recs) - len(ok), "wall_s": r["wall_s"],
-            "prompts_per_s": len(recs) / r["wall_s"] if r["wall_s"] else math.nan,
-            "policy_tokens": sum(x["policy_tokens"] or 0 for x in ok),
-            "reward_calls": sum(x["reward_calls"] or 0 for x in ok),
-            "mean_reward": M.mean(by_id.values()), "win_rate_vs_greedy": wr.rate,
-            "wins": wr.wins, "ties": wr.ties, "losses": wr.losses,
-            "mean_nudges": M.mean(x["num_nudges"] for x in ok),
-        })
-        results[-1]["records"] = recs
-        log(f"bench:   {results[-1]['wall_s']:.1f}s, mean reward {results[-1]['mean_reward']:.3f}")
-    base = results[0]
-    for r in results:   # what a user weighs: the cost relative to greedy and the reward it buys per second
-        r["wall_vs_greedy"] = r["wall_s"] / base["wall_s"] if base["wall_s"] else math.nan
-        r["gain_per_s"] = (r["mean_reward"] - base["mean_reward"]) / r["wall_s"] if r["wall_s"] else math.nan
-    if second_opinion:
-        second_opinions(engine, rows, results, log)
-    for r in results:
-        del r["records"]
-    return results
-
-
-def second_opinions(engine, rows, results: list[dict], log) -> None:
-    """Score every response with the policy as a yes/no judge (it did not guide the search): its mean
-    reward, and the share of prompts where it agrees with the guide on whether a method beat greedy."""
-    from ggro.config import DEFAULT_RUBRIC
-    from ggro.reward import RewardModel
-    from ggro.seam import RewardQuery
-    from pipeline import metrics as M
-    tok = engine.tokenizer
-    judge = RewardModel(engine.policy.model, tok, "judge", DEFAULT_RUBRIC, engine.policy.eos)
-    x = {p.id: p.ids for p in encode_rows(engine, rows, 1)}
-    log("bench: second opinion (the policy as a yes/no judge) on every response ...")
-    for r in results:
-        ok = [rec for rec in r["records"] if rec["error"] is None and rec["id"] in x]
-        scores = []
-        for i in range(0, len(ok), 8):
-            chunk = ok[i:i + 8]
-            scores += [s.reward for s in judge.score([RewardQuery(x[rec["id"]] + tok.encode(
-                rec["response"] or "", add_special_tokens=False)) for rec in chunk])]
-        r["judge"] = dict(zip([rec["id"] for rec in ok], scores))
-        r["guide"] = {rec["id"]: rec["reward"] for rec in ok}
-        r["judge_reward"] = M.mean(scores)
-    base = results[0]
-    for r in results:
-        agree = [(r["guide"][i] > base["guide"][i]) == (r["judge"][i] > base["judge"][i])
-                 for i in r["guide"] if i in base["guide"] and r["guide"][i] != base["guide"][i]
-                 and r["judge"][i] != base["judge"][i]]
-        r["judge_agreement"] = sum(agree) / len(agree) if agree else math.nan
-    for r in results:
-        del r["judge"], r["guide"]
-
-
-def encode_rows(engine, rows, max_new_tokens: int):
-    from ggro.rows import encode
-    out = []
-    for row in rows:
-        if row.error is None:
-            try:
-                out.append(encode(row, engine.tokenizer, engine.mcfg.prompt_format, max_new_tokens, engine.context))
-            except ValueError:
-                pass
-    return out
-
-
-def oracle_rows(engine, rows, gcfg, s: dict, batch_size: int, log) -> list[dict]:
-    """The engine (batch 1 and batched) against ggro/reference.py on the same prompts."""
-    from ggro import reference
-    from ggro.search import run
-    cfg = replace(gcfg, method="ggro", max_new_tokens=s["oracle_max_new_tokens"],
-                  num_refinements=s["oracle_refinements"])
-    prompts = encode_rows(engine, rows, cfg.max_new_tokens)[:s["oracle_prompts"]]
-    if not prompts:
-        return []
-    log(f"bench: oracle (ggro/reference.py) on {len(prompts)} prompts, S={cfg.num_refinements}, "
-        f"max_new_tokens={cfg.max_new_tokens} ...")
-    ref_reward = reference.ReferenceReward.of(engine.reward)
-    model, eos = engine.policy.model, engine.policy.eos
-    t0 = time.perf_counter()
-    oracle = {p.id: reference.reference_ggro(p.id, p.ids, model, ref_reward, cfg, eos, p.has_prefill)
-              for p in prompts}
-    oracle_wall = time.perf_counter() - t0
-    out = [{"implementation": "oracle (reference.py)", "batch_size": 1, "prompts": len(prompts),
-            "wall_s": oracle_wall, "speedup_vs_oracle": 1.0, "identical_tokens": f"{len(prompts)}/{len(prompts)}",
-            "max_reward_diff": 0.0, "policy_tokens": sum(r.policy_tokens for r in oracle.values())}]
-    for b in sorted({1, min(batch_size, len(prompts))}):
-        log(f"bench: engine at batch {b} on the same prompts ...")
-        t0 = time.perf_counter()
-        got = {r.id: r for r in run(prompts, engine.policy, engine.reward, cfg, b)}
-        wall = time.perf_counter() - t0
-        engine.policy.release([p.id for p in prompts])
-        same = sum(got[i].tokens == oracle[i].tokens for i in oracle)
-        diff = max(abs(got[i].reward - oracle[i].reward) for i in oracle)
-        out.append({"implementation": "engine", "batch_size": b, "prompts": len(prompts), "wall_s": wall,
-                    "speedup_vs_oracle": oracle_wall / wall if wall else math.nan,
-                    "identical_tokens": f"{same}/{len(prompts)}", "max_reward_diff": diff,
-                    "policy_tokens": sum(r.policy_tokens for r in got.values())})
-    return out
-
-
-def scaling_rows(engine, rows, gcfg, s: dict, log) -> list[dict]:
-    from ggro.search import Prompt, run
-    cfg = replace(gcfg, method="ggro", max_new_tokens=s["scaling_max_new_tokens"],
-                  num_refinements=s["scaling_refinements"])
-    base = encode_rows(engine, rows, cfg.max_new_tokens)
-    n = s["scaling_prompts"]
-    if not base or not n:
-        return []
-    prompts = [Prompt(f"{base[i % len(base)].id}#{i // len(base)}" if i >= len(base) else base[i].id,
-                      base[i % len(base)].ids, base[i % len(base)].has_prefill) for i in range(n)]
-    out, first = [], None
-    for b in s["scaling_batches"]:
-        log(f"bench: scaling, ggro S={cfg.num_refinements} on {n} prompts at batch {b} ...")
-        t0 = time.perf_counter()
-        res = {r.id: r.tokens for r in run(prompts, engine.policy, engine.reward, cfg, b)}
-        wall = time.perf_counter() - t0
-        engine.policy.release([p.id for p in prompts])
-        first = first or res
-        toks = sum(len(t) for t in res.values())
-        out.append({"batch_size": b, "prompts": n, "wall_s": wall, "prompts_per_s": n / wall,
-                    "response_tokens_per_s": toks / wall,
-                    "same_outputs_as_first": f"{sum(res[i] == first[i] for i in res)}/{n}"})
-    for r in out:
-        r["speedup_vs_first"] = r["prompts_per_s"] / out[0]["prompts_per_s"]
-    return out
-
-
-# ---------------------------------------------------------------- output
-
-def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            if math.isnan(v):
-                return "–"
-            return f"{v:.1e}" if 0 < abs(v) < 1e-3 else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v)
-    body = [[cell(r.get(k, "")) for k, _ in cols] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (_, h) in enumerate(cols)]
-    line = lambda vals: "| " + " | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths))) + " |"
-    sep = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line([h for _, h in cols]), sep] + [line(b) for b in body])
-
-
-METHOD_COLS = [("method", "method"), ("prompts", "prompts"), ("errors", "errors"), ("wall_s", "wall (s)"),
-               ("prompts_per_s", "prompts/s"), ("policy_tokens", "policy tokens"), ("reward_calls", "RM calls"),
-               ("mean_reward", "mean reward"), ("win_rate_vs_greedy", "win rate vs greedy"),
-               ("mean_nudges", "nudges/resp"), ("wall_vs_greedy", "wall / greedy"),
-               ("gain_per_s", "reward gain over greedy per s")]
-SECOND_COLS = [("judge_reward", "judge reward (2nd opinion)"), ("judge_agreement", "judge agrees vs greedy")]
-ORACLE_COLS = [("implementation", "implementation"), ("batch_size", "batch"), ("prompts", "prompts"),
-               ("wall_s", "wall (s)"), ("speedup_vs_oracle", "speed-up vs oracle"),
-               ("identical_tokens", "identical outputs"), ("max_reward_diff", "max reward diff")]
-SCALING_COLS = [("batch_size", "batch"), ("prompts", "prompts"), ("wall_s", "wall (s)"),
-                ("prompts_per_s", "prompts/s"), ("response_tokens_per_s", "response tok/s"),
-                ("speedup_vs_first", "speed-up vs batch 1"), ("same_outputs_as_first", "same outputs as batch 1")]
-
-
-def write_csv(path: Path, rows: list[dict], cols) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[k for k, _ in cols], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot_reward_vs_wall(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    import re
-    families: dict[str, list] = {}     # one line per method family: its N or S values along it
-    for r in rows:
-        families.setdefault(re.sub(r"(S=|best-of-)\d+", r"\1N", r["method"]).replace("S=N", "S=*"), []).append(r)
-    for k, (name, pts) in enumerate(families.items()):
-        ax.plot([r["wall_s"] for r in pts], [r["mean_reward"] for r in pts], marker="osD^v<>p*h"[k % 10],
-                color=f"C{k % 10}", label=name, ms=7)
-        for r in pts:
-            ax.annotate(r["method"], (r["wall_s"], r["mean_reward"]), textcoords="offset points", xytext=(5, 5),
-                        fontsize=8)
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.margins(x=0.15, y=0.12)
-    ax.set_xlabel("wall time for the whole prompt set (s, log scale)")
-    ax.set_ylabel("mean reward over prompts (RM score)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_scaling(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["batch_size"] for r in rows], [r["prompts_per_s"] for r in rows], marker="o")
-    for r in rows:
-        ax.annotate(f"{r['prompts_per_s']:.2f}", (r["batch_size"], r["prompts_per_s"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([r["batch_size"] for r in rows], [str(r["batch_size"]) for r in rows])
-    ax.set_ylim(0, 1.15 * max(r["prompts_per_s"] for r in rows))
-    ax.margins(x=0.1)
-    ax.set_xlabel("batch size (prompts advanced together per round)")
-    ax.set_ylabel("throughput (prompts/s)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def model_name(spec: str) -> str:
-    from ggro.models import DEFAULT_NAME
-    return f"{spec} ({DEFAULT_NAME})" if spec == "default" else Path(spec).name
-
-
-def machine() -> str:
-    import torch
-    load = ""
-    if hasattr(os, "getloadavg"):
-        load = f", load avg {os.getloadavg()[0]:.1f}"
-    return (f"{platform.machine()} {os.cpu_count()} cores{load}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {platform.python_implementation()} {platform.python_version()}")
-
-
 def run(args) -> int:
     from ggro.config import ConfigError
-    from ggro.models import ModelLoadError
     from jobs.align import input_rows
-    from ggro.threads import torch_threads
     from jobs.common import fail, resolve_args
+    from pipeline import bench as B
     for flag in ("method", "n", "num_refinements"):
         if getattr(args, flag, None) is not None:
             fail(f"--{flag.replace('_', '-')} does not apply to bench: use --best-of-n and --refinements lists")
@@ -421,57 +133,42 @@ def run(args) -> int:
     rows = input_rows(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
-
-    from ggro.engine import Engine
-    if args.threads:
-        os.environ["GGRO_THREADS"] = str(args.threads)
-    torch_threads()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    batch = mcfg.batch_size
-    try:
-        engine = Engine.load(replace(mcfg, batch_size=max([batch] + s["scaling_batches"])))
-    except ModelLoadError as e:
-        fail(str(e), 1)
-    load_s = time.perf_counter() - t0
+    engine = load_engine(mcfg, s, args.threads)
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = (f"ggro bench{' --quick' if args.quick else ''} | {when} | {machine()}\n"
+    batch = mcfg.batch_size
+    head = (f"ggro bench{' --quick' if args.quick else ''} | {when} | {B.machine()}\n"
             f"policy {mcfg.policy}, reward {mcfg.reward_model} ({mcfg.reward_kind}), {mcfg.dtype} on {mcfg.device}, "
-            f"models loaded in {load_s:.1f}s | input {args.input or 'example prompts'} ({len(rows)} prompts), "
-            f"max_new_tokens {gcfg.max_new_tokens}, batch {batch}, tau {gcfg.entropy_threshold}, top_k {gcfg.top_k}")
+            f"models loaded in {time.perf_counter() - t0:.1f}s | input {args.input or 'example prompts'} ({len(rows)} "
+            f"prompts), max_new_tokens {gcfg.max_new_tokens}, batch {batch}, tau {gcfg.entropy_threshold}, "
+            f"top_k {gcfg.top_k}")
     log(head)
-
-    warm_up(engine, rows, gcfg)
-    methods = method_rows(engine, rows, gcfg, s, batch, log, out / "align", args.second_opinion)
-    cols = METHOD_COLS + (SECOND_COLS if args.second_opinion else [])
-    oracle = oracle_rows(engine, rows, gcfg, s, batch, log) if s["oracle_prompts"] else []
-    scaling = scaling_rows(engine, rows, gcfg, s, log) if s["scaling_prompts"] else []
-
-    write_csv(out / "bench.csv", methods, cols + [("wins", ""), ("ties", ""), ("losses", "")])
-    plot_reward_vs_wall(methods, out / "bench_reward_vs_wall.png",
-                        f"Reward vs wall time: {len(rows)} prompts, max {gcfg.max_new_tokens} new tokens, "
-                        f"batch {batch}\npolicy {model_name(mcfg.policy)}, reward {model_name(mcfg.reward_model)} ({mcfg.reward_kind})")
-    parts = [head, "", "Methods (win rate: paired by prompt id vs greedy, ties count half)", table(methods, cols)]
-    if oracle:
-        write_csv(out / "bench_oracle.csv", oracle, ORACLE_COLS + [("policy_tokens", "")])
-        parts += ["", f"Engine vs oracle (ggro/reference.py), GGRO S={s['oracle_refinements']}, "
-                      f"max_new_tokens {s['oracle_max_new_tokens']}", table(oracle, ORACLE_COLS)]
-    if scaling:
-        import torch
-        write_csv(out / "bench_scaling.csv", scaling, SCALING_COLS)
-        plot_scaling(scaling, out / "bench_scaling.png",
-                     f"GGRO engine throughput vs batch size\n(S={s['scaling_refinements']}, "
-                     f"max {s['scaling_max_new_tokens']} new tokens, {scaling[0]['prompts']} prompts, "
-                     f"{torch.get_num_threads()} thread(s))")
-        parts += ["", f"Batch scaling, GGRO S={s['scaling_refinements']}, max_new_tokens {s['scaling_max_new_tokens']}",
-                  table(scaling, SCALING_COLS)]
-    text = "\n".join(parts) + "\n"
-    (out / "bench.txt").write_text(text, encoding="utf-8")
+    B.warm_up(engine, rows, gcfg)
+    methods = B.method_rows(engine, rows, gcfg, s, batch, log, out / "align", args.second_opinion)
+    oracle = B.oracle_rows(engine, rows, gcfg, s, batch, log) if s["oracle_prompts"] else []
+    scaling = B.scaling_rows(engine, rows, gcfg, s, log) if s["scaling_prompts"] else []
+    text = B.write_results(out, head, s, gcfg, mcfg, len(rows), methods, oracle, scaling, args.second_opinion)
     print(text)
     log(f"wrote {out}/bench.csv, bench_reward_vs_wall.png, align/<method>/"
         + (", bench_oracle.csv" if oracle else "") + (", bench_scaling.csv, bench_scaling.png" if scaling else "")
         + f", bench.txt ({time.perf_counter() - t0:.0f}s in all)")
     return 0 if all(m["errors"] == 0 for m in methods) else 1
+
+
+def load_engine(mcfg, s: dict, threads: int | None):
+    """One Engine for every measurement, its decoder sized for the largest scaling batch."""
+    from ggro.engine import Engine
+    from ggro.models import ModelLoadError
+    from ggro.threads import torch_threads
+    from jobs.common import fail
+    if threads:
+        os.environ["GGRO_THREADS"] = str(threads)
+    torch_threads()
+    try:
+        return Engine.load(replace(mcfg, batch_size=max([mcfg.batch_size] + s["scaling_batches"])))
+    except ModelLoadError as e:
+        fail(str(e), 1)
 
 
 def main(argv=None) -> int:

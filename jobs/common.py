@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import sys
 from importlib import resources
@@ -10,6 +11,7 @@ import yaml
 
 from ggro.config import (DTYPE_NAMES, METHODS, PROMPT_FORMATS, REWARD_KINDS, SEARCH_MODES, ConfigError, GGROConfig,
                          ModelConfig, split_fields)
+from pipeline.resources import Resources
 
 
 def example_prompts() -> str:
@@ -66,6 +68,46 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, help="[0]")
     s.add_argument("--trace", action="store_true", default=None, help="record a per-segment trace column")
     p.add_argument("--config", help="YAML file whose keys mirror these flags (dashes or underscores); flags win")
+
+
+# `ggro serve`'s old names for the resources: hidden, still accepted (scripts use them); each sets both roles
+DEPRECATED = {"model_replicas": ("policy_replicas", "reward_replicas"), "replica_cpus": ("policy_cpus", "reward_cpus"),
+              "replica_gpus": ("policy_gpus_per_replica", "reward_gpus")}
+
+
+def add_resource_args(g, aligners: bool = True) -> None:
+    """The resource flags of align, dpo and serve; their defaults are pipeline.resources.Resources'."""
+    d = Resources()
+    g.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel degree of each policy replica "
+                   "(DeepSpeed AutoTP; gloo on CPU, NCCL on GPU)")
+    g.add_argument("--policy-gpus-per-replica", type=float, default=d.policy_gpus_per_replica,
+                   help="GPUs per TP rank of a policy replica (0: CPU)")
+    g.add_argument("--policy-replicas", type=int, default=d.policy_replicas,
+                   help="policy replicas (each --tp rank actors)")
+    g.add_argument("--policy-cpus", type=float, default=d.policy_cpus, help="CPU share per policy TP rank")
+    g.add_argument("--reward-replicas", type=int, default=d.reward_replicas,
+                   help="reward-model actors (batches split across them)")
+    g.add_argument("--reward-gpus", type=float, default=d.reward_gpus, help="GPUs per reward actor (0: CPU)")
+    g.add_argument("--reward-cpus", type=float, default=d.reward_cpus, help="CPU share per reward actor")
+    if aligners:
+        g.add_argument("--aligners", type=int, default=d.aligners, help="aligner actor pool size (Ray Data map_batches)")
+        g.add_argument("--aligner-cpus", type=float, default=d.aligner_cpus, help="CPU share per aligner actor")
+    else:
+        for old, new in DEPRECATED.items():
+            g.add_argument("--" + old.replace("_", "-"), type=int if "replicas" in old else float,
+                           help=argparse.SUPPRESS)
+
+
+def resources_from_args(args: argparse.Namespace, mode: str, **fixed) -> Resources:
+    """Resources from the parsed flags; a deprecated serve name, when given, sets both of its roles."""
+    names = [f.name for f in dataclasses.fields(Resources) if f.name != "mode"]
+    values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    for old, new in DEPRECATED.items():
+        if getattr(args, old, None) is not None:
+            flags = " and ".join("--" + n.replace("_", "-") for n in new)
+            print(f"ggro: --{old.replace('_', '-')} is deprecated, use {flags}", file=sys.stderr)
+            values.update(dict.fromkeys(new, getattr(args, old)))
+    return Resources(**{**values, **fixed}, mode=mode)
 
 
 def load_yaml(path: str | None) -> dict:

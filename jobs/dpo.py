@@ -10,10 +10,11 @@ manifest are skipped by pyarrow.dataset.dataset(OUTPUT) and datasets.load_datase
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import sys
 
 from jobs import align
+from ggro.config import ConfigError
 from jobs.common import fail, module_main
 
 
@@ -37,11 +38,12 @@ def run(args) -> int:
     from pipeline.dpo import DEFAULT_MIN_MARGIN, join_outputs
     from pipeline.lock import OutputLock
     from pipeline.manifest import now, versions, write_manifest
-    from pipeline.output import SUBRUN_PREFIX, OutputError, child, clear_output, prepare_output
+    from pipeline.output import OutputError, clear_output, prepare_output
 
     if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both
-        from jobs.plan import dry_run_args
-        return dry_run_args(args)
+        from jobs.plan import dry_run
+        job = _job(args)
+        return dry_run(args, job.gcfg, job.mcfg, job.resources)
     if not args.output:
         fail("--output DIR is required")
     out = args.output
@@ -63,25 +65,7 @@ def run(args) -> int:
                 "rejected": args.rejected, "rejected_method": args.rejected_method, "min_margin": min_margin,
                 "keep_truncated": bool(args.keep_truncated), "versions": versions()}
         write_manifest(out, info)
-        if args.chosen:
-            chosen_dir, rejected_dir = args.chosen, args.rejected
-        else:
-            chosen_dir = child(out, f"{SUBRUN_PREFIX}ggro")
-            rejected_dir = child(out, f"{SUBRUN_PREFIX}{args.rejected_method}")
-            aligners = align.Aligners(args)     # both methods run on the same models, loaded once
-            try:
-                for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
-                    sub = copy.copy(args)
-                    sub.method, sub.output, sub.overwrite = method, where, False
-                    print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
-                    code = align.run(sub, aligners)
-                    if code == 1:
-                        print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
-                    elif code:
-                        print(f"dpo: warning: {method} output has many error rows (no pairs for them)",
-                              file=sys.stderr)
-            finally:
-                aligners.close()
+        chosen_dir, rejected_dir = (args.chosen, args.rejected) if args.chosen else align_both(args, out)
         stats = join_outputs(chosen_dir, rejected_dir, out, min_margin, keep_truncated=args.keep_truncated)
         if stats.rows == 0:
             fail(f"no aligned rows in {chosen_dir}")
@@ -93,6 +77,35 @@ def run(args) -> int:
         lock.release()
     print(f"wrote the pairs into {out}\n{stats.render()}")
     return 0
+
+
+def align_both(args, out) -> tuple[str, str]:
+    """Align --input with GGRO and with the baseline into OUT/__aligned-METHOD/, on the same models."""
+    from pipeline.output import SUBRUN_PREFIX, child
+    chosen_dir = child(out, f"{SUBRUN_PREFIX}ggro")
+    rejected_dir = child(out, f"{SUBRUN_PREFIX}{args.rejected_method}")
+    job = _job(args)
+    aligners = align.Aligners(job)     # both methods run on the same models, loaded once
+    try:
+        for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
+            sub = dataclasses.replace(job, gcfg=dataclasses.replace(job.gcfg, method=method), output=where,
+                                      overwrite=False)
+            print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
+            code = align.run_job(sub, aligners)
+            if code == 1:
+                print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
+            elif code:
+                print(f"dpo: warning: {method} output has many error rows (no pairs for them)", file=sys.stderr)
+    finally:
+        aligners.close()
+    return chosen_dir, rejected_dir
+
+
+def _job(args):
+    try:
+        return align.job_from_args(args)
+    except ConfigError as e:
+        fail(str(e))
 
 
 def main(argv=None) -> int:

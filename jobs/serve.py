@@ -18,16 +18,16 @@ import sys
 import time
 
 from ggro.config import ConfigError
-from jobs.common import Parser, add_engine_args, fail, resolve_args
+from jobs.common import Parser, add_engine_args, add_resource_args, fail, resolve_args, resources_from_args
 from jobs.plan import add_plan_args
+from pipeline.resources import SERVE_INGRESS_CPUS
 
 ENV_ARGS = "GGRO_SERVE_ARGS"
 ENV_KEY = "GGRO_API_KEY"
 
 
 SERVER_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "api_key": None, "model_name": "ggro",
-                   "max_tokens_limit": 512, "max_queue": 64, "request_timeout": 300.0, "replica_cpus": 0.5,
-                   "replica_gpus": 0.0, "model_replicas": 1, "tp": 1, "address": None}
+                   "max_tokens_limit": 512, "max_queue": 64, "request_timeout": 300.0, "address": None}
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -42,15 +42,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-queue", type=int, default=d["max_queue"],
                    help="prompts admitted at once (running or waiting); beyond it: 503 + Retry-After")
     s.add_argument("--request-timeout", type=float, default=d["request_timeout"], help="seconds per request before 504")
-    s.add_argument("--replica-cpus", type=float, default=d["replica_cpus"],
-                   help="num_cpus of each model replica (fractional)")
-    s.add_argument("--replica-gpus", type=float, default=d["replica_gpus"],
-                   help="num_gpus of each model replica (use with --device cuda) [0: CPU]")
-    s.add_argument("--model-replicas", type=int, default=d["model_replicas"], help="replicas of each model deployment")
-    s.add_argument("--tp", type=int, default=d["tp"],
-                   help="tensor-parallel ranks per policy replica (actors.policy, DeepSpeed AutoTP); each rank "
-                        "gets --replica-cpus/--replica-gpus; > 1 gives a policy-as-judge its own unsharded copy")
     s.add_argument("--address", help="Ray cluster address [start a local Ray]")
+    # the policy and reward deployments, in align's words (a policy replica is --tp rank actors; > 1 gives a
+    # policy-as-judge its own unsharded copy); the ingress is one replica of its own
+    add_resource_args(p.add_argument_group("model deployments"), aligners=False)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -64,21 +59,21 @@ def settings_from_args(args: argparse.Namespace):
     from pipeline.serve_app import ServeSettings
     gcfg, mcfg, rest = resolve_args(args)
     key = args.api_key or os.environ.get(ENV_KEY) or None
+    res = resources_from_args(args, "serve", aligners=1, aligner_cpus=SERVE_INGRESS_CPUS, io_cpus=0)
     checks = [(args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
               (args.max_queue >= 1, "--max-queue must be >= 1"),
-              (args.request_timeout > 0, "--request-timeout must be > 0"),
-              (0 < args.replica_cpus, "--replica-cpus must be > 0 (fractions such as 0.5 are fine)"),
-              (args.replica_gpus >= 0, "--replica-gpus must be >= 0"),
-              (args.model_replicas >= 1, "--model-replicas must be >= 1"),
-              (args.tp >= 1, "--tp must be >= 1")]
+              (args.request_timeout > 0, "--request-timeout must be > 0")]
+    checks += [(getattr(res, f) > 0, f"--{f.replace('_', '-')} must be > 0 (fractions such as 0.5 are fine)")
+               for f in ("policy_cpus", "reward_cpus")]
+    checks += [(getattr(res, f) >= least, f"--{f.replace('_', '-')} must be >= {least}") for f, least in
+               (("policy_gpus_per_replica", 0), ("reward_gpus", 0), ("policy_replicas", 1), ("reward_replicas", 1),
+                ("tp", 1))]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
     return ServeSettings(gcfg=gcfg, mcfg=mcfg, model_name=args.model_name, api_key=key,
                          max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
-                         request_timeout_s=args.request_timeout, replica_cpus=args.replica_cpus,
-                         replica_gpus=args.replica_gpus,
-                         model_replicas=args.model_replicas, tp=args.tp)
+                         request_timeout_s=args.request_timeout, resources=res)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -114,7 +109,7 @@ def run(args) -> int:
         fail(str(e))
     if getattr(args, "dry_run", False):
         from jobs.plan import dry_run
-        return dry_run(args, settings.gcfg, settings.mcfg)
+        return dry_run(args, settings.gcfg, settings.mcfg, settings.resources)
     import ray
     from ray import serve
     from pipeline.serve_app import build_app

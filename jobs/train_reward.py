@@ -89,9 +89,50 @@ def report_table(acc: dict[str, tuple[float, int]]) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
+def default_pairs_file(model, tok, out: Path, args) -> Path:
+    """No --input: build the default preference pairs (the base model answers the prompts) into OUT/pairs.jsonl."""
+    from pipeline.prefs import default_pairs
+    from pipeline.sources import MissingData
+    try:
+        pairs = default_pairs(lambda rows: base_answers(model, tok, rows, args.answer_tokens, args.batch_size))
+    except MissingData as e:
+        fail(str(e), 1)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    print(f"wrote {len(pairs)} default pairs to {path}", file=sys.stderr)
+    return path
+
+
+def fit_head(model, examples, split: list[str], args):
+    """Fit the head on the train split; returns (w, fit, report split, {tag: (accuracy, n)} on whole responses,
+    (accuracy, n) on responses cut at guide.TRUNCATIONS)."""
     import torch
     from tqdm import tqdm
+    from ggro import guide, models
+    backbone = getattr(model, model.base_model_prefix)
+    with tqdm(total=2 * len(examples), desc="features", unit="seq", file=sys.stderr) as bar:
+        c, r, owner = guide.pair_features(backbone, examples, models.cache_dir() / "features", args.batch_size, bar)
+    owner = torch.tensor(owner)
+    full = torch.ones(len(owner), dtype=torch.bool)
+    full[:-1] = owner[1:] != owner[:-1]          # the last feature row of each example: the whole responses
+    rows_in = lambda name: torch.tensor([split[i] == name for i in owner.tolist()])  # noqa: E731
+    tr, va = rows_in("train"), rows_in("val") & full
+    weights = torch.where(full[tr], 1.0, args.truncated_weight)
+    w, fit = guide.train_head(c[tr], r[tr], c[va], r[va], weights, l2=args.l2)
+    report_split = "test" if "test" in split else "val"
+    acc = {}
+    for tag in ["all"] + sorted({e.tag for e in examples}):
+        sel = rows_in(report_split) & full & (torch.ones_like(full) if tag == "all" else
+                                              torch.tensor([examples[i].tag == tag for i in owner.tolist()]))
+        if sel.any():
+            acc[tag] = (guide.accuracy(w, c[sel], r[sel]), int(sel.sum()))
+    sel = rows_in(report_split) & ~full
+    trunc = (guide.accuracy(w, c[sel], r[sel]), int(sel.sum())) if sel.any() else (None, 0)
+    return w, fit, report_split, acc, trunc
+
+
+def run(args) -> int:
     from ggro import guide, models
     from ggro.models import ModelLoadError
     if args.input and not Path(args.input).exists():
@@ -105,18 +146,7 @@ def run(args) -> int:
         model = models.load_model(args.base, "causal", args.dtype, args.device)
     except ModelLoadError as e:
         fail(str(e), 1)
-    pairs_path = args.input
-    if not pairs_path:
-        from pipeline.prefs import default_pairs
-        from pipeline.sources import MissingData
-        try:
-            pairs = default_pairs(lambda rows: base_answers(model, tok, rows, args.answer_tokens, args.batch_size))
-        except MissingData as e:
-            fail(str(e), 1)
-        out.mkdir(parents=True, exist_ok=True)
-        pairs_path = out / "pairs.jsonl"
-        pairs_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
-        print(f"wrote {len(pairs)} default pairs to {pairs_path}", file=sys.stderr)
+    pairs_path = args.input or default_pairs_file(model, tok, out, args)
     examples, errors = read_pairs(str(pairs_path), tok)
     for e in errors[:10]:
         print(f"skipped {e}", file=sys.stderr)
@@ -125,25 +155,7 @@ def run(args) -> int:
     split = [guide.split_of(e.group, args.heldout, args.val) for e in examples]
     if not any(s == "train" for s in split):
         fail(f"no usable pairs to train on in {pairs_path} ({len(examples)} valid, {len(errors)} skipped)", 1)
-    backbone = getattr(model, model.base_model_prefix)
-    with tqdm(total=2 * len(examples), desc="features", unit="seq", file=sys.stderr) as bar:
-        c, r, owner = guide.pair_features(backbone, examples, models.cache_dir() / "features", args.batch_size, bar)
-    owner = torch.tensor(owner)
-    full = torch.ones(len(owner), dtype=torch.bool)
-    full[:-1] = owner[1:] != owner[:-1]          # the last feature row of each example: the whole responses
-    rows_in = lambda name: torch.tensor([split[i] == name for i in owner.tolist()])
-    tr, va = rows_in("train"), rows_in("val") & full
-    weights = torch.where(full[tr], 1.0, args.truncated_weight)
-    w, fit = guide.train_head(c[tr], r[tr], c[va], r[va], weights, l2=args.l2)
-    report_split = "test" if "test" in split else "val"
-    acc = {}
-    for tag in ["all"] + sorted({e.tag for e in examples}):
-        sel = rows_in(report_split) & full & (torch.ones_like(full) if tag == "all" else
-                                              torch.tensor([examples[i].tag == tag for i in owner.tolist()]))
-        if sel.any():
-            acc[tag] = (guide.accuracy(w, c[sel], r[sel]), int(sel.sum()))
-    sel = rows_in(report_split) & ~full
-    trunc_acc = guide.accuracy(w, c[sel], r[sel]) if sel.any() else None
+    w, fit, report_split, acc, (trunc_acc, n_trunc) = fit_head(model, examples, split, args)
     meta = {"base": args.base, "pairs": str(pairs_path), "examples": len(examples), "skipped": len(errors),
             "split_counts": {s: split.count(s) for s in ("train", "val", "test")}, "l2": args.l2,
             "truncated_weight": args.truncated_weight, "report_split": report_split,
@@ -156,7 +168,7 @@ def run(args) -> int:
     print(f"{report_split} split, pairwise accuracy (whole responses):\n{report_table(acc)}")
     if trunc_acc is not None:
         print(f"{report_split} split, pairs cut at {'/'.join(map(str, guide.TRUNCATIONS))} response tokens: "
-              f"{trunc_acc:.1%} ({int(sel.sum())})")
+              f"{trunc_acc:.1%} ({n_trunc})")
     print(f"wrote {out} (load with --reward {out} --reward-kind classifier)"
           + (f" and {args.save_head}" if args.save_head else ""))
     return 0

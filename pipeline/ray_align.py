@@ -23,7 +23,6 @@ written apart from the data, while here the whole, atomically moved part files a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -45,38 +44,6 @@ KEYED_SCHEMA = ROW_SCHEMA.append(pa.field("key", pa.int64()))
 KEY_BITS = 40                 # key = file number << 40 | line (or row) number within the file
 READ_BLOCK_ROWS = 4096
 READ_CPUS = 0.25              # read/parse and prepare tasks: light, and fused into one task
-DEFAULT_ROWS_PER_FILE = 10_000
-
-
-def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("ray cluster (without --local)")
-    g.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: "
-                   "$RAY_ADDRESS, else start a local Ray instance")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each policy replica "
-                   "(DeepSpeed-inference; gloo on CPU, NCCL on GPU)")
-    g.add_argument("--policy-gpus-per-replica", type=float, default=0,
-                   help="GPUs per TP rank of a policy replica (0: CPU)")
-    g.add_argument("--policy-replicas", type=int, default=1, help="policy replicas (each --tp rank actors)")
-    g.add_argument("--policy-cpus", type=float, default=0.5, help="CPU share per policy TP rank")
-    g.add_argument("--reward-replicas", type=int, default=1, help="reward-model actors (batches split across them)")
-    g.add_argument("--reward-gpus", type=float, default=0, help="GPUs per reward actor (0: CPU)")
-    g.add_argument("--reward-cpus", type=float, default=0.5, help="CPU share per reward actor")
-    g.add_argument("--aligners", type=int, default=1, help="aligner actor pool size (Ray Data map_batches)")
-    g.add_argument("--aligner-cpus", type=float, default=0.25, help="CPU share per aligner actor")
-    g.add_argument("--in-flight", type=int, default=2,
-                   help="sub-batches each aligner keeps in flight (overlaps policy and reward work)")
-    g.add_argument("--ray-timeout", type=float, default=120,
-                   help="seconds to wait for placement groups before failing with a clear message")
-
-
-def resources_from(args):
-    from actors.cluster import Resources
-    get = lambda k, d: getattr(args, k, None) if getattr(args, k, None) is not None else d  # noqa: E731
-    return Resources(tp=get("tp", 1), policy_gpus_per_replica=get("policy_gpus_per_replica", 0),
-                     policy_replicas=get("policy_replicas", 1), policy_cpus=get("policy_cpus", 0.5),
-                     reward_replicas=get("reward_replicas", 1), reward_gpus=get("reward_gpus", 0),
-                     reward_cpus=get("reward_cpus", 0.5), aligners=get("aligners", 1),
-                     aligner_cpus=get("aligner_cpus", 0.25))
 
 
 def connect(address: str | None = None):
@@ -187,14 +154,14 @@ def _sink(out_dir: str, rows_per_file: int):
     return AtomicParquetSink()
 
 
-def start_ray_workers(mcfg, args):
+def start_ray_workers(job):
     """Connect to Ray and start the policy replicas and the reward pool (actors.cluster.Workers); raises
-    actors.policy.ClusterTooSmall when they cannot be placed (the entry point turns it into an exit code)."""
+    ClusterTooSmall when they cannot be placed (the entry point turns it into an exit code)."""
     from actors.cluster import start_workers
 
-    connect(getattr(args, "address", None))
-    res = resources_from(args)
-    workers = start_workers(mcfg, res, timeout_s=getattr(args, "ray_timeout", None) or 120)
+    connect(job.address)
+    res = job.resources
+    workers = start_workers(job.mcfg, res, timeout_s=job.ray_timeout)
     print(f"ggro: started {res.policy_replicas} policy replica(s) x tp {res.tp} and {res.reward_replicas} "
           "reward actor(s) on Ray", file=sys.stderr)
     return workers
@@ -370,16 +337,15 @@ def _light_repartition(ds):
     return ds
 
 
-def align_on_ray(plan: InputPlan, out_dir, gcfg, mcfg, args, workers) -> None:
-    """Stream `plan`'s input through the aligners on `workers`, adding whole part files to `out_dir`."""
+def align_on_ray(plan: InputPlan, job, workers) -> None:
+    """Stream `plan`'s input through the aligners on `workers`, adding whole part files to `job.output`
+    (`job`: a pipeline.job.AlignJob)."""
     import ray
     import ray.data
 
-    out_dir = output_uri(out_dir)      # the sink's write tasks run on other nodes, in other folders
-    res = resources_from(args)
-    in_flight = getattr(args, "in_flight", None) or 2
+    out_dir = output_uri(job.output)   # the sink's write tasks run on other nodes, in other folders
+    res, mcfg, gcfg, in_flight = job.resources, job.mcfg, job.gcfg, max(1, job.in_flight)
     per_call = max(1, mcfg.batch_size) * in_flight
-    rows_per_file = getattr(args, "rows_per_file", None) or DEFAULT_ROWS_PER_FILE
     ds = plan.dataset().map_batches(
         prepare, batch_format="pyarrow", num_cpus=READ_CPUS,
         fn_kwargs=dict(done=ray.put(plan.done), cutoff=plan.cutoff, dup_keys=plan.dup_keys, dup_k=plan.dup_k))
@@ -392,7 +358,7 @@ def align_on_ray(plan: InputPlan, out_dir, gcfg, mcfg, args, workers) -> None:
         fn_constructor_kwargs=dict(mcfg=mcfg, gcfg=gcfg, policies=workers.policies, reward=workers.reward,
                                    context=workers.context, in_flight=in_flight))
     try:
-        out.write_datasink(_sink(str(out_dir), rows_per_file), ray_remote_args={"num_cpus": res.io_cpus})
+        out.write_datasink(_sink(str(out_dir), job.rows_per_file), ray_remote_args={"num_cpus": res.io_cpus})
     except Exception as e:
         err = _input_error(e)
         if err is not e:

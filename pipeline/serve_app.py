@@ -33,6 +33,7 @@ from ggro.config import GGROConfig, ModelConfig
 from ggro.search import Prompt, run as run_search
 from pipeline import serve_api as api
 from pipeline.serve_models import HandlePolicy, HandleReward, ModelServer
+from pipeline.resources import Resources
 
 log = logging.getLogger("ray.serve")
 
@@ -47,16 +48,15 @@ class ServeSettings:
     max_queue: int = 64                      # prompts (choices) admitted at once, running or waiting
     request_timeout_s: float = 300.0
     retry_after_s: int = 2
-    replica_cpus: float = 0.5                # each model replica (fractional: whole CPUs deadlock 2-core boxes)
-    replica_gpus: float = 0.0
+    # the model deployments' replicas, CPUs and GPUs (fractional CPUs: whole ones deadlock 2-core boxes);
+    # tp > 1: each policy replica is an actors.policy tensor-parallel group
+    resources: Resources = Resources(mode="serve")
     ingress_cpus: float = 0.1
-    model_replicas: int = 1
-    tp: int = 1                              # > 1: each policy replica is an actors.policy tensor-parallel group
 
     @property
     def shared_weights(self) -> bool:
         # the same rule as batch (actors.cluster.start_workers): at tp > 1 the judge gets its own copy
-        return shares_weights(self.mcfg, self.tp)
+        return shares_weights(self.mcfg, self.resources.tp)
 
 
 # -- search loops ----------------------------------------------------------------------------------------
@@ -378,22 +378,23 @@ class GGROIngress:
 
 def build_app(settings: ServeSettings):
     """The bound Serve application for `settings` (cheap: nothing loads until deployed)."""
-    actor = {"num_cpus": settings.replica_cpus}
-    if settings.replica_gpus:
-        actor["num_gpus"] = settings.replica_gpus
-    model_opts = dict(num_replicas=settings.model_replicas, ray_actor_options=actor)
-    if settings.tp > 1:
+    res = settings.resources
+
+    def opts(replicas: int, cpus: float, gpus: float) -> dict:
+        return dict(num_replicas=replicas, ray_actor_options={"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})})
+    policy_opts = opts(res.policy_replicas, res.policy_cpus, res.policy_gpus_per_replica)
+    reward_opts = opts(res.reward_replicas, res.reward_cpus, res.reward_gpus)
+    if res.tp > 1:
         # the policy deployment only forwards to its rank actors, which hold the CPUs/GPUs
-        policy = ModelServer.options(name="GGROPolicy", num_replicas=settings.model_replicas,
-                                     ray_actor_options={"num_cpus": settings.ingress_cpus}).bind(
-            settings.mcfg, ("policy",), settings.tp, settings.replica_cpus, settings.replica_gpus)
-        reward = ModelServer.options(name="GGROReward", **model_opts).bind(settings.mcfg, ("reward",))
+        policy = ModelServer.options(name="GGROPolicy", **opts(res.policy_replicas, settings.ingress_cpus, 0)).bind(
+            settings.mcfg, ("policy",), res.tp, res.policy_cpus, res.policy_gpus_per_replica)
+        reward = ModelServer.options(name="GGROReward", **reward_opts).bind(settings.mcfg, ("reward",))
     elif settings.shared_weights:
-        models = ModelServer.options(name="GGROModels", **model_opts).bind(settings.mcfg, ("policy", "reward"))
+        models = ModelServer.options(name="GGROModels", **policy_opts).bind(settings.mcfg, ("policy", "reward"))
         policy, reward = models, None
     else:
-        policy = ModelServer.options(name="GGROPolicy", **model_opts).bind(settings.mcfg, ("policy",))
-        reward = ModelServer.options(name="GGROReward", **model_opts).bind(settings.mcfg, ("reward",))
+        policy = ModelServer.options(name="GGROPolicy", **policy_opts).bind(settings.mcfg, ("policy",))
+        reward = ModelServer.options(name="GGROReward", **reward_opts).bind(settings.mcfg, ("reward",))
     n = max(1024, 4 * settings.max_queue)
     return GGROIngress.options(ray_actor_options={"num_cpus": settings.ingress_cpus}, max_ongoing_requests=n,
                                max_queued_requests=n).bind(policy, reward, settings)

@@ -1,6 +1,6 @@
 """Sizing a GGRO job from the models' metadata, never their weights: parameter counts and shapes, the memory
 per policy rank and per reward actor, and packing actor groups onto GPUs. Pure functions; `ggro --dry-run`
-(jobs/plan.py) renders them.
+(pipeline/planner.py) checks and renders them.
 
 Parameter counts come from, in order: safetensors headers (exact shapes, no tensor data read), the
 model's config.json (shapes -> a parameter formula), GGUF tensor metadata, or the known size of the
@@ -251,12 +251,12 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res, gcfg: GGROConfig, mcfg: ModelCo
              prompt_tokens: int, tp: int | None = None, dtype: str | None = None,
              batch_size: int | None = None) -> Estimate:
     """The memory rule of thumb (see the module docstring), per policy rank and per reward actor. `res` is the
-    job's resources (jobs.plan.Resources: tp, replicas, GPUs, cached_batches, judge_in_policy); tp, dtype and
+    job's resources (pipeline.resources.Resources: tp, replicas, GPUs, cached_batches, judge_in_policy); tp, dtype and
     batch_size override the job's, to try fixes."""
     tp = tp or res.tp
     db = DTYPE_BYTES[dtype or mcfg.dtype]
     bs = batch_size or mcfg.batch_size
-    on_gpu = res.policy_gpus > 0
+    on_gpu = res.policy_gpus_per_replica > 0
     seq = prompt_tokens + gcfg.max_new_tokens
     rows = bs * gcfg.rows_per_prompt             # best-of-n samples and parallel nudges decode side by side
     kv_seqs = bs * res.cached_batches + rows    # the rank's bounded prefix cache + the live (padded) decode batch

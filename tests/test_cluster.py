@@ -429,8 +429,8 @@ def _serve_options() -> set[str]:
 
 
 def test_dry_run_serve_messages_name_only_serve_flags(tiny_models, tmp_path, capsys, no_weights):
-    """Serve's errors, warnings and fixes name --replica-gpus / --replica-cpus / --model-replicas, never the
-    align flags ggro serve would reject."""
+    """Serve's errors, warnings and fixes name only flags ggro serve accepts (align's resource names; the old
+    --replica-gpus / --replica-cpus / --model-replicas still work as deprecated aliases)."""
     policy = ["--policy", tiny_models["policy"]]
     big = ["--policy", _config_only(tmp_path, "llama70b", LLAMA_70B), "--reward", _config_only(tmp_path, "rm", RM_8B),
            "--reward-kind", "classifier"]
@@ -442,7 +442,7 @@ def test_dry_run_serve_messages_name_only_serve_flags(tiny_models, tmp_path, cap
         (policy + cuda + ["--replica-gpus", "2", "--model-replicas", "5", "--cluster-gpus", "8"], 1,
          "only reserves idle GPUs"),
         (policy + ["--model-replicas", "4", "--replica-cpus", "4", "--cluster-gpus", "0", "--cluster-cpus", "2"], 1,
-         "smaller --replica-cpus (fractions are fine)\n"),
+         "smaller --policy-cpus / --reward-cpus (fractions are fine)\n"),
         (big + cuda + ["--replica-gpus", "0.5", "--cluster-gpus", "8", "--gpu-memory-gb", "80"], 1,
          "whole GPUs per policy actor"),
         (big + ["--cluster-gpus", "0", "--cluster-memory-gb", "16"], 1, "of host RAM needed"),
@@ -455,16 +455,18 @@ def test_dry_run_serve_messages_name_only_serve_flags(tiny_models, tmp_path, cap
         assert not rejected, f"ggro serve does not accept {sorted(rejected)}:\n{out}"
 
 
-def test_dry_run_serve_replica_fix_scales_both_deployments_and_fits(tiny_models, capsys, no_weights):
-    """--model-replicas sets the policy's and the reward's replicas: the suggested count must fit."""
+def test_dry_run_serve_replica_fix_fits(tiny_models, capsys, no_weights):
+    """The deprecated --model-replicas sets the policy's and the reward's replicas; the suggested
+    --policy-replicas count must fit."""
     base = ["serve", "--dry-run", "--policy", tiny_models["policy"], "--reward", tiny_models["classifier"],
             "--reward-kind", "classifier", "--device", "cuda", "--dtype", "bfloat16", "--replica-gpus", "1",
             "--cluster-gpus", "8"]
     rc, out = _run(base + ["--model-replicas", "5"], capsys)
     assert rc == 1 and "needs 10 GPUs, the cluster has 8" in out, out
-    fix = re.search(r"change: --model-replicas (\d+) or", out)
-    assert fix and fix.group(1) == "4", out
-    rc, out = _run(base + ["--model-replicas", fix.group(1)], capsys)
+    assert "--model-replicas is deprecated, use --policy-replicas and --reward-replicas" in out, out
+    fix = re.search(r"change: --policy-replicas (\d+) or", out)
+    assert fix and fix.group(1) == "3", out
+    rc, out = _run(base + ["--policy-replicas", fix.group(1), "--reward-replicas", "5"], capsys)
     assert rc == 0, out
 
 
@@ -474,34 +476,37 @@ def test_dry_run_replica_minimums_are_the_modes_own(tiny_models, capsys, no_weig
     import dataclasses
 
     from jobs.common import resolve_args
-    from jobs.plan import Resources, validate
+    from pipeline.planner import validate
+    from pipeline.resources import Resources
     from pipeline.sizing import model_info
     args = build_parser().parse_args(["align", "--local", "--dry-run", "--policy", tiny_models["policy"]])
     gcfg, mcfg, _ = resolve_args(args)
     pol = model_info(mcfg.policy)
-    res = dataclasses.replace(Resources.from_args(args, mcfg), reward_replicas=-1)   # no flag can do this
+    res = dataclasses.replace(Resources.local(mcfg).started(mcfg), reward_replicas=-1)   # no flag can do this
     errors, _ = validate(pol, pol, res, gcfg, mcfg, 512)
     assert errors == ["reward replicas must be >= 0"]
-    # serve rejects --model-replicas < 1 itself; the planner, called past that check, must agree with it
+    # serve rejects --policy-replicas < 1 itself; the planner, called past that check, must agree with it
     from jobs.plan import dry_run
     from jobs.serve import settings_from_args
     args = build_parser().parse_args(["serve", "--dry-run", "--policy", tiny_models["policy"], "--reward",
                                       tiny_models["classifier"], "--reward-kind", "classifier", "--cluster-gpus", "0"])
     settings = settings_from_args(args)
-    args.model_replicas = -1
-    rc = dry_run(args, settings.gcfg, settings.mcfg)
+    rc = dry_run(args, settings.gcfg, settings.mcfg, dataclasses.replace(settings.resources, policy_replicas=-1))
     out = capsys.readouterr().out
-    assert rc == 2 and out.count("must be >=") == 1 and "--model-replicas must be >= 1" in out, out
+    assert rc == 2 and out.count("must be >=") == 1 and "--policy-replicas must be >= 1" in out, out
 
 
 def test_gpu_memory_read_from_the_device_is_not_credited_to_the_flag():
     """this_machine() passes cuda:0's memory in; --gpu-memory-gb still wins when given, and args stay as parsed."""
-    from jobs.plan import gpu_gib
+    from jobs.plan import cluster_query
+    from pipeline.clusters import gpu_gib
     args = build_parser().parse_args(["align", "--dry-run"])
-    assert gpu_gib(args, "NVIDIA H100 80GB HBM3", device_gib=79.2) == (79.2, "read from cuda:0")
+    assert gpu_gib(cluster_query(args).gpu_memory_gb, "NVIDIA H100 80GB HBM3", device_gib=79.2) == \
+        (79.2, "read from cuda:0")
     assert args.gpu_memory_gb is None
     args = build_parser().parse_args(["align", "--dry-run", "--gpu-memory-gb", "40"])
-    assert gpu_gib(args, "NVIDIA H100 80GB HBM3", device_gib=79.2) == (40.0, "--gpu-memory-gb")
+    assert gpu_gib(cluster_query(args).gpu_memory_gb, "NVIDIA H100 80GB HBM3", device_gib=79.2) == \
+        (40.0, "--gpu-memory-gb")
 
 
 # -- parameter counts ----------------------------------------------------------------------------------
@@ -541,11 +546,11 @@ def test_estimate_counts_every_row_a_prompt_decodes():
     """best-of-n decodes n rows per prompt and lookahead S: the planner's KV and activation estimates grow with
     them (a pure function: no printing, no cluster)."""
     from ggro.config import GGROConfig, ModelConfig
-    from jobs.plan import Resources
+    from pipeline.resources import Resources
     from pipeline.sizing import ModelInfo, estimate
     info = ModelInfo("m", 10**9, "test", layers=16, hidden=2048, heads=16, kv_heads=8, head_dim=128, vocab=32000)
-    res = Resources(tp=1, policy_gpus=1, policy_replicas=1, reward_replicas=1, reward_gpus=1, policy_cpus=1,
-                    reward_cpus=1, aligner_cpus=1, aligners=1)
+    res = Resources(tp=1, policy_gpus_per_replica=1, policy_replicas=1, reward_replicas=1, reward_gpus=1,
+                    policy_cpus=1, reward_cpus=1, aligner_cpus=1, aligners=1)
     mcfg = ModelConfig(policy="p", reward="r", reward_kind="classifier", batch_size=8)
 
     def est(**kw):

@@ -164,7 +164,14 @@ def test_serve_settings_come_from_yaml(tmp_path):
     from jobs.serve import parse, settings_from_args
     cfg = write(tmp_path, {"max-queue": 3, "model-name": "mine", "tp": 2, "model_replicas": 2, "dtype": "bfloat16"})
     s = settings_from_args(parse(["--config", cfg, "--model-replicas", "1"]))
-    assert (s.max_queue, s.model_name, s.tp, s.model_replicas, s.mcfg.dtype) == (3, "mine", 2, 1, "bfloat16")
+    res = s.resources
+    assert (s.max_queue, s.model_name, res.tp, res.policy_replicas, s.mcfg.dtype) == (3, "mine", 2, 1, "bfloat16")
+    assert res.reward_replicas == 1      # the deprecated serve name sets both deployments
+    # serve speaks align's resource vocabulary, from YAML as from flags
+    cfg = write(tmp_path, {"policy-replicas": 2, "reward_replicas": 3, "policy-cpus": 0.2, "reward-gpus": 0.5})
+    res = settings_from_args(parse(["--config", cfg, "--policy-gpus-per-replica", "1"])).resources
+    assert (res.policy_replicas, res.reward_replicas, res.policy_cpus, res.reward_gpus,
+            res.policy_gpus_per_replica, res.mode) == (2, 3, 0.2, 0.5, 1.0, "serve")
 
 
 def test_python_m_entry_points_merge_the_same_way(tmp_path):

@@ -34,11 +34,13 @@ def free_port() -> int:
 
 def settings(policy, reward, kind, **kw):
     from ggro.config import GGROConfig, ModelConfig
+    from pipeline.resources import Resources
     from pipeline.serve_app import ServeSettings
     mcfg = ModelConfig(policy=policy, reward=reward, reward_kind=kind, dtype="float64", batch_size=8,
                        rubric="is it good ? Yes or No")
     base = dict(gcfg=GGROConfig(**SEARCH), mcfg=mcfg, model_name="tiny", max_tokens_limit=64,
-                replica_cpus=0.2, ingress_cpus=0.05)
+                resources=Resources(policy_cpus=0.2, reward_cpus=0.2, tp=kw.pop("tp", 1), mode="serve"),
+                ingress_cpus=0.05)
     return ServeSettings(**{**base, **kw})
 
 
@@ -322,7 +324,7 @@ def test_tensor_parallel_policy_replica(server, tiny_models):
     """--tp 2: the policy deployment forwards to an actors.policy rank group (DeepSpeed AutoTP over gloo)."""
     from ray import serve
     from pipeline.serve_app import build_app
-    st = settings(tiny_models["policy"], tiny_models["classifier"], "classifier", tp=2, replica_cpus=0.2)
+    st = settings(tiny_models["policy"], tiny_models["classifier"], "classifier", tp=2)
     st = type(st)(**{**st.__dict__, "mcfg": type(st.mcfg)(**{**st.mcfg.__dict__, "dtype": "float32"})})
     serve.run(build_app(st), name="ggro-test-tp", route_prefix="/tp")
     try:

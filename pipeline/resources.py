@@ -1,0 +1,97 @@
+"""What a job asks the cluster for: one Resources for align, dpo, serve and the `--dry-run` planner.
+
+Ray-free on purpose: the entry points build it from flags/YAML and the planner sizes it without importing
+Ray; actors.cluster places it. The field defaults here are the flags' defaults (jobs/ reads them).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ggro.config import ModelConfig
+from pipeline.sizing import CACHED_BATCHES, IN_PROCESS_CACHED_BATCHES
+
+IN_PROCESS = ("serve", "local")       # modes whose policy decodes in the process that can also judge
+# Resources a mode fixes itself: no flag sets them there, so messages name the quantity instead.
+FIXED = {"align": (), "serve": ("aligners", "aligner_cpus"),
+         "local": ("policy_replicas", "reward_replicas", "aligners")}
+SERVE_INGRESS_CPUS = 0.1              # serve's one ingress (pipeline.serve_app.ServeSettings.ingress_cpus)
+
+
+class ClusterTooSmall(RuntimeError):
+    """The cluster cannot fit the requested actors; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    tp: int = 1                          # tensor-parallel ranks per policy replica
+    policy_gpus_per_replica: float = 0   # GPUs per TP rank (0: CPU)
+    policy_replicas: int = 1
+    policy_cpus: float = 0.5             # CPU share per TP rank (fractional: whole CPUs deadlock small clusters)
+    reward_replicas: int = 1
+    reward_gpus: float = 0               # GPUs per reward actor
+    reward_cpus: float = 0.5
+    aligners: int = 1                    # serve: its one ingress
+    aligner_cpus: float = 0.25
+    io_cpus: float = 0.1                 # Ray Data write tasks
+    mode: str = "align"                  # align: Ray actors; serve: Serve deployments; local: this process
+
+    @classmethod
+    def local(cls, mcfg: ModelConfig) -> Resources:
+        """`--local`: one policy (and reward) in this process on --device; no Ray, so no CPU shares."""
+        on_gpu = 1.0 if mcfg.device.startswith("cuda") else 0.0
+        return cls(tp=1, policy_gpus_per_replica=on_gpu, policy_replicas=1, policy_cpus=0, reward_replicas=1,
+                   reward_gpus=on_gpu, reward_cpus=0, aligners=1, aligner_cpus=0, io_cpus=0, mode="local")
+
+    def started(self, mcfg: ModelConfig) -> Resources:
+        """The actors the job really starts: a policy that is its own judge scores on its own weights (no
+        reward actors) in every mode, but only unsharded, as AutoTP has no backward (actors.worker.shares_weights)."""
+        judge = mcfg.shares_policy_weights and self.tp == 1
+        return dataclasses.replace(self, reward_replicas=0) if judge else self
+
+    @property
+    def policy_gpus(self) -> float:
+        return self.policy_replicas * self.tp * self.policy_gpus_per_replica
+
+    @property
+    def reward_gpus_total(self) -> float:
+        return self.reward_replicas * self.reward_gpus
+
+    @property
+    def cpus(self) -> float:
+        """CPU shares of the actors (the write tasks' io_cpus apart)."""
+        return (self.policy_replicas * self.tp * self.policy_cpus + self.reward_replicas * self.reward_cpus
+                + self.aligners * self.aligner_cpus)
+
+    @property
+    def cached_batches(self) -> int:
+        return IN_PROCESS_CACHED_BATCHES if self.mode in IN_PROCESS else CACHED_BATCHES
+
+    @property
+    def judge_in_policy(self) -> bool:
+        """No reward actors: the policy's own weights judge, so the judge's backward counts against the
+        policy's memory."""
+        return self.reward_replicas == 0
+
+    def flag(self, field: str) -> str:
+        """What sets `field` in this job's mode: its flag, else (fixed by the mode) the quantity's name."""
+        return field.replace("_", " ") if field in FIXED[self.mode] else "--" + field.replace("_", "-")
+
+    def needs(self) -> dict[str, float]:
+        return {"CPU": self.cpus + self.io_cpus, "GPU": self.policy_gpus + self.reward_gpus_total}
+
+    def check(self, available: dict, what: str = "available") -> None:
+        """Fail fast (ClusterTooSmall) instead of leaving actors pending forever."""
+        if self.tp < 1 or self.policy_replicas < 1 or self.reward_replicas < 1 or self.aligners < 1:
+            raise ClusterTooSmall("--tp, --policy-replicas, --reward-replicas and --aligners must be >= 1")
+        for name, v in (("--policy-cpus", self.policy_cpus), ("--reward-cpus", self.reward_cpus),
+                        ("--aligner-cpus", self.aligner_cpus)):
+            if v <= 0:
+                raise ClusterTooSmall(f"{name} must be > 0 (every actor needs an explicit CPU share)")
+        short = [f"{k}: need {v:g}, {available.get(k, 0):g} {what}"
+                 for k, v in self.needs().items() if v > available.get(k, 0) + 1e-9]
+        if short:
+            raise ClusterTooSmall(
+                "the cluster cannot fit this job (" + "; ".join(short) + "). Need = policy-replicas x tp x "
+                "(policy-cpus, policy-gpus-per-replica) + reward-replicas x (reward-cpus, reward-gpus) + "
+                "aligners x aligner-cpus + 0.1 CPU for writes. Lower the shares/replicas or add nodes.")
