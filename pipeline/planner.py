@@ -52,8 +52,9 @@ def resource_errors(res: Resources, mcfg: ModelConfig) -> tuple[list[str], list[
         check_tp_dtype(res.tp, mcfg.dtype)
     except ConfigError as e:
         errors.append(str(e))
-    # 0 reward replicas: the policy is its own judge (serve, --local)
-    limits = [("policy_replicas", 1), ("reward_replicas", 0 if res.mode != "align" else 1), ("aligners", 1)]
+    # 0 reward replicas: the policy is its own unsharded judge (Resources.started)
+    own_judge = mcfg.shares_policy_weights and res.tp == 1
+    limits = [("policy_replicas", 1), ("reward_replicas", 0 if own_judge else 1), ("aligners", 1)]
     limits += [(f, 0) for f in ("policy_gpus_per_replica", "reward_gpus", "policy_cpus", "reward_cpus",
                                 "aligner_cpus")]
     errors += [f"{res.flag(f)} must be >= {least}" for f, least in limits if getattr(res, f) < least]
