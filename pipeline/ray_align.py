@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,6 +44,7 @@ ROW_SCHEMA = pa.schema([
 KEYED_SCHEMA = ROW_SCHEMA.append(pa.field("key", pa.int64()))
 KEY_BITS = 40                 # key = file number << 40 | line (or row) number within the file
 READ_BLOCK_ROWS = 4096
+log = logging.getLogger("ggro.ray_align")   # the driver's: jobs.logs sets its level; in workers, Ray's
 READ_CPUS = 0.25              # read/parse and prepare tasks: light, and fused into one task
 DEFAULT_ROWS_PER_FILE = 10_000
 
@@ -79,17 +80,18 @@ def resources_from(args):
                      aligner_cpus=get("aligner_cpus", 0.25))
 
 
-def connect(address: str | None = None):
-    """Connect to --address / $RAY_ADDRESS, or start a local Ray instance."""
+def connect(address: str | None = None, log_to_driver: bool = True):
+    """Connect to --address / $RAY_ADDRESS, or start a local Ray instance. `log_to_driver` (off with
+    --quiet): Ray forwards the workers' logs to this driver, so `ray job logs` shows them."""
     import ray
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
     return ray
 
 
@@ -138,8 +140,8 @@ class Aligner:
             try:
                 return list(engine.align(rows, self.gcfg))
             except (RayActorError, ActorUnavailableError) as e:
-                print(f"ggro: policy replica {i} failed ({e.__class__.__name__}); retrying its rows elsewhere",
-                      file=sys.stderr)
+                log.warning("ggro: policy replica %d failed (%s); retrying its rows elsewhere", i,
+                            e.__class__.__name__)
                 with self.lock:
                     self.dead.add(i)
             except Exception:   # isolate the failing row(s): rerun one by one
@@ -161,6 +163,8 @@ class Aligner:
         futures = [self.pool.submit(self._align, k, part) for k, part in enumerate(parts) if part]
         records = [rec for f in futures for rec in f.result()]
         assert sorted(r["id"] for r in records) == sorted(r.id for r in rows), "rows in != rows out"
+        from pipeline.telemetry import record_rows
+        record_rows(records)
         return to_table(records)
 
 
@@ -192,11 +196,11 @@ def start_ray_workers(mcfg, args):
     actors.policy.ClusterTooSmall when they cannot be placed (the entry point turns it into an exit code)."""
     from actors.cluster import start_workers
 
-    connect(getattr(args, "address", None))
+    connect(getattr(args, "address", None), log_to_driver=not getattr(args, "quiet", False))
     res = resources_from(args)
     workers = start_workers(mcfg, res, timeout_s=getattr(args, "ray_timeout", None) or 120)
-    print(f"ggro: started {res.policy_replicas} policy replica(s) x tp {res.tp} and {res.reward_replicas} "
-          "reward actor(s) on Ray", file=sys.stderr)
+    log.info("ggro: started %d policy replica(s) x tp %d and %d reward actor(s) on Ray", res.policy_replicas,
+             res.tp, res.reward_replicas)
     return workers
 
 
