@@ -21,6 +21,7 @@ from ggro.config import ConfigError, ModelLoadError
 from ggro.rows import InputError, dedupe, read_rows
 from ggro.threads import torch_threads
 from jobs.common import add_engine_args, example_prompts, fail, resolve_args, module_main
+from jobs.logs import add_log_args, log, log_to_driver, setup_logging
 from jobs.plan import add_plan_args, dry_run
 from pipeline.output import (OutputError, OutputLock, Summary, _now, clear_output, contains, drop_error_rows,
                              id_digests, output_index, prepare_output, versions, write_manifest, write_part)
@@ -53,6 +54,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     add_plan_args(p)
     add_cluster_args(p)
+    add_log_args(p)
 
 
 def input_path(args) -> str:
@@ -123,7 +125,7 @@ class Aligners:
                     also = f" ({'with the shipped guide head' if guide else 'as its own judge'}, one copy of the weights)"
                 else:
                     also = f" and {'the shipped guide' if guide else m.reward_model}"
-                print(f"ggro: loading {m.policy}{also} in this process", file=sys.stderr)
+                log.info("ggro: loading %s%s in this process", m.policy, also)
                 torch_threads(self.mcfg.cohorts)
                 self.engine = Engine.load(self.mcfg)
             align_local(self.engine, rows, out_dir, gcfg, max(1, getattr(self.args, "rows_per_file", None) or 10_000))
@@ -149,7 +151,7 @@ def read_prompts(args, gcfg, mcfg) -> Prompts:
         skipped: list = []
         return Prompts.of_rows(input_rows(args, skipped), skipped)
     from pipeline.ray_align import connect, scan_input
-    connect(getattr(args, "address", None))
+    connect(getattr(args, "address", None), log_to_driver=log_to_driver(args))
     try:
         plan = scan_input(path, args.limit)
     except FileNotFoundError:
@@ -182,6 +184,7 @@ def max_error_fraction(args) -> float:
 
 def run(args, aligners: Aligners | None = None) -> int:
     """`ggro align`; pass `aligners` to reuse models already loaded by an earlier run (same ModelConfig)."""
+    setup_logging(args)
     if not args.output and not args.dry_run:
         fail("--output DIR is required (Parquet part files are written there)")
     if args.limit is not None and args.limit < 1:
@@ -209,21 +212,20 @@ def run(args, aligners: Aligners | None = None) -> int:
         if args.overwrite:
             n = clear_output(args.output)
             if n:
-                print(f"--overwrite: deleted {n} file(s) ggro wrote in {args.output}", file=sys.stderr)
+                log.info("--overwrite: deleted %d file(s) ggro wrote in %s", n, args.output)
         info = manifest(args, gcfg, mcfg, run_id, started, "local" if args.local else "ray")
         write_manifest(args.output, info)
         prompts = read_prompts(args, gcfg, mcfg)
         for name in prompts.skipped:
-            print(f"ggro: skipped {name} in --input (not .jsonl, .json or .parquet, or a hidden/_ name)",
-                  file=sys.stderr)
+            log.warning("ggro: skipped %s in --input (not .jsonl, .json or .parquet, or a hidden/_ name)", name)
         if prompts.count == 0:
             fail(f"--input {input_path(args)} has no rows" + (
                 f" (skipped: {', '.join(prompts.skipped)})" if prompts.skipped else ""))
         index = output_index(args.output, config_hash(gcfg, mcfg))
         if args.retry_errors and len(index.errors):
             removed = drop_error_rows(args.output, prompts.mask)
-            print(f"--retry-errors: {removed} error row(s) removed from {args.output}; aligning those ids again",
-                  file=sys.stderr)
+            log.info("--retry-errors: %d error row(s) removed from %s; aligning those ids again", removed,
+                     args.output)
             index = output_index(args.output, config_hash(gcfg, mcfg))
         if args.local:
             todo = [r for r, d in zip(prompts.rows, contains(index.done, id_digests([r.id for r in prompts.rows])))
@@ -233,8 +235,7 @@ def run(args, aligners: Aligners | None = None) -> int:
             ntodo = prompts.plan.count_todo(index.done)
             todo = prompts.plan
         if ntodo < prompts.count:
-            print(f"resuming: {prompts.count - ntodo} of {prompts.count} rows already in {args.output}",
-                  file=sys.stderr)
+            log.info("resuming: %d of %d rows already in %s", prompts.count - ntodo, prompts.count, args.output)
         if ntodo:
             aligners.align(todo, args.output, gcfg, mcfg)
         summary = Summary.of_output(args.output, prompts.mask, time.perf_counter() - t0)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 
 from jobs import align
 from jobs.common import fail, module_main
+from jobs.logs import log, setup_logging
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    setup_logging(args)
     import uuid
 
     from pipeline.dpo import DEFAULT_MIN_MARGIN, build_pairs
@@ -72,13 +73,12 @@ def run(args) -> int:
                 for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
                     sub = copy.copy(args)
                     sub.method, sub.output, sub.overwrite = method, where, False
-                    print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
+                    log.info("dpo: aligning with %s into %s", method, where)
                     code = align.run(sub, aligners)
                     if code == 1:
-                        print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
+                        log.warning("dpo: warning: %s output does not hold every input row", method)
                     elif code:
-                        print(f"dpo: warning: {method} output has many error rows (no pairs for them)",
-                              file=sys.stderr)
+                        log.warning("dpo: warning: %s output has many error rows (no pairs for them)", method)
             finally:
                 aligners.close()
         chosen, rejected = read_output(chosen_dir), read_output(rejected_dir)
