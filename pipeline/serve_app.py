@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -442,8 +443,13 @@ class GGROIngress:
             return _error_response(e)
         deadline = time.monotonic() + self.s.request_timeout_s
         if req.stream:
-            return StreamingResponse(self._stream(req, prompts, events, deadline, jobs, t0),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            body = self._stream(req, prompts, events, deadline, jobs, t0)
+            # A client gone before the body starts leaves the generator unstarted, so its `finally` never runs:
+            # free the slots when it is collected (cancel is idempotent; on the event loop, since a collection
+            # may happen in a thread that holds hub.lock).
+            loop = asyncio.get_running_loop()
+            weakref.finalize(body, loop.call_soon_threadsafe, self.hub.cancel, jobs).atexit = False
+            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices: list[dict | None] = [None] * len(prompts)
         # Serve cancels this coroutine when the client disconnects (CancelledError at the await): the
         # status stays 499 (nginx's "client closed request") and `finally` frees the unanswered prompts.
