@@ -76,3 +76,18 @@ def test_log_level_and_quiet_flags(capsys):
     err = capsys.readouterr().err
     assert "a warning line" in err and "shown at INFO" in err and "an info line" not in err
     assert len(log.handlers) == 1        # set up twice, one handler: no line printed twice
+
+
+def test_metrics_are_harmless_without_ray():
+    """Recording with no Ray instance (no metrics agent) neither raises nor starts Ray; zero counts, a
+    negative and a NaN reward are fine too."""
+    code = ("import ray\nfrom pipeline import telemetry as t\n"
+            "t.record_request('', 'completions', 200, 0.5, 3, 0); t.record_request('', 'completions', 499, 1.0)\n"
+            "t.record_first_token('', 'completions', 0.1); t.record_queue_depth('', 0); t.record_cancelled('', 2)\n"
+            "t.record_response('serve', 'ggro', -1.5, 2, 9); t.record_response('serve', 'greedy', float('nan'), 0, 1)\n"
+            "t.record_rows([{'error': None, 'method': 'ggro', 'reward': 0.3, 'num_nudges': 1, 'reward_calls': 4},"
+            " {'error': 'bad', 'method': 'ggro'}])\n"
+            "print(ray.is_initialized(), sorted(t._broken))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "False []"
