@@ -469,6 +469,9 @@ class GGROIngress:
         except api.ApiError as e:
             status = e.status
             return _error_response(e)
+        except Exception:
+            status = 500
+            raise
         finally:
             self.hub.cancel(jobs)
             telemetry.record_request(self.telemetry_app, endpoint, status, time.monotonic() - t0, len(prompts[0].ids),
@@ -521,12 +524,18 @@ class GGROIngress:
                 completion_tokens += c["tokens"]
                 done[i] = True
                 rest = c["text"][len(sent[i]):] if c["text"].startswith(sent[i]) else ""
+                if first and rest:     # the baselines' text comes whole, in the final chunk
+                    first = False
+                    telemetry.record_first_token(self.telemetry_app, endpoint, time.monotonic() - t0)
                 yield api.sse(api.chunk_body(req, i, rest or None, finish_reason=c["finish_reason"],
                                              extra={"ggro": c["stats"]}))
             if req.include_usage:
                 yield api.sse(api.usage_chunk(req, len(prompts[0].ids), completion_tokens))
             yield api.sse("[DONE]")
             status = 200
+        except Exception:
+            status = 500
+            raise
         finally:
             self.hub.cancel(jobs)
             telemetry.record_request(self.telemetry_app, endpoint, status, time.monotonic() - t0, len(prompts[0].ids),
