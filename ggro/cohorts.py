@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .config import GGROConfig
 from .seam import Policy, Prompt, Reward
@@ -29,7 +29,7 @@ class _Locked:
 
 
 def overlapped(search, prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
-               batch_size: int = 8, cohorts: int = 2) -> Iterator:
+               batch_size: int = 8, cohorts: int = 2, withdrawn: Callable[[str], bool] | None = None) -> Iterator:
     """`search(prompts, policy, reward, cfg, size)` in `cohorts` threads of batch_size / cohorts prompts each,
     over one Policy and one Reward: while one cohort's reward call runs, another's policy decodes, so two cores
     (or a GPU's two engines) stay busy.
@@ -50,7 +50,7 @@ def overlapped(search, prompts: Iterable[Prompt], policy: Policy, reward: Reward
 
     def work(size):
         try:
-            for res in search(feed(), pol, rew, cfg, size):
+            for res in search(feed(), pol, rew, cfg, size, withdrawn):
                 out.put(res)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             out.put(e)

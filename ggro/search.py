@@ -10,7 +10,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -145,20 +145,35 @@ def _next(a: _Active, s, r, idx: int, more: bool, cfg: GGROConfig) -> bool:
     return True
 
 
+def _withdraw(group: list[_Active], policy: Policy, withdrawn: Callable[[str], bool] | None) -> list[_Active]:
+    """`group` without the prompts whose caller gave up on them (Serve: the client disconnected), their
+    caches released; they yield no Result. `withdrawn(id)` is asked once per prompt per round and True is
+    final (the caller may forget the prompt when it answers True)."""
+    if withdrawn is None:
+        return group
+    gone = [a for a in group if withdrawn(a.p.id)]
+    if gone:
+        policy.release([a.p.id for a in gone])
+        group = [a for a in group if a not in gone]
+    return group
+
+
 def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
-         batch_size: int = 8) -> Iterator[Result]:
+         batch_size: int = 8, withdrawn: Callable[[str], bool] | None = None) -> Iterator[Result]:
     """GGRO over `prompts`, yielding each Result as soon as its prompt finishes.
 
     search_mode `faithful` refines serially (ALGORITHM.md); `adaptive` also stops a segment when a nudge
     fails to raise the reward by `adaptive_margin` or would repeat an earlier refinement; `parallel` decodes
     the S-1 best nudges of the first gradient together in one round and scores them in one call. With
     `max_refined_segments` B, any mode refines the first B segments only and decodes the rest greedily.
+    `withdrawn` (optional) drops prompts between rounds, see _withdraw.
     """
     pending = iter(prompts)
     active: list[_Active] = []
     waiting: list[_Active] = []     # past max_refined_segments: decoded to the end together, a batch at a time
     S = cfg.num_refinements
     while True:
+        active, waiting = _withdraw(active, policy, withdrawn), _withdraw(waiting, policy, withdrawn)
         active += [_Active(p, cfg, time.perf_counter()) for p in _take(pending, batch_size - len(active))]
         if not active:
             if waiting:
@@ -255,7 +270,7 @@ def _finish(tails: list[_Active], policy: Policy, reward: Reward, cfg: GGROConfi
 
 
 def lookahead(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
-              batch_size: int = 8) -> Iterator[Result]:
+              batch_size: int = 8, withdrawn: Callable[[str], bool] | None = None) -> Iterator[Result]:
     """`lookahead` mode: refine at the policy's uncertain points with whole-response rollouts.
 
     Decode greedily to the next uncertain point u (the entropy rule of a segment); take the guide's gradient at
@@ -270,7 +285,7 @@ def lookahead(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GG
     while chunk := _take(source, batch_size):
         active = [_Active(p, cfg, time.perf_counter()) for p in chunk]
         points = 0
-        while active:
+        while active := _withdraw(active, policy, withdrawn):
             points += 1
             last = cfg.budget_spent(points)
             finished = _lookahead_point(active, policy, reward, cfg, last)
@@ -363,15 +378,17 @@ def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGR
 
 
 def search(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
-           batch_size: int = 8) -> Iterator[Result]:
-    """The search of `cfg` in this thread."""
+           batch_size: int = 8, withdrawn: Callable[[str], bool] | None = None) -> Iterator[Result]:
+    """The search of `cfg` in this thread. `withdrawn`: see _withdraw (the baselines' one-call batches
+    ignore it: nothing is left to save once their call runs)."""
     if cfg.method != "ggro":
         return baseline(prompts, policy, reward, cfg, batch_size)
-    return (lookahead if cfg.search_mode == "lookahead" else ggro)(prompts, policy, reward, cfg, batch_size)
+    return (lookahead if cfg.search_mode == "lookahead" else ggro)(prompts, policy, reward, cfg, batch_size,
+                                                                    withdrawn)
 
 
 def run(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
-        batch_size: int = 8, cohorts: int = 1) -> Iterator[Result]:
+        batch_size: int = 8, cohorts: int = 1, withdrawn: Callable[[str], bool] | None = None) -> Iterator[Result]:
     if cfg.method == "ggro" and cohorts > 1:
-        return overlapped(search, prompts, policy, reward, cfg, batch_size, cohorts)
-    return search(prompts, policy, reward, cfg, batch_size)
+        return overlapped(search, prompts, policy, reward, cfg, batch_size, cohorts, withdrawn)
+    return search(prompts, policy, reward, cfg, batch_size, withdrawn)

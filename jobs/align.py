@@ -22,6 +22,7 @@ from ggro.rows import InputError, dedupe, read_rows
 from ggro.threads import torch_threads
 from jobs.common import add_engine_args, add_resource_args, example_prompts, fail, resolve_args, module_main, \
     resources_from_args
+from jobs.logs import add_log_args, log, log_to_driver, setup_logging
 from jobs.plan import add_plan_args, dry_run
 from pipeline.job import (DEFAULT_IN_FLIGHT, DEFAULT_MAX_ERROR_FRACTION, DEFAULT_RAY_TIMEOUT_S, DEFAULT_ROWS_PER_FILE,
                           AlignJob)
@@ -67,6 +68,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     add_plan_args(p)
     add_cluster_args(p)
+    add_log_args(p)
 
 
 def input_path(args) -> str:
@@ -97,7 +99,8 @@ def job_from_args(args) -> AlignJob:
                     overwrite=bool(args.overwrite), retry_errors=bool(args.retry_errors),
                     max_error_fraction=DEFAULT_MAX_ERROR_FRACTION if frac is None else frac,
                     rows_per_file=args.rows_per_file, local=bool(args.local), resources=res, address=args.address,
-                    ray_timeout=args.ray_timeout or DEFAULT_RAY_TIMEOUT_S, in_flight=args.in_flight or DEFAULT_IN_FLIGHT)
+                    ray_timeout=args.ray_timeout or DEFAULT_RAY_TIMEOUT_S, in_flight=args.in_flight or DEFAULT_IN_FLIGHT,
+                    log_to_driver=log_to_driver(args))
 
 
 @dataclass
@@ -170,7 +173,7 @@ def _load_engine(m, gradient: bool = True):
         also = f" ({'with the shipped guide head' if guide else 'as its own judge'}, one copy of the weights)"
     else:
         also = f" and {'the shipped guide' if guide else m.reward_model}"
-    print(f"ggro: loading {m.policy}{also} in this process", file=sys.stderr)
+    log.info("ggro: loading %s%s in this process", m.policy, also)
     torch_threads(m.cohorts)
     return Engine.load(m, gradient)
 
@@ -181,7 +184,7 @@ def read_prompts(job: AlignJob) -> Prompts:
         prompts = Prompts.of_rows(read_input(job.input, job.limit, skipped), skipped)
     else:
         from pipeline.ray_align import connect, scan_input
-        connect(job.address)
+        connect(job.address, log_to_driver=job.log_to_driver)
         try:
             plan = scan_input(job.input, job.limit)
         except FileNotFoundError:
@@ -190,7 +193,7 @@ def read_prompts(job: AlignJob) -> Prompts:
             fail(str(e))
         prompts = Prompts(plan.count, plan.ids, plan.skipped, plan=plan)
     for name in prompts.skipped:
-        print(f"ggro: skipped {name} in --input (not .jsonl, .json or .parquet, or a hidden/_ name)", file=sys.stderr)
+        log.warning("ggro: skipped %s in --input (not .jsonl, .json or .parquet, or a hidden/_ name)", name)
     if prompts.count == 0:
         fail(f"--input {job.input} has no rows" + (
             f" (skipped: {', '.join(prompts.skipped)})" if prompts.skipped else ""))
@@ -213,6 +216,7 @@ def manifest(job: AlignJob, run_id: str, started: str) -> dict:
 
 def run(args, aligners: Aligners | None = None) -> int:
     """`ggro align` from parsed flags; --dry-run only plans."""
+    setup_logging(args)
     if not args.output and not args.dry_run:
         fail("--output DIR is required (Parquet part files are written there)")
     try:
@@ -238,7 +242,7 @@ def run_job(job: AlignJob, aligners: Aligners | None = None) -> int:
         if job.overwrite:
             n = clear_output(job.output)
             if n:
-                print(f"--overwrite: deleted {n} file(s) ggro wrote in {job.output}", file=sys.stderr)
+                log.info("--overwrite: deleted %d file(s) ggro wrote in %s", n, job.output)
         info = manifest(job, run_id, started)
         write_manifest(job.output, info)
         prompts = read_prompts(job)
@@ -267,8 +271,7 @@ def align_todo(job: AlignJob, prompts: Prompts, aligners: Aligners) -> int:
     index = output_index(job.output, config_hash(job.gcfg, job.mcfg))
     if job.retry_errors and len(index.errors):
         removed = drop_error_rows(job.output, prompts.mask)
-        print(f"--retry-errors: {removed} error row(s) removed from {job.output}; aligning those ids again",
-              file=sys.stderr)
+        log.info("--retry-errors: %d error row(s) removed from %s; aligning those ids again", removed, job.output)
         index = output_index(job.output, config_hash(job.gcfg, job.mcfg))
     if job.local:
         done = contains(index.done, id_digests([r.id for r in prompts.rows]))
@@ -278,7 +281,7 @@ def align_todo(job: AlignJob, prompts: Prompts, aligners: Aligners) -> int:
         ntodo = prompts.plan.count_todo(index.done)
         todo = prompts.plan
     if ntodo < prompts.count:
-        print(f"resuming: {prompts.count - ntodo} of {prompts.count} rows already in {job.output}", file=sys.stderr)
+        log.info("resuming: %d of %d rows already in %s", prompts.count - ntodo, prompts.count, job.output)
     if ntodo:
         aligners.align(todo, job)
     return ntodo

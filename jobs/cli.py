@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
+from pathlib import Path
 
 from jobs.common import Parser
 
@@ -17,9 +19,21 @@ SUBCOMMANDS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version; a checkout run without installing reads its pyproject.toml."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+    try:
+        return dist_version("ggro")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.M) if pyproject.exists() else None
+        return found.group(1) if found else "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ggro", description="Gradient-Guided Reward Optimization "
                     "(inference-time alignment) on one machine or a Ray cluster.")
+    parser.add_argument("--version", action="version", version=f"ggro {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         mod = importlib.import_module(module)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 from jobs import align
 from ggro.config import ConfigError
 from jobs.common import fail, module_main
+from jobs.logs import log, setup_logging
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    setup_logging(args)
     import uuid
 
     from pipeline.dpo import DEFAULT_MIN_MARGIN, join_outputs
@@ -90,12 +91,12 @@ def align_both(args, out) -> tuple[str, str]:
         for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
             sub = dataclasses.replace(job, gcfg=dataclasses.replace(job.gcfg, method=method), output=where,
                                       overwrite=False)
-            print(f"dpo: aligning with {method} into {where}", file=sys.stderr)
+            log.info("dpo: aligning with %s into %s", method, where)
             code = align.run_job(sub, aligners)
             if code == 1:
-                print(f"dpo: warning: {method} output does not hold every input row", file=sys.stderr)
+                log.warning("dpo: warning: %s output does not hold every input row", method)
             elif code:
-                print(f"dpo: warning: {method} output has many error rows (no pairs for them)", file=sys.stderr)
+                log.warning("dpo: warning: %s output has many error rows (no pairs for them)", method)
     finally:
         aligners.close()
     return chosen_dir, rejected_dir

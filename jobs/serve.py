@@ -19,6 +19,7 @@ import time
 
 from ggro.config import ConfigError
 from jobs.common import Parser, add_engine_args, add_resource_args, fail, resolve_args, resources_from_args
+from jobs.logs import add_log_args, log, log_to_driver, setup_logging
 from jobs.plan import add_plan_args
 from pipeline.resources import SERVE_INGRESS_CPUS
 
@@ -52,6 +53,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_serve_args(p)
     add_engine_args(p)
     add_plan_args(p)
+    add_log_args(p)
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -103,6 +105,7 @@ def __getattr__(name: str):
 
 
 def run(args) -> int:
+    setup_logging(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as e:
@@ -114,13 +117,14 @@ def run(args) -> int:
     from ray import serve
     from pipeline.serve_app import build_app
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
+             log_to_driver=log_to_driver(args))
     serve.start(http_options={"host": args.host, "port": args.port})
-    print(f"ggro serve: loading {settings.mcfg.policy} ...", file=sys.stderr)
+    log.info("ggro serve: loading %s ...", settings.mcfg.policy)
     serve.run(build_app(settings), name="ggro", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
-    print(f"ggro serve: ready at {url}/v1 (model {settings.model_name!r}"
-          f"{', API key required' if settings.api_key else ''}); Ctrl-C to stop", file=sys.stderr)
+    log.info("ggro serve: ready at %s/v1 (model %r%s); Ctrl-C to stop", url, settings.model_name,
+             ", API key required" if settings.api_key else "")
     def stop(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
@@ -128,7 +132,7 @@ def run(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("ggro serve: shutting down", file=sys.stderr)
+        log.info("ggro serve: shutting down")
         serve.shutdown()
         ray.shutdown()
     return 0

@@ -29,6 +29,7 @@ class AlignJob:
     address: str | None = None                # Ray cluster; None: $RAY_ADDRESS, else a local Ray
     ray_timeout: float = DEFAULT_RAY_TIMEOUT_S   # seconds to wait for placement groups
     in_flight: int = DEFAULT_IN_FLIGHT        # sub-batches each aligner keeps in flight
+    log_to_driver: bool = True                # Ray workers' logs reach the driver (`ray job logs`); --quiet: off
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:

@@ -24,8 +24,8 @@ written apart from the data, while here the whole, atomically moved part files a
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,20 +43,22 @@ ROW_SCHEMA = pa.schema([
 KEYED_SCHEMA = ROW_SCHEMA.append(pa.field("key", pa.int64()))
 KEY_BITS = 40                 # key = file number << 40 | line (or row) number within the file
 READ_BLOCK_ROWS = 4096
+log = logging.getLogger("ggro.ray_align")   # the driver's: jobs.logs sets its level; in workers, Ray's
 READ_CPUS = 0.25              # read/parse and prepare tasks: light, and fused into one task
 
 
-def connect(address: str | None = None):
-    """Connect to --address / $RAY_ADDRESS, or start a local Ray instance."""
+def connect(address: str | None = None, log_to_driver: bool = True):
+    """Connect to --address / $RAY_ADDRESS, or start a local Ray instance. `log_to_driver` (off with
+    --quiet): Ray forwards the workers' logs to this driver, so `ray job logs` shows them."""
     import ray
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
     return ray
 
 
@@ -105,8 +107,8 @@ class Aligner:
             try:
                 return list(engine.align(rows, self.gcfg))
             except (RayActorError, ActorUnavailableError) as e:
-                print(f"ggro: policy replica {i} failed ({e.__class__.__name__}); retrying its rows elsewhere",
-                      file=sys.stderr)
+                log.warning("ggro: policy replica %d failed (%s); retrying its rows elsewhere", i,
+                            e.__class__.__name__)
                 with self.lock:
                     self.dead.add(i)
             except Exception:   # isolate the failing row(s): rerun one by one
@@ -128,6 +130,8 @@ class Aligner:
         futures = [self.pool.submit(self._align, k, part) for k, part in enumerate(parts) if part]
         records = [rec for f in futures for rec in f.result()]
         assert sorted(r["id"] for r in records) == sorted(r.id for r in rows), "rows in != rows out"
+        from pipeline.telemetry import record_rows
+        record_rows(records)
         return to_table(records)
 
 
@@ -159,11 +163,12 @@ def start_ray_workers(job):
     ClusterTooSmall when they cannot be placed (the entry point turns it into an exit code)."""
     from actors.cluster import start_workers
 
-    connect(job.address)
+    connect(job.address, log_to_driver=job.log_to_driver)
     res = job.resources
     workers = start_workers(job.mcfg, res, timeout_s=job.ray_timeout)
-    print(f"ggro: started {res.policy_replicas} policy replica(s) x tp {res.tp} and {res.reward_replicas} "
-          "reward actor(s) on Ray", file=sys.stderr)
+    shared = "" if workers.reward.owned else " (the policy replicas judge: one copy of the weights)"
+    log.info("ggro: started %d policy replica(s) x tp %d and %d reward actor(s) on Ray%s", res.policy_replicas,
+             res.tp, len(workers.reward.workers) if workers.reward.owned else 0, shared)
     return workers
 
 

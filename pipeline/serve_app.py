@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -32,10 +33,13 @@ from actors.worker import shares_weights
 from ggro.config import GGROConfig, ModelConfig
 from ggro.search import Prompt, run as run_search
 from pipeline import serve_api as api
+from pipeline import telemetry
 from pipeline.serve_models import HandlePolicy, HandleReward, ModelServer
 from pipeline.resources import Resources
 
 log = logging.getLogger("ray.serve")
+
+ENDPOINTS = {"chat": "chat/completions", "completion": "completions"}   # the metrics' endpoint label
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Job:
     emit: object                         # callable(tuple): ("segment", index, y) | ("done", index, Result) | ("error", index, msg)
     stream: bool = False
     sent: int = 0                        # tokens of y already reported as segments
+    settled: bool = False                # its admission slot is given back (answered, failed or cancelled)
+    cancelled: bool = False              # its request stopped waiting: the search drops it (guarded by hub.lock)
 
 
 class _Loop(threading.Thread):
@@ -94,17 +100,33 @@ class _Loop(threading.Thread):
         search keeps its active prompts going and asks again next round."""
         while True:
             try:
-                yield self.q.get_nowait().prompt
+                job = self.q.get_nowait()
             except queue.Empty:
                 yield None
+                continue
+            if not self._withdrawn(job.prompt.id):
+                yield job.prompt
 
     def _drain(self) -> list[Prompt]:
         out = []
         while True:
             try:
-                out.append(self.q.get_nowait().prompt)
+                job = self.q.get_nowait()
             except queue.Empty:
                 return out
+            if not self._withdrawn(job.prompt.id):
+                out.append(job.prompt)
+
+    def _withdrawn(self, prompt_id: str) -> bool:
+        """ggro.search's hook, asked between rounds: True drops a cancelled job's prompt from the search for
+        good, so the loop forgets the job (its id may then join this loop again, from a later request)."""
+        with self.hub.lock:
+            job = self.jobs.get(prompt_id)
+            if job is None or not job.cancelled:
+                return False
+            del self.jobs[prompt_id]
+            self.hub.withdrawn += 1
+            return True
 
     def run(self):
         hub = self.hub
@@ -118,16 +140,23 @@ class _Loop(threading.Thread):
                     return
             try:
                 prompts = self._feed() if self.cfg.method == "ggro" else self._drain()
-                for res in run_search(prompts, self.policy, self.reward, self.cfg, hub.batch_size):
+                for res in run_search(prompts, self.policy, self.reward, self.cfg, hub.batch_size,
+                                      withdrawn=self._withdrawn):
                     with hub.lock:
                         job = self.jobs.pop(res.id, None)
-                    if job is not None:
+                        live = job is not None and not job.settled   # a cancelled job's slot is back already
+                        if live:
+                            job.settled = True
+                    if live:
                         hub.finished(1)
                         job.emit(("done", job.index, res))
             except Exception as e:   # a model replica failed: fail what this loop holds, keep serving
                 log.exception("GGRO search loop failed")
                 with hub.lock:
-                    failed = list(self.jobs.values())
+                    held = list(self.jobs.values())
+                    failed = [j for j in held if not j.settled]
+                    for j in failed:
+                        j.settled = True
                     self.jobs.clear()
                     while not self.q.empty():
                         self.q.get_nowait()
@@ -135,7 +164,7 @@ class _Loop(threading.Thread):
                 for job in failed:
                     job.emit(("error", job.index, f"{type(e).__name__}: {e}"))
                 try:
-                    self.policy.release([j.prompt.id for j in failed])
+                    self.policy.release([j.prompt.id for j in held])
                 except Exception:
                     pass
 
@@ -143,23 +172,42 @@ class _Loop(threading.Thread):
 class SearchHub:
     """Admission (bounded), and the map from search config to the loops running it."""
 
-    def __init__(self, policy_handle, reward_handle, batch_size: int, max_queue: int):
+    def __init__(self, policy_handle, reward_handle, batch_size: int, max_queue: int, app: str = ""):
         self.policy_handle, self.reward_handle = policy_handle, reward_handle
-        self.batch_size, self.max_queue = batch_size, max_queue
+        self.batch_size, self.max_queue, self.app = batch_size, max_queue, app
         self.lock = threading.Lock()
         self.loops: dict[GGROConfig, list[_Loop]] = {}
         self.outstanding = 0
+        self.cancelled = 0                   # prompts whose request stopped waiting before their answer
+        self.withdrawn = 0                   # ... of them, dropped from the search before it finished them
 
     def admit(self, k: int) -> bool:
         with self.lock:
             if self.outstanding + k > self.max_queue:
                 return False
             self.outstanding += k
+            telemetry.record_queue_depth(self.app, self.outstanding)   # under the lock: never a stale value last
             return True
 
     def finished(self, k: int) -> None:
         with self.lock:
             self.outstanding -= k
+            telemetry.record_queue_depth(self.app, self.outstanding)
+
+    def cancel(self, jobs: list[Job]) -> int:
+        """Give back the slots of `jobs` not answered yet (their client left, the request timed out or a sibling
+        choice failed) and mark them so their search loop drops them; returns how many were cancelled."""
+        with self.lock:
+            live = [j for j in jobs if not j.settled]
+            for j in live:
+                j.settled = j.cancelled = True
+            self.outstanding -= len(live)
+            self.cancelled += len(live)
+            if live:
+                telemetry.record_queue_depth(self.app, self.outstanding)
+        if live:
+            telemetry.record_cancelled(self.app, len(live))
+        return len(live)
 
     def submit(self, cfg: GGROConfig, job: Job) -> None:
         """Queue a job on a loop for `cfg` that does not hold its prompt id yet (starting one if needed)."""
@@ -178,7 +226,8 @@ class SearchHub:
     def stats(self) -> dict:
         with self.lock:
             return {"outstanding": self.outstanding, "max_queue": self.max_queue,
-                    "search_loops": sum(len(v) for v in self.loops.values())}
+                    "search_loops": sum(len(v) for v in self.loops.values()), "cancelled": self.cancelled,
+                    "withdrawn": self.withdrawn}
 
 
 # -- the ingress -------------------------------------------------------------------------------------------
@@ -215,8 +264,9 @@ class GGROIngress:
         except (OSError, ValueError):
             pass
         self.eos = eos
+        self.telemetry_app = telemetry.serve_app_name()
         self.hub = SearchHub(policy_handle, reward_handle or policy_handle, settings.mcfg.batch_size,
-                             settings.max_queue)
+                             settings.max_queue, self.telemetry_app)
         self.model_names = (settings.model_name,)
 
     # -- helpers ----------------------------------------------------------------------------------------
@@ -257,7 +307,7 @@ class GGROIngress:
                    for i in range(req.n)]
         return req, prompts
 
-    def _start(self, req: api.ApiRequest, prompts: list[Prompt]) -> asyncio.Queue:
+    def _start(self, req: api.ApiRequest, prompts: list[Prompt]) -> tuple[asyncio.Queue, list[Job]]:
         if not self.hub.admit(len(prompts)):
             raise api.ApiError(503, f"server overloaded: {self.s.max_queue} prompts already admitted; retry "
                                f"after {self.s.retry_after_s}s", type_="server_error", code="overloaded",
@@ -267,9 +317,10 @@ class GGROIngress:
 
         def emit(ev):
             loop.call_soon_threadsafe(events.put_nowait, ev)
-        for i, p in enumerate(prompts):
-            self.hub.submit(req.cfg, Job(p, i, emit, stream=req.stream))
-        return events
+        jobs = [Job(p, i, emit, stream=req.stream) for i, p in enumerate(prompts)]
+        for job in jobs:
+            self.hub.submit(req.cfg, job)
+        return events, jobs
 
     def _text(self, tokens: list[int], stops: list[str]) -> tuple[str, bool]:
         return api.apply_stop(self.tok.decode(tokens, skip_special_tokens=True), stops)
@@ -278,6 +329,7 @@ class GGROIngress:
         text, hit = self._text(res.tokens, req.stop)
         ended = bool(res.tokens) and res.tokens[-1] in self.eos
         finish = "stop" if hit or ended or len(res.tokens) < req.cfg.max_new_tokens else "length"
+        telemetry.record_response("serve", res.method, res.reward, res.num_nudges, res.reward_calls)
         return {"text": text, "finish_reason": finish, "tokens": len(res.tokens), "stats": api.stats(res)}
 
     def _timeout(self) -> api.ApiError:
@@ -285,16 +337,27 @@ class GGROIngress:
                             code="timeout")
 
     async def _complete(self, kind: str, request: Request):
+        t0 = time.monotonic()
+        endpoint = ENDPOINTS[kind]
         try:
             req, prompts = await self._parse(request, kind)
-            events = self._start(req, prompts)
+            events, jobs = self._start(req, prompts)
         except api.ApiError as e:
+            telemetry.record_request(self.telemetry_app, endpoint, e.status, time.monotonic() - t0)
             return _error_response(e)
         deadline = time.monotonic() + self.s.request_timeout_s
         if req.stream:
-            return StreamingResponse(self._stream(req, prompts, events, deadline), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            body = self._stream(req, prompts, events, deadline, jobs, t0)
+            # A client gone before the body starts leaves the generator unstarted, so its `finally` never runs:
+            # free the slots when it is collected (cancel is idempotent; on the event loop, since a collection
+            # may happen in a thread that holds hub.lock).
+            loop = asyncio.get_running_loop()
+            weakref.finalize(body, loop.call_soon_threadsafe, self.hub.cancel, jobs).atexit = False
+            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices: list[dict | None] = [None] * len(prompts)
+        # Serve cancels this coroutine when the client disconnects (CancelledError at the await): the
+        # status stays 499 (nginx's "client closed request") and `finally` frees the unanswered prompts.
+        status = 499
         try:
             while any(c is None for c in choices):
                 kind_, i, payload = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
@@ -302,26 +365,48 @@ class GGROIngress:
                     choices[i] = self._choice(req, payload)
                 elif kind_ == "error":
                     raise api.ApiError(500, f"search failed: {payload}", type_="server_error", code="internal")
+            status = 200
+            return JSONResponse(api.completion_body(req, choices, len(prompts[0].ids)))
         except asyncio.TimeoutError:
+            status = 504
             return _error_response(self._timeout())
         except api.ApiError as e:
+            status = e.status
             return _error_response(e)
-        return JSONResponse(api.completion_body(req, choices, len(prompts[0].ids)))
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.hub.cancel(jobs)
+            telemetry.record_request(self.telemetry_app, endpoint, status, time.monotonic() - t0, len(prompts[0].ids),
+                                     sum(c["tokens"] for c in choices if c is not None))
 
-    async def _stream(self, req: api.ApiRequest, prompts: list[Prompt], events: asyncio.Queue, deadline: float):
+    async def _stream(self, req: api.ApiRequest, prompts: list[Prompt], events: asyncio.Queue, deadline: float,
+                      jobs: list[Job], t0: float):
         hold = max((len(s) for s in req.stop), default=1) - 1   # chars that might start a stop string
         sent = [""] * len(prompts)
         done = [False] * len(prompts)
         completion_tokens = 0
-        for i in range(len(prompts)):
-            yield api.sse(api.chunk_body(req, i, "" if req.kind == "chat" else None, role=True))
+        endpoint, first = ENDPOINTS[req.kind], True
+        # A client that disconnects closes this generator at a `yield` or cancels it at the await (Starlette
+        # and Serve both do): the status stays 499 and `finally` frees the prompts still searching, as it does
+        # for choices that ended at a stop string before their search did.
+        status = 499
         try:
+            for i in range(len(prompts)):
+                yield api.sse(api.chunk_body(req, i, "" if req.kind == "chat" else None, role=True))
             while not all(done):
-                kind_, i, payload = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                try:
+                    kind_, i, payload = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    status = 504
+                    yield api.sse(self._timeout().body())
+                    return
                 if done[i]:
                     continue
                 if kind_ == "error":
                     err = api.ApiError(500, f"search failed: {payload}", type_="server_error", code="internal")
+                    status = 500
                     yield api.sse(err.body())
                     return
                 if kind_ == "segment":
@@ -330,6 +415,9 @@ class GGROIngress:
                     while upto > 0 and text[upto - 1] == "\ufffd":   # an incomplete multi-byte character
                         upto -= 1
                     if text.startswith(sent[i]) and upto > len(sent[i]):
+                        if first:
+                            first = False
+                            telemetry.record_first_token(self.telemetry_app, endpoint, time.monotonic() - t0)
                         yield api.sse(api.chunk_body(req, i, text[len(sent[i]):upto]))
                         sent[i] = text[:upto]
                     if hit:
@@ -340,14 +428,22 @@ class GGROIngress:
                 completion_tokens += c["tokens"]
                 done[i] = True
                 rest = c["text"][len(sent[i]):] if c["text"].startswith(sent[i]) else ""
+                if first and rest:     # the baselines' text comes whole, in the final chunk
+                    first = False
+                    telemetry.record_first_token(self.telemetry_app, endpoint, time.monotonic() - t0)
                 yield api.sse(api.chunk_body(req, i, rest or None, finish_reason=c["finish_reason"],
                                              extra={"ggro": c["stats"]}))
-        except asyncio.TimeoutError:
-            yield api.sse(self._timeout().body())
-            return
-        if req.include_usage:
-            yield api.sse(api.usage_chunk(req, len(prompts[0].ids), completion_tokens))
-        yield api.sse("[DONE]")
+            if req.include_usage:
+                yield api.sse(api.usage_chunk(req, len(prompts[0].ids), completion_tokens))
+            yield api.sse("[DONE]")
+            status = 200
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.hub.cancel(jobs)
+            telemetry.record_request(self.telemetry_app, endpoint, status, time.monotonic() - t0, len(prompts[0].ids),
+                                     completion_tokens)
 
     # -- routes ----------------------------------------------------------------------------------------------
     @fastapi_app.post("/v1/chat/completions")

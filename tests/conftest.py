@@ -108,3 +108,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def ray_metric_samples() -> list:
+    """Every `ray_ggro_*` sample on the local node's Prometheus endpoint (Ray's metrics agent, which a local
+    `ray.init` starts even without the dashboard), parsed with prometheus_client's own parser."""
+    import urllib.request
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return [s for fam in text_string_to_metric_families(text) if fam.name.startswith("ray_ggro_")
+            for s in fam.samples]
+
+
+def metric_total(samples, name: str, **labels) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (every worker process reports its own)."""
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def wait_for_metrics(want: list, tries: int = 120) -> list:
+    """Poll the metrics endpoint until every `want` entry, (sample name, labels dict), has a total > 0 (Ray's
+    workers push their metrics to the agent every few seconds); returns the last samples, which the caller
+    asserts on."""
+    import time
+    samples = []
+    for _ in range(tries):
+        samples = ray_metric_samples()
+        if all(metric_total(samples, name, **labels) > 0 for name, labels in want):
+            break
+        time.sleep(1)
+    return samples

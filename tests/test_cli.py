@@ -25,6 +25,19 @@ def test_help_imports_no_heavy_module():
         assert proc.stdout.startswith("usage: ggro") and json.loads(proc.stdout.splitlines()[-1]) == [], argv
 
 
+def test_version_is_the_packages_and_imports_no_heavy_module():
+    import re
+    from pathlib import Path
+    want = re.search(r'^version\s*=\s*"([^"]+)"', (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(),
+                     re.M).group(1)
+    code = ("import sys, json\nfrom jobs.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit:\n"
+            f"    pass\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"ggro {want}" and json.loads(lines[-1]) == []
+
+
 def test_ggro_package_exports_load_on_first_use():
     import ggro
     from ggro.search import Prompt, run
@@ -44,3 +57,37 @@ def test_dry_run_on_a_cpu_machine_imports_no_model_library(tmp_path):
                            "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert "FITS" in proc.stdout, proc.stdout + proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1]) == []
+
+
+def test_log_level_and_quiet_flags(capsys):
+    """Every job command takes --log-level (default INFO) and --quiet (Ray workers' logs reach the driver
+    unless given); the `ggro` logger prints at or above the level to the current stderr."""
+    from jobs.cli import build_parser
+    from jobs.logs import log, log_to_driver, setup_logging
+    for command in ("align", "dpo", "serve"):
+        args = build_parser().parse_args([command])
+        assert (args.log_level, args.quiet, log_to_driver(args)) == ("INFO", False, True), command
+        assert not log_to_driver(build_parser().parse_args([command, "--quiet"]))
+    setup_logging(build_parser().parse_args(["align", "--log-level", "WARNING"]))
+    log.info("an info line")
+    log.warning("a warning line")
+    setup_logging(build_parser().parse_args(["align"]))
+    log.info("shown at INFO")
+    err = capsys.readouterr().err
+    assert "a warning line" in err and "shown at INFO" in err and "an info line" not in err
+    assert len(log.handlers) == 1        # set up twice, one handler: no line printed twice
+
+
+def test_metrics_are_harmless_without_ray():
+    """Recording with no Ray instance (no metrics agent) neither raises nor starts Ray; zero counts, a
+    negative and a NaN reward are fine too."""
+    code = ("import ray\nfrom pipeline import telemetry as t\n"
+            "t.record_request('', 'completions', 200, 0.5, 3, 0); t.record_request('', 'completions', 499, 1.0)\n"
+            "t.record_first_token('', 'completions', 0.1); t.record_queue_depth('', 0); t.record_cancelled('', 2)\n"
+            "t.record_response('serve', 'ggro', -1.5, 2, 9); t.record_response('serve', 'greedy', float('nan'), 0, 1)\n"
+            "t.record_rows([{'error': None, 'method': 'ggro', 'reward': 0.3, 'num_nudges': 1, 'reward_calls': 4},"
+            " {'error': 'bad', 'method': 'ggro'}])\n"
+            "print(ray.is_initialized(), sorted(t._broken))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "False []"

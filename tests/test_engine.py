@@ -253,6 +253,38 @@ def test_lookahead_keeps_the_best_complete_response(setup):
         assert two[p.id].reward >= one[p.id].reward - 1e-9
 
 
+@pytest.mark.parametrize("mode", ["faithful", "lookahead"])
+def test_withdrawn_prompt_leaves_the_search(setup, mode):
+    """Serve withdraws a prompt whose client disconnected: asked between rounds, the search drops it for good
+    (no Result, its cache released once) and the other prompts' results are unchanged."""
+    tok, policy, rewards = setup
+    cfg = GGROConfig(max_new_tokens=16, num_refinements=4, entropy_threshold=2.0, search_mode=mode,
+                     max_refined_segments=3 if mode == "lookahead" else None)
+    prompts = prompts_of(tok, PROMPTS)
+    full = engine_results(policy, rewards["classifier"], tok, prompts, cfg, 4)
+    # more refinements than one round (faithful) or one uncertain point (lookahead) makes: still searching
+    # when it is asked the second time
+    victim = next(p.id for p in prompts if full[p.id].refinements > cfg.num_refinements)
+    dec, released, asked = SegmentDecoder(policy, [tok.eos_token_id], max_cached=4), [], {}
+
+    class Recording:    # the real decoder, with the released ids written down
+        decode = dec.decode
+
+        def release(self, ids):
+            released.extend(ids)
+            dec.release(ids)
+
+    def withdrawn(pid):
+        asked[pid] = asked.get(pid, 0) + 1
+        return pid == victim and asked[pid] == 2
+
+    got = {r.id: r for r in run(prompts, Recording(), rewards["classifier"], cfg, 4, withdrawn=withdrawn)}
+    assert asked[victim] == 2 and set(got) == set(full) - {victim}
+    assert released.count(victim) == 1
+    for pid, r in got.items():
+        assert_same(r, full[pid])
+
+
 @pytest.mark.parametrize("scale", [4.0, 0.01])   # peaked: a small nucleus; flat: wider than the first head
 def test_sample_token_draws_from_the_nucleus(scale):
     import torch

@@ -78,6 +78,15 @@ def test_ray_equals_local_and_bad_rows(ray_cluster, tiny_models, tmp_path, s3):
     assert "not valid JSON" in dist["in.jsonl:line-7"]["error"]
     assert sum(r["error"] is None for r in dist.values()) == 5
     assert {r["config_hash"] for r in dist.values()} == {dist["a"]["config_hash"]}
+    # the aligner actors' metrics reach the node's Prometheus endpoint (docs/metrics.md)
+    from tests.conftest import metric_total, wait_for_metrics
+    batch = {"source": "batch", "method": "ggro"}
+    want = [("ray_ggro_batch_rows_total", {"status": "ok"}), ("ray_ggro_batch_rows_total", {"status": "error"}),
+            ("ray_ggro_responses_total", batch), ("ray_ggro_reward_calls_total", batch),
+            ("ray_ggro_nudges_count", batch), ("ray_ggro_reward_count", batch)]
+    samples = wait_for_metrics(want)
+    for name, labels in want:
+        assert metric_total(samples, name, **labels) > 0, (name, labels, sorted({s.name for s in samples}))
 
 
 def test_cluster_too_small_fails_fast(ray_cluster, tiny_models, tmp_path, capsys):

@@ -242,7 +242,7 @@ def test_request_timeout_504(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "write a long word"}], "max_tokens": 64}
     status, err, _ = post(server["url"] + "/slow/v1/chat/completions", body)
     assert status == 504 and err["error"]["code"] == "timeout"
-    with urllib.request.urlopen(server["url"] + "/slow/health") as r:   # the timed-out search still finishes
+    with urllib.request.urlopen(server["url"] + "/slow/health") as r:   # the timed-out search was withdrawn
         assert json.loads(r.read())["status"] == "ok"
 
 
@@ -265,6 +265,81 @@ def test_serve_and_batch_run_one_worker_class(server):
         workers.shutdown()
     assert served == batch == {"actors.worker.ModelWorker"}
     assert len(pids) == 1          # the policy replica is also the whole reward pool: one copy of the weights
+
+
+def health(server, prefix: str) -> dict:
+    with urllib.request.urlopen(server["url"] + prefix + "/health", timeout=60) as r:
+        return json.loads(r.read())
+
+
+def wait_health(server, prefix: str, pred, tries: int = 300) -> dict:
+    """Poll /health (bounded) until `pred` holds; the last answer, which the caller asserts on."""
+    for _ in range(tries):
+        h = health(server, prefix)
+        if pred(h):
+            break
+        time.sleep(0.2)
+    return h
+
+
+# a search of many short segments with many refinements each: far longer than a disconnect takes to arrive
+LONG = {"model": "tiny", "messages": [{"role": "user", "content": "write a long word"}], "max_tokens": 64, "n": 2}
+LONG_KNOBS = {"num_refinements": 32, "entropy_threshold": 0.5}
+
+
+def freed(server, before: dict) -> None:
+    """Both slots of /small are back, a prompt left its search unfinished, and both slots admit again."""
+    h = wait_health(server, "/small", lambda h: h["outstanding"] == 0 and h["search_loops"] == 0)
+    assert (h["outstanding"], h["search_loops"]) == (0, 0), h
+    assert h["cancelled"] > before["cancelled"] and h["withdrawn"] > before["withdrawn"], (before, h)
+    small = openai.OpenAI(base_url=server["url"] + "/small/v1", api_key=KEY, max_retries=0, timeout=120)
+    r = small.chat.completions.create(**{**LONG, "max_tokens": 4})     # n=2: the whole queue of /small
+    assert len(r.choices) == 2 and all(c.message.content is not None for c in r.choices)
+
+
+@slow
+def test_disconnected_stream_frees_its_slots(server):
+    small = openai.OpenAI(base_url=server["url"] + "/small/v1", api_key=KEY, max_retries=0, timeout=120)
+    before = health(server, "/small")
+    stream = small.chat.completions.create(**LONG, stream=True, extra_body={"ggro": LONG_KNOBS})
+    for chunk in stream:      # role chunks first; the first text chunk once a segment is accepted
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+    freed(server, before)
+
+
+@slow
+def test_disconnected_request_frees_its_slots(server):
+    before = health(server, "/small")
+    body = json.dumps({**LONG, "ggro": LONG_KNOBS}).encode()
+    host, port = server["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /small/v1/chat/completions HTTP/1.1\r\nHost: ggro\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_health(server, "/small", lambda h: h["outstanding"] == 2)     # admitted: its search runs
+    freed(server, before)           # the socket closed without reading an answer
+
+
+@slow
+def test_metrics_on_rays_endpoint(client):
+    """One chat request and one stream: the ggro_ metrics reach the node's Prometheus endpoint."""
+    from tests.conftest import metric_total, wait_for_metrics
+    msgs = [{"role": "user", "content": "go now"}]
+    client.chat.completions.create(model="tiny", messages=msgs)
+    list(client.chat.completions.create(model="tiny", messages=msgs, stream=True))
+    ok = {"app": "ggro-test", "endpoint": "chat/completions", "status": "200"}
+    serve = {"source": "serve", "method": "ggro"}
+    want = [("ray_ggro_serve_requests_total", ok), ("ray_ggro_serve_request_seconds_count", {"app": "ggro-test"}),
+            ("ray_ggro_serve_first_token_seconds_count", {"app": "ggro-test"}),
+            ("ray_ggro_serve_prompt_tokens_total", {"app": "ggro-test"}),
+            ("ray_ggro_serve_completion_tokens_total", {"app": "ggro-test"}),
+            ("ray_ggro_responses_total", serve), ("ray_ggro_reward_calls_total", serve),
+            ("ray_ggro_nudges_count", serve), ("ray_ggro_reward_count", serve)]
+    samples = wait_for_metrics(want)
+    for name, labels in want:
+        assert metric_total(samples, name, **labels) > 0, (name, sorted({s.name for s in samples}))
+    assert any(s.name == "ray_ggro_serve_queue_depth" and s.labels["app"] == "ggro-test" for s in samples)
 
 
 # -- fast: no Ray ------------------------------------------------------------------------------------

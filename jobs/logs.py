@@ -1,0 +1,50 @@
+"""Levelled driver logs for the commands that run jobs (`--log-level`), and whether Ray workers' logs reach
+the driver (`--quiet` turns them off).
+
+Progress and warnings go through Python `logging` under the `ggro` logger, to stderr; results (summary
+lines, tables) stay plain prints to stdout. Ray workers log with their own loggers; with `log_to_driver`
+on (the default) Ray forwards their output to the driver, so `ray job logs` shows it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+log = logging.getLogger("ggro")
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to the current sys.stderr at each record, not the one at setup (tests capture and swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def add_log_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logs")
+    g.add_argument("--log-level", choices=LEVELS, default="INFO", help="the driver's progress and warnings")
+    g.add_argument("--quiet", action="store_true", help="keep Ray workers' logs off the driver (Ray's "
+                   "log_to_driver=False); they stay in the session's log folder")
+
+
+def setup_logging(args) -> None:
+    """The `ggro` logger at --log-level, one stderr handler however often a process runs a command."""
+    level = getattr(args, "log_level", None) or "INFO"
+    for h in [h for h in log.handlers if isinstance(h, _Stderr)]:
+        log.removeHandler(h)
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False      # Ray's driver logging setup must not print each line twice
+
+
+def log_to_driver(args) -> bool:
+    return not getattr(args, "quiet", False)
