@@ -6,7 +6,8 @@
     (one ModelServer with both roles when the reward is the policy itself as a judge: one copy of the weights)
 
 The model side (ModelServer over actors.worker.ModelWorker, the seam over its handles) is
-pipeline/serve_models.py; this module is the front: settings, search loops, the HTTP ingress, build_app.
+pipeline/serve_models.py, the search loops pipeline/serve_hub.py; this module is the front: settings, the HTTP
+ingress, build_app.
 
 Concurrency: the ingress keeps one background search loop per distinct search config (requests whose
 settings are equal after `serve_api.normalize`). A loop runs `ggro.search.run` over a feed that pulls
@@ -17,10 +18,7 @@ configs still share model calls: the model deployments merge concurrent calls wi
 import asyncio
 import hmac
 import logging
-import queue
-import threading
 import time
-import uuid
 import weakref
 from dataclasses import dataclass
 
@@ -31,10 +29,11 @@ from ray import serve
 
 from actors.worker import shares_weights
 from ggro.config import GGROConfig, ModelConfig
-from ggro.search import Prompt, run as run_search
+from ggro.search import Prompt
 from pipeline import serve_api as api
 from pipeline import telemetry
-from pipeline.serve_models import HandlePolicy, HandleReward, ModelServer
+from pipeline.serve_hub import Job, SearchHub
+from pipeline.serve_models import ModelServer
 from pipeline.resources import Resources
 
 log = logging.getLogger("ray.serve")
@@ -61,173 +60,6 @@ class ServeSettings:
     def shared_weights(self) -> bool:
         # the same rule as batch (actors.cluster.start_workers): at tp > 1 the judge gets its own copy
         return shares_weights(self.mcfg, self.resources.tp)
-
-
-# -- search loops ----------------------------------------------------------------------------------------
-@dataclass
-class Job:
-    """One choice of one request, as it travels through a search loop. `emit(event)` is thread-safe."""
-    prompt: Prompt
-    index: int
-    emit: object                         # callable(tuple): ("segment", index, y) | ("done", index, Result) | ("error", index, msg)
-    stream: bool = False
-    sent: int = 0                        # tokens of y already reported as segments
-    settled: bool = False                # its admission slot is given back (answered, failed or cancelled)
-    cancelled: bool = False              # its request stopped waiting: the search drops it (guarded by hub.lock)
-
-
-class _Loop(threading.Thread):
-    def __init__(self, hub: "SearchHub", cfg: GGROConfig):
-        super().__init__(daemon=True, name=f"ggro-search-{cfg.method}")
-        self.hub, self.cfg = hub, cfg
-        self.q: queue.Queue[Job] = queue.Queue()
-        self.jobs: dict[str, Job] = {}      # queued or active in this loop, by prompt id (guarded by hub.lock)
-        self.token = uuid.uuid4().hex[:8]
-        self.policy = HandlePolicy(hub.policy_handle, self.token, self._watch)
-        self.reward = HandleReward(hub.reward_handle, self.token)
-
-    def _watch(self, seq_id: str, prefix: list[int]) -> None:
-        job = self.jobs.get(seq_id)
-        if job is None or not job.stream:
-            return
-        y = prefix[len(job.prompt.ids):]
-        if len(y) > job.sent:
-            job.sent = len(y)
-            job.emit(("segment", job.index, list(y)))
-
-    def _feed(self):
-        """Newly admitted prompts, one per `next`; None (not StopIteration) when none are waiting, so the
-        search keeps its active prompts going and asks again next round."""
-        while True:
-            try:
-                job = self.q.get_nowait()
-            except queue.Empty:
-                yield None
-                continue
-            if not self._withdrawn(job.prompt.id):
-                yield job.prompt
-
-    def _drain(self) -> list[Prompt]:
-        out = []
-        while True:
-            try:
-                job = self.q.get_nowait()
-            except queue.Empty:
-                return out
-            if not self._withdrawn(job.prompt.id):
-                out.append(job.prompt)
-
-    def _withdrawn(self, prompt_id: str) -> bool:
-        """ggro.search's hook, asked between rounds: True drops a cancelled job's prompt from the search for
-        good, so the loop forgets the job (its id may then join this loop again, from a later request)."""
-        with self.hub.lock:
-            job = self.jobs.get(prompt_id)
-            if job is None or not job.cancelled:
-                return False
-            del self.jobs[prompt_id]
-            self.hub.withdrawn += 1
-            return True
-
-    def run(self):
-        hub = self.hub
-        while True:
-            with hub.lock:
-                if self.q.empty():
-                    hub.loops[self.cfg].remove(self)
-                    if not hub.loops[self.cfg]:
-                        del hub.loops[self.cfg]
-                    # jobs still listed here were failed or delivered already
-                    return
-            try:
-                prompts = self._feed() if self.cfg.method == "ggro" else self._drain()
-                for res in run_search(prompts, self.policy, self.reward, self.cfg, hub.batch_size,
-                                      withdrawn=self._withdrawn):
-                    with hub.lock:
-                        job = self.jobs.pop(res.id, None)
-                        live = job is not None and not job.settled   # a cancelled job's slot is back already
-                        if live:
-                            job.settled = True
-                    if live:
-                        hub.finished(1)
-                        job.emit(("done", job.index, res))
-            except Exception as e:   # a model replica failed: fail what this loop holds, keep serving
-                log.exception("GGRO search loop failed")
-                with hub.lock:
-                    held = list(self.jobs.values())
-                    failed = [j for j in held if not j.settled]
-                    for j in failed:
-                        j.settled = True
-                    self.jobs.clear()
-                    while not self.q.empty():
-                        self.q.get_nowait()
-                hub.finished(len(failed))
-                for job in failed:
-                    job.emit(("error", job.index, f"{type(e).__name__}: {e}"))
-                try:
-                    self.policy.release([j.prompt.id for j in held])
-                except Exception:
-                    pass
-
-
-class SearchHub:
-    """Admission (bounded), and the map from search config to the loops running it."""
-
-    def __init__(self, policy_handle, reward_handle, batch_size: int, max_queue: int, app: str = ""):
-        self.policy_handle, self.reward_handle = policy_handle, reward_handle
-        self.batch_size, self.max_queue, self.app = batch_size, max_queue, app
-        self.lock = threading.Lock()
-        self.loops: dict[GGROConfig, list[_Loop]] = {}
-        self.outstanding = 0
-        self.cancelled = 0                   # prompts whose request stopped waiting before their answer
-        self.withdrawn = 0                   # ... of them, dropped from the search before it finished them
-
-    def admit(self, k: int) -> bool:
-        with self.lock:
-            if self.outstanding + k > self.max_queue:
-                return False
-            self.outstanding += k
-            telemetry.record_queue_depth(self.app, self.outstanding)   # under the lock: never a stale value last
-            return True
-
-    def finished(self, k: int) -> None:
-        with self.lock:
-            self.outstanding -= k
-            telemetry.record_queue_depth(self.app, self.outstanding)
-
-    def cancel(self, jobs: list[Job]) -> int:
-        """Give back the slots of `jobs` not answered yet (their client left, the request timed out or a sibling
-        choice failed) and mark them so their search loop drops them; returns how many were cancelled."""
-        with self.lock:
-            live = [j for j in jobs if not j.settled]
-            for j in live:
-                j.settled = j.cancelled = True
-            self.outstanding -= len(live)
-            self.cancelled += len(live)
-            if live:
-                telemetry.record_queue_depth(self.app, self.outstanding)
-        if live:
-            telemetry.record_cancelled(self.app, len(live))
-        return len(live)
-
-    def submit(self, cfg: GGROConfig, job: Job) -> None:
-        """Queue a job on a loop for `cfg` that does not hold its prompt id yet (starting one if needed)."""
-        with self.lock:
-            loops = self.loops.setdefault(cfg, [])
-            loop = next((lp for lp in loops if job.prompt.id not in lp.jobs), None)
-            start = loop is None
-            if start:
-                loop = _Loop(self, cfg)
-                loops.append(loop)
-            loop.jobs[job.prompt.id] = job
-            loop.q.put(job)
-        if start:
-            loop.start()
-
-    def stats(self) -> dict:
-        with self.lock:
-            return {"outstanding": self.outstanding, "max_queue": self.max_queue,
-                    "search_loops": sum(len(v) for v in self.loops.values()), "cancelled": self.cancelled,
-                    "withdrawn": self.withdrawn}
 
 
 # -- the ingress -------------------------------------------------------------------------------------------
@@ -381,6 +213,16 @@ class GGROIngress:
             telemetry.record_request(self.telemetry_app, endpoint, status, time.monotonic() - t0, len(prompts[0].ids),
                                      sum(c["tokens"] for c in choices if c is not None))
 
+    def _sendable(self, req: api.ApiRequest, y: list[int], sent: str, hold: int) -> tuple[str, bool]:
+        """A streamed choice's text so far that may be sent (`sent` when nothing more may), and whether it hit a
+        stop string: up to the stop string, else all but the `hold` chars that might start one, never half a
+        multi-byte character."""
+        text, hit = self._text(y, req.stop)
+        upto = len(text) if hit else len(text) - hold
+        while upto > 0 and text[upto - 1] == "\ufffd":   # an incomplete multi-byte character
+            upto -= 1
+        return (text[:upto] if text.startswith(sent) and upto > len(sent) else sent), hit
+
     async def _stream(self, req: api.ApiRequest, prompts: list[Prompt], events: asyncio.Queue, deadline: float,
                       jobs: list[Job], t0: float):
         hold = max((len(s) for s in req.stop), default=1) - 1   # chars that might start a stop string
@@ -410,16 +252,13 @@ class GGROIngress:
                     yield api.sse(err.body())
                     return
                 if kind_ == "segment":
-                    text, hit = self._text(payload, req.stop)
-                    upto = len(text) if hit else len(text) - hold
-                    while upto > 0 and text[upto - 1] == "\ufffd":   # an incomplete multi-byte character
-                        upto -= 1
-                    if text.startswith(sent[i]) and upto > len(sent[i]):
+                    now, hit = self._sendable(req, payload, sent[i], hold)
+                    if len(now) > len(sent[i]):
                         if first:
                             first = False
                             telemetry.record_first_token(self.telemetry_app, endpoint, time.monotonic() - t0)
-                        yield api.sse(api.chunk_body(req, i, text[len(sent[i]):upto]))
-                        sent[i] = text[:upto]
+                        yield api.sse(api.chunk_body(req, i, now[len(sent[i]):]))
+                        sent[i] = now
                     if hit:
                         done[i] = True
                         yield api.sse(api.chunk_body(req, i, finish_reason="stop"))

@@ -1,0 +1,186 @@
+"""Serve's search loops: bounded admission, and one background GGRO search per distinct search config.
+
+A loop runs `ggro.search.run` over a feed that pulls newly admitted prompts between rounds (the search's
+continuous batching), so concurrent users join shared rounds; a request that stops waiting withdraws its
+prompts from the search (`SearchHub.cancel`) and gives back their slots at once.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass
+
+from ggro.config import GGROConfig
+from ggro.search import Prompt, run as run_search
+from pipeline import telemetry
+from pipeline.serve_models import HandlePolicy, HandleReward
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class Job:
+    """One choice of one request, as it travels through a search loop. `emit(event)` is thread-safe."""
+    prompt: Prompt
+    index: int
+    emit: object                         # callable(tuple): ("segment", index, y) | ("done", index, Result) | ("error", index, msg)
+    stream: bool = False
+    sent: int = 0                        # tokens of y already reported as segments
+    settled: bool = False                # its admission slot is given back (answered, failed or cancelled)
+    cancelled: bool = False              # its request stopped waiting: the search drops it (guarded by hub.lock)
+
+
+class _Loop(threading.Thread):
+    def __init__(self, hub: "SearchHub", cfg: GGROConfig):
+        super().__init__(daemon=True, name=f"ggro-search-{cfg.method}")
+        self.hub, self.cfg = hub, cfg
+        self.q: queue.Queue[Job] = queue.Queue()
+        self.jobs: dict[str, Job] = {}      # queued or active in this loop, by prompt id (guarded by hub.lock)
+        self.token = uuid.uuid4().hex[:8]
+        self.policy = HandlePolicy(hub.policy_handle, self.token, self._watch)
+        self.reward = HandleReward(hub.reward_handle, self.token)
+
+    def _watch(self, seq_id: str, prefix: list[int]) -> None:
+        job = self.jobs.get(seq_id)
+        if job is None or not job.stream:
+            return
+        y = prefix[len(job.prompt.ids):]
+        if len(y) > job.sent:
+            job.sent = len(y)
+            job.emit(("segment", job.index, list(y)))
+
+    def _feed(self):
+        """Newly admitted prompts, one per `next`; None (not StopIteration) when none are waiting, so the
+        search keeps its active prompts going and asks again next round."""
+        while True:
+            try:
+                job = self.q.get_nowait()
+            except queue.Empty:
+                yield None
+                continue
+            if not self._withdrawn(job.prompt.id):
+                yield job.prompt
+
+    def _drain(self) -> list[Prompt]:
+        out = []
+        while True:
+            try:
+                job = self.q.get_nowait()
+            except queue.Empty:
+                return out
+            if not self._withdrawn(job.prompt.id):
+                out.append(job.prompt)
+
+    def _withdrawn(self, prompt_id: str) -> bool:
+        """ggro.search's hook, asked between rounds: True drops a cancelled job's prompt from the search for
+        good, so the loop forgets the job (its id may then join this loop again, from a later request)."""
+        with self.hub.lock:
+            job = self.jobs.get(prompt_id)
+            if job is None or not job.cancelled:
+                return False
+            del self.jobs[prompt_id]
+            self.hub.withdrawn += 1
+            return True
+
+    def run(self):
+        hub = self.hub
+        while True:
+            with hub.lock:
+                if self.q.empty():
+                    hub.loops[self.cfg].remove(self)
+                    if not hub.loops[self.cfg]:
+                        del hub.loops[self.cfg]
+                    # jobs still listed here were failed or delivered already
+                    return
+            try:
+                prompts = self._feed() if self.cfg.method == "ggro" else self._drain()
+                for res in run_search(prompts, self.policy, self.reward, self.cfg, hub.batch_size,
+                                      withdrawn=self._withdrawn):
+                    with hub.lock:
+                        job = self.jobs.pop(res.id, None)
+                        live = job is not None and not job.settled   # a cancelled job's slot is back already
+                        if live:
+                            job.settled = True
+                    if live:
+                        hub.finished(1)
+                        job.emit(("done", job.index, res))
+            except Exception as e:   # a model replica failed: fail what this loop holds, keep serving
+                log.exception("GGRO search loop failed")
+                with hub.lock:
+                    held = list(self.jobs.values())
+                    failed = [j for j in held if not j.settled]
+                    for j in failed:
+                        j.settled = True
+                    self.jobs.clear()
+                    while not self.q.empty():
+                        self.q.get_nowait()
+                hub.finished(len(failed))
+                for job in failed:
+                    job.emit(("error", job.index, f"{type(e).__name__}: {e}"))
+                try:
+                    self.policy.release([j.prompt.id for j in held])
+                except Exception:
+                    pass
+
+
+class SearchHub:
+    """Admission (bounded), and the map from search config to the loops running it."""
+
+    def __init__(self, policy_handle, reward_handle, batch_size: int, max_queue: int, app: str = ""):
+        self.policy_handle, self.reward_handle = policy_handle, reward_handle
+        self.batch_size, self.max_queue, self.app = batch_size, max_queue, app
+        self.lock = threading.Lock()
+        self.loops: dict[GGROConfig, list[_Loop]] = {}
+        self.outstanding = 0
+        self.cancelled = 0                   # prompts whose request stopped waiting before their answer
+        self.withdrawn = 0                   # ... of them, dropped from the search before it finished them
+
+    def admit(self, k: int) -> bool:
+        with self.lock:
+            if self.outstanding + k > self.max_queue:
+                return False
+            self.outstanding += k
+            telemetry.record_queue_depth(self.app, self.outstanding)   # under the lock: never a stale value last
+            return True
+
+    def finished(self, k: int) -> None:
+        with self.lock:
+            self.outstanding -= k
+            telemetry.record_queue_depth(self.app, self.outstanding)
+
+    def cancel(self, jobs: list[Job]) -> int:
+        """Give back the slots of `jobs` not answered yet (their client left, the request timed out or a sibling
+        choice failed) and mark them so their search loop drops them; returns how many were cancelled."""
+        with self.lock:
+            live = [j for j in jobs if not j.settled]
+            for j in live:
+                j.settled = j.cancelled = True
+            self.outstanding -= len(live)
+            self.cancelled += len(live)
+            if live:
+                telemetry.record_queue_depth(self.app, self.outstanding)
+        if live:
+            telemetry.record_cancelled(self.app, len(live))
+        return len(live)
+
+    def submit(self, cfg: GGROConfig, job: Job) -> None:
+        """Queue a job on a loop for `cfg` that does not hold its prompt id yet (starting one if needed)."""
+        with self.lock:
+            loops = self.loops.setdefault(cfg, [])
+            loop = next((lp for lp in loops if job.prompt.id not in lp.jobs), None)
+            start = loop is None
+            if start:
+                loop = _Loop(self, cfg)
+                loops.append(loop)
+            loop.jobs[job.prompt.id] = job
+            loop.q.put(job)
+        if start:
+            loop.start()
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"outstanding": self.outstanding, "max_queue": self.max_queue,
+                    "search_loops": sum(len(v) for v in self.loops.values()), "cancelled": self.cancelled,
+                    "withdrawn": self.withdrawn}
