@@ -30,7 +30,7 @@ from pipeline.lock import OutputLock
 from pipeline.manifest import now, versions, write_manifest
 from pipeline.output import (OutputError, Summary, clear_output, contains, drop_error_rows, id_digests, output_index,
                              prepare_output, write_part)
-from pipeline.resources import ClusterTooSmall, Resources
+from pipeline.resources import ClusterTooSmall, Resources, plan_auto
 
 
 def add_io_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +93,12 @@ def read_input(path: str, limit: int | None, skipped: list | None = None) -> lis
 def job_from_args(args) -> AlignJob:
     """The resolved run (raises ConfigError); --local sizes one in-process policy, not the Ray flags."""
     gcfg, mcfg, _ = resolve_args(args)
-    res = Resources.local(mcfg) if args.local else resources_from_args(args, "align")
+    if args.local:
+        mcfg = plan_auto(mcfg)
+        res = Resources.local(mcfg)
+    else:
+        res = resources_from_args(args, "align")
+        mcfg = plan_auto(mcfg, res)
     frac = args.max_error_fraction
     return AlignJob(gcfg=gcfg, mcfg=mcfg, input=input_path(args), output=args.output, limit=args.limit,
                     overwrite=bool(args.overwrite), retry_errors=bool(args.retry_errors),

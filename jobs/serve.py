@@ -21,7 +21,7 @@ from ggro.config import ConfigError
 from jobs.common import Parser, add_engine_args, add_resource_args, fail, resolve_args, resources_from_args
 from jobs.logs import add_log_args, log, log_to_driver, setup_logging
 from jobs.plan import add_plan_args
-from pipeline.resources import SERVE_INGRESS_CPUS
+from pipeline.resources import SERVE_INGRESS_CPUS, plan_auto
 
 ENV_ARGS = "GGRO_SERVE_ARGS"
 ENV_KEY = "GGRO_API_KEY"
@@ -62,6 +62,7 @@ def settings_from_args(args: argparse.Namespace):
     gcfg, mcfg, rest = resolve_args(args)
     key = args.api_key or os.environ.get(ENV_KEY) or None
     res = resources_from_args(args, "serve", aligners=1, aligner_cpus=SERVE_INGRESS_CPUS, io_cpus=0)
+    mcfg = plan_auto(mcfg, res)
     checks = [(args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
               (args.max_queue >= 1, "--max-queue must be >= 1"),
               (args.request_timeout > 0, "--request-timeout must be > 0")]

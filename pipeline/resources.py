@@ -6,6 +6,7 @@ Ray; actors.cluster places it. The field defaults here are the flags' defaults (
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from ggro.config import ModelConfig
@@ -95,3 +96,14 @@ class Resources:
                 "the cluster cannot fit this job (" + "; ".join(short) + "). Need = policy-replicas x tp x "
                 "(policy-cpus, policy-gpus-per-replica) + reward-replicas x (reward-cpus, reward-gpus) + "
                 "aligners x aligner-cpus + 0.1 CPU for writes. Lower the shares/replicas or add nodes.")
+
+
+def plan_auto(mcfg: ModelConfig, res: Resources | None = None) -> ModelConfig:
+    """`auto` dtype and device as the job's model processes will get them, decided where the job is planned:
+    on Ray and Serve cuda when the job gives its policy GPUs; for --local (`res` None or local) when this
+    machine has an NVIDIA driver (no torch import). The workers then receive concrete values, and the config
+    hash names them."""
+    if "auto" not in (mcfg.dtype, mcfg.device):
+        return mcfg
+    local = res is None or res.mode == "local"
+    return mcfg.resolved(os.path.isdir("/proc/driver/nvidia") if local else res.policy_gpus_per_replica > 0)

@@ -561,3 +561,16 @@ def test_estimate_counts_every_row_a_prompt_decodes():
     assert bo8.policy_rank_bytes > greedy.policy_rank_bytes and bo8.reward_actor_bytes > greedy.reward_actor_bytes
     assert look.policy_rank_bytes == bo8.policy_rank_bytes
     assert est(search_mode="parallel", num_refinements=8).policy_rank_bytes < look.policy_rank_bytes
+
+
+def test_dry_run_plans_auto_dtype_and_device(tmp_path, capsys, no_weights):
+    """`--dtype auto --device auto` plan as the workers will run them: bfloat16 on cuda when the job gives its
+    policy GPUs, float32 on cpu when it does not."""
+    big = _config_only(tmp_path, "llama70b", LLAMA_70B)
+    rc, out = _run(["align", "--dry-run", "--policy", big, "--reward-kind", "classifier", "--dtype", "auto",
+                    "--device", "auto", "--policy-gpus-per-replica", "1", "--reward-gpus", "1", "--tp", "4",
+                    "--cluster-gpus", "8", "--gpu-memory-gb", "80"], capsys)
+    assert "dtype bfloat16, device cuda" in out, out
+    rc, out = _run(["align", "--dry-run", "--policy", big, "--dtype", "auto", "--device", "auto",
+                    "--cluster-gpus", "0"], capsys)
+    assert "dtype float32, device cpu" in out, out
