@@ -99,7 +99,8 @@ class ModelWorker:
         if "policy" in roles:
             self._load_policy()
         if "reward" in roles:   # on self.model when the config shares weights (load_reward decides)
-            self.reward = load_reward(mcfg, self.tok, self.model)
+            # queried in its own ids: with another vocabulary its callers translate (ggro.engine.reward_in_policy_ids)
+            self.reward = load_reward(mcfg, self.tok, self.model, policy_ids=False)
 
     def _load_policy(self) -> None:
         from ggro import models

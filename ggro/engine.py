@@ -64,20 +64,41 @@ class Engine:
             yield output_record(by_id[res.id], res, self.tokenizer, prov, gcfg.method)
 
 
-def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool = True) -> Reward:
-    """The reward model; on the policy's weights when the config says they are shared and they are at hand.
-
-    A reward model with another vocabulary works for methods that need no `gradient` (greedy, best-of-n): it is
-    then wrapped to read each response in its own tokens (ggro.retokenize); for GGRO it is an error."""
+def reward_vocab(mcfg: ModelConfig, policy_tok) -> tuple[object, str | None]:
+    """The reward model's tokenizer, and how its vocabulary differs from the policy's (None: one vocabulary)."""
     spec = mcfg.reward_model
-    shared = mcfg.shares_policy_weights and policy_model is not None
-    tok = policy_tok if spec == mcfg.policy else models.load_tokenizer(spec, **mcfg.source(spec))
-    problem = models.vocab_mismatch(policy_tok, tok, mcfg.policy, spec) if spec != mcfg.policy else None
+    if spec == mcfg.policy:
+        return policy_tok, None
+    tok = models.load_tokenizer(spec, **mcfg.source(spec))
+    return tok, models.vocab_mismatch(policy_tok, tok, mcfg.policy, spec)
+
+
+def check_vocab(problem: str | None, gradient: bool) -> None:
+    """GGRO (`gradient`) reads the reward model's gradient as policy tokens: one vocabulary or an error."""
     if problem and gradient:
         raise models.ModelLoadError(f"{problem}: GGRO reads the reward model's gradient as policy tokens and needs "
-                                    "one shared vocabulary (with --local, --method greedy or best-of-n work with "
-                                    "any reward model)")
-    if not shared:
+                                    "one shared vocabulary (--method greedy or best-of-n work with any reward model)")
+
+
+def reward_in_policy_ids(inner: Reward, mcfg: ModelConfig, policy_tok, reward_tok, problem: str | None) -> Reward:
+    """`inner` (reading the reward model's own ids) as the search's Reward, which asks in policy ids: itself with
+    one vocabulary, else wrapped to read each response in its own tokens and chat template (ggro.retokenize)."""
+    if not problem:
+        return inner
+    return Retokenized(inner, policy_tok, reward_tok, mcfg.prompt_format, mcfg.reward_kind == "judge")
+
+
+def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool = True,
+                policy_ids: bool = True) -> Reward:
+    """The reward model; on the policy's weights when the config says they are shared and they are at hand.
+
+    With another vocabulary than the policy's it serves the methods that need no `gradient` (greedy,
+    best-of-n); GGRO gets a ModelLoadError. `policy_ids` False: the plain model, queried in its own ids (Ray
+    workers, whose callers translate)."""
+    tok, problem = reward_vocab(mcfg, policy_tok)
+    check_vocab(problem, gradient and policy_ids)
+    spec = mcfg.reward_model
+    if not (mcfg.shares_policy_weights and policy_model is not None):
         model = models.load_model(spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype,
                                   mcfg.device, **mcfg.source(spec))
     elif mcfg.reward_kind == "judge":
@@ -85,7 +106,7 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
     else:
         model = guide.shipped_guide(policy_model)
     rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model))
-    return Retokenized(rm, policy_tok, tok, mcfg.prompt_format, mcfg.reward_kind == "judge") if problem else rm
+    return reward_in_policy_ids(rm, mcfg, policy_tok, tok, problem) if policy_ids else rm
 
 
 def context_window(config) -> int:

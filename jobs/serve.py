@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from ggro.config import ConfigError
+from ggro.config import ConfigError, ModelLoadError
 from jobs.common import Parser, add_engine_args, add_resource_args, fail, resolve_args, resources_from_args
 from jobs.logs import add_log_args, log, log_to_driver, setup_logging
 from jobs.plan import add_plan_args
@@ -116,7 +116,14 @@ def run(args) -> int:
         return dry_run(args, settings.gcfg, settings.mcfg, settings.resources)
     import ray
     from ray import serve
-    from pipeline.serve_app import build_app
+    from pipeline.serve_app import build_app, one_vocabulary
+    m = settings.mcfg
+    if m.reward_model != m.policy:      # fail here, not in a deployment's log
+        from ggro import models
+        try:
+            one_vocabulary(m, models.load_tokenizer(m.policy, **m.source(m.policy)))
+        except ModelLoadError as e:
+            fail(str(e), 1)
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
              log_to_driver=log_to_driver(args))

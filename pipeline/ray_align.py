@@ -74,18 +74,26 @@ def item_to_row(d: dict):
                     metadata=json.loads(d["metadata"]) if d["metadata"] else {}, error=d["error"])
 
 
+def _engine(mcfg, gcfg, reward, context: int):
+    """An Engine over the reward pool (its Policy is set per call); a reward model with its own vocabulary is
+    asked in its own ids (the pool's workers hold it plain), which only the baselines can use."""
+    from ggro import models
+    from ggro.engine import Engine, check_vocab, reward_in_policy_ids, reward_vocab
+    tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
+    reward_tok, problem = reward_vocab(mcfg, tok)
+    check_vocab(problem, gcfg.method == "ggro")
+    return Engine(tok, None, reward_in_policy_ids(reward, mcfg, tok, reward_tok, problem), context, mcfg)
+
+
 class Aligner:
     """Ray Data callable class: one output table per batch of rows, every input id exactly once."""
 
     def __init__(self, mcfg, gcfg, policies, reward, context: int, in_flight: int = 2):
-        from ggro import models
-        from ggro.engine import Engine
         self.gcfg, self.mcfg = gcfg, mcfg
         self.policies, self.dead = list(policies), set()
         self.in_flight = max(1, in_flight)
-        # one tokenizer per thread: fast tokenizers are not safe to share across threads
-        self.engines = [Engine(models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy)), None, reward, context, mcfg)
-                        for _ in range(self.in_flight)]
+        # one engine (tokenizers included) per thread: fast tokenizers are not safe to share across threads
+        self.engines = [_engine(mcfg, gcfg, reward, context) for _ in range(self.in_flight)]
         self.pool = ThreadPoolExecutor(self.in_flight)
         self.lock = threading.Lock()
         self.turn = 0
@@ -160,9 +168,15 @@ def _sink(out_dir: str, rows_per_file: int):
 
 def start_ray_workers(job):
     """Connect to Ray and start the policy replicas and the reward pool (actors.cluster.Workers); raises
-    ClusterTooSmall when they cannot be placed (the entry point turns it into an exit code)."""
+    ClusterTooSmall when they cannot be placed, ModelLoadError when GGRO would get a reward model of another
+    vocabulary (the entry point turns both into exit codes)."""
     from actors.cluster import start_workers
 
+    if job.mcfg.reward_model != job.mcfg.policy:   # GGRO with a reward model of another vocabulary: fail now
+        from ggro import models
+        from ggro.engine import check_vocab, reward_vocab
+        m = job.mcfg
+        check_vocab(reward_vocab(m, models.load_tokenizer(m.policy, **m.source(m.policy)))[1], job.gcfg.method == "ggro")
     connect(job.address, log_to_driver=job.log_to_driver)
     res = job.resources
     workers = start_workers(job.mcfg, res, timeout_s=job.ray_timeout)

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from actors.worker import shares_weights
-from ggro.config import GGROConfig, ModelConfig
+from ggro.config import GGROConfig, ModelConfig, ModelLoadError
 from ggro.search import Prompt
 from pipeline import serve_api as api
 from pipeline import telemetry
@@ -62,6 +62,17 @@ class ServeSettings:
         return shares_weights(self.mcfg, self.resources.tp)
 
 
+def one_vocabulary(mcfg: ModelConfig, policy_tok) -> None:
+    """Serve answers GGRO requests, whose nudges read the reward model's gradient as policy tokens: a reward
+    model of another vocabulary is refused (ModelLoadError) before it could answer one wrongly."""
+    from ggro.engine import reward_vocab
+    problem = reward_vocab(mcfg, policy_tok)[1]
+    if problem:
+        raise ModelLoadError(f"{problem}: ggro serve answers GGRO requests, which need one shared vocabulary; serve "
+                             "a reward model of the policy's family (ggro align takes this one with --method greedy "
+                             "or best-of-n)")
+
+
 # -- the ingress -------------------------------------------------------------------------------------------
 fastapi_app = FastAPI(title="GGRO", description="Gradient-Guided Reward Optimization, OpenAI-compatible")
 
@@ -87,6 +98,7 @@ class GGROIngress:
         from ggro.engine import context_window
         self.s = settings
         self.tok = models.load_tokenizer(settings.mcfg.policy, **settings.mcfg.source(settings.mcfg.policy))
+        one_vocabulary(settings.mcfg, self.tok)
         where, kw = models.resolve(settings.mcfg.policy)
         self.context = context_window(AutoConfig.from_pretrained(where, **kw))
         eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()

@@ -34,6 +34,23 @@ def make_tokenizer():
                                    additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE)
 
 
+def save_other_vocab_rm(path, seed: int = 11) -> str:
+    """A tiny classifier RM whose tokenizer maps the same words to other ids (the policy's vocabulary reversed):
+    a reward model of another family, which GGRO cannot use and the baselines can."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
+    words = list(reversed(list(dict.fromkeys(WORDS))))
+    tk = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(llama_config(len(tok), num_labels=1)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def llama_config(vocab_size: int, **kw):
     from transformers import LlamaConfig
     base = dict(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,

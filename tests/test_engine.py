@@ -287,7 +287,6 @@ def test_withdrawn_prompt_leaves_the_search(setup, mode):
 
 @pytest.mark.parametrize("scale", [4.0, 0.01])   # peaked: a small nucleus; flat: wider than the first head
 def test_sample_token_draws_from_the_nucleus(scale):
-    import torch
     from ggro.policy import sample_token
     logits = torch.randn(3000, generator=torch.Generator().manual_seed(1)) * scale
     probs = torch.softmax(logits.double() / 0.7, -1)
@@ -317,7 +316,6 @@ ARCHITECTURES = {   # (config class, causal LM, classifier, config overrides): e
 
 
 def tiny_arch(classes: tuple, kind: str, seed: int, tok):
-    import torch
     import transformers
     conf, lm, cls, extra = classes
     base = dict(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -385,24 +383,16 @@ def test_stop_strings_end_decoding_where_they_appear(setup):
 def test_a_reward_model_with_its_own_vocabulary_scores_the_baselines(setup, tiny_models, tmp_path):
     """Greedy and best-of-n score each response with the RM's own tokenizer and chat template; GGRO, which reads
     the RM's gradient as policy tokens, refuses that RM with a message saying which methods work."""
-    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
-    from tests.conftest import llama_config, make_tokenizer
+    from transformers import AutoTokenizer
+    from tests.conftest import save_other_vocab_rm
     from ggro.config import ModelConfig
     from ggro.engine import Engine
     from ggro.models import ModelLoadError
     from ggro.rows import InputRow
     tok = setup[0]
-    # the same strings under other ids: the policy's vocabulary reversed
-    base = make_tokenizer()
-    words = [w for w, _ in sorted(base.get_vocab().items(), key=lambda kv: kv[1])][4:]
-    other = PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer(list(reversed(words))), unk_token="<unk>",
-                                    pad_token="<pad>", eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"],
-                                    chat_template=base.chat_template)
+    rm_dir = save_other_vocab_rm(tmp_path / "rm")
+    other = AutoTokenizer.from_pretrained(rm_dir)
     assert other.encode("the water") != tok.encode("the water")
-    torch.manual_seed(11)
-    rm_dir = tmp_path / "rm"
-    LlamaForSequenceClassification(llama_config(len(other), num_labels=1)).save_pretrained(rm_dir)
-    other.save_pretrained(rm_dir)
     mcfg = ModelConfig(policy=tiny_models["policy"], reward=str(rm_dir), reward_kind="classifier", dtype="float64")
     with pytest.raises(ModelLoadError, match="one shared vocabulary.*--method greedy or best-of-n"):
         Engine.load(mcfg)
@@ -419,32 +409,3 @@ def test_a_reward_model_with_its_own_vocabulary_scores_the_baselines(setup, tiny
             assert rec["reward"] == pytest.approx(rm.score([RewardQuery(ids)])[0].reward, rel=1e-9)
     with pytest.raises(ConfigError, match="its own vocabulary"):
         list(engine.align(rows, GGROConfig(max_new_tokens=8)))
-
-
-def _word_tokenizer(words):
-    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
-    from tests.conftest import SPECIALS
-    tk = Tokenizer(tmodels.WordLevel(vocab={t: i for i, t in enumerate(SPECIALS + words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tk.decoder = decoders.WordPiece(prefix="##")
-    return tk
-
-
-def test_auto_dtype_and_device_resolve_to_the_hardware(tiny_models):
-    """`auto` is bfloat16 on a GPU that runs it, float32 elsewhere; cuda where there is a GPU. An engine loaded
-    with `auto` here runs (and hashes) exactly what the explicit CPU settings do."""
-    from ggro.config import ModelConfig, config_hash, resolve_auto
-    from ggro.engine import Engine
-    assert resolve_auto("auto", "auto", cuda=True, bf16=True) == ("bfloat16", "cuda")
-    assert resolve_auto("auto", "auto", cuda=True, bf16=False) == ("float32", "cuda")
-    assert resolve_auto("auto", "auto", cuda=False) == ("float32", "cpu")
-    assert resolve_auto("auto", "cpu", cuda=True) == ("float32", "cpu")         # an explicit device wins
-    assert resolve_auto("float16", "auto", cuda=True) == ("float16", "cuda")
-    with pytest.raises(ConfigError, match="dtype"):
-        ModelConfig(dtype="fp8")
-    auto = Engine.load(ModelConfig(policy=tiny_models["policy"], dtype="auto", device="auto"))
-    explicit = ModelConfig(policy=tiny_models["policy"], dtype="float32", device="cpu")
-    if not torch.cuda.is_available():
-        assert (auto.mcfg.dtype, auto.mcfg.device) == ("float32", "cpu")
-        assert auto.provenance(GGROConfig())["config_hash"] == config_hash(GGROConfig(), explicit)
-        assert next(auto.reward.model.parameters()).dtype == torch.float32

@@ -213,3 +213,25 @@ def test_streamed_folder_equals_local(ray_cluster, tiny_models, tmp_path, capsys
     assert align(flags + ["--output", str(tmp_path / "lim"), "--limit", "4"]) == 0
     assert align(flags + ["--output", str(tmp_path / "lim-local"), "--limit", "4", "--local"]) == 0
     assert sorted(rows_of(tmp_path / "lim")) == sorted(rows_of(tmp_path / "lim-local")) == ["a", "a.jsonl:line-4", "b", "c"]
+
+
+def test_reward_model_of_another_vocabulary_on_ray(ray_cluster, tiny_models, tmp_path, capsys):
+    """The baselines take a reward model of another vocabulary on Ray as in --local (its workers hold it plain,
+    the aligners ask it in its own ids); GGRO refuses it before any actor starts."""
+    from tests.conftest import save_other_vocab_rm
+    inp = write_input(tmp_path / "in.jsonl", ())
+    other = save_other_vocab_rm(tmp_path / "rm")
+    flags = ["--input", str(inp), "--policy", tiny_models["policy"], "--reward", other, "--reward-kind", "classifier",
+             "--dtype", "float64", "--max-new-tokens", "8", "--method", "greedy", "--max-error-fraction", "0.5"]
+    assert align(flags + ["--output", str(tmp_path / "local"), "--local"]) == 0
+    assert align(flags + ["--output", str(tmp_path / "ray"), "--reward-cpus", "0.25"]) == 0
+    local, dist = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
+    assert local.keys() == dist.keys() and sum(r["error"] is None for r in dist.values()) == 5
+    for i in local:
+        assert local[i]["response"] == dist[i]["response"]
+        assert (local[i]["reward"] is None) == (dist[i]["reward"] is None)
+        if local[i]["reward"] is not None:
+            assert dist[i]["reward"] == pytest.approx(local[i]["reward"], rel=1e-9)
+    with pytest.raises(SystemExit) as e:
+        align([f for f in flags if f not in ("--method", "greedy")] + ["--output", str(tmp_path / "ggro")])
+    assert e.value.code == 1 and "one shared vocabulary" in capsys.readouterr().err

@@ -435,3 +435,13 @@ def test_stop_ends_decoding_where_it_appears(client):
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == free.choices[0].text[:free.choices[0].text.index(stop)]
     assert cut.usage.completion_tokens < free.usage.completion_tokens
+
+
+def test_serve_refuses_a_reward_model_of_another_vocabulary(tiny_models, tmp_path, capsys):
+    """GGRO requests need one vocabulary: `ggro serve` says so and exits before it starts Ray."""
+    from tests.conftest import save_other_vocab_rm
+    from jobs.serve import main
+    with pytest.raises(SystemExit) as e:
+        main(["--policy", tiny_models["policy"], "--reward", save_other_vocab_rm(tmp_path / "rm"),
+              "--reward-kind", "classifier", "--port", str(free_port())])
+    assert e.value.code == 1 and "ggro serve answers GGRO requests" in capsys.readouterr().err
