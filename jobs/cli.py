@@ -30,6 +30,14 @@ def version() -> str:
         return found.group(1) if found else "unknown"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, except the None that a flag left for --config to fill has (its help names
+    the real default in brackets)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ggro", description="Gradient-Guided Reward Optimization "
                     "(inference-time alignment) on one machine or a Ray cluster.")
@@ -38,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         mod.add_args(p)
         p.set_defaults(func=mod.run)
     return parser

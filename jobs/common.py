@@ -43,11 +43,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "and reward calls overlap (same outputs; each gets cores / cohorts torch threads) [1]")
     s = p.add_argument_group("search")
     s.add_argument("--method", choices=METHODS, help="[ggro]")
-    s.add_argument("--max-new-tokens", type=int, help="[128]")
-    s.add_argument("--num-refinements", type=int, help="S, refinements per segment [4]")
-    s.add_argument("--entropy-threshold", type=float, help="tau in nats: segment boundary [1.5]")
-    s.add_argument("--top-k", type=int, help="nudge candidates from the policy's top-k [25]")
-    s.add_argument("--nudge-temperature", type=float, help="[0.1]")
+    plain = (("max_new_tokens", int, ""), ("num_refinements", int, "S, refinements per segment"),
+             ("entropy_threshold", float, "tau in nats: segment boundary"),
+             ("top_k", int, "nudge candidates from the policy's top-k"), ("nudge_temperature", float, ""))
+    for name, typ, text in plain:      # the default shown is GGROConfig's own
+        s.add_argument("--" + name.replace("_", "-"), type=typ, help=f"{text} [{getattr(GGRO_DEFAULTS, name)}]".lstrip())
     s.add_argument("--selection", choices=("greedy", "sample"), help="nudge selection [greedy]")
     s.add_argument("--scoring", choices=("faithful", "taylor"), help="candidate score [faithful]")
     s.add_argument("--search-mode", choices=SEARCH_MODES,
@@ -60,15 +60,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-refined-segments", type=int,
                    help="budget: refine only the first B segments (uncertain points), then decode greedily to the "
                         "end [no limit: every segment, as the reference]")
-    s.add_argument("--min-segment-tokens", type=int, help="[4]")
-    s.add_argument("--initial-insertion-offset", type=int, help="first segment's nudge offset [0]")
-    s.add_argument("--n", type=int, help="best-of-n samples [4]")
-    s.add_argument("--temperature", type=float, help="best-of-n sampling temperature [0.7]")
-    s.add_argument("--top-p", type=float, help="best-of-n nucleus [0.95]")
-    s.add_argument("--seed", type=int, help="[0]")
+    plain = (("min_segment_tokens", int, ""), ("initial_insertion_offset", int, "first segment's nudge offset"),
+             ("n", int, "best-of-n samples"), ("temperature", float, "best-of-n sampling temperature"),
+             ("top_p", float, "best-of-n nucleus"), ("seed", int, ""))
+    for name, typ, text in plain:
+        s.add_argument("--" + name.replace("_", "-"), type=typ, help=f"{text} [{getattr(GGRO_DEFAULTS, name)}]".lstrip())
     s.add_argument("--trace", action="store_true", default=None, help="record a per-segment trace column")
     p.add_argument("--config", help="YAML file whose keys mirror these flags (dashes or underscores); flags win")
 
+
+GGRO_DEFAULTS = GGROConfig()
 
 # `ggro serve`'s old names for the resources: hidden, still accepted (scripts use them); each sets both roles
 DEPRECATED = {"model_replicas": ("policy_replicas", "reward_replicas"), "replica_cpus": ("policy_cpus", "reward_cpus"),

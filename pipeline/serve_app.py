@@ -221,9 +221,15 @@ class GGROIngress:
             status = 500
             raise
         finally:
-            self.hub.cancel(jobs)
-            telemetry.record_request(self.telemetry_app, endpoint, status, time.monotonic() - t0, len(prompts[0].ids),
-                                     sum(c["tokens"] for c in choices if c is not None))
+            self._settle(jobs, endpoint, status, t0, prompts, sum(c["tokens"] for c in choices if c is not None))
+
+    def _settle(self, jobs: list[Job], endpoint: str, status: int, t0: float, prompts: list[Prompt],
+                completion_tokens: int) -> None:
+        """A request ends (answered, failed, timed out or abandoned): its prompts still searching are withdrawn
+        and their slots freed, and it is counted."""
+        self.hub.cancel(jobs)
+        telemetry.record_request(self.telemetry_app, endpoint, status, time.monotonic() - t0, len(prompts[0].ids),
+                                 completion_tokens)
 
     def _sendable(self, req: api.ApiRequest, y: list[int], sent: str, hold: int) -> tuple[str, bool]:
         """A streamed choice's text so far that may be sent (`sent` when nothing more may), and whether it hit a
@@ -292,9 +298,7 @@ class GGROIngress:
             status = 500
             raise
         finally:
-            self.hub.cancel(jobs)
-            telemetry.record_request(self.telemetry_app, endpoint, status, time.monotonic() - t0, len(prompts[0].ids),
-                                     completion_tokens)
+            self._settle(jobs, endpoint, status, t0, prompts, completion_tokens)
 
     # -- routes ----------------------------------------------------------------------------------------------
     @fastapi_app.post("/v1/chat/completions")
