@@ -1,6 +1,6 @@
 """Throughput of a running `ggro serve`: N requests one after another, then the same N at once.
 
-    python -m jobs.serve_bench --base-url http://127.0.0.1:8000/v1 --requests 16 --max-tokens 32
+    python benchmarks/serve_bench.py --base-url http://127.0.0.1:8000/v1 --requests 16 --max-tokens 32
 
 Prints wall time, requests/s and completion tokens/s for both, their ratio, and how many answers came
 out identical (greedy GGRO is deterministic; batching must not change answers).
@@ -23,7 +23,7 @@ PROMPTS = [
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.serve_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="benchmarks/serve_bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--api-key", default="none")
