@@ -104,7 +104,7 @@ class OutputLock:
                         f"that run is gone, delete {self.path}")
                 print(f"ggro: taking over the stale lock of host {h.get('host')} pid {h.get('pid')} "
                       f"(started {h.get('started')})", file=sys.stderr)
-                self.fs.delete_file(self.path)
+                self._remove_stale(h)
             else:
                 raise OutputLocked(f"could not take the lock {self.path}: other runs keep taking it")
         except OutputError:
@@ -114,6 +114,31 @@ class OutputLock:
         self._thread = threading.Thread(target=self._beat, daemon=True, name="ggro-lock-heartbeat")
         self._thread.start()
         return self
+
+    def _remove_stale(self, stale: dict) -> None:
+        """Remove the lock judged stale, and only it: two runs that both judged it stale must not both take the
+        folder (one deleting the lock the other had just made). Locally it is moved aside atomically, so one
+        mover wins, and put back when what was moved is not the stale lock (another run's fresh one); the O_EXCL
+        create then decides. Object stores have no atomic move: there it is deleted."""
+        if not self.local:
+            self.fs.delete_file(self.path)
+            return
+        aside = f"{self.path}.{self.token}.stale"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return                      # another run moved it first
+        try:
+            with open(aside, "rb") as f:
+                moved = json.loads(f.read() or b"{}")
+        except ValueError:
+            moved = {}
+        if moved != stale:
+            try:
+                os.link(aside, self.path)      # put it back, unless yet another run made one meanwhile
+            except FileExistsError:
+                pass
+        os.unlink(aside)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

@@ -82,7 +82,8 @@ def _ours(rel: str, dpo: bool) -> bool:
     name = parts[0]
     if name.startswith(".") and name.endswith(".tmp"):
         name = name[1:-4]
-    return bool(PART_RE.fullmatch(name)) or name in (MANIFEST, LOCK) or (dpo and bool(PAIRS_RE.fullmatch(name)))
+    stale = name.startswith(LOCK + ".") and name.endswith(".stale")     # a lock being taken over (pipeline.lock)
+    return bool(PART_RE.fullmatch(name)) or name in (MANIFEST, LOCK) or stale or (dpo and bool(PAIRS_RE.fullmatch(name)))
 
 
 def _manifest_command(fs, path: str) -> str | None:

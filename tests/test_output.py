@@ -138,3 +138,35 @@ def test_align_and_dpo_write_s3(s3, tiny_models, tmp_path, capsys):
     assert {"__aligned-ggro", "__aligned-greedy", "pairs.parquet", ".ggro_run.json"} == set(listing(dpo))
     pairs = pq.read_table(f"{path}/pairs.parquet", filesystem=fs)
     assert sorted(pairs.column("id").to_pylist()) == ["a", "b"]
+
+
+def test_two_runs_taking_over_one_stale_lock_never_both_hold_it(tmp_path):
+    """Two runs that find the same stale lock at the same moment: exactly one takes the folder, whatever the
+    interleaving (the other sees the winner's live lock), and nothing is left beside the lock."""
+    import socket
+    import subprocess
+    import threading
+    out = tmp_path / "out"
+    prepare_output(out)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for _ in range(25):         # interleavings vary from round to round
+        (out / ".ggro.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "x"}))
+        start, held, refused = threading.Barrier(2), [], []
+
+        def take():
+            lock = OutputLock(out)
+            start.wait()
+            try:
+                held.append(lock.acquire())
+            except OutputLocked:
+                refused.append(lock)
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(held) == 1 and len(refused) == 1
+        assert held[0].holder()["token"] == held[0].token
+        assert sorted(p.name for p in out.iterdir()) == [".ggro.lock"]
+        held[0].release()
