@@ -13,10 +13,11 @@
                    (the tail smaller; tmp + move), on a shared path or any pyarrow URI (s3://, gs://)
 
 The driver never holds the prompt set. Before the pipeline it makes one id-only pass (`scan_input`):
-ids and an order key (file number, line) stream back and are kept as an Arrow string column plus
-int64 keys (about len(id) + 12 bytes a row) to find duplicate ids (the first occurrence in file order
-wins, as in --local) and the --limit cut-off; after it only 16-byte digests of the ids are kept
-(16 B a row). Resume reads only the `id`/`error`/`config_hash` columns of --output, one part at a time
+ids and an order key (file number, line) stream back, a batch at a time, and only each id's 16-byte
+digest and its int64 key are kept (24 B a row, whatever the ids' length), to find duplicate ids (the
+first occurrence in file order wins, as in --local) and the --limit cut-off; only when ids repeat does a
+second pass fetch those ids' strings (to name the copies id#dupK); after it the digests stay (16 B a
+row). Resume reads only the `id`/`error`/`config_hash` columns of --output, one part at a time
 (pipeline.output.output_index), and ships the sorted digests to the prepare tasks through the object
 store. Ray Data's CheckpointConfig is not used: it keeps its own checkpoint files beside the output,
 written apart from the data, while here the whole, atomically moved part files are the checkpoint.
@@ -253,7 +254,6 @@ def scan_input(uri: str, limit: int | None = None) -> InputPlan:
     """List the input files (naming the skipped ones), check Parquet footers, then stream ids and order
     keys back once to count rows, apply --limit and find duplicate ids (see the module docstring)."""
     from ggro.rows import check_parquet, dup_id, input_fs, input_kind, list_inputs
-    import pyarrow.compute as pc
 
     filesystem, path = input_fs(uri)
     files, skipped = list_inputs(filesystem, path)
@@ -264,42 +264,63 @@ def scan_input(uri: str, limit: int | None = None) -> InputPlan:
                      np.array([], dtype=np.int64), np.array([], dtype=np.int64))
     if not files:
         return plan
-    ids, keys = [], []
-    try:
-        for b in plan.dataset().map_batches(_ids_and_keys, batch_format="pyarrow", num_cpus=READ_CPUS).iter_batches(
-                batch_size=None, batch_format="pyarrow"):
-            ids.append(b.column("id").combine_chunks())
-            keys.append(b.column("key").to_numpy())
-    except Exception as e:   # a read task failed: surface our InputError (a corrupt file) as itself
-        raise _input_error(e) from None
-    if not ids:
+    digests, keys = _scan(plan)
+    if not len(keys):
         return plan
-    t = pa.table({"id": pa.concat_arrays(ids), "key": np.concatenate(keys)})
-    del ids, keys
-    if limit is not None and limit < t.num_rows:
-        t = t.take(pc.sort_indices(t, [("key", "ascending")])[:limit])
-        plan.cutoff = int(pc.max(t.column("key")).as_py())
-    t = t.take(pc.sort_indices(t, [("id", "ascending"), ("key", "ascending")]))
-    idcol = t.column("id").combine_chunks()
-    same = np.zeros(t.num_rows, dtype=bool)
-    if t.num_rows > 1:
-        same[1:] = pc.equal(idcol[1:], idcol[:-1]).to_numpy(zero_copy_only=False)
-    final = idcol.to_pylist() if same.any() else None
+    if limit is not None and limit < len(keys):
+        first = np.argsort(keys, kind="stable")[:limit]
+        digests, keys = digests[first], keys[first]
+        plan.cutoff = int(keys.max())
+    order = np.lexsort((keys, digests))          # one id's copies together (same digest), in key order
+    digests, keys = digests[order], keys[order]
+    same = np.zeros(len(keys), dtype=bool)
+    same[1:] = digests[1:] == digests[:-1]
     if same.any():   # the K-th copy of an id (K >= 2), in key order, becomes id#dupK
-        keys_sorted = t.column("key").to_numpy()
-        k = 1
-        dk, dkk = [], []
-        for i in range(t.num_rows):
+        names = _id_strings(plan, np.unique(digests[same]))
+        k, dk, dkk = 1, [], []
+        for i in np.flatnonzero(same | np.r_[same[1:], False]):
             k = k + 1 if same[i] else 1
             if same[i]:
-                final[i] = dup_id(final[i], k)
-                dk.append(keys_sorted[i])
+                digests[i] = id_digests([dup_id(names[digests[i]], k)])[0]
+                dk.append(keys[i])
                 dkk.append(k)
-        order = np.argsort(np.array(dk, dtype=np.int64))
-        plan.dup_keys, plan.dup_k = np.array(dk, dtype=np.int64)[order], np.array(dkk, dtype=np.int64)[order]
-    plan.count = t.num_rows
-    plan.ids = np.sort(id_digests(final if final is not None else idcol))
+        by_key = np.argsort(np.array(dk, dtype=np.int64))
+        plan.dup_keys, plan.dup_k = np.array(dk, dtype=np.int64)[by_key], np.array(dkk, dtype=np.int64)[by_key]
+    plan.count = len(keys)
+    plan.ids = np.sort(digests)
     return plan
+
+
+def _id_batches(plan):
+    """The input's (id, key) batches, read by Ray Data's read tasks; our InputError surfaces as itself."""
+    try:
+        yield from plan.dataset().map_batches(_ids_and_keys, batch_format="pyarrow", num_cpus=READ_CPUS).iter_batches(
+            batch_size=None, batch_format="pyarrow")
+    except Exception as e:   # a read task failed: a corrupt file's InputError, not Ray's wrapper
+        raise _input_error(e) from None
+
+
+def _scan(plan) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's id digest and order key: 24 bytes a row in the driver, whatever the ids' length."""
+    digests, keys = [], []
+    for b in _id_batches(plan):
+        digests.append(id_digests(b.column("id")))
+        keys.append(b.column("key").to_numpy())
+    if not keys:
+        return np.array([], dtype="S16"), np.array([], dtype=np.int64)
+    return np.concatenate(digests), np.concatenate(keys)
+
+
+def _id_strings(plan, wanted: np.ndarray) -> dict:
+    """{digest: id} for the `wanted` digests (ids that repeat: rare), from a second pass over the input."""
+    out = {}
+    for b in _id_batches(plan):
+        d = id_digests(b.column("id"))
+        hit = np.flatnonzero(np.isin(d, wanted))
+        if len(hit):
+            ids = b.column("id").take(pa.array(hit)).to_pylist()
+            out.update(zip(d[hit].tolist(), ids))
+    return out
 
 
 def _input_error(e: Exception) -> Exception:
