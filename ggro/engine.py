@@ -61,6 +61,8 @@ class Engine:
                     row.error = str(e)
             yield output_record(row, None, self.tokenizer, prov, gcfg.method)
         for res in run(prompts, self.policy, self.reward, gcfg, self.mcfg.batch_size, self.mcfg.cohorts):
+            if isinstance(self.reward, Retokenized):
+                self.reward.forget(res.id)
             yield output_record(by_id[res.id], res, self.tokenizer, prov, gcfg.method)
 
 

@@ -84,7 +84,7 @@ class SegmentDecoder:
         if self.tokenizer is None:
             raise ValueError("stop strings need the policy's tokenizer: build SegmentDecoder(..., tokenizer=tok)")
         w = max(map(len, r.stop)) + 1
-        tail = (r.prefix[-w:] + emitted)[-w - 1:]
+        tail = (r.prefix[-w:] + emitted[-w - 1:])[-w - 1:]     # O(w) a step, however long the segment
         now, before = self.tokenizer.decode(tail), self.tokenizer.decode(tail[:-1])
         return any(s in now and s not in before for s in r.stop)
 

@@ -27,6 +27,10 @@ class Retokenized:
     def register(self, row: InputRow) -> None:
         self.rows[row.id] = row
 
+    def forget(self, row_id: str) -> None:
+        """The row's response is scored and written: a long-lived aligner must not keep every row it saw."""
+        self.rows.pop(row_id, None)
+
     def rm_ids(self, q: RewardQuery) -> list[int]:
         row = self.rows[q.seq_id]
         response = row.prefill + self.policy_tok.decode(q.tokens[q.prefix_len:], skip_special_tokens=True)

@@ -264,7 +264,7 @@ def _finish(tails: list[_Active], policy: Policy, reward: Reward, cfg: GGROConfi
         a.res.reward_calls += 1
         if a.res.trace is not None:
             a.res.trace.append({"stop": s.stop, "accepted": 0, "tried": [_tried(None, s, r.reward)]})
-        _accept(a, s.tokens, r.reward, 0, s.stop, cfg)   # decoded to the end: stop is "eos" or "length"
+        _accept(a, s.tokens, r.reward, 0, s.stop, cfg)   # decoded to the end: the response ends here
     policy.release([a.p.id for a in tails])
     yield from (a.res for a in tails)
 
@@ -341,7 +341,7 @@ def _lookahead_point(active: list[_Active], policy: Policy, reward: Reward, cfg:
         if a.res.trace is not None:
             a.res.trace.append({"stop": s.stop, "accepted": k, "tried": [_tried(c, t, r) for c, t, r in options]})
         a.res.num_nudges += k > 0
-        if last or len(s.tokens) == 1:    # the kept rollout ends the response (its stop is "eos" or "length")
+        if last or len(s.tokens) == 1:    # the kept rollout ends the response (eos, a stop string or length)
             _accept(a, s.tokens, rew, 0, s.stop, cfg)
             done.append(a)
         else:    # keep u's chosen token; the next point's greedy rollout is this rollout's remainder

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from ggro.schema import MESSAGE, OUTPUT_SCHEMA
 from pipeline.output import PAIRS_RE, _read_part, child, id_digests, output_fs, part_files, read_output, write_file, write_part
@@ -152,7 +153,6 @@ def _split(src: str, dest: str, k: int) -> None:
 def _clear_pairs(out_dir: str) -> None:
     """Pair files of an earlier join: a join into fewer buckets must not leave stale ones beside its own."""
     fs, path = output_fs(out_dir)
-    from pyarrow import fs as pafs
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         if info.type == pafs.FileType.File and PAIRS_RE.fullmatch(info.base_name):
             fs.delete_file(info.path)
