@@ -252,7 +252,7 @@ def run_job(job: AlignJob, aligners: Aligners | None = None) -> int:
         write_manifest(job.output, info)
         prompts = read_prompts(job)
         ntodo = align_todo(job, prompts, aligners)
-        summary = Summary.of_output(job.output, prompts.mask, time.perf_counter() - t0)
+        summary = Summary.of_output(job.output, prompts.ids, time.perf_counter() - t0)
         info.update(status="finished", ended=now(), rows={
             "in": prompts.count, "out": summary.rows, "ok": summary.ok, "error": summary.errors,
             "aligned_this_run": ntodo, "skipped_files": prompts.skipped})

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
@@ -170,12 +171,17 @@ def id_digests(ids, chunk: int = 1 << 16) -> np.ndarray:
     return out
 
 
+def lookup(sorted_digests: np.ndarray, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in `sorted_digests` (sorted, as from np.sort), found) of each of `digests`."""
+    if len(sorted_digests) == 0 or len(digests) == 0:
+        return np.zeros(len(digests), dtype=np.int64), np.zeros(len(digests), dtype=bool)
+    i = np.searchsorted(sorted_digests, digests).clip(0, len(sorted_digests) - 1)
+    return i, sorted_digests[i] == digests
+
+
 def contains(sorted_digests: np.ndarray, digests: np.ndarray) -> np.ndarray:
     """Boolean mask: which of `digests` are in `sorted_digests` (sorted, as from np.sort)."""
-    if len(sorted_digests) == 0 or len(digests) == 0:
-        return np.zeros(len(digests), dtype=bool)
-    i = np.searchsorted(sorted_digests, digests).clip(0, len(sorted_digests) - 1)
-    return sorted_digests[i] == digests
+    return lookup(sorted_digests, digests)[1]
 
 
 @dataclass
@@ -286,21 +292,19 @@ class Summary:
         return s._done()
 
     def _add(self, table: pa.Table, show: int = 10) -> None:
-        d = table.select(SUMMARY_COLUMNS[1:] + ["id"]).to_pydict()
-        for i, e in enumerate(d["error"]):
-            self.rows += 1
-            if e is not None:
-                self.errors += 1
-                if len(self.error_examples) < show:
-                    self.error_examples.append((d["id"][i], e))
-                continue
-            self.ok += 1
-            if d["reward"][i] is not None:
-                self._rsum += d["reward"][i]
-                self._rn += 1
-            self._nsum += d["num_nudges"][i] or 0
-            self.policy_tokens += d["policy_tokens"][i] or 0
-            self.reward_calls += d["reward_calls"][i] or 0
+        bad = table.column("error").is_valid()
+        ok = table.filter(pc.invert(bad))
+        if len(self.error_examples) < show and pc.any(bad).as_py():
+            errs = table.filter(bad).slice(0, show - len(self.error_examples))
+            self.error_examples += list(zip(errs.column("id").to_pylist(), errs.column("error").to_pylist()))
+        self.rows += table.num_rows
+        self.errors += table.num_rows - ok.num_rows
+        self.ok += ok.num_rows
+        self._rsum += pc.sum(ok.column("reward")).as_py() or 0.0
+        self._rn += pc.count(ok.column("reward")).as_py()
+        self._nsum += pc.sum(ok.column("num_nudges")).as_py() or 0
+        self.policy_tokens += pc.sum(ok.column("policy_tokens")).as_py() or 0
+        self.reward_calls += pc.sum(ok.column("reward_calls")).as_py() or 0
 
     def _done(self) -> "Summary":
         self.mean_reward = self._rsum / self._rn if self._rn else math.nan
@@ -308,20 +312,26 @@ class Summary:
         return self
 
     @classmethod
-    def of_output(cls, out_dir: str | Path, select=None, wall_s: float = 0.0) -> "Summary":
-        """The summary of the rows whose ids `select(ids) -> bool mask` picks (None: all), reading one part
-        at a time and no response text."""
+    def of_output(cls, out_dir: str | Path, ids: np.ndarray | None = None, wall_s: float = 0.0) -> "Summary":
+        """The summary of the rows whose id digest is in `ids` (sorted; None: every row), reading one part at a
+        time and no response text. With `ids`, a row's id is marked in a bitmap over them (1 B an input row)
+        to count duplicates, so the driver never gathers the output's ids."""
         fs, _ = output_fs(out_dir)
-        s, seen = cls(wall_s=wall_s), []
+        s, seen, every = cls(wall_s=wall_s), None if ids is None else np.zeros(len(ids), dtype=bool), []
         for f in part_files(out_dir):
             t = _read_part(fs, f, SUMMARY_COLUMNS)
-            if select is not None:
-                t = t.filter(pa.array(select(t.column("id").to_pylist())))
-            seen.append(id_digests(t.column("id")))
+            d = id_digests(t.column("id"))
+            if seen is None:
+                every.append(d)
+            else:
+                pos, hit = lookup(ids, d)
+                t, (u, n) = t.filter(pa.array(hit)), np.unique(pos[hit], return_counts=True)
+                s.duplicates += int(n.sum() - np.count_nonzero(~seen[u]))   # all copies but a first one
+                seen[u] = True
             s._add(t)
-        if seen:
-            allseen = np.sort(np.concatenate(seen))
-            s.duplicates = int(np.count_nonzero(allseen[1:] == allseen[:-1])) if len(allseen) > 1 else 0
+        if every:
+            d = np.sort(np.concatenate(every))
+            s.duplicates = int(np.count_nonzero(d[1:] == d[:-1]))
         return s._done()
 
     def render(self, rows_in: int) -> str:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
 from pipeline.lock import OutputLock
 from pipeline.output import (OutputConflict, OutputError, OutputLocked, child, clear_output,
-                             done_ids, drop_error_rows, output_fs, output_index, prepare_output, read_output,
-                             write_part)
+                             Summary, done_ids, drop_error_rows, id_digests, output_fs, output_index, prepare_output,
+                             read_output, write_part)
 
 
 def rec(i: str, h: str = "h1") -> dict:
@@ -97,6 +98,20 @@ def test_drop_error_rows_rewrites_parts_whole(tmp_path):
     assert drop_error_rows(out) == 1
     assert read_output(out).column("id").to_pylist() == ["a"]
     assert len(list(out.glob("*.parquet"))) == 1 and not list(out.glob(".*"))   # the emptied part is gone
+
+
+def test_summary_of_this_inputs_rows_counts_duplicates_across_parts(tmp_path):
+    out = tmp_path / "out"
+    write_part(out, [rec("a"), {**rec("b"), "reward": 3.0, "num_nudges": 2}, {**rec("x"), "reward": 100.0}])
+    write_part(out, [rec("a"), {**rec("c"), "error": "boom", "response": None, "reward": None}, rec("c")])
+    write_part(out, [rec("b"), rec("b")])
+    ids = np.sort(id_digests(["a", "b", "c", "d"]))           # x: another input's row; d: not written
+    s = Summary.of_output(out, ids)
+    assert (s.rows, s.ok, s.errors, s.duplicates) == (7, 6, 1, 4)  # a once more, c once more, b twice more
+    assert s.error_examples == [("c", "boom")] and s.mean_reward == pytest.approx((1 + 3 + 1 + 1 + 1 + 1) / 6)
+    assert s.mean_nudges == pytest.approx(2 / 6) and "MISMATCH: 4 rows in, 4 duplicate rows" in s.render(4)
+    every = Summary.of_output(out)                             # no input: every row, one bitmap-free pass
+    assert (every.rows, every.duplicates, every.mean_reward) == (8, 4, pytest.approx(108 / 7))
 
 
 def test_missing_bucket_fails_before_any_work(s3):

@@ -58,3 +58,14 @@ def test_corrupt_parquet_and_bad_json_array_are_clear_errors(tmp_path):
     arr.write_text('[{"prompt": "a"}, ')
     with pytest.raises(InputError, match="y.json starts with `\\[` but is not a valid JSON array"):
         list(read_rows(arr))
+
+
+def test_aligner_blocks_are_whole_calls_and_feed_every_aligner():
+    from pipeline.ray_align import BLOCKS_PER_ALIGNER, MAX_CALLS_PER_BLOCK, aligner_block_rows
+    for todo in (1, 50, 1_000, 20_000, 500_000):
+        for per_call, aligners in ((128, 1), (128, 2), (16, 8)):
+            rows = aligner_block_rows(todo, per_call, aligners)
+            assert rows % per_call == 0 and per_call <= rows <= MAX_CALLS_PER_BLOCK * per_call
+            if rows > per_call:      # grown past one call only while every aligner still gets enough blocks
+                assert todo // rows >= BLOCKS_PER_ALIGNER * aligners
+    assert aligner_block_rows(500_000, 128, 2) == MAX_CALLS_PER_BLOCK * 128      # large runs: the fewest blocks
