@@ -6,6 +6,7 @@ the models. Starts one local Ray instance; each `python -m jobs.align` driver co
 separate process whose peak RSS (VmHWM) is sampled.
 
     GGRO_THREADS=1 python benchmarks/scale.py --n 10000 50000 --workdir /tmp/ggro-scale
+    python benchmarks/scale.py --id-pass --n 10000 500000 2000000     # the driver's id pass alone
 """
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def run_driver(argv: list[str], env: dict) -> tuple[int, float, float, str]:
-    """(exit code, wall s, peak RSS MB, stdout) of one `python -m jobs.align` process."""
+def run_driver(argv: list[str], env: dict, cmd: tuple = ("-m", "jobs.align")) -> tuple[int, float, float, str]:
+    """(exit code, wall s, peak RSS MB, stdout) of one `python -m jobs.align` (or `cmd`) process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.align", *argv], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, *cmd, *argv], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = [0.0]
 
@@ -60,8 +61,16 @@ def main() -> int:
     p.add_argument("--rows-per-file", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
+    p.add_argument("--id-pass", action="store_true", help="time only the driver's id pass (pipeline.ray_align."
+                   "scan_input) over each input: its peak RSS, no models")
+    p.add_argument("--scan", help=argparse.SUPPRESS)     # the child process of --id-pass
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
+    if args.scan:
+        from pipeline.ray_align import connect, scan_input
+        connect()
+        print(scan_input(args.scan).count)
+        return 0
     from tests.conftest import save_tiny
     import ray
 
@@ -81,6 +90,13 @@ def main() -> int:
             with open(inp, "w") as f:
                 for i in range(n):
                     f.write(json.dumps({"id": f"p{i}", "prompt": f"what is the number {i % 97} of people ?"}) + "\n")
+        if args.id_pass:
+            code, wall, rss, stdout = run_driver(["--scan", str(inp)], env, (__file__,))
+            res = {"n": n, "exit": code, "id_pass_wall_s": round(wall, 1), "id_pass_peak_rss_mb": round(rss, 1),
+                   "rows": stdout.strip()}
+            print(json.dumps(res), flush=True)
+            results.append(res)
+            continue
         out = work / f"out-{n}"
         argv = ["--input", str(inp), "--output", str(out), "--overwrite", "--policy", str(models["policy"]),
                 "--reward", str(models["rm"]), "--reward-kind", "classifier", "--max-new-tokens", "1",

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.output import read_output
@@ -235,3 +236,22 @@ def test_reward_model_of_another_vocabulary_on_ray(ray_cluster, tiny_models, tmp
     with pytest.raises(SystemExit) as e:
         align([f for f in flags if f not in ("--method", "greedy")] + ["--output", str(tmp_path / "ggro")])
     assert e.value.code == 1 and "one shared vocabulary" in capsys.readouterr().err
+
+
+def test_id_pass_equals_the_local_reader_at_every_limit(ray_cluster, tmp_path):
+    """The driver's id pass (digests and keys only) finds the same output ids as the in-process reader: copies
+    of an id across and within files numbered in file order, and --limit cutting anywhere among them."""
+    from ggro.rows import dedupe, read_rows
+    from pipeline.output import id_digests
+    from pipeline.ray_align import scan_input
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "p"}) + "\n" for i in "xyxzx") + "{bad\n")
+    (d / "b.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "q"}) + "\n" for i in "zwyx"))
+    local = [r.id for r in dedupe(read_rows(d))]
+    assert local[:7] == ["x", "y", "x#dup2", "z", "x#dup3", "a.jsonl:line-6", "z#dup2"]     # the rule itself
+    for limit in (None, 1, 3, 5, 7, 8, len(local), len(local) + 4):
+        plan = scan_input(str(d), limit)
+        want = local[:limit]
+        assert plan.count == len(want) and plan.ids.tolist() == np.sort(id_digests(want)).tolist(), limit
+        assert sorted(plan.dup_k.tolist()) == sorted(int(i.rsplit("#dup", 1)[1]) for i in want if "#dup" in i)
