@@ -7,7 +7,7 @@ from typing import Iterable, Iterator
 from . import guide, models
 from .config import ConfigError, GGROConfig, ModelConfig, config_hash
 from .policy import SegmentDecoder
-from .retokenize import Retokenized
+from .retokenize import Retokenized, vocab_refusal
 from .reward import RewardModel
 from .rows import InputRow, encode
 from .schema import output_record
@@ -77,9 +77,9 @@ def reward_vocab(mcfg: ModelConfig, policy_tok) -> tuple[object, str | None]:
 
 def check_vocab(problem: str | None, gradient: bool) -> None:
     """GGRO (`gradient`) reads the reward model's gradient as policy tokens: one vocabulary or an error."""
-    if problem and gradient:
-        raise models.ModelLoadError(f"{problem}: GGRO reads the reward model's gradient as policy tokens and needs "
-                                    "one shared vocabulary (--method greedy or best-of-n work with any reward model)")
+    why = vocab_refusal(problem, "ggro") if gradient else None
+    if why:
+        raise models.ModelLoadError(f"{why} (--method greedy or best-of-n work with any reward model)")
 
 
 def reward_in_policy_ids(inner: Reward, mcfg: ModelConfig, policy_tok, reward_tok, problem: str | None) -> Reward:

@@ -11,30 +11,42 @@ from .rows import InputRow
 from .seam import Reward, RewardQuery, RewardResult
 
 
+def vocab_refusal(problem: str | None, method: str) -> str | None:
+    """Why `method` cannot use a reward model whose vocabulary differs from the policy's as `problem` says
+    (ggro.engine.reward_vocab; None: one vocabulary), or None when it can. Only GGRO reads the reward model's
+    gradient, as policy tokens; greedy and best-of-n score whole responses, which Retokenized translates."""
+    if problem and method == "ggro":
+        return f"{problem}: GGRO reads the reward model's gradient as policy tokens and needs one shared vocabulary"
+    return None
+
+
 class Retokenized:
     """The Reward seam over `inner` (a reward model reading `reward_tok`'s ids) for queries in policy ids.
 
-    Each prompt's row is registered first (`register`); a query's response is `tokens[prefix_len:]`, which is
-    how the baselines ask (the prompt is their cached prefix). A classifier reads the closed conversation; a
-    judge reads it with the assistant turn left open, since its question closes the turn itself.
+    Each prompt's row is registered first (`register`, under its prompt id: the queries' seq_id); a query's
+    response is `tokens[prefix_len:]`, which is how the baselines ask (the prompt is their cached prefix). A
+    classifier reads the closed conversation; a judge reads it with the assistant turn left open, since its
+    question closes the turn itself.
     """
 
     def __init__(self, inner: Reward, policy_tok, reward_tok, prompt_format: str, judge: bool):
         self.inner, self.policy_tok, self.reward_tok = inner, policy_tok, reward_tok
-        self.raw, self.judge = prompt_format == "raw", judge
-        self.rows: dict[str, InputRow] = {}
+        self.prompt_format, self.judge = prompt_format, judge
+        self.rows: dict[str, tuple[InputRow, bool]] = {}     # prompt id -> (row, read raw)
 
-    def register(self, row: InputRow) -> None:
-        self.rows[row.id] = row
+    def register(self, row: InputRow, prompt_format: str | None = None) -> None:
+        """`prompt_format`: how the policy read this row, when not as the constructor's (Serve's completions
+        endpoint reads a raw prompt, its chat endpoint the messages, and one search may hold both)."""
+        self.rows[row.id] = (row, (prompt_format or self.prompt_format) == "raw")
 
     def forget(self, row_id: str) -> None:
         """The row's response is scored and written: a long-lived aligner must not keep every row it saw."""
         self.rows.pop(row_id, None)
 
     def rm_ids(self, q: RewardQuery) -> list[int]:
-        row = self.rows[q.seq_id]
+        row, raw = self.rows[q.seq_id]
         response = row.prefill + self.policy_tok.decode(q.tokens[q.prefix_len:], skip_special_tokens=True)
-        if self.raw:
+        if raw:
             return self.reward_tok.encode(row.prompt + response)
         msgs = row.messages + [{"role": "assistant", "content": response}]
         text = self.reward_tok.apply_chat_template(msgs, tokenize=False, continue_final_message=self.judge)

@@ -105,6 +105,24 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+def check_vocabulary(settings) -> None:
+    """Exit 1 (before Ray starts: here, not in a deployment's log) when the reward model cannot serve the
+    server's default method: GGRO with a reward model of another vocabulary."""
+    m = settings.mcfg
+    if m.reward_model == m.policy:
+        return
+    from ggro import models
+    from ggro.engine import reward_vocab
+    from pipeline.serve_app import serve_refusal
+    try:
+        problem = reward_vocab(m, models.load_tokenizer(m.policy, **m.source(m.policy)))[1]
+    except ModelLoadError as e:
+        fail(str(e), 1)
+    why = serve_refusal(problem, settings.gcfg.method)
+    if why:
+        fail(why, 1)
+
+
 def run(args) -> int:
     setup_logging(args)
     try:
@@ -114,16 +132,10 @@ def run(args) -> int:
     if getattr(args, "dry_run", False):
         from jobs.plan import dry_run
         return dry_run(args, settings.gcfg, settings.mcfg, settings.resources)
+    check_vocabulary(settings)
     import ray
     from ray import serve
-    from pipeline.serve_app import build_app, one_vocabulary
-    m = settings.mcfg
-    if m.reward_model != m.policy:      # fail here, not in a deployment's log
-        from ggro import models
-        try:
-            one_vocabulary(m, models.load_tokenizer(m.policy, **m.source(m.policy)))
-        except ModelLoadError as e:
-            fail(str(e), 1)
+    from pipeline.serve_app import build_app
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
              log_to_driver=log_to_driver(args))

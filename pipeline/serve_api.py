@@ -13,7 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ggro.config import ConfigError, GGROConfig
+from ggro.config import METHODS, ConfigError, GGROConfig
+from ggro.retokenize import vocab_refusal
 from ggro.rows import InputRow, parse_row, text_content
 
 # Knobs a request may set in its `ggro` object (everything else stays the server's setting).
@@ -253,11 +254,22 @@ def _search_config(base: GGROConfig, over: dict) -> GGROConfig:
         raise ApiError(400, f"ggro: {e}", param="ggro", code="invalid_value") from None
 
 
+def _served(cfg: GGROConfig, vocab_problem: str | None) -> None:
+    """The server's reward model can score `cfg`'s method: one of another vocabulary serves only the methods
+    that need no gradient (a GGRO request is refused here, before it is admitted or searched)."""
+    why = vocab_refusal(vocab_problem, cfg.method)
+    if why:
+        ok = " or ".join(repr(m) for m in METHODS if not vocab_refusal(vocab_problem, m))
+        raise ApiError(400, f"ggro.method {cfg.method!r} is not served here: {why}; ask for ggro.method {ok}",
+                       param="ggro.method", code="invalid_value")
+
+
 def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple[str, ...],
-                  max_tokens_limit: int) -> ApiRequest:
+                  max_tokens_limit: int, vocab_problem: str | None = None) -> ApiRequest:
     """Validate an OpenAI chat/completions body into an ApiRequest (raises ApiError). The checks run in a
-    fixed order (model, unsupported fields, ggro knobs, prompt, limits), so a body with several faults
-    always gets the same error."""
+    fixed order (model, unsupported fields, ggro knobs, prompt, limits, the method the reward model can
+    serve), so a body with several faults always gets the same error. `vocab_problem`: how the server's
+    reward model's vocabulary differs from the policy's (ggro.engine.reward_vocab; None: one vocabulary)."""
     model = _model(body, model_names)
     _check_unsupported(body)
     ggro = _ggro_knobs(body)
@@ -278,6 +290,7 @@ def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple
     if seed is not None:
         over["seed"] = seed
     cfg = _search_config(base, over)
+    _served(cfg, vocab_problem)
     return ApiRequest(kind, row, cfg, n=n, stream=stream, include_usage=bool(opts.get("include_usage")),
                       stop=stop, seeded=seed is not None and uses_randomness(cfg), model=model or model_names[0])
 

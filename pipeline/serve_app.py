@@ -4,6 +4,8 @@
         |-- handle --> ModelServer role=policy  (SegmentDecoder; decode/release, @serve.batch)
         '-- handle --> ModelServer role=reward  (RewardModel; score, @serve.batch)
     (one ModelServer with both roles when the reward is the policy itself as a judge: one copy of the weights)
+    (a reward model of another vocabulary: its replica holds it in its own ids, the ingress's search loops ask
+     it through ggro.retokenize, and the server runs greedy and best-of-n only: see serve_refusal)
 
 The model side (ModelServer over actors.worker.ModelWorker, the seam over its handles) is
 pipeline/serve_models.py, the search loops pipeline/serve_hub.py; this module is the front: settings, the HTTP
@@ -16,6 +18,7 @@ shared rounds: one Policy.decode / Reward.score call per round for all of them. 
 configs still share model calls: the model deployments merge concurrent calls with `@serve.batch`.
 """
 import asyncio
+import functools
 import hmac
 import logging
 import time
@@ -29,6 +32,7 @@ from ray import serve
 
 from actors.worker import shares_weights
 from ggro.config import GGROConfig, ModelConfig, ModelLoadError
+from ggro.retokenize import vocab_refusal
 from ggro.search import Prompt
 from pipeline import serve_api as api
 from pipeline import telemetry
@@ -62,15 +66,17 @@ class ServeSettings:
         return shares_weights(self.mcfg, self.resources.tp)
 
 
-def one_vocabulary(mcfg: ModelConfig, policy_tok) -> None:
-    """Serve answers GGRO requests, whose nudges read the reward model's gradient as policy tokens: a reward
-    model of another vocabulary is refused (ModelLoadError) before it could answer one wrongly."""
-    from ggro.engine import reward_vocab
-    problem = reward_vocab(mcfg, policy_tok)[1]
-    if problem:
-        raise ModelLoadError(f"{problem}: ggro serve answers GGRO requests, which need one shared vocabulary; serve "
-                             "a reward model of the policy's family (ggro align takes this one with --method greedy "
-                             "or best-of-n)")
+def serve_refusal(vocab_problem: str | None, method: str) -> str | None:
+    """Why a server whose default method is `method` cannot start with this reward model (None: it can).
+    `vocab_problem`: how its vocabulary differs from the policy's (ggro.engine.reward_vocab). Such a reward
+    model serves greedy and best-of-n (scored in its own tokens) but never GGRO: the server's own default
+    must be one of those, and GGRO requests get a 400 (serve_api.parse_request). jobs/serve.py asks this
+    before Ray starts, the ingress again (for `serve run` and RayService, which skip jobs/serve.py's run)."""
+    why = vocab_refusal(vocab_problem, method)
+    if why:
+        return (f"{why}; pass --method best-of-n or --method greedy to serve this reward model (GGRO requests "
+                "then get a 400)")
+    return None
 
 
 # -- the ingress -------------------------------------------------------------------------------------------
@@ -95,10 +101,13 @@ class GGROIngress:
     def __init__(self, policy_handle, reward_handle, settings: ServeSettings):
         from transformers import AutoConfig, GenerationConfig
         from ggro import models
-        from ggro.engine import context_window
+        from ggro.engine import context_window, reward_vocab
         self.s = settings
         self.tok = models.load_tokenizer(settings.mcfg.policy, **settings.mcfg.source(settings.mcfg.policy))
-        one_vocabulary(settings.mcfg, self.tok)
+        reward_tok, self.vocab_problem = reward_vocab(settings.mcfg, self.tok)
+        why = serve_refusal(self.vocab_problem, settings.gcfg.method)
+        if why:
+            raise ModelLoadError(why)
         where, kw = models.resolve(settings.mcfg.policy)
         self.context = context_window(AutoConfig.from_pretrained(where, **kw))
         eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
@@ -110,8 +119,21 @@ class GGROIngress:
         self.eos = eos
         self.telemetry_app = telemetry.serve_app_name()
         self.hub = SearchHub(policy_handle, reward_handle or policy_handle, settings.mcfg.batch_size,
-                             settings.max_queue, self.telemetry_app)
+                             settings.max_queue, self.telemetry_app,
+                             reward_seam=self._reward_seam(reward_tok))
         self.model_names = (settings.model_name,)
+
+    def _reward_seam(self, reward_tok):
+        """Each search loop's Reward over the reward deployment. Its replicas hold the reward model plain, in
+        its own ids (actors.worker.ModelWorker, as batch's workers): with another vocabulary a loop asks it
+        through ggro.retokenize.Retokenized, as batch's aligners do (pipeline.ray_align._engine); else as it is."""
+        from ggro.engine import reward_in_policy_ids
+        return functools.partial(reward_in_policy_ids, mcfg=self.s.mcfg, policy_tok=self.tok, reward_tok=reward_tok,
+                                 problem=self.vocab_problem)
+
+    def _format(self, kind: str) -> str:
+        """How the policy reads a request's prompt: the completions endpoint takes a raw string."""
+        return self.s.mcfg.prompt_format if kind == "chat" else "raw"
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
@@ -134,11 +156,11 @@ class GGROIngress:
             raise api.request_too_large(len(raw))
         body = api.parse_json(raw)
         req = api.parse_request(body, kind, self.s.gcfg, model_names=self.model_names,
-                                max_tokens_limit=self.s.max_tokens_limit)
+                                max_tokens_limit=self.s.max_tokens_limit, vocab_problem=self.vocab_problem)
         if req.n > self.s.max_queue:
             raise api.ApiError(400, f"n={req.n} is more than this server ever admits at once (--max-queue "
                                f"{self.s.max_queue}): it could never run", param="n", code="invalid_value")
-        fmt = self.s.mcfg.prompt_format if kind == "chat" else "raw"
+        fmt = self._format(kind)
         try:   # in a worker thread: a long prompt must not stall every other request's event loop (/health too)
             x = await asyncio.to_thread(encode, req.row, self.tok, fmt, req.cfg.max_new_tokens, self.context)
         except ValueError as e:
@@ -161,7 +183,8 @@ class GGROIngress:
 
         def emit(ev):
             loop.call_soon_threadsafe(events.put_nowait, ev)
-        jobs = [Job(p, i, emit, stream=req.stream) for i, p in enumerate(prompts)]
+        jobs = [Job(p, i, emit, stream=req.stream, row=req.row, prompt_format=self._format(req.kind))
+                for i, p in enumerate(prompts)]
         for job in jobs:
             self.hub.submit(req.cfg, job)
         return events, jobs

@@ -6,6 +6,7 @@ prompts from the search (`SearchHub.cancel`) and gives back their slots at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -13,6 +14,8 @@ import uuid
 from dataclasses import dataclass
 
 from ggro.config import GGROConfig
+from ggro.retokenize import Retokenized
+from ggro.rows import InputRow
 from ggro.search import Prompt, run as run_search
 from pipeline import telemetry
 from pipeline.serve_models import HandlePolicy, HandleReward
@@ -30,6 +33,8 @@ class Job:
     sent: int = 0                        # tokens of y already reported as segments
     settled: bool = False                # its admission slot is given back (answered, failed or cancelled)
     cancelled: bool = False              # its request stopped waiting: the search drops it (guarded by hub.lock)
+    row: InputRow | None = None          # the request's row, which a reward model of another vocabulary reads
+    prompt_format: str = "chat"          # ... in the format the policy read it in (raw: the completions endpoint)
 
 
 class _Loop(threading.Thread):
@@ -40,7 +45,23 @@ class _Loop(threading.Thread):
         self.jobs: dict[str, Job] = {}      # queued or active in this loop, by prompt id (guarded by hub.lock)
         self.token = uuid.uuid4().hex[:8]
         self.policy = HandlePolicy(hub.policy_handle, self.token, self._watch)
-        self.reward = HandleReward(hub.reward_handle, self.token)
+        self.reward = hub.reward_seam(HandleReward(hub.reward_handle, self.token))
+        # A reward model of another vocabulary reads each prompt's row: one Retokenized per loop, since a loop
+        # never holds a prompt id twice while seeded requests' ids ("choice-0") repeat across loops
+        self.rows = self.reward if isinstance(self.reward, Retokenized) else None
+
+    def hold(self, job: Job) -> None:
+        """Take `job` on (under hub.lock), its row registered before the search can score it."""
+        self.jobs[job.prompt.id] = job
+        if self.rows is not None:
+            self.rows.register(dataclasses.replace(job.row, id=job.prompt.id), job.prompt_format)
+
+    def _drop(self, prompt_id: str) -> Job | None:
+        """Let go of a prompt (under hub.lock) and its row: a long-lived loop must not keep every row it saw.
+        In the same critical section as the pop, so a later request's job of the same id keeps its own row."""
+        if self.rows is not None:
+            self.rows.forget(prompt_id)
+        return self.jobs.pop(prompt_id, None)
 
     def _watch(self, seq_id: str, prefix: list[int]) -> None:
         job = self.jobs.get(seq_id)
@@ -80,7 +101,7 @@ class _Loop(threading.Thread):
             job = self.jobs.get(prompt_id)
             if job is None or not job.cancelled:
                 return False
-            del self.jobs[prompt_id]
+            self._drop(prompt_id)
             self.hub.withdrawn += 1
             return True
 
@@ -99,7 +120,7 @@ class _Loop(threading.Thread):
                 for res in run_search(prompts, self.policy, self.reward, self.cfg, hub.batch_size,
                                       withdrawn=self._withdrawn):
                     with hub.lock:
-                        job = self.jobs.pop(res.id, None)
+                        job = self._drop(res.id)
                         live = job is not None and not job.settled   # a cancelled job's slot is back already
                         if live:
                             job.settled = True
@@ -113,7 +134,8 @@ class _Loop(threading.Thread):
                     failed = [j for j in held if not j.settled]
                     for j in failed:
                         j.settled = True
-                    self.jobs.clear()
+                    for prompt_id in list(self.jobs):
+                        self._drop(prompt_id)
                     while not self.q.empty():
                         self.q.get_nowait()
                 hub.finished(len(failed))
@@ -128,8 +150,12 @@ class _Loop(threading.Thread):
 class SearchHub:
     """Admission (bounded), and the map from search config to the loops running it."""
 
-    def __init__(self, policy_handle, reward_handle, batch_size: int, max_queue: int, app: str = ""):
+    def __init__(self, policy_handle, reward_handle, batch_size: int, max_queue: int, app: str = "",
+                 reward_seam=None):
         self.policy_handle, self.reward_handle = policy_handle, reward_handle
+        # Reward -> Reward: each loop's reward deployment as the search asks it, in policy ids (the ingress's
+        # ggro.engine.reward_in_policy_ids; None: as it is)
+        self.reward_seam = reward_seam or (lambda reward: reward)
         self.batch_size, self.max_queue, self.app = batch_size, max_queue, app
         self.lock = threading.Lock()
         self.loops: dict[GGROConfig, list[_Loop]] = {}
@@ -174,7 +200,7 @@ class SearchHub:
             if start:
                 loop = _Loop(self, cfg)
                 loops.append(loop)
-            loop.jobs[job.prompt.id] = job
+            loop.hold(job)
             loop.q.put(job)
         if start:
             loop.start()

@@ -7,12 +7,15 @@ Two applications share one Serve instance on a free port:
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import socket
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
@@ -64,6 +67,13 @@ def server(ray_cluster, tiny_models):
 
 
 @pytest.fixture(scope="module")
+def other_rm(tmp_path_factory):
+    """A tiny classifier RM of another vocabulary (the policy's words, other ids)."""
+    from tests.conftest import save_other_vocab_rm
+    return save_other_vocab_rm(tmp_path_factory.mktemp("other-vocab") / "rm")
+
+
+@pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -79,15 +89,16 @@ def post(url: str, body, headers=None):
         return e.code, json.loads(e.read()), e.headers
 
 
-def align_local(tiny_models, row: dict, reward: str, kind: str, **over) -> dict:
+def align_local(tiny_models, row: dict, reward: str, kind: str, prompt_format: str = "chat", **over) -> dict:
     """What `ggro align --local` writes for this row with the same settings."""
     from ggro.config import GGROConfig, ModelConfig
     from ggro.engine import Engine
     from ggro.rows import parse_row
     mcfg = ModelConfig(policy=tiny_models["policy"], reward=reward, reward_kind=kind, dtype="float64",
-                       rubric="is it good ? Yes or No")
-    eng = Engine.load(mcfg)
-    return next(eng.align([parse_row(row, "r")], GGROConfig(**{**SEARCH, **over})))
+                       rubric="is it good ? Yes or No", prompt_format=prompt_format)
+    gcfg = GGROConfig(**{**SEARCH, **over})
+    eng = Engine.load(mcfg, gradient=gcfg.method == "ggro")
+    return next(eng.align([parse_row(row, "r")], gcfg))
 
 
 @slow
@@ -272,14 +283,19 @@ def health(server, prefix: str) -> dict:
         return json.loads(r.read())
 
 
-def wait_health(server, prefix: str, pred, tries: int = 300) -> dict:
-    """Poll /health (bounded) until `pred` holds; the last answer, which the caller asserts on."""
+def wait_until(get, pred, tries: int = 300) -> dict:
+    """Poll `get()` (bounded) until `pred` holds; the last answer, which the caller asserts on."""
     for _ in range(tries):
-        h = health(server, prefix)
+        h = get()
         if pred(h):
             break
         time.sleep(0.2)
     return h
+
+
+def wait_health(server, prefix: str, pred, tries: int = 300) -> dict:
+    """Poll /health (bounded) until `pred` holds; the last answer, which the caller asserts on."""
+    return wait_until(lambda: health(server, prefix), pred, tries)
 
 
 # a search of many short segments with many refinements each: far longer than a disconnect takes to arrive
@@ -340,6 +356,44 @@ def test_metrics_on_rays_endpoint(client):
     for name, labels in want:
         assert metric_total(samples, name, **labels) > 0, (name, sorted({s.name for s in samples}))
     assert any(s.name == "ray_ggro_serve_queue_depth" and s.labels["app"] == "ggro-test" for s in samples)
+
+
+@slow
+def test_reward_model_of_another_vocabulary(server, tiny_models, other_rm):
+    """A reward model of another vocabulary serves the baselines (here the server's default, best-of-n): its
+    replica holds it plain and the ingress asks it in its own tokens and chat template, so every answer and
+    reward is batch's; a GGRO request is a 400 in OpenAI's shape, before any search."""
+    from ray import serve
+    from ggro.config import GGROConfig
+    from pipeline.serve_app import build_app
+    st = settings(tiny_models["policy"], other_rm, "classifier", gcfg=GGROConfig(**SEARCH, method="best-of-n", n=2))
+    serve.run(build_app(st), name="ggro-test-vocab", route_prefix="/vocab")
+    msgs, prompt, greedy = [{"role": "user", "content": "can you find my water"}], "the number of people who call", \
+        {"ggro": {"method": "greedy"}}
+    try:
+        c = openai.OpenAI(base_url=server["url"] + "/vocab/v1", api_key="x", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.chat.completions.create(model="tiny", messages=msgs, extra_body={"ggro": {"method": "ggro"}})
+        chat = c.chat.completions.create(model="tiny", messages=msgs, extra_body=greedy)
+        raw = c.completions.create(model="tiny", prompt=prompt, extra_body=greedy)    # read raw, by both models
+        best = c.chat.completions.create(model="tiny", messages=msgs, seed=3)        # the default: best-of-n
+    finally:
+        serve.delete("ggro-test-vocab")
+    err = refused.value.body
+    assert (refused.value.status_code, err["type"], err["param"], err["code"]) == (
+        400, "invalid_request_error", "ggro.method", "invalid_value"), err
+    assert "one shared vocabulary" in err["message"] and "'greedy' or 'best-of-n'" in err["message"]
+    local = functools.partial(align_local, tiny_models, reward=other_rm, kind="classifier")
+    for got, text, want in [
+            (chat, chat.choices[0].message.content, local({"messages": msgs}, method="greedy")),
+            (raw, raw.choices[0].text, local({"prompt": prompt}, prompt_format="raw", method="greedy")),
+            # a seeded request's choice i is prompt "choice-i", whose id seeds its samples
+            (best, best.choices[0].message.content, local({"id": "choice-0", "messages": msgs}, method="best-of-n",
+                                                            n=2, seed=3))]:
+        g = got.model_extra["ggro"]
+        assert text == want["response"] and text
+        assert g["method"] == want["method"] and g["reward_calls"] == want["reward_calls"]
+        assert g["reward"] == pytest.approx(want["reward"], rel=1e-9)
 
 
 # -- fast: no Ray ------------------------------------------------------------------------------------
@@ -437,11 +491,93 @@ def test_stop_ends_decoding_where_it_appears(client):
     assert cut.usage.completion_tokens < free.usage.completion_tokens
 
 
-def test_serve_refuses_a_reward_model_of_another_vocabulary(tiny_models, tmp_path, capsys):
-    """GGRO requests need one vocabulary: `ggro serve` says so and exits before it starts Ray."""
-    from tests.conftest import save_other_vocab_rm
+class RayStarted(Exception):
+    """Raised by a stand-in for ray.init: the command got past every check that runs before Ray starts."""
+
+
+def test_serve_refuses_a_reward_model_of_another_vocabulary_for_ggro(tiny_models, other_rm, capsys, monkeypatch):
+    """The default method ggro needs one vocabulary: `ggro serve` says which methods serve this reward model and
+    exits before it starts Ray; with --method greedy it gets as far as starting Ray."""
     from jobs.serve import main
+
+    def start(*a, **kw):
+        raise RayStarted
+    monkeypatch.setattr("ray.init", start)
+    flags = ["--policy", tiny_models["policy"], "--reward", other_rm, "--reward-kind", "classifier",
+             "--port", str(free_port())]
     with pytest.raises(SystemExit) as e:
-        main(["--policy", tiny_models["policy"], "--reward", save_other_vocab_rm(tmp_path / "rm"),
-              "--reward-kind", "classifier", "--port", str(free_port())])
-    assert e.value.code == 1 and "ggro serve answers GGRO requests" in capsys.readouterr().err
+        main(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "one shared vocabulary" in err and "pass --method best-of-n or --method greedy" in err
+    with pytest.raises(RayStarted):
+        main(flags + ["--method", "greedy"])
+
+
+def test_a_reward_model_of_another_vocabulary_serves_the_baselines_only():
+    """One decision (ggro.retokenize.vocab_refusal) at start and per request: GGRO is refused, the baselines pass."""
+    from ggro.config import GGROConfig
+    from pipeline.serve_api import ApiError, parse_request
+    from pipeline.serve_app import serve_refusal
+    problem = "policy 'p' has 40 tokens but reward model 'r' has 41"
+    assert serve_refusal(None, "ggro") is None
+    assert serve_refusal(problem, "greedy") is None and serve_refusal(problem, "best-of-n") is None
+    assert serve_refusal(problem, "ggro").startswith(problem)
+    kw = dict(model_names=("ggro",), max_tokens_limit=256, vocab_problem=problem)
+    msgs = [{"role": "user", "content": "hi"}]
+    base = GGROConfig(method="best-of-n")
+    assert parse_request({"messages": msgs}, "chat", base, **kw).cfg.method == "best-of-n"
+    assert parse_request({"messages": msgs, "ggro": {"method": "greedy"}}, "chat", base, **kw).cfg.method == "greedy"
+    with pytest.raises(ApiError) as e:
+        parse_request({"messages": msgs, "ggro": {"method": "ggro", "top_k": 5}}, "chat", base, **kw)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "ggro.method", "invalid_value")
+    assert problem in e.value.message and "'greedy' or 'best-of-n'" in e.value.message
+    assert parse_request({"messages": msgs, "ggro": {"method": "ggro"}}, "chat", base,
+                         **{**kw, "vocab_problem": None}).cfg.method == "ggro"
+
+
+class InProcess:
+    """A deployment handle's call shape (`handle.fn.remote(arg).result(timeout_s=...)`) over an in-process
+    ModelWorker: the hub's real search loops and seam, without Serve's transport."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def __getattr__(self, name):
+        fn = getattr(self.worker, name)
+        return SimpleNamespace(remote=lambda arg: SimpleNamespace(result=lambda timeout_s=None: fn(arg)))
+
+
+def test_search_loops_forget_the_rows_a_retokenizing_reward_read(tiny_models, other_rm):
+    """A long-lived ingress must not grow with requests: a loop's Retokenized forgets a prompt's row once its
+    result is out, or once the prompt is withdrawn (its request stopped waiting)."""
+    import queue
+    from actors.worker import ModelWorker
+    from ggro.config import GGROConfig, ModelConfig
+    from ggro.engine import reward_in_policy_ids, reward_vocab
+    from ggro.rows import encode, parse_row
+    from ggro.search import Prompt
+    from pipeline.serve_hub import Job, SearchHub
+    mcfg = ModelConfig(policy=tiny_models["policy"], reward=other_rm, reward_kind="classifier", dtype="float64",
+                       batch_size=2)
+    policy, reward = ModelWorker(mcfg, ("policy",)), ModelWorker(mcfg, ("reward",))
+    reward_tok, problem = reward_vocab(mcfg, policy.tok)
+    seams = []
+
+    def seam(handle_reward):
+        seams.append(reward_in_policy_ids(handle_reward, mcfg, policy.tok, reward_tok, problem))
+        return seams[-1]
+    hub = SearchHub(InProcess(policy), InProcess(reward), mcfg.batch_size, max_queue=16, reward_seam=seam)
+    cfg, events, jobs = GGROConfig(method="greedy", max_new_tokens=6), queue.Queue(), []
+    for i, text in enumerate(PROMPTS[:6]):
+        row = parse_row({"messages": [{"role": "user", "content": text}]}, "request")
+        x = encode(row, policy.tok, "chat", cfg.max_new_tokens, policy.context)
+        jobs.append(Job(Prompt(f"req{i}-0", x.ids), 0, events.put, row=row))
+        assert hub.admit(1)
+        hub.submit(cfg, jobs[-1])
+    assert hub.cancel(jobs[4:]) <= 2
+    answers = [events.get(timeout=120) for _ in jobs[:4]]
+    assert all(kind == "done" and math.isfinite(res.reward) for kind, _, res in answers), answers
+    h = wait_until(hub.stats, lambda h: h["search_loops"] == 0)
+    assert (h["outstanding"], h["search_loops"]) == (0, 0), h
+    from ggro.retokenize import Retokenized
+    assert seams and all(isinstance(s, Retokenized) and not s.rows for s in seams), [s.rows for s in seams]
