@@ -43,8 +43,7 @@ class Engine:
     def align(self, rows: Iterable[InputRow], gcfg: GGROConfig) -> Iterator[dict]:
         """One output record per input row, in completion order; bad rows become error records."""
         if gcfg.method == "ggro" and isinstance(self.reward, Retokenized):
-            raise ConfigError("this reward model has its own vocabulary, which only --method greedy or best-of-n can "
-                              "use: GGRO reads its gradient as policy tokens")
+            raise ConfigError(f"{vocab_refusal('this reward model has its own vocabulary', 'ggro')}{ANY_REWARD}")
         prov = self.provenance(gcfg)
         by_id: dict[str, InputRow] = {}
         prompts = []
@@ -75,11 +74,14 @@ def reward_vocab(mcfg: ModelConfig, policy_tok) -> tuple[object, str | None]:
     return tok, models.vocab_mismatch(policy_tok, tok, mcfg.policy, spec)
 
 
+ANY_REWARD = " (--method greedy or best-of-n work with any reward model)"
+
+
 def check_vocab(problem: str | None, gradient: bool) -> None:
     """GGRO (`gradient`) reads the reward model's gradient as policy tokens: one vocabulary or an error."""
     why = vocab_refusal(problem, "ggro") if gradient else None
     if why:
-        raise models.ModelLoadError(f"{why} (--method greedy or best-of-n work with any reward model)")
+        raise models.ModelLoadError(why + ANY_REWARD)
 
 
 def reward_in_policy_ids(inner: Reward, mcfg: ModelConfig, policy_tok, reward_tok, problem: str | None) -> Reward:
