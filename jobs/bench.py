@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from ggro.config import SEARCH_MODES
+from jobs import logs
 from jobs.common import module_main
+from jobs.logs import add_log_args
 
 QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], modes=[("faithful", None, None)], budgets=[None],
              oracle_prompts=1, oracle_max_new_tokens=8, scaling_prompts=16, scaling_max_new_tokens=8)
@@ -105,6 +106,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (sets GGRO_THREADS) [all cores]; on a shared, "
                    "busy machine 1 thread can be many times faster than oversubscribed cores")
     add_engine_args(p)
+    add_log_args(p, ray=False)     # bench runs in this process: no Ray workers' logs to keep off
 
 
 def settings(args) -> dict:
@@ -116,6 +118,7 @@ def settings(args) -> dict:
 
 
 def run(args) -> int:
+    logs.setup_logging(args)
     from ggro.config import ConfigError
     from jobs.align import input_rows
     from jobs.common import fail, resolve_args
@@ -133,7 +136,7 @@ def run(args) -> int:
     rows = input_rows(args)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log = logs.log.info        # progress on stderr through the `ggro` logger (--log-level WARNING hides it)
     t0 = time.perf_counter()
     engine = load_engine(mcfg, s, args.threads)
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

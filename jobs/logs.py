@@ -27,11 +27,12 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
-def add_log_args(p: argparse.ArgumentParser) -> None:
+def add_log_args(p: argparse.ArgumentParser, ray: bool = True) -> None:
     g = p.add_argument_group("logs")
     g.add_argument("--log-level", choices=LEVELS, default="INFO", help="the driver's progress and warnings")
-    g.add_argument("--quiet", action="store_true", help="keep Ray workers' logs off the driver (Ray's "
-                   "log_to_driver=False); they stay in the session's log folder")
+    if ray:
+        g.add_argument("--quiet", action="store_true", help="keep Ray workers' logs off the driver (Ray's "
+                       "log_to_driver=False); they stay in the session's log folder")
 
 
 def setup_logging(args) -> None:

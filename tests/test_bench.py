@@ -15,7 +15,9 @@ def test_bench_quick_tiny(tiny_models, tmp_path, capsys):
                  "--reward-kind", "classifier", "--limit", "2", "--max-new-tokens", "12",
                  "--scaling-prompts", "6", "--scaling-batches", "1,4", "--output", str(out)])
     assert code == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
+    assert "bench: greedy on 2 prompts" in cap.err and "bench.csv" in cap.err     # progress: the ggro logger
     for label in ("greedy", "best-of-2", "best-of-4", "ggro S=2", "ggro S=4", "oracle (reference.py)",
                   "speed-up vs oracle", "prompts/s"):
         assert label in text
