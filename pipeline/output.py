@@ -312,26 +312,19 @@ class Summary:
         return self
 
     @classmethod
-    def of_output(cls, out_dir: str | Path, ids: np.ndarray | None = None, wall_s: float = 0.0) -> "Summary":
-        """The summary of the rows whose id digest is in `ids` (sorted; None: every row), reading one part at a
-        time and no response text. With `ids`, a row's id is marked in a bitmap over them (1 B an input row)
-        to count duplicates, so the driver never gathers the output's ids."""
+    def of_output(cls, out_dir: str | Path, ids: np.ndarray, wall_s: float = 0.0) -> "Summary":
+        """The summary of the rows whose id digest is in `ids` (sorted: the input's), reading one part at a time
+        and no response text. Each row's id is marked in a bitmap over `ids` (1 B an input row) to count
+        duplicates, so the driver never gathers the output's ids."""
         fs, _ = output_fs(out_dir)
-        s, seen, every = cls(wall_s=wall_s), None if ids is None else np.zeros(len(ids), dtype=bool), []
+        s, seen = cls(wall_s=wall_s), np.zeros(len(ids), dtype=bool)
         for f in part_files(out_dir):
             t = _read_part(fs, f, SUMMARY_COLUMNS)
-            d = id_digests(t.column("id"))
-            if seen is None:
-                every.append(d)
-            else:
-                pos, hit = lookup(ids, d)
-                t, (u, n) = t.filter(pa.array(hit)), np.unique(pos[hit], return_counts=True)
-                s.duplicates += int(n.sum() - np.count_nonzero(~seen[u]))   # all copies but a first one
-                seen[u] = True
+            pos, hit = lookup(ids, id_digests(t.column("id")))
+            t, (u, n) = t.filter(pa.array(hit)), np.unique(pos[hit], return_counts=True)
+            s.duplicates += int(n.sum() - np.count_nonzero(~seen[u]))   # all copies but a first one
+            seen[u] = True
             s._add(t)
-        if every:
-            d = np.sort(np.concatenate(every))
-            s.duplicates = int(np.count_nonzero(d[1:] == d[:-1]))
         return s._done()
 
     def render(self, rows_in: int) -> str:

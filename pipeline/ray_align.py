@@ -321,11 +321,11 @@ def _scan(plan) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _id_strings(plan, wanted: np.ndarray) -> dict:
-    """{digest: id} for the `wanted` digests (ids that repeat: rare), from a second pass over the input."""
+    """{digest: id} for the `wanted` digests (sorted; ids that repeat: rare), from a second pass over the input."""
     out = {}
     for b in _id_batches(plan):
         d = id_digests(b.column("id"))
-        hit = np.flatnonzero(np.isin(d, wanted))
+        hit = np.flatnonzero(contains(wanted, d))
         if len(hit):
             ids = b.column("id").take(pa.array(hit)).to_pylist()
             out.update(zip(d[hit].tolist(), ids))
