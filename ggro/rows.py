@@ -256,17 +256,19 @@ def dedupe(rows) -> Iterator[InputRow]:
 
 
 def encode(row: InputRow, tokenizer, prompt_format: str, max_new_tokens: int, context: int) -> Prompt:
-    """x as token ids (chat template per `prompt_format`, prefill appended). Raises ValueError."""
+    """x as token ids (chat template per `prompt_format`, prefill appended). Raises ValueError.
+
+    Message contents and the prefill are content: control-token text in them stays text (ggro.chat). A `raw`
+    prompt is the model's whole input as its user wrote it, template text included, so its control tokens are
+    parsed (the user already controls every turn there: nothing to inject into)."""
+    from .chat import chat_ids, text_ids
     if prompt_format == "raw":
         if row.prompt is None:
             raise ValueError("--prompt-format raw needs a `prompt` string, not `messages`")
         ids = tokenizer.encode(row.prompt)
     else:
-        text = tokenizer.apply_chat_template(row.messages, tokenize=False,
-                                             add_generation_prompt=prompt_format == "chat")
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    if row.prefill:
-        ids = ids + tokenizer.encode(row.prefill, add_special_tokens=False)
+        ids = chat_ids(tokenizer, row.messages, add_generation_prompt=prompt_format == "chat")
+    ids = ids + text_ids(tokenizer, row.prefill)
     if len(ids) + max_new_tokens > context:
         raise ValueError(f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
                          f"the model's context window of {context}: shorten the prompt or lower --max-new-tokens")
