@@ -28,8 +28,8 @@ from pipeline.job import (DEFAULT_IN_FLIGHT, DEFAULT_MAX_ERROR_FRACTION, DEFAULT
                           AlignJob)
 from pipeline.lock import OutputLock
 from pipeline.manifest import now, versions, write_manifest
-from pipeline.output import (OutputError, Summary, clear_output, contains, drop_error_rows, id_digests, output_index,
-                             prepare_output, write_part)
+from pipeline.output import (OutputError, Summary, check_output, clear_output, contains, drop_error_rows, id_digests,
+                             output_index, prepare_output, write_part)
 from pipeline.resources import ClusterTooSmall, Resources, plan_auto
 
 
@@ -238,6 +238,8 @@ def run_job(job: AlignJob, aligners: Aligners | None = None) -> int:
     t0, started, run_id = time.perf_counter(), now(), uuid.uuid4().hex[:12]
     try:                     # the folder is writable and ours before any input is read or model loaded
         prepare_output(job.output)
+        if not job.overwrite:       # --overwrite refuses foreign files itself (clear_output), by name too
+            check_output(job.output)
         lock = OutputLock(job.output).acquire()
     except OutputError as e:
         fail(str(e), 1)

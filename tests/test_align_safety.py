@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -92,10 +93,26 @@ def test_exit_codes_when_rows_fail(tmp_path, tiny_models, capsys):
     assert main(flags(tiny_models, mixed, tmp_path / "o2", "--max-error-fraction", "0.34")) == 0
 
 
-@pytest.mark.parametrize("case", ["empty", "blank-lines", "corrupt-parquet", "limit-0", "unwritable", "missing"])
+@pytest.mark.parametrize("case", ["empty", "blank-lines", "corrupt-parquet", "limit-0", "unwritable", "missing",
+                                  "foreign-parquet", "foreign-no-id", "input-in-output", "foreign-on-ray"])
 def test_unusable_input_or_output_fails_before_models_load(tmp_path, case, capsys):
     inp, out, extra = tmp_path / "in.jsonl", tmp_path / "out", []
     write_jsonl(inp, PROMPTS)
+    if case.startswith(("foreign", "input-in")):
+        # a file in --output that ggro did not write is refused by name: a prompts file with the same ids was
+        # read as rows already written (the run wrote nothing and said [OK]); one without ids was a traceback
+        out.mkdir()
+        rows = [{k: v for k, v in r.items() if case != "foreign-no-id" or k != "id"} for r in PROMPTS]
+        pq.write_table(pa.Table.from_pylist(rows), out / "p.parquet")
+        inp = out / "p.parquet" if case == "input-in-output" else inp
+        extra = ["--address", "127.0.0.1:1"] if case == "foreign-on-ray" else []   # refused before Ray is reached
+        with pytest.raises(SystemExit) as e:
+            main(["align", *(["--local"] if case != "foreign-on-ray" else []), "--input", str(inp), "--output",
+                  str(out), "--policy", str(tmp_path / "no-model"), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and "holds files ggro did not write (p.parquet)" in err and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == ["p.parquet"]       # nothing written, nothing deleted
+        return
     if case == "empty":
         inp.write_text("")
         words, code = "has no rows", 2
