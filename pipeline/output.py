@@ -17,6 +17,7 @@ need (never responses); ids are kept as 16-byte digests (16 B per output row in 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -137,6 +138,26 @@ def clear_output(out_dir: str | Path) -> int:
         if f.type == pafs.FileType.Directory:
             fs.delete_dir(f.path)
     return n
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)    # no space, over quota, over the file-size limit
+
+
+def disk_full(e: BaseException, out_dir) -> str | None:
+    """The message for a run stopped by a full disk (or quota, or file-size limit) anywhere in `e`'s causes
+    (a Ray task's error wraps the OSError of its write), else None. Parts are written whole (tmp + move), so
+    every part already in the folder is complete and a rerun resumes after them."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno in FULL) or any(os.strerror(n) in str(e) for n in FULL):
+            return (f"the disk holding --output {out_dir} is full ({e.__class__.__name__}: "
+                    f"{(str(e).strip().splitlines() or [''])[-1][:200]}). The part files already written are whole "
+                    "and kept: free space (or raise the quota) and run the same command again; it aligns only the "
+                    "rows not yet written")
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
 
 
 def prepare_output(out_dir: str | Path) -> None:

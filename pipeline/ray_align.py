@@ -52,14 +52,20 @@ MAX_CALLS_PER_BLOCK = 8       # at most this many aligner calls per block (see a
 
 def connect(address: str | None = None, log_to_driver: bool = True):
     """Connect to --address / $RAY_ADDRESS, or start a local Ray instance. `log_to_driver` (off with
-    --quiet): Ray forwards the workers' logs to this driver, so `ray job logs` shows them."""
+    --quiet): Ray forwards the workers' logs to this driver, so `ray job logs` shows them. A cluster that
+    cannot be reached (or refuses this driver's token) is a ClusterUnreachable with what to check."""
     import ray
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        from ray.exceptions import AuthenticationError
+        from pipeline.resources import ClusterUnreachable, unreachable
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        except (ConnectionError, AuthenticationError) as e:
+            raise ClusterUnreachable(unreachable(address, e)) from None
     else:
         ray.init(include_dashboard=False, log_to_driver=log_to_driver)
     return ray

@@ -82,6 +82,28 @@ def test_overwrite_lock_manifest_and_retry(tmp_path, tiny_models, capsys):
     assert "deleted" in capsys.readouterr().err and read_output(out).num_rows == 2
 
 
+def test_a_full_disk_mid_run_is_a_clear_error_and_the_rerun_resumes(tmp_path, tiny_models, capsys):
+    """The disk fills while parts are written: a clear message and exit 1, not a traceback; the folder keeps
+    only whole files and the same command then finishes the job. The full disk is real to the process:
+    RLIMIT_FSIZE lets the lock and manifest (< 4 KiB) be written and makes the part's write fail (EFBIG)."""
+    import subprocess
+    import sys
+    inp, out = write_jsonl(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out"
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+            "from jobs.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    run = subprocess.run([sys.executable, "-c", code, *flags(tiny_models, inp, out)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert f"the disk holding --output {out} is full" in run.stderr and "Traceback" not in run.stderr
+    assert read_output(out).num_rows == 0 and not (out / ".ggro.lock").exists()
+    assert read_manifest(out)["status"] == "failed" and "is full" in read_manifest(out)["failure"]
+    assert main(flags(tiny_models, inp, out)) == 0                        # space again: the same command
+    assert sorted(read_output(out).column("id").to_pylist()) == ["a", "b"]
+
+
 def test_exit_codes_when_rows_fail(tmp_path, tiny_models, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "prompt": ""}, {"id": "y", "text": "no prompt"}])
     code = main(flags(tiny_models, bad, tmp_path / "o1", "--max-error-fraction", "1"))
