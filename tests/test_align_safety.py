@@ -104,6 +104,25 @@ def test_a_full_disk_mid_run_is_a_clear_error_and_the_rerun_resumes(tmp_path, ti
     assert sorted(read_output(out).column("id").to_pylist()) == ["a", "b"]
 
 
+def test_a_cluster_that_refuses_the_driver_is_a_clear_error(tmp_path):
+    """A driver that cannot authenticate to a token-auth Ray cluster: a clear message and exit 1, not Ray's
+    traceback. Real here: RAY_AUTH_MODE=token with no token anywhere makes ray.init raise its own
+    AuthenticationError at once; a driver without RAY_AUTH_MODE gets a ConnectionError after Ray's retries
+    (~45 s), which connect maps the same way (pipeline.resources.unreachable)."""
+    import subprocess
+    import sys
+    inp, out = write_jsonl(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="token", HOME=str(tmp_path), PYTHONPATH=os.getcwd())    # no ~/.ray/auth_token
+    run = subprocess.run([sys.executable, "-m", "jobs.align", "--input", str(inp), "--output", str(out),
+                          "--address", "127.0.0.1:6379", "--policy", str(tmp_path / "no-model")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "cannot connect to the Ray cluster at '127.0.0.1:6379' (AuthenticationError" in run.stderr
+    assert "RAY_AUTH_MODE=token" in run.stderr and "Traceback" not in run.stderr
+    assert read_manifest(out)["status"] == "failed" and not (out / ".ggro.lock").exists()
+
+
 def test_exit_codes_when_rows_fail(tmp_path, tiny_models, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "prompt": ""}, {"id": "y", "text": "no prompt"}])
     code = main(flags(tiny_models, bad, tmp_path / "o1", "--max-error-fraction", "1"))
