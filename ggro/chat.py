@@ -89,6 +89,10 @@ def _piecewise(pieces: list[str], contents: list[str]):
 def encode_spans(tokenizer, text, spans, add_special_tokens: bool = False) -> list[int]:
     """`text` as ids with special tokens parsed, except inside the [start, end) `spans` (content), where
     special-token text is plain text. Benign content yields exactly `tokenizer.encode(text)`'s ids."""
+    if spans is not None and not getattr(tokenizer, "is_fast", True):   # no offsets: cut the text at the spans
+        cuts = [0] + [i for a, b in spans for i in (a, b)] + [len(text)]
+        text = [text[a:b] if k % 2 == 0 else (text[a:b],) for k, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+        spans = None
     if spans is None:                                  # render's piecewise fallback: a list of pieces
         ids = []
         for p in text:
