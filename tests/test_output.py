@@ -118,6 +118,16 @@ def test_a_lock_whose_write_fails_is_not_left_behind(tmp_path):
     OutputLock(out).acquire().release()
 
 
+def test_a_manifest_name_holding_something_else_is_no_manifest(tmp_path):
+    """`.ggro_run.json` that is not a JSON object (not ggro's) reads as no manifest, not an AttributeError."""
+    from pipeline.manifest import read_manifest, write_manifest
+    prepare_output(tmp_path / "out")
+    (tmp_path / "out" / ".ggro_run.json").write_text("[1]")
+    assert read_manifest(tmp_path / "out") is None
+    write_manifest(tmp_path / "out", {"run_id": "r"})
+    assert read_manifest(tmp_path / "out") == {"run_id": "r"}
+
+
 def test_drop_error_rows_rewrites_parts_whole(tmp_path):
     out = tmp_path / "out"
     write_part(out, [rec("a"), {**rec("b"), "error": "boom", "response": None}])
