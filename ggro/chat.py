@@ -114,11 +114,11 @@ def encode_spans(tokenizer, text, spans, add_special_tokens: bool = False) -> li
     if not bad:
         return ids
     # Re-encode, as text, each stretch between two of the template's own special tokens that holds an injected one.
-    cuts = [i for i, t in enumerate(ids) if t in special and i not in set(bad)]
+    injected_at = set(bad)
+    cuts = [i for i, t in enumerate(ids) if t in special and i not in injected_at]
     out, start = [], 0
     for stop in cuts + [len(ids)]:
-        run = range(start, stop)
-        if any(i in run for i in bad):
+        if any(start <= i < stop for i in bad):
             lo = offsets[start - 1][1] if start else 0
             hi = offsets[stop][0] if stop < len(ids) else len(text)
             out += text_ids(tokenizer, text[lo:hi])
