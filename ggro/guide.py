@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .chat import chat_ids, text_ids
+
 # Response token counts at which a pair is also compared (both sides cut at the same length).
 TRUNCATIONS = (8, 24)
 MAX_RESPONSE_TOKENS = 160
@@ -249,9 +251,8 @@ def parse_pair(obj, tokenizer) -> Example:
     chosen, rejected = _text(obj["chosen"], "chosen"), _text(obj["rejected"], "rejected")
     if chosen == rejected:
         raise ValueError("`chosen` and `rejected` are the same text")
-    x = tokenizer.encode(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)
-    enc = lambda t: tokenizer.encode(t, add_special_tokens=False)[:MAX_RESPONSE_TOKENS]
+    x = chat_ids(tokenizer, msgs, add_generation_prompt=True)
+    enc = lambda t: text_ids(tokenizer, t)[:MAX_RESPONSE_TOKENS]
     tag = str(obj.get("kind") or obj.get("source") or "pairs")
     return Example(x, enc(chosen), enc(rejected), prompt_group(msgs), tag)
 

@@ -7,6 +7,7 @@ plus that response are rendered with the reward model's own chat template and to
 """
 from __future__ import annotations
 
+from .chat import chat_ids, encode_spans
 from .rows import InputRow
 from .seam import Reward, RewardQuery, RewardResult
 
@@ -46,11 +47,11 @@ class Retokenized:
     def rm_ids(self, q: RewardQuery) -> list[int]:
         row, raw = self.rows[q.seq_id]
         response = row.prefill + self.policy_tok.decode(q.tokens[q.prefix_len:], skip_special_tokens=True)
-        if raw:
-            return self.reward_tok.encode(row.prompt + response)
+        if raw:     # the raw prompt is its user's template text (ggro.rows.encode); the response is content
+            text = row.prompt + response
+            return encode_spans(self.reward_tok, text, [(len(row.prompt), len(text))], add_special_tokens=True)
         msgs = row.messages + [{"role": "assistant", "content": response}]
-        text = self.reward_tok.apply_chat_template(msgs, tokenize=False, continue_final_message=self.judge)
-        return self.reward_tok.encode(text, add_special_tokens=False)
+        return chat_ids(self.reward_tok, msgs, continue_final_message=self.judge)
 
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
         if any(q.position is not None for q in queries):

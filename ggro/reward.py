@@ -19,15 +19,18 @@ def judge_suffix(tokenizer, rubric: str) -> list[int]:
 
     Rendered by the tokenizer's own chat template: the text after a placeholder assistant reply.
     """
-    marker = "\x00ANSWER\x00"
-    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": marker},
+    from .chat import encode_spans, render
+    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "\x00ANSWER\x00"},
             {"role": "user", "content": rubric}]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text.split(marker, 1)[1], add_special_tokens=False)
+    text, spans = render(tokenizer, msgs, add_generation_prompt=True)
+    if spans is None:                       # a template ggro cannot align: its pieces after the placeholder answer
+        return encode_spans(tokenizer, text[text.index((msgs[1]["content"],)) + 1:], None)
+    cut = spans[1][1]                       # the rubric is content: its control-token text stays text
+    return encode_spans(tokenizer, text[cut:], [(a - cut, b - cut) for a, b in spans[2:]])
 
 
 def first_token(tokenizer, word: str) -> int:
-    return tokenizer.encode(word, add_special_tokens=False)[0]
+    return tokenizer.encode(word, add_special_tokens=False, split_special_tokens=True)[0]
 
 
 class RewardModel:

@@ -236,37 +236,49 @@ def input_fs(path: str | Path):
     return pafs.LocalFileSystem(), str(Path(s).absolute())
 
 
-def dup_id(rid: str, k: int) -> str:
-    """The id of the k-th (k >= 2) row carrying id `rid`: each copy gets its own error row."""
-    return f"{rid}#dup{k}"
+def dup_id(rid: str, k: int, taken) -> str:
+    """The id of the k-th (k >= 2) row carrying id `rid`: `rid#dupK`, or, when that is `taken(name)` (another
+    row's own id, or a name given to an earlier copy), `rid#dupK.2`, `rid#dupK.3`... so it never collides.
+    The --local reader (dedupe) and the Ray id pass (pipeline.ray_align.scan_input) both name copies in file
+    order with this, each against the ids of every row it reads (after --limit), so they agree."""
+    name, n = f"{rid}#dup{k}", 1
+    while taken(name):
+        n += 1
+        name = f"{rid}#dup{k}.{n}"
+    return name
 
 
-def dedupe(rows) -> Iterator[InputRow]:
+def dedupe(rows) -> list[InputRow]:
     """Outputs are keyed by id, so a repeated id is reported on each later row (as `id#dupK`, K = 2, 3..
-    for the K-th copy) instead of aligned."""
-    seen: dict[str, int] = {}
+    for the K-th copy; see dup_id) instead of aligned."""
+    rows = list(rows)
+    real, made, seen, out = {r.id for r in rows}, set(), {}, []
     for r in rows:
         k = seen.get(r.id, 0) + 1
         seen[r.id] = k
         if k > 1:
-            yield InputRow(id=dup_id(r.id, k), messages=r.messages, prompt=r.prompt, prefill=r.prefill,
-                           metadata=r.metadata, error=f"duplicate id {r.id!r}: ids must be unique")
-            continue
-        yield r
+            rid = dup_id(r.id, k, lambda name: name in real or name in made)
+            made.add(rid)
+            r = InputRow(id=rid, messages=r.messages, prompt=r.prompt, prefill=r.prefill,
+                         metadata=r.metadata, error=f"duplicate id {r.id!r}: ids must be unique")
+        out.append(r)
+    return out
 
 
 def encode(row: InputRow, tokenizer, prompt_format: str, max_new_tokens: int, context: int) -> Prompt:
-    """x as token ids (chat template per `prompt_format`, prefill appended). Raises ValueError."""
+    """x as token ids (chat template per `prompt_format`, prefill appended). Raises ValueError.
+
+    Message contents and the prefill are content: control-token text in them stays text (ggro.chat). A `raw`
+    prompt is the model's whole input as its user wrote it, template text included, so its control tokens are
+    parsed (the user already controls every turn there: nothing to inject into)."""
+    from .chat import chat_ids, text_ids
     if prompt_format == "raw":
         if row.prompt is None:
             raise ValueError("--prompt-format raw needs a `prompt` string, not `messages`")
         ids = tokenizer.encode(row.prompt)
     else:
-        text = tokenizer.apply_chat_template(row.messages, tokenize=False,
-                                             add_generation_prompt=prompt_format == "chat")
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    if row.prefill:
-        ids = ids + tokenizer.encode(row.prefill, add_special_tokens=False)
+        ids = chat_ids(tokenizer, row.messages, add_generation_prompt=prompt_format == "chat")
+    ids = ids + text_ids(tokenizer, row.prefill)
     if len(ids) + max_new_tokens > context:
         raise ValueError(f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
                          f"the model's context window of {context}: shorten the prompt or lower --max-new-tokens")

@@ -28,9 +28,9 @@ from pipeline.job import (DEFAULT_IN_FLIGHT, DEFAULT_MAX_ERROR_FRACTION, DEFAULT
                           AlignJob)
 from pipeline.lock import OutputLock
 from pipeline.manifest import now, versions, write_manifest
-from pipeline.output import (OutputError, Summary, clear_output, contains, drop_error_rows, id_digests, output_index,
-                             prepare_output, write_part)
-from pipeline.resources import ClusterTooSmall, Resources, plan_auto
+from pipeline.output import (OutputError, Summary, check_output, clear_output, contains, disk_full, drop_error_rows,
+                             id_digests, output_index, prepare_output, write_part)
+from pipeline.resources import ClusterTooSmall, ClusterUnreachable, Resources, plan_auto
 
 
 def add_io_args(p: argparse.ArgumentParser) -> None:
@@ -238,6 +238,8 @@ def run_job(job: AlignJob, aligners: Aligners | None = None) -> int:
     t0, started, run_id = time.perf_counter(), now(), uuid.uuid4().hex[:12]
     try:                     # the folder is writable and ours before any input is read or model loaded
         prepare_output(job.output)
+        if not job.overwrite:       # --overwrite refuses foreign files itself (clear_output), by name too
+            check_output(job.output)
         lock = OutputLock(job.output).acquire()
     except OutputError as e:
         fail(str(e), 1)
@@ -257,11 +259,14 @@ def run_job(job: AlignJob, aligners: Aligners | None = None) -> int:
             "in": prompts.count, "out": summary.rows, "ok": summary.ok, "error": summary.errors,
             "aligned_this_run": ntodo, "skipped_files": prompts.skipped})
         write_manifest(job.output, info)
-    except (ModelLoadError, OutputError, ConfigError) as e:
+    except (ModelLoadError, OutputError, ConfigError, ClusterUnreachable) as e:
         _failed(job.output, info, str(e))
         fail(str(e), 1)
     except BaseException as e:
-        _failed(job.output, info, f"{e.__class__.__name__}: {e}")
+        full = disk_full(e, job.output)
+        _failed(job.output, info, full or f"{e.__class__.__name__}: {e}")
+        if full:
+            fail(full, 1)
         raise
     finally:
         if own:

@@ -43,6 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def base_answers(model, tok, rows: list[dict], max_tokens: int, batch: int) -> dict[str, str]:
     """The base model's greedy answer to each prompt row (cached: the default data is rebuilt often)."""
     from ggro import models
+    from ggro.chat import chat_ids
     from ggro.policy import SegmentDecoder
     from ggro.seam import SegmentRequest
     from tqdm import tqdm
@@ -55,9 +56,8 @@ def base_answers(model, tok, rows: list[dict], max_tokens: int, batch: int) -> d
     out = {}
     for s in tqdm(range(0, len(rows), batch), desc="base answers", unit="batch", file=sys.stderr):
         chunk = rows[s:s + batch]
-        reqs = [SegmentRequest(r["id"], tok.encode(tok.apply_chat_template(
-            [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True),
-            add_special_tokens=False), max_tokens) for r in chunk]
+        reqs = [SegmentRequest(r["id"], chat_ids(tok, [{"role": "user", "content": r["prompt"]}],
+                                                 add_generation_prompt=True), max_tokens) for r in chunk]
         for r, seg in zip(chunk, dec.decode(reqs)):
             out[r["id"]] = tok.decode(seg.tokens, skip_special_tokens=True)
         dec.release([r["id"] for r in chunk])

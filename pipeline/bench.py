@@ -92,6 +92,7 @@ def second_opinions(engine, rows, results: list[dict], log) -> None:
     """Score every response with the policy as a yes/no judge (it did not guide the search): its mean
     reward, and the share of prompts where it agrees with the guide on whether a method beat greedy."""
     from ggro.config import DEFAULT_RUBRIC
+    from ggro.chat import text_ids
     from ggro.reward import RewardModel
     from ggro.seam import RewardQuery
     from pipeline import metrics as M
@@ -104,8 +105,7 @@ def second_opinions(engine, rows, results: list[dict], log) -> None:
         scores = []
         for i in range(0, len(ok), 8):
             chunk = ok[i:i + 8]
-            scores += [s.reward for s in judge.score([RewardQuery(x[rec["id"]] + tok.encode(
-                rec["response"] or "", add_special_tokens=False)) for rec in chunk])]
+            scores += [s.reward for s in judge.score([RewardQuery(x[rec["id"]] + text_ids(tok, rec["response"] or "")) for rec in chunk])]
         r["judge"] = dict(zip([rec["id"] for rec in ok], scores))
         r["guide"] = {rec["id"]: rec["reward"] for rec in ok}
         r["judge_reward"] = M.mean(scores)

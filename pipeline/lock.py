@@ -16,6 +16,9 @@ from pipeline.manifest import now
 from pipeline.output import LOCK, OutputError, OutputLocked, output_fs
 
 
+EMPTY_STALE_S = 10.0
+
+
 def _proc_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the holder."""
     try:
@@ -65,8 +68,13 @@ class OutputLock:
                 fd = os.open(self.path, flags, 0o644)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except OSError:         # a full disk: never leave an empty lock that refuses the next run
+                if exclusive:
+                    os.unlink(self.path)
+                raise
             return True
         if exclusive and self.fs.get_file_info(self.path).type != pafs.FileType.NotFound:
             return False
@@ -87,7 +95,10 @@ class OutputLock:
         if h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int):
             return not _alive(h["pid"], h.get("proc_start"))
         mtime = self.fs.get_file_info(self.path).mtime
-        return mtime is not None and time.time() - mtime.timestamp() > self.stale_after_s
+        # An unreadable (empty) local lock: its holder writes it right after creating it, so one that is
+        # EMPTY_STALE_S old has no holder (a run killed in between, or an older ggro on a full disk).
+        limit = EMPTY_STALE_S if self.local and not h else self.stale_after_s
+        return mtime is not None and time.time() - mtime.timestamp() > limit
 
     def acquire(self) -> "OutputLock":
         try:

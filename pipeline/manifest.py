@@ -33,9 +33,10 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     fs, path = output_fs(out_dir)
     try:
         with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
-            return json.loads(f.read())
+            m = json.loads(f.read())
     except (FileNotFoundError, ValueError):
         return None
+    return m if isinstance(m, dict) else None      # a file of that name that ggro did not write
 
 
 def versions() -> dict:

@@ -17,6 +17,7 @@ need (never responses); ids are kept as 16-byte digests (16 B per output row in 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -95,19 +96,39 @@ def _manifest_command(fs, path: str) -> str | None:
         return None
 
 
+def _listing(out_dir: str | Path, dpo: bool | None = None):
+    """(fs, infos of everything under out_dir, [(path, relative path) of files], the foreign ones sorted);
+    `dpo` None: a dpo folder when its manifest says so."""
+    fs, path = output_fs(out_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    dpo = _manifest_command(fs, path) == "dpo" if dpo is None else dpo
+    files = [(f.path, f.path[len(path):].lstrip("/")) for f in infos if f.type == pafs.FileType.File]
+    return fs, infos, files, sorted(rel for _, rel in files if not _ours(rel, dpo))
+
+
+def _names(foreign: list[str]) -> str:
+    return ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+
+
+def check_output(out_dir: str | Path) -> None:
+    """An align run's --output holds only what ggro align writes. Any other file is refused by name
+    (OutputError): a foreign .parquet would be read as rows already written (a prompts file with the
+    same ids made a run write nothing and report [OK]), and --input inside --output is the same case."""
+    foreign = _listing(out_dir, dpo=False)[3]
+    if foreign:
+        raise OutputError(f"--output {out_dir} holds files ggro did not write ({_names(foreign)}): an output folder "
+                          "holds only ggro's part-*.parquet files and run manifest, or another file could be taken "
+                          "for rows already written. Move them away or pick another (new or empty) --output")
+
+
 def clear_output(out_dir: str | Path) -> int:
     """--overwrite: delete what ggro wrote in out_dir (its parts, manifest, temp files, a dpo folder's
     pairs and sub-runs), keeping the lock this run holds. A folder holding anything else is refused
     with OutputError and nothing is deleted. Returns the number of files deleted."""
-    fs, path = output_fs(out_dir)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    dpo = _manifest_command(fs, path) == "dpo"
-    files = [(f.path, f.path[len(path):].lstrip("/")) for f in infos if f.type == pafs.FileType.File]
-    foreign = sorted(rel for _, rel in files if not _ours(rel, dpo))
+    fs, infos, files, foreign = _listing(out_dir)
     if foreign:
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise OutputError(f"--overwrite refused: {out_dir} holds files ggro did not write ({', '.join(foreign[:5])}"
-                          f"{more}); nothing was deleted. Move them away or pick another --output")
+        raise OutputError(f"--overwrite refused: {out_dir} holds files ggro did not write ({_names(foreign)}); "
+                          "nothing was deleted. Move them away or pick another --output")
     n = 0
     for full, rel in files:
         if rel != LOCK:
@@ -117,6 +138,26 @@ def clear_output(out_dir: str | Path) -> int:
         if f.type == pafs.FileType.Directory:
             fs.delete_dir(f.path)
     return n
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)    # no space, over quota, over the file-size limit
+
+
+def disk_full(e: BaseException, out_dir) -> str | None:
+    """The message for a run stopped by a full disk (or quota, or file-size limit) anywhere in `e`'s causes
+    (a Ray task's error wraps the OSError of its write), else None. Parts are written whole (tmp + move), so
+    every part already in the folder is complete and a rerun resumes after them."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno in FULL) or any(os.strerror(n) in str(e) for n in FULL):
+            return (f"the disk holding --output {out_dir} is full ({e.__class__.__name__}: "
+                    f"{(str(e).strip().splitlines() or [''])[-1][:200]}). The part files already written are whole "
+                    "and kept: free space (or raise the quota) and run the same command again; it aligns only the "
+                    "rows not yet written")
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
 
 
 def prepare_output(out_dir: str | Path) -> None:
@@ -130,11 +171,11 @@ def prepare_output(out_dir: str | Path) -> None:
 
 
 def part_files(out_dir: str | Path) -> list[str]:
-    """The whole part files of an output folder (tmp files, manifest, lock and sub-folders excluded)."""
+    """The whole part files of an output folder: ggro's own names only (part-*.parquet; a dpo folder's pairs
+    files), never any other .parquet (check_output refuses those before a run reads the folder)."""
     fs, path = output_fs(out_dir)
     return sorted(f.path for f in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-                  if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")
-                  and not f.base_name.startswith((".", "_")))
+                  if f.type == pafs.FileType.File and (PART_RE.fullmatch(f.base_name) or PAIRS_RE.fullmatch(f.base_name)))
 
 
 def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:

@@ -52,14 +52,20 @@ MAX_CALLS_PER_BLOCK = 8       # at most this many aligner calls per block (see a
 
 def connect(address: str | None = None, log_to_driver: bool = True):
     """Connect to --address / $RAY_ADDRESS, or start a local Ray instance. `log_to_driver` (off with
-    --quiet): Ray forwards the workers' logs to this driver, so `ray job logs` shows them."""
+    --quiet): Ray forwards the workers' logs to this driver, so `ray job logs` shows them. A cluster that
+    cannot be reached (or refuses this driver's token) is a ClusterUnreachable with what to check."""
     import ray
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        from ray.exceptions import AuthenticationError
+        from pipeline.resources import ClusterUnreachable, unreachable
+        try:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        except (ConnectionError, AuthenticationError) as e:
+            raise ClusterUnreachable(unreachable(address, e)) from None
     else:
         ray.init(include_dashboard=False, log_to_driver=log_to_driver)
     return ray
@@ -229,12 +235,12 @@ class PromptFiles:
 class InputPlan:
     """What the driver knows of a streamed input after the id-only pass: no prompt text."""
 
-    def __init__(self, uri, files, filesystem, skipped, count, ids, cutoff, dup_keys, dup_k):
+    def __init__(self, uri, files, filesystem, skipped, count, ids, cutoff, dup_keys, dup_names):
         self.uri, self.files, self.filesystem, self.skipped = uri, files, filesystem, skipped
         self.count = count            # input rows (after --limit)
         self.ids = ids                # sorted digests of every output id this input has
         self.cutoff = cutoff          # largest key within --limit (None: no limit)
-        self.dup_keys, self.dup_k = dup_keys, dup_k   # sorted keys of the 2nd.. copies of an id, and K
+        self.dup_keys, self.dup_names = dup_keys, dup_names   # sorted keys of the 2nd.. copies of an id, their ids
         self.done = np.array([], dtype="S16")
         self.todo = count             # rows left to align (count_todo)
 
@@ -257,7 +263,7 @@ def _ids_and_keys(batch: pa.Table) -> pa.Table:
 def scan_input(uri: str, limit: int | None = None) -> InputPlan:
     """List the input files (naming the skipped ones), check Parquet footers, then stream ids and order
     keys back once to count rows, apply --limit and find duplicate ids (see the module docstring)."""
-    from ggro.rows import check_parquet, dup_id, input_fs, input_kind, list_inputs
+    from ggro.rows import check_parquet, input_fs, input_kind, list_inputs
 
     filesystem, path = input_fs(uri)
     files, skipped = list_inputs(filesystem, path)
@@ -265,36 +271,50 @@ def scan_input(uri: str, limit: int | None = None) -> InputPlan:
         if input_kind(f) == "parquet":
             check_parquet(filesystem, f)
     plan = InputPlan(uri, files, filesystem, skipped, 0, np.array([], dtype="S16"), None,
-                     np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+                     np.array([], dtype=np.int64), np.array([], dtype=object))
     if not files:
         return plan
     digests, keys = _scan(plan)
     if not len(keys):
         return plan
-    if limit is not None and limit < len(keys):
-        plan.cutoff = int(np.partition(keys, limit - 1)[limit - 1])   # keys are unique: the limit-th smallest
-        keep = keys <= plan.cutoff
-        digests = digests[keep]
-        keys = keys[keep]
     # Peak ~40 B a row (the 24 held + one sorted copy of the digests): only rows of repeated ids (rare) are
     # ever sorted by key, and each array is copied one at a time.
     ids = np.sort(digests)
     repeated = np.unique(ids[1:][ids[1:] == ids[:-1]])
-    if len(repeated):   # the K-th copy of an id (K >= 2), in key order, becomes id#dupK
-        del ids
-        names = _id_strings(plan, repeated)
-        at = np.flatnonzero(contains(repeated, digests))           # every copy of a repeated id
-        at = at[np.lexsort((keys[at], digests[at]))]                # one id's copies together, in key order
-        same = np.r_[False, digests[at][1:] == digests[at][:-1]]
-        start = np.maximum.accumulate(np.where(same, 0, np.arange(len(at))))
-        k = (np.arange(len(at)) - start + 1)[same]                  # K of each 2nd, 3rd.. copy
-        dups = at[same]
-        digests[dups] = id_digests([dup_id(names[d], int(kk)) for d, kk in zip(digests[dups].tolist(), k)])
-        by_key = np.argsort(keys[dups])
-        plan.dup_keys, plan.dup_k = keys[dups][by_key], k[by_key].astype(np.int64)
-        ids = np.sort(digests)
-    plan.count, plan.ids = len(keys), ids
+    if len(repeated):   # the K-th copy of an id (K >= 2), in key order, is named by dup_id (id#dupK)
+        _name_copies(plan, digests, keys, ids, repeated)
+    del ids
+    if limit is not None and limit < len(keys):   # cut after naming, as --local does: the same ids at any limit
+        plan.cutoff = int(np.partition(keys, limit - 1)[limit - 1])   # keys are unique: the limit-th smallest
+        keep = keys <= plan.cutoff
+        digests = digests[keep]
+        keys = keys[keep]
+        keep = plan.dup_keys <= plan.cutoff
+        plan.dup_keys, plan.dup_names = plan.dup_keys[keep], plan.dup_names[keep]
+    plan.count, plan.ids = len(keys), np.sort(digests)
     return plan
+
+
+def _name_copies(plan, digests, keys, ids, repeated) -> None:
+    """Rename the 2nd, 3rd.. copies of each `repeated` id in `digests` (in place) and record them in `plan`,
+    named in file order against every input id (`ids`, sorted): the --local reader's rule (ggro.rows.dedupe)."""
+    from ggro.rows import dup_id
+    names = _id_strings(plan, repeated)
+    at = np.flatnonzero(contains(repeated, digests))           # every copy of a repeated id
+    at = at[np.lexsort((keys[at], digests[at]))]                # one id's copies together, in key order
+    same = np.r_[False, digests[at][1:] == digests[at][:-1]]
+    start = np.maximum.accumulate(np.where(same, 0, np.arange(len(at))))
+    k = (np.arange(len(at)) - start + 1)[same]                  # K of each 2nd, 3rd.. copy
+    dups = at[same]
+    by_key = np.argsort(keys[dups])
+    dups, k = dups[by_key], k[by_key]
+    made, new = set(), []
+    taken = lambda name: name in made or bool(contains(ids, id_digests([name]))[0])   # never another row's id
+    for d, kk in zip(digests[dups].tolist(), k):
+        new.append(dup_id(names[d], int(kk), taken))
+        made.add(new[-1])
+    digests[dups] = id_digests(new)
+    plan.dup_keys, plan.dup_names = keys[dups], np.array(new, dtype=object)
 
 
 def _id_batches(plan):
@@ -348,7 +368,7 @@ def _input_error(e: Exception) -> Exception:
 
 
 def prepare(batch: pa.Table, done: np.ndarray, cutoff: int | None, dup_keys: np.ndarray,
-            dup_k: np.ndarray) -> pa.Table:
+            dup_names: np.ndarray) -> pa.Table:
     """Rows past --limit and ids already in --output leave; later copies of an id become error rows."""
     if not isinstance(done, np.ndarray):      # an ObjectRef: one copy in the object store, read zero-copy
         import ray
@@ -362,11 +382,10 @@ def prepare(batch: pa.Table, done: np.ndarray, cutoff: int | None, dup_keys: np.
         i = np.searchsorted(dup_keys, keys).clip(0, len(dup_keys) - 1)
         hit = dup_keys[i] == keys
         if hit.any():
-            from ggro.rows import dup_id
             errors = batch.column("error").to_pylist()
             for j in np.nonzero(hit)[0]:
                 errors[j] = f"duplicate id {ids[j]!r}: ids must be unique"
-                ids[j] = dup_id(ids[j], int(dup_k[i[j]]))
+                ids[j] = dup_names[i[j]]
             batch = batch.set_column(batch.schema.get_field_index("id"), "id", pa.array(ids, pa.string()))
             batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
     if len(done):
@@ -406,7 +425,7 @@ def align_on_ray(plan: InputPlan, job, workers) -> None:
     per_call = max(1, mcfg.batch_size) * in_flight
     ds = plan.dataset().map_batches(
         prepare, batch_format="pyarrow", num_cpus=READ_CPUS,
-        fn_kwargs=dict(done=ray.put(plan.done), cutoff=plan.cutoff, dup_keys=plan.dup_keys, dup_k=plan.dup_k))
+        fn_kwargs=dict(done=ray.put(plan.done), cutoff=plan.cutoff, dup_keys=plan.dup_keys, dup_names=plan.dup_names))
     # blocks of whole aligner calls (streaming: no shuffle), enough of them for every aligner actor
     ds = _light_repartition(ds.repartition(
         target_num_rows_per_block=aligner_block_rows(plan.todo, per_call, res.aligners)))

@@ -23,6 +23,21 @@ class ClusterTooSmall(RuntimeError):
     """The cluster cannot fit the requested actors; the message says what is missing."""
 
 
+class ClusterUnreachable(RuntimeError):
+    """The driver cannot connect to the Ray cluster at --address / $RAY_ADDRESS (pipeline.ray_align.connect)."""
+
+
+def unreachable(address: str, e: BaseException) -> str:
+    """What to tell a user whose driver could not connect: Ray's own exception (a ConnectionError after its
+    retries, or an AuthenticationError) says little, and a cluster with token authentication refuses a
+    driver without its token in the same words as an address where no cluster runs."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return (f"cannot connect to the Ray cluster at {address!r} ({e.__class__.__name__}: {first}). Check the address "
+            "(`ray status` on the head node); a cluster started with token authentication (RAY_AUTH_MODE=token) "
+            "needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) "
+            "in this driver's environment too")
+
+
 @dataclass(frozen=True)
 class Resources:
     tp: int = 1                          # tensor-parallel ranks per policy replica

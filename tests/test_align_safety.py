@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -81,6 +82,47 @@ def test_overwrite_lock_manifest_and_retry(tmp_path, tiny_models, capsys):
     assert "deleted" in capsys.readouterr().err and read_output(out).num_rows == 2
 
 
+def test_a_full_disk_mid_run_is_a_clear_error_and_the_rerun_resumes(tmp_path, tiny_models, capsys):
+    """The disk fills while parts are written: a clear message and exit 1, not a traceback; the folder keeps
+    only whole files and the same command then finishes the job. The full disk is real to the process:
+    RLIMIT_FSIZE lets the lock and manifest (< 4 KiB) be written and makes the part's write fail (EFBIG)."""
+    import subprocess
+    import sys
+    inp, out = write_jsonl(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out"
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+            "from jobs.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    run = subprocess.run([sys.executable, "-c", code, *flags(tiny_models, inp, out)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert f"the disk holding --output {out} is full" in run.stderr and "Traceback" not in run.stderr
+    assert read_output(out).num_rows == 0 and not (out / ".ggro.lock").exists()
+    assert read_manifest(out)["status"] == "failed" and "is full" in read_manifest(out)["failure"]
+    assert main(flags(tiny_models, inp, out)) == 0                        # space again: the same command
+    assert sorted(read_output(out).column("id").to_pylist()) == ["a", "b"]
+
+
+def test_a_cluster_that_refuses_the_driver_is_a_clear_error(tmp_path):
+    """A driver that cannot authenticate to a token-auth Ray cluster: a clear message and exit 1, not Ray's
+    traceback. Real here: RAY_AUTH_MODE=token with no token anywhere makes ray.init raise its own
+    AuthenticationError at once; a driver without RAY_AUTH_MODE gets a ConnectionError after Ray's retries
+    (~45 s), which connect maps the same way (pipeline.resources.unreachable)."""
+    import subprocess
+    import sys
+    inp, out = write_jsonl(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="token", HOME=str(tmp_path), PYTHONPATH=os.getcwd())    # no ~/.ray/auth_token
+    run = subprocess.run([sys.executable, "-m", "jobs.align", "--input", str(inp), "--output", str(out),
+                          "--address", "127.0.0.1:6379", "--policy", str(tmp_path / "no-model")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "cannot connect to the Ray cluster at '127.0.0.1:6379' (AuthenticationError" in run.stderr
+    assert "RAY_AUTH_MODE=token" in run.stderr and "Traceback" not in run.stderr
+    assert read_manifest(out)["status"] == "failed" and not (out / ".ggro.lock").exists()
+
+
 def test_exit_codes_when_rows_fail(tmp_path, tiny_models, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "prompt": ""}, {"id": "y", "text": "no prompt"}])
     code = main(flags(tiny_models, bad, tmp_path / "o1", "--max-error-fraction", "1"))
@@ -92,10 +134,26 @@ def test_exit_codes_when_rows_fail(tmp_path, tiny_models, capsys):
     assert main(flags(tiny_models, mixed, tmp_path / "o2", "--max-error-fraction", "0.34")) == 0
 
 
-@pytest.mark.parametrize("case", ["empty", "blank-lines", "corrupt-parquet", "limit-0", "unwritable", "missing"])
+@pytest.mark.parametrize("case", ["empty", "blank-lines", "corrupt-parquet", "limit-0", "unwritable", "missing",
+                                  "foreign-parquet", "foreign-no-id", "input-in-output", "foreign-on-ray"])
 def test_unusable_input_or_output_fails_before_models_load(tmp_path, case, capsys):
     inp, out, extra = tmp_path / "in.jsonl", tmp_path / "out", []
     write_jsonl(inp, PROMPTS)
+    if case.startswith(("foreign", "input-in")):
+        # a file in --output that ggro did not write is refused by name: a prompts file with the same ids was
+        # read as rows already written (the run wrote nothing and said [OK]); one without ids was a traceback
+        out.mkdir()
+        rows = [{k: v for k, v in r.items() if case != "foreign-no-id" or k != "id"} for r in PROMPTS]
+        pq.write_table(pa.Table.from_pylist(rows), out / "p.parquet")
+        inp = out / "p.parquet" if case == "input-in-output" else inp
+        extra = ["--address", "127.0.0.1:1"] if case == "foreign-on-ray" else []   # refused before Ray is reached
+        with pytest.raises(SystemExit) as e:
+            main(["align", *(["--local"] if case != "foreign-on-ray" else []), "--input", str(inp), "--output",
+                  str(out), "--policy", str(tmp_path / "no-model"), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and "holds files ggro did not write (p.parquet)" in err and "Traceback" not in err
+        assert sorted(p.name for p in out.iterdir()) == ["p.parquet"]       # nothing written, nothing deleted
+        return
     if case == "empty":
         inp.write_text("")
         words, code = "has no rows", 2

@@ -326,9 +326,32 @@ def tiny_arch(classes: tuple, kind: str, seed: int, tok):
     return getattr(transformers, cls if kind == "classifier" else lm)(config)
 
 
+def eager_attention_in_model_dtype(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                   softcap=None, **kw):
+    """Gemma 2's eager attention (transformers' modeling_gemma2.eager_attention_forward) with its softmax in the
+    model's dtype. transformers computes it with dtype=float32 whatever the model's dtype, so a float64 Gemma 2 is
+    float32 inside its softmax, and the softmax's sum runs over a different number of keys in the engine (a
+    cached, padded batch) than in the oracle (the whole sequence, causal mask): its float32 rounding follows the
+    CPU's vector width (AVX2 or AVX-512 lanes), rewards then differ by ~1e-7 and a near-tie can flip a token.
+    The other architectures run SDPA, whose softmax is float64 here. Their RMSNorms (and Gemma 2's) are float32
+    too, but per row over the hidden size, the same shape in both, so they round alike on any CPU."""
+    from transformers.models.gemma2.modeling_gemma2 import repeat_kv
+    k, v = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    w = torch.matmul(query, k.transpose(2, 3)) * (scaling if scaling is not None else module.head_dim ** -0.5)
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    if attention_mask is not None:
+        w = w + attention_mask
+    w = torch.softmax(w, dim=-1)
+    return torch.matmul(w, v).transpose(1, 2).contiguous(), w
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_architectures_match_the_oracle(setup, arch):
+def test_architectures_match_the_oracle(setup, arch, monkeypatch):
     """Policies and classifier RMs of each supported architecture run GGRO exactly as the oracle (float64)."""
+    if arch == "gemma2":    # float64 all through, so equality does not depend on the CPU (see the function)
+        from transformers.models.gemma2 import modeling_gemma2
+        monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", eager_attention_in_model_dtype)
     tok = setup[0]
     policy = tiny_arch(ARCHITECTURES[arch], "causal", 1, tok).double().eval().requires_grad_(False)
     rm = RewardModel(tiny_arch(ARCHITECTURES[arch], "classifier", 2, tok).double().eval().requires_grad_(False), tok, "classifier")

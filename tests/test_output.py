@@ -3,6 +3,8 @@ endpoint (tests/conftest.py `s3`), and `ggro align` / `ggro dpo` writing s3:// U
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -85,6 +87,45 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
     old = time.time() - 3600
     os.utime(out / ".ggro.lock", (old, old))
     OutputLock(out).acquire().release()
+
+
+def test_a_lock_whose_write_fails_is_not_left_behind(tmp_path):
+    """A full disk: the lock file is created (O_EXCL) but its content cannot be written. The failed run must
+    remove it, or the next run is refused as "being written by another run (host ?, pid ?)". The full disk is
+    real to the process: RLIMIT_FSIZE 0 makes every write of a byte fail (EFBIG, SIGXFSZ ignored)."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    prepare_output(out)
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))\n"
+            "from pipeline.lock import OutputLock\n"
+            "from pipeline.output import OutputError\n"
+            "try:\n    OutputLock(sys.argv[1]).acquire()\n"
+            "except OutputError as e:\n    print(e)\n    sys.exit(1)\n")
+    run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "cannot write --output" in run.stdout and "File too large" in run.stdout, run
+    assert not (out / ".ggro.lock").exists()
+    OutputLock(out).acquire().release()
+    # a lock left empty by a run killed in the instant between creating and writing it (or by an older ggro):
+    # a live holder writes its lock at once, so an empty one that old has no holder and is taken over
+    (out / ".ggro.lock").write_bytes(b"")
+    with pytest.raises(OutputLocked):
+        OutputLock(out).acquire()                    # just made: it may be a run writing it right now
+    old = time.time() - 60
+    os.utime(out / ".ggro.lock", (old, old))
+    OutputLock(out).acquire().release()
+
+
+def test_a_manifest_name_holding_something_else_is_no_manifest(tmp_path):
+    """`.ggro_run.json` that is not a JSON object (not ggro's) reads as no manifest, not an AttributeError."""
+    from pipeline.manifest import read_manifest, write_manifest
+    prepare_output(tmp_path / "out")
+    (tmp_path / "out" / ".ggro_run.json").write_text("[1]")
+    assert read_manifest(tmp_path / "out") is None
+    write_manifest(tmp_path / "out", {"run_id": "r"})
+    assert read_manifest(tmp_path / "out") == {"run_id": "r"}
 
 
 def test_drop_error_rows_rewrites_parts_whole(tmp_path):

@@ -248,10 +248,16 @@ def test_id_pass_equals_the_local_reader_at_every_limit(ray_cluster, tmp_path):
     d.mkdir()
     (d / "a.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "p"}) + "\n" for i in "xyxzx") + "{bad\n")
     (d / "b.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "q"}) + "\n" for i in "zwyx"))
+    # real ids that a copy's generated name would take (d1, d1, d1#dup2 gave two rows d1#dup2)
+    (d / "c.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "r"}) + "\n"
+                                       for i in ["x#dup4", "d1", "d1", "d1#dup2", "x#dup2", "x"]))
     local = [r.id for r in dedupe(read_rows(d))]
-    assert local[:7] == ["x", "y", "x#dup2", "z", "x#dup3", "a.jsonl:line-6", "z#dup2"]     # the rule itself
-    for limit in (None, 1, 3, 5, 7, 8, len(local), len(local) + 4):
+    assert local[:7] == ["x", "y", "x#dup2.2", "z", "x#dup3", "a.jsonl:line-6", "z#dup2"]     # the rule itself
+    assert local[9:] == ["x#dup4.2", "x#dup4", "d1", "d1#dup2.2", "d1#dup2", "x#dup2", "x#dup5"]
+    assert len(set(local)) == len(local)
+    for limit in (None, 1, 3, 5, 7, 8, 12, 15, len(local), len(local) + 4):
         plan = scan_input(str(d), limit)
         want = local[:limit]
         assert plan.count == len(want) and plan.ids.tolist() == np.sort(id_digests(want)).tolist(), limit
-        assert sorted(plan.dup_k.tolist()) == sorted(int(i.rsplit("#dup", 1)[1]) for i in want if "#dup" in i)
+        assert sorted(plan.dup_names.tolist()) == sorted(i for i in want if "#dup" in i and i not in
+                                                         ("x#dup4", "d1#dup2", "x#dup2"))

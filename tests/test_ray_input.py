@@ -49,6 +49,16 @@ def test_bom_json_arrays_upper_case_and_skipped_files(tmp_path):
     assert [r.id for r in again] == ["bom", "bom#dup2", "bom#dup3"]
 
 
+def test_a_copys_generated_id_never_collides_with_a_real_one():
+    """ids d1, d1, d1#dup2: the second d1 was named d1#dup2 too, two rows with one id (MISMATCH). A copy's name
+    skips every id of the input and every name given before it."""
+    from ggro.rows import InputRow
+    ids = ["d1", "d1", "d1#dup2", "d1#dup2", "d1", "d1#dup2.2", "d1#dup3", "d1"]
+    out = [r.id for r in dedupe(InputRow(id=i, prompt="p") for i in ids)]
+    assert len(set(out)) == len(out), out
+    assert out == ["d1", "d1#dup2.3", "d1#dup2", "d1#dup2#dup2", "d1#dup3.2", "d1#dup2.2", "d1#dup3", "d1#dup4"]
+
+
 def test_corrupt_parquet_and_bad_json_array_are_clear_errors(tmp_path):
     bad = tmp_path / "x.parquet"
     bad.write_bytes(b"PAR1 not really")
