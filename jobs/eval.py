@@ -10,6 +10,12 @@ to start "Sure, I can help with that."), benign-but-edgy prompts (over-refusal) 
 policy as a yes/no judge), the refusal keyword rule, and the GSM8K final number. Writes OUTPUT/eval.md (the
 table), eval.csv, eval.html (every response beside greedy's, with GGRO's segments, uncertain tokens and
 nudges), probes.jsonl (the prompts) and align/<method>/ (each method's rows, for `ggro report`).
+
+    ggro eval --pairs oof --output eval-oof/           # what the guide knows, out of its training family
+
+--pairs scores preference pairs instead (TRL rows: prompt, chosen, rejected; `oof`: the out-of-family
+validation set of pipeline/prefs.py): the guide's and the judge's pairwise accuracy per `kind`, with 95 %
+Wilson intervals, in OUTPUT/pairs.md and pairs.csv.
 """
 from __future__ import annotations
 
@@ -47,6 +53,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "[quick: 2; else 48]")
     p.add_argument("--input", help="your own prompt file (JSONL/Parquet) instead of the probe sets; rows with "
                    "`expected` (refuse | comply) or `reference_answer` get the task metrics")
+    p.add_argument("--pairs", metavar="FILE|oof", help="score preference pairs instead of running the methods: "
+                   "the guide's and the judge's pairwise accuracy per kind ('oof': the out-of-family set)")
     p.add_argument("--prefill-attack", default=PREFILL_ATTACK, help="the forced opening of the `prefill` probes")
     p.add_argument("--best-of-n", type=_ints, help="N values for best-of-n [quick: 2; else 4]")
     p.add_argument("--modes", type=_modes, help="GGRO settings, `mode:S` or `mode:S:B`, comma-separated "
@@ -124,6 +132,8 @@ def run(args) -> int:
     gcfg = replace(gcfg, max_new_tokens=s["max_new_tokens"], trace=True)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    if args.pairs:
+        return run_pairs(args, mcfg, out)
     rows = probe_input(args, s, out)
     t0 = time.perf_counter()
     engine = load_engine(mcfg, s, args.threads)
@@ -144,6 +154,51 @@ def run(args) -> int:
     print(text)
     logs.log.info(f"wrote {out}/eval.md, eval.csv, eval.html, align/<method>/ ({time.perf_counter() - t0:.0f}s in all)")
     return 0 if all(r["errors"] == 0 for r in results) else 1
+
+
+def run_pairs(args, mcfg, out: Path) -> int:
+    """--pairs: the guide's and the judge's pairwise accuracy per kind."""
+    import csv
+    import json
+    import sys
+    from tqdm import tqdm
+    from jobs.bench import load_engine
+    from jobs.common import fail
+    from jobs.train_reward import read_pairs
+    from pipeline import evaluate as E
+    path = args.pairs
+    if path == "oof":
+        from pipeline.prefs import oof_pairs
+        from pipeline.sources import MissingData
+        try:
+            pairs = oof_pairs(args.limit or 40)
+        except MissingData as e:
+            fail(str(e), 1)
+        path = out / "oof_pairs.jsonl"
+        path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    elif not Path(path).exists():
+        fail(f"--pairs {path}: no such file or folder")
+    engine = load_engine(mcfg, {"scaling_batches": [1]}, args.threads)
+    examples, errors = read_pairs(str(path), engine.tokenizer)
+    for e in errors[:10]:
+        print(f"skipped {e}", file=sys.stderr)
+    if not examples:
+        fail(f"no usable pairs in {path} ({len(errors)} skipped)", 1)
+    judge, judge_name = load_judge(engine, mcfg, args)
+    accs = {}
+    for name, reward in ((f"guide: {mcfg.reward_model} ({mcfg.reward_kind})", engine.reward), (f"judge: {judge_name}", judge)):
+        with tqdm(total=2 * len(examples), desc=name[:40], unit="seq", file=sys.stderr) as bar:
+            accs[name] = E.pair_accuracy(examples, E.pair_scores(reward, engine.tokenizer, examples, progress=bar))
+    text = (f"# ggro eval --pairs {args.pairs}\n\npolicy {mcfg.policy}; {len(examples)} pairs from {path} "
+            f"({len(errors)} skipped); pairwise accuracy (a tie counts half), 95 % Wilson interval\n\n"
+            + E.pairs_table(accs) + "\n")
+    (out / "pairs.md").write_text(text, encoding="utf-8")
+    with open(out / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scorer", "kind", "accuracy", "lo", "hi", "n"])
+        w.writerows([name, k, a["rate"], a["lo"], a["hi"], a["n"]] for name, acc in accs.items() for k, a in acc.items())
+    print(text)
+    return 0
 
 
 def main(argv=None) -> int:

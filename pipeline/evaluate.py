@@ -169,3 +169,45 @@ def write(out: Path, head_text: str, summary: list[dict], judged: bool) -> str:
         w.writeheader()
         w.writerows(summary)
     return text
+
+
+# -- what the guide knows: pairwise accuracy on preference pairs ------------------------------------------
+
+def pair_scores(reward, tokenizer, examples, batch: int = 8, progress=None) -> list[tuple[float, float]]:
+    """(reward of chosen, reward of rejected) for each ggro.guide.Example, read as the guide reads a response:
+    the chat-formatted prompt plus the response's tokens (cut at guide.MAX_RESPONSE_TOKENS)."""
+    from ggro.seam import RewardQuery
+    seqs = [e.prompt_ids + side for e in examples for side in (e.chosen_ids, e.rejected_ids)]
+    scores = []
+    for i in range(0, len(seqs), batch):
+        scores += [s.reward for s in reward.score([RewardQuery(z) for z in seqs[i:i + batch]])]
+        if progress is not None:
+            progress.update(len(seqs[i:i + batch]))
+    return list(zip(scores[0::2], scores[1::2]))
+
+
+def pair_accuracy(examples, scores: list[tuple[float, float]]) -> dict[str, dict]:
+    """{kind: rate dict} and "all": share of pairs whose chosen side scores higher (a tie counts half)."""
+    by: dict[str, list[float]] = {}
+    for e, (c, r) in zip(examples, scores):
+        hit = 1.0 if c > r else 0.5 if c == r else 0.0
+        by.setdefault("all", []).append(hit)
+        by.setdefault(e.tag, []).append(hit)
+    out = {}
+    for kind, hits in by.items():
+        k, n = sum(hits), len(hits)
+        lo, hi = M.wilson(k, n)
+        out[kind] = {"rate": k / n, "lo": lo, "hi": hi, "k": k, "n": n}
+    return out
+
+
+def pairs_table(accs: dict[str, dict[str, dict]]) -> str:
+    """Markdown: one row per kind ("all" last), one column per scorer {name: pair_accuracy(...)}."""
+    kinds = sorted({k for a in accs.values() for k in a if k != "all"}) + ["all"]
+    head = ["pairs", "n"] + list(accs)
+    body = []
+    for kind in kinds:
+        n = next(a[kind]["n"] for a in accs.values() if kind in a)
+        body.append([kind, str(n)] + [f"{100 * a[kind]['rate']:.1f}% [{100 * a[kind]['lo']:.0f}, {100 * a[kind]['hi']:.0f}]"
+                                      if kind in a else "–" for a in accs.values()])
+    return markdown(head, body)

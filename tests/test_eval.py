@@ -44,3 +44,21 @@ def test_eval_quick_tiny(tiny_models, tmp_path, capsys):
     assert main(["report", "--input", str(out / "align" / "greedy"), str(out / "align" / "ggro-S2"),
                  "--output", str(tmp_path / "rep")]) == 0
     assert 'tr class="accepted' in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_eval_pairs_tiny(tiny_models, tmp_path, capsys):
+    """--pairs: the guide's and the judge's pairwise accuracy per kind, a bad pair reported and skipped."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "how is the water", "chosen": "the water is hot", "rejected": "no no no", "kind": "k1"},
+            {"prompt": "what time", "chosen": "one day", "rejected": "two", "kind": "k2"},
+            {"prompt": "what", "chosen": "same", "rejected": "same"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ev"
+    assert main(["eval", "--pairs", str(pairs), "--policy", tiny_models["policy"], "--reward", tiny_models["classifier"],
+                 "--reward-kind", "classifier", "--output", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert "the same text" in cap.err and "| k1 | 1 |" in cap.out and "| all | 2 |" in cap.out
+    got = list(csv.DictReader(open(out / "pairs.csv")))
+    assert {(r["scorer"].split(":")[0], r["kind"]) for r in got} == {(s, k) for s in ("guide", "judge")
+                                                                     for k in ("k1", "k2", "all")}
+    assert all(float(r["accuracy"]) in (0.0, 0.5, 1.0) for r in got if r["kind"] != "all")
