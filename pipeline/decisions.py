@@ -26,7 +26,7 @@ h1 {{ font-size: 20px; }} h2 {{ font-size: 16px; margin: 0 0 6px; }}
 .prompt {{ white-space: pre-wrap; background: #f3f3f3; padding: 6px; border-radius: 4px; }}
 .prefill {{ color: #a00; }}
 .cols {{ display: flex; gap: 12px; flex-wrap: wrap; }}
-.col {{ flex: 1 1 320px; min-width: 280px; border-top: 3px solid #888; padding-top: 4px; overflow-x: auto; }}
+.col {{ flex: 1 1 440px; min-width: 300px; border-top: 3px solid #888; padding-top: 4px; overflow-x: auto; }}
 .col.base {{ border-top-color: #4a7bd0; }}
 .response {{ white-space: pre-wrap; }}
 .seg {{ border-bottom: 2px solid #bbb; }}
@@ -81,27 +81,42 @@ def _trace(rec: dict) -> list[dict]:
     return data if isinstance(data, list) else []
 
 
+def _offset(rec: dict, trace: list) -> int:
+    """Which segment trace entry 0 decides: 0 when every segment has its entry (faithful, adaptive, parallel:
+    entry k holds segment k's refinements), 1 for lookahead (its greedy run up to the first uncertain token
+    has none; entry k holds the rollouts from the token that starts segment k + 1)."""
+    return max(0, (rec.get("num_segments") or len(trace)) - len(trace))
+
+
 def _response_html(rec: dict, tokenizer) -> str:
     if rec.get("error"):
         return f'<div class="response error">error: {escape(str(rec["error"]))}</div>'
     trace = _trace(rec)
     pieces = segments(rec, tokenizer) if trace else [rec.get("response") or ""]
+    off = _offset(rec, trace)
     parts = []
     for k, piece in enumerate(pieces):
-        step = trace[k] if k < len(trace) else {}
+        step = trace[k - off] if 0 <= k - off < len(trace) else {}
         cls = "seg nudged" if step.get("accepted") else "seg"
         body = escape(piece)
-        prev = trace[k - 1] if 0 < k <= len(trace) else None
-        if prev and prev.get("stop") == "entropy" and piece:
-            tried = prev.get("tried") or []
-            acc = prev.get("accepted") or 0
-            h = tried[acc].get("stop_entropy") if acc < len(tried) else None
+        if k > 0 and piece and trace:
+            h = _entropy_before(trace, k - off - 1)
             lead = _lead(piece, tokenizer)
-            h_txt = f"H={h:.2f}" if isinstance(h, (int, float)) else ""
-            body = (f'<mark class="uncertain" title="entropy {escape(h_txt)} nats">{escape(lead)}</mark>'
-                    f'<sup class="h">{escape(h_txt)}</sup>{escape(piece[len(lead):])}')
+            h_txt = f"H={h:.2f}" if h is not None else ""
+            body = (f'<mark class="uncertain" title="uncertain token{escape(", entropy " + h_txt + " nats" if h_txt else "")}">'
+                    f'{escape(lead)}</mark><sup class="h">{escape(h_txt)}</sup>{escape(piece[len(lead):])}')
         parts.append(f'<span class="{cls}" data-segment="{k}">{body}</span>')
     return f'<div class="response">{"".join(parts)}</div>'
+
+
+def _entropy_before(trace: list, j: int) -> float | None:
+    """The entropy that ended the segment of trace entry j (its accepted continuation's), if it ended so."""
+    if not 0 <= j < len(trace):
+        return None
+    tried, acc = trace[j].get("tried") or [], trace[j].get("accepted") or 0
+    t = tried[acc] if acc < len(tried) else {}
+    h = t.get("stop_entropy")
+    return h if t.get("stop") == "entropy" and isinstance(h, (int, float)) else None
 
 
 def _lead(piece: str, tokenizer) -> str:
@@ -119,6 +134,7 @@ def _decisions_html(rec: dict, tokenizer) -> str:
     trace = _trace(rec)
     if not trace:
         return ""
+    off = _offset(rec, trace)
     out = ['<table class="tried"><tr><th>segment</th><th>ended by</th><th>entropy (nats)</th>'
            '<th>continuation tried</th><th>reward</th><th>tokens</th></tr>']
     for k, step in enumerate(trace):
@@ -126,7 +142,7 @@ def _decisions_html(rec: dict, tokenizer) -> str:
         for j, t in enumerate(tried):
             acc = j == step.get("accepted")
             h = t.get("stop_entropy")
-            cells = [str(k), str(t.get("stop", "")),
+            cells = [str(k + off), str(t.get("stop", "")),
                      f"{h:.2f}" if isinstance(h, (int, float)) and t.get("stop") == "entropy" else "",
                      ("nudge " if t.get("nudge") is not None else "") + _token_text(tokenizer, t.get("nudge"))
                      + (" (accepted)" if acc else ""),

@@ -177,12 +177,17 @@ def pair_scores(reward, tokenizer, examples, batch: int = 8, progress=None) -> l
     """(reward of chosen, reward of rejected) for each ggro.guide.Example, read as the guide reads a response:
     the chat-formatted prompt plus the response's tokens (cut at guide.MAX_RESPONSE_TOKENS)."""
     from ggro.seam import RewardQuery
-    seqs = [e.prompt_ids + side for e in examples for side in (e.chosen_ids, e.rejected_ids)]
-    scores = []
-    for i in range(0, len(seqs), batch):
-        scores += [s.reward for s in reward.score([RewardQuery(z) for z in seqs[i:i + batch]])]
+    seqs = [tuple(e.prompt_ids + side) for e in examples for side in (e.chosen_ids, e.rejected_ids)]
+    unique = list(dict.fromkeys(seqs))        # a response shared by several pairs is scored once
+    if progress is not None:
+        progress.update(len(seqs) - len(unique))
+    got = {}
+    for i in range(0, len(unique), batch):
+        part = unique[i:i + batch]
+        got.update(zip(part, (s.reward for s in reward.score([RewardQuery(list(z)) for z in part]))))
         if progress is not None:
-            progress.update(len(seqs[i:i + batch]))
+            progress.update(len(part))
+    scores = [got[z] for z in seqs]
     return list(zip(scores[0::2], scores[1::2]))
 
 

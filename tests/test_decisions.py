@@ -96,9 +96,25 @@ def test_page_segments_and_escaping():
     assert HOSTILE in "".join(dom.text)                          # shown as text, character for character
     assert len(dom.having("tr", "accepted")) == 4 + 1            # one per segment of each traced row
     marks = [a["title"] for a in dom.having("mark", "uncertain") if "title" in a]   # (the legend has one too)
-    assert marks == ["entropy H=2.31 nats", "entropy H=1.90 nats", "entropy H=1.80 nats"]   # segments 1..3
+    assert marks == [f"uncertain token, entropy H={h} nats" for h in ("2.31", "1.90", "1.80")]   # segments 1..3
     assert len(dom.having("span", "nudged")) == 1
     assert "H=2.31" in "".join(dom.text) and repr(tok.decode(full[2:3])) in "".join(dom.text)
+
+
+def test_lookahead_trace_decides_the_next_segment():
+    """Lookahead keeps its greedy run up to the uncertain token without a trace entry: entry 0 is segment 1's."""
+    tok = bpe_tokenizer()
+    full = tok.encode("".join(SEGS), add_special_tokens=False)
+    rec = {"id": "l", "prompt": "p", "response": "".join(SEGS), "reward": 1.0, "error": None, "num_nudges": 1,
+           "num_segments": 2, "segment_boundaries": [3, len(full)], "trace": json.dumps([{"stop": "eos", "accepted": 1,
+           "tried": [{"nudge": None, "reward": 0.0, "stop": "eos", "stop_entropy": 0.1, "tokens": 4},
+                     {"nudge": full[3], "reward": 1.0, "stop": "eos", "stop_entropy": 0.1, "tokens": len(full) - 3}]}])}
+    html = D.page("l", [("ggro-lookahead", [rec])], tok)
+    dom = Dom()
+    dom.feed(html)
+    assert [a["data-segment"] for a in dom.having("span", "nudged")] == ["1"]
+    assert [a["title"] for a in dom.having("mark", "uncertain") if "title" in a] == ["uncertain token"]
+    assert html.count('<tr class="accepted"><td>1</td><td>eos</td>') == 1     # the table names segment 1
 
 
 def chromium() -> str:
