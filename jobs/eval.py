@@ -113,23 +113,14 @@ def load_judge(engine, mcfg, args):
 
 def run(args) -> int:
     logs.setup_logging(args)
-    from ggro.config import ConfigError
-    from jobs.bench import load_engine
-    from jobs.common import fail, resolve_args
+    from jobs.bench import load_engine, resolve_methods
+    from jobs.common import fail
     from pipeline import bench as B
     from pipeline import evaluate as E
     from pipeline.decisions import write_page
-    for flag in ("method", "n", "num_refinements"):
-        if getattr(args, flag, None) is not None:
-            fail(f"--{flag.replace('_', '-')} does not apply to eval: use --best-of-n and --modes")
     if args.limit is not None and args.limit < 1:
         fail("--limit must be >= 1")
-    try:
-        gcfg, mcfg, _ = resolve_args(args)
-    except ConfigError as e:
-        fail(str(e))
-    s = settings(args)
-    gcfg = replace(gcfg, max_new_tokens=s["max_new_tokens"], trace=True)
+    gcfg, mcfg, s = resolve_methods(args, "eval", "--best-of-n and --modes", settings, trace=True)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.pairs:
