@@ -15,7 +15,7 @@ nudges), probes.jsonl (the prompts) and align/<method>/ (each method's rows, for
 
 --pairs scores preference pairs instead (TRL rows: prompt, chosen, rejected; `oof`: the out-of-family
 validation set of pipeline/prefs.py): the guide's and the judge's pairwise accuracy per `kind`, with 95 %
-Wilson intervals, in OUTPUT/pairs.md and pairs.csv.
+Wilson intervals, in OUTPUT/pairs.md and pairs.csv (each pair's scores in pair_scores.jsonl).
 """
 from __future__ import annotations
 
@@ -176,10 +176,16 @@ def run_pairs(args, mcfg, out: Path) -> int:
     if not examples:
         fail(f"no usable pairs in {path} ({len(errors)} skipped)", 1)
     judge, judge_name = load_judge(engine, mcfg, args)
-    accs = {}
-    for name, reward in ((f"guide: {mcfg.reward_model} ({mcfg.reward_kind})", engine.reward), (f"judge: {judge_name}", judge)):
+    accs, scores = {}, {}
+    for who, name, reward in (("guide", f"guide: {mcfg.reward_model} ({mcfg.reward_kind})", engine.reward),
+                              ("judge", f"judge: {judge_name}", judge)):
         with tqdm(total=2 * len(examples), desc=name[:40], unit="seq", file=sys.stderr) as bar:
-            accs[name] = E.pair_accuracy(examples, E.pair_scores(reward, engine.tokenizer, examples, progress=bar))
+            scores[who] = E.pair_scores(reward, engine.tokenizer, examples, progress=bar)
+        accs[name] = E.pair_accuracy(examples, scores[who])
+    with open(out / "pair_scores.jsonl", "w", encoding="utf-8") as f:     # per pair: for calibration, ensembles
+        for i, e in enumerate(examples):
+            f.write(json.dumps({"pair": i, "kind": e.tag, **{f"{w}_{side}": scores[w][i][k] for w in scores
+                                                            for k, side in enumerate(("chosen", "rejected"))}}) + "\n")
     text = (f"# ggro eval --pairs {args.pairs}\n\npolicy {mcfg.policy}; {len(examples)} pairs from {path} "
             f"({len(errors)} skipped); pairwise accuracy (a tie counts half), 95 % Wilson interval\n\n"
             + E.pairs_table(accs) + "\n")

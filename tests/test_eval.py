@@ -62,3 +62,8 @@ def test_eval_pairs_tiny(tiny_models, tmp_path, capsys):
     assert {(r["scorer"].split(":")[0], r["kind"]) for r in got} == {(s, k) for s in ("guide", "judge")
                                                                      for k in ("k1", "k2", "all")}
     assert all(float(r["accuracy"]) in (0.0, 0.5, 1.0) for r in got if r["kind"] != "all")
+    scored = [json.loads(line) for line in (out / "pair_scores.jsonl").read_text().splitlines()]
+    assert [s["kind"] for s in scored] == ["k1", "k2"]
+    k1 = [r for r in got if r["kind"] == "k1" and r["scorer"].startswith("guide")][0]
+    assert float(k1["accuracy"]) == (1.0 if scored[0]["guide_chosen"] > scored[0]["guide_rejected"] else
+                                     0.5 if scored[0]["guide_chosen"] == scored[0]["guide_rejected"] else 0.0)
