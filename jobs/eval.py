@@ -101,7 +101,9 @@ def load_judge(engine, mcfg, args):
     from jobs.common import fail
     from pipeline.bench import policy_judge
     if not args.judge_reward:
-        return policy_judge(engine), f"the policy {mcfg.policy} as a yes/no judge"
+        same = mcfg.reward_kind == "judge" and mcfg.reward_model == mcfg.policy and mcfg.rubric == DEFAULT_RUBRIC
+        return policy_judge(engine), (f"the policy {mcfg.policy} as a yes/no judge"
+                                      + (" (the guide itself: not an independent judge)" if same else ""))
     kind = args.judge_reward_kind or "classifier"
     jcfg = replace(mcfg, reward=args.judge_reward, reward_kind=kind, rubric=args.judge_rubric or DEFAULT_RUBRIC)
     try:
