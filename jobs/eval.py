@@ -151,7 +151,6 @@ def run(args) -> int:
 
 def run_pairs(args, mcfg, out: Path) -> int:
     """--pairs: the guide's and the judge's pairwise accuracy per kind."""
-    import csv
     import json
     import sys
     from tqdm import tqdm
@@ -184,18 +183,8 @@ def run_pairs(args, mcfg, out: Path) -> int:
         with tqdm(total=2 * len(examples), desc=name[:40], unit="seq", file=sys.stderr) as bar:
             scores[who] = E.pair_scores(reward, engine.tokenizer, examples, progress=bar)
         accs[name] = E.pair_accuracy(examples, scores[who])
-    with open(out / "pair_scores.jsonl", "w", encoding="utf-8") as f:     # per pair: for calibration, ensembles
-        for i, e in enumerate(examples):
-            f.write(json.dumps({"pair": i, "kind": e.tag, **{f"{w}_{side}": scores[w][i][k] for w in scores
-                                                            for k, side in enumerate(("chosen", "rejected"))}}) + "\n")
-    text = (f"# ggro eval --pairs {args.pairs}\n\npolicy {mcfg.policy}; {len(examples)} pairs from {path} "
-            f"({len(errors)} skipped); pairwise accuracy (a tie counts half), 95 % Wilson interval\n\n"
-            + E.pairs_table(accs) + "\n")
-    (out / "pairs.md").write_text(text, encoding="utf-8")
-    with open(out / "pairs.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["scorer", "kind", "accuracy", "lo", "hi", "n"])
-        w.writerows([name, k, a["rate"], a["lo"], a["hi"], a["n"]] for name, acc in accs.items() for k, a in acc.items())
+    text = E.write_pairs(out, f"# ggro eval --pairs {args.pairs}\n\npolicy {mcfg.policy}; {len(examples)} pairs "
+                               f"from {path} ({len(errors)} skipped)", examples, scores, accs)
     print(text)
     return 0
 

@@ -216,3 +216,19 @@ def pairs_table(accs: dict[str, dict[str, dict]]) -> str:
         body.append([kind, str(n)] + [f"{100 * a[kind]['rate']:.1f}% [{100 * a[kind]['lo']:.0f}, {100 * a[kind]['hi']:.0f}]"
                                       if kind in a else "–" for a in accs.values()])
     return markdown(head, body)
+
+
+def write_pairs(out: Path, head: str, examples, scores: dict[str, list], accs: dict[str, dict]) -> str:
+    """pairs.md (the table), pairs.csv (scorer, kind, accuracy, interval, n) and pair_scores.jsonl (each pair's
+    scores per scorer: for calibrating or combining them) in `out`; returns the Markdown."""
+    with open(out / "pair_scores.jsonl", "w", encoding="utf-8") as f:
+        for i, e in enumerate(examples):
+            f.write(json.dumps({"pair": i, "kind": e.tag, **{f"{who}_{side}": scores[who][i][k] for who in scores
+                                                            for k, side in enumerate(("chosen", "rejected"))}}) + "\n")
+    text = (f"{head}; pairwise accuracy (a tie counts half), 95 % Wilson interval\n\n" + pairs_table(accs) + "\n")
+    (out / "pairs.md").write_text(text, encoding="utf-8")
+    with open(out / "pairs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["scorer", "kind", "accuracy", "lo", "hi", "n"])
+        w.writerows([name, k, a["rate"], a["lo"], a["hi"], a["n"]] for name, acc in accs.items() for k, a in acc.items())
+    return text
