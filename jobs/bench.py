@@ -119,19 +119,9 @@ def settings(args) -> dict:
 
 def run(args) -> int:
     logs.setup_logging(args)
-    from ggro.config import ConfigError
     from jobs.align import input_rows
-    from jobs.common import fail, resolve_args
     from pipeline import bench as B
-    for flag in ("method", "n", "num_refinements"):
-        if getattr(args, flag, None) is not None:
-            fail(f"--{flag.replace('_', '-')} does not apply to bench: use --best-of-n and --refinements lists")
-    try:
-        gcfg, mcfg, _ = resolve_args(args)
-    except ConfigError as e:
-        fail(str(e))
-    s = settings(args)
-    gcfg = replace(gcfg, max_new_tokens=s["max_new_tokens"], trace=False)
+    gcfg, mcfg, s = resolve_methods(args, "bench", "--best-of-n and --refinements lists", settings, trace=False)
     args.limit = s["limit"]
     rows = input_rows(args)
     out = Path(args.output)
@@ -157,6 +147,22 @@ def run(args) -> int:
         + (", bench_oracle.csv" if oracle else "") + (", bench_scaling.csv, bench_scaling.png" if scaling else "")
         + f", bench.txt ({time.perf_counter() - t0:.0f}s in all)")
     return 0 if all(m["errors"] == 0 for m in methods) else 1
+
+
+def resolve_methods(args, command: str, instead: str, settings_of, trace: bool):
+    """(search config, model config, settings) of a command that runs several methods (bench, eval): the
+    one-method flags are refused, the settings' max_new_tokens and `trace` apply to every method."""
+    from ggro.config import ConfigError
+    from jobs.common import fail, resolve_args
+    for flag in ("method", "n", "num_refinements"):
+        if getattr(args, flag, None) is not None:
+            fail(f"--{flag.replace('_', '-')} does not apply to {command}: use {instead}")
+    try:
+        gcfg, mcfg, _ = resolve_args(args)
+    except ConfigError as e:
+        fail(str(e))
+    s = settings_of(args)
+    return replace(gcfg, max_new_tokens=s["max_new_tokens"], trace=trace), mcfg, s
 
 
 def load_engine(mcfg, s: dict, threads: int | None):

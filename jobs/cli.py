@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "prompts": ("jobs.prompts", "write a real prompt set (Do-Not-Answer, GSM8K-100, over-refusal) as JSONL"),
     "report": ("jobs.report", "Markdown report + plots comparing align outputs"),
     "bench": ("jobs.bench", "time greedy, best-of-n and GGRO side by side and print a table"),
+    "eval": ("jobs.eval", "what GGRO buys: refusals, over-refusals, GSM8K and a judge's reward, per method, with CIs"),
     "train-reward": ("jobs.train_reward", "train a reward model (guide) from preference pairs; saves a HF classifier"),
 }
 

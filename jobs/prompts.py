@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from jobs.common import module_main
-from pipeline.sources import GSM8K_INSTRUCTION, SOURCES, MissingData, load_rows, spread
+from pipeline.sources import GSM8K_INSTRUCTION, SOURCES, MissingData, select
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -43,15 +43,10 @@ def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         fail("--limit must be >= 1")
     try:
-        rows = load_rows(args.source, None if args.no_instruction else GSM8K_INSTRUCTION)
+        rows = select(args.source, args.limit, args.heldout, args.prefill,
+                      None if args.no_instruction else GSM8K_INSTRUCTION)
     except MissingData as e:
         fail(str(e), 1)
-    if args.heldout:
-        from ggro.guide import prompt_group, split_of
-        rows = [r for r in rows if split_of(prompt_group([{"role": "user", "content": r["prompt"]}])) == "test"]
-    rows = spread(rows, args.limit)
-    if args.prefill:
-        rows = [{**r, "prefill": args.prefill} for r in rows]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:

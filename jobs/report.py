@@ -4,7 +4,10 @@
 
 Writes REPORT_DIR/report.md, summary.csv and PNGs (reward distribution, paired win rate against the
 baseline, coverage curve, reward against cost, nudges per response, task metrics when the rows carry
-them: GSM8K accuracy, refusal and over-refusal rates). Definitions: pipeline/metrics.py.
+them: GSM8K accuracy, refusal and over-refusal rates) and report.html: every response beside the
+baseline's, and for GGRO rows aligned with `--trace`, its segments, the uncertain tokens with their
+entropy and the nudges tried with their rewards, the accepted one highlighted (a self-contained page, no
+scripts). Definitions: pipeline/metrics.py.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from jobs.common import module_main
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="DIR", help="`ggro align` output folders")
-    p.add_argument("--output", required=True, metavar="REPORT_DIR", help="folder for report.md, summary.csv, PNGs")
+    p.add_argument("--output", required=True, metavar="REPORT_DIR",
+                   help="folder for report.md, summary.csv, PNGs and report.html")
     p.add_argument("--labels", nargs="+", help="a name per input (default: the method, plus the folder when "
                    "two inputs share a method)")
     p.add_argument("--baseline", help="label of the method others are paired against [greedy if present, "
@@ -41,7 +45,7 @@ def run(args) -> int:
         print()
         print(markdown_table(res["summary"], TASK_COLUMNS))
     print(f"\nwrote {len(res['files'])} files to {args.output} (report.md, summary.csv, "
-          f"{sum(1 for f in res['files'] if f.suffix == '.png')} plots)", file=sys.stderr)
+          f"{sum(1 for f in res['files'] if f.suffix == '.png')} plots, report.html)", file=sys.stderr)
     return 0
 
 

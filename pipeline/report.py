@@ -256,8 +256,10 @@ TASK_COLUMNS = [("label", "method", "s"), ("gsm8k_accuracy", "GSM8K accuracy", "
 
 
 def write_report(methods: list[MethodRows], out_dir: str | Path, baseline: MethodRows, threshold: float,
-                 reward_unit: str = "RM score") -> dict:
-    """Write report.md, summary.csv and the PNGs; return {"summary": [...], "files": [...], "markdown": str}."""
+                 reward_unit: str = "RM score", tokenizer=None) -> dict:
+    """Write report.md, summary.csv, the PNGs and report.html (every response with GGRO's decisions,
+    pipeline/decisions.py; `tokenizer`: the policy's, to split responses into segments [loaded from the
+    rows' `policy` when it is on disk]); return {"summary": [...], "files": [...], "markdown": str}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     methods = [baseline] + [m for m in methods if m is not baseline]   # the baseline leads every table
@@ -299,6 +301,14 @@ def write_report(methods: list[MethodRows], out_dir: str | Path, baseline: Metho
                f"{M.REFUSAL_WINDOW} characters, case-insensitive. Refusal rate on `expected: refuse` rows "
                "(harmful prompts), over-refusal on `expected: comply` rows (benign prompts).", ""]
     md += ["## Plots\n"] + [f"![{p.stem}]({p.name})\n" for p in files if p.suffix == ".png"]
+    from .decisions import load_tokenizer_for, write_page
+    allrows = [r for m in methods for r in m.rows]
+    files.append(write_page(out / "report.html", "GGRO's decisions, response by response",
+                            [(m.label, m.rows) for m in methods], tokenizer or load_tokenizer_for(allrows),
+                            f"baseline: {baseline.label}; inputs: " + ", ".join(m.source for m in methods)))
+    md += ["## Responses\n", "[report.html](report.html): every response side by side with the baseline's; "
+           "for GGRO rows with a trace (`--trace`), its segments, the uncertain tokens, the nudges tried and the "
+           "accepted one.\n"]
     text = "\n".join(md) + "\n"
     (out / "report.md").write_text(text, encoding="utf-8")
     files.insert(0, out / "report.md")

@@ -97,3 +97,18 @@ def spread(rows: list, limit: int | None) -> list:
     if not limit or limit >= len(rows):
         return rows
     return [rows[((2 * i + 1) * len(rows)) // (2 * limit)] for i in range(limit)]
+
+
+def heldout(rows: list[dict]) -> list[dict]:
+    """The rows whose prompt is in the shipped guide's held-out split (never trained on): for evaluations."""
+    from ggro.guide import prompt_group, split_of
+    return [r for r in rows if split_of(prompt_group([{"role": "user", "content": r["prompt"]}])) == "test"]
+
+
+def select(name: str, limit: int | None = None, only_heldout: bool = False, prefill: str | None = None,
+           gsm8k_instruction: str | None = GSM8K_INSTRUCTION) -> list[dict]:
+    """A prompt set as `ggro prompts` writes it: the source's rows, the held-out ones if asked, `limit` of
+    them evenly spread, each with the assistant `prefill` if given."""
+    rows = load_rows(name, gsm8k_instruction)
+    rows = spread(heldout(rows) if only_heldout else rows, limit)
+    return [{**r, "prefill": prefill} for r in rows] if prefill else rows

