@@ -44,7 +44,8 @@ tr.accepted td {{ background: {ACCEPTED}; font-weight: bold; }}
 def _tokens(tokenizer, text: str) -> list[int] | None:
     if tokenizer is None or not text:
         return None
-    return tokenizer.encode(text, add_special_tokens=False)
+    from ggro.chat import text_ids
+    return text_ids(tokenizer, text)   # the response as text, the same ids the search read
 
 
 def _token_text(tokenizer, tok_id) -> str:
