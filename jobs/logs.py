@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -45,6 +46,11 @@ def setup_logging(args) -> None:
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False      # Ray's driver logging setup must not print each line twice
+    if level != "DEBUG":
+        # Quiet by default: transformers' and the hub's own bars ("Loading weights", shard writing) are not
+        # ggro's progress. Read when they are imported, which is after this (the CLI imports them lazily), and
+        # inherited by the Ray workers this process starts; a user's own setting wins.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def log_to_driver(args) -> bool:

@@ -158,3 +158,4 @@ def test_default_model_end_to_end(tmp_path):
     assert all(r and r.strip() for r in table.column("response").to_pylist())
     assert set(table.column("policy").to_pylist()) == {"default"}
     assert "2 out (2 ok, 0 error) / 2 in [OK]" in proc.stdout
+    assert "Loading weights" not in proc.stderr     # quiet by default: only ggro's own progress
