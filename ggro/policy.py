@@ -7,6 +7,9 @@ so a sequence decodes the same tokens whatever else shares its batch.
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
 from .kvcache import PrefixCache, eager_attention, left_pad_kv
@@ -67,9 +70,24 @@ class SegmentDecoder:
         self.tokenizer = tokenizer      # only requests with stop strings need it
         self.device = next(model.parameters()).device
         self.prefixes = PrefixCache(self._forward, self.device, max_cached, pad_id, ragged=not eager_attention(model))
+        self._cancelled: set[str] = set()
+        self._cancel_lock = threading.Lock()
+
+    def cancel(self, seq_ids) -> None:
+        """Drop these sequences from any decode in progress (thread-safe; checked once per step): their rows end
+        with stop "cancelled" and the tokens emitted so far. They stay cancelled until `release`."""
+        with self._cancel_lock:
+            self._cancelled.update(seq_ids)
 
     def release(self, seq_ids) -> None:
+        seq_ids = list(seq_ids)
+        with self._cancel_lock:
+            self._cancelled.difference_update(seq_ids)
         self.prefixes.release(seq_ids)
+
+    def _cancelled_now(self) -> frozenset[str]:
+        with self._cancel_lock:
+            return frozenset(self._cancelled)
 
     def _forward(self, ids, mask, pos, cache):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -111,6 +129,18 @@ class SegmentDecoder:
         rows = list(range(B))   # request index of each live batch row
         j = 0
         while rows:
+            gone = self._cancelled_now()
+            if gone and any(requests[b].seq_id in gone for b in rows):
+                for b in rows:
+                    if requests[b].seq_id in gone:
+                        results[b] = SegmentResult(emitted[b], "cancelled", math.nan, candidates[b], len(emitted[b]))
+                keep = [i for i, b in enumerate(rows) if requests[b].seq_id not in gone]
+                if not keep:
+                    break
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, next_pos, logits = mask[sel], next_pos[sel], logits[sel]
+                rows = [rows[i] for i in keep]
             # one host sync per step: entropies, greedy tokens and the top-k rows due at this offset together
             want = [i for i, b in enumerate(rows) if j == requests[b].insert_at and requests[b].top_k]
             k = min(max((requests[rows[i]].top_k for i in want), default=1), logits.shape[-1])
