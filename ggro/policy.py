@@ -58,8 +58,12 @@ def sample_tokens(logits: torch.Tensor, temperature: list[float], top_p: list[fl
 class SegmentDecoder:
     """Decodes one segment for each request of a batch (ALGORITHM.md "One segment")."""
 
-    def __init__(self, model, eos_ids: list[int], max_cached: int = 64, pad_id: int = 0, tokenizer=None):
+    def __init__(self, model, eos_ids: list[int], max_cached: int = 64, pad_id: int = 0, tokenizer=None,
+                 step=decode_step):
         self.model = model
+        # decode_step, or a compiled / captured form of it (torch.compile(decode_step, fullgraph=True)):
+        # eager by default, since compiling pays only where launches dominate (a GPU at small batch)
+        self.step = step
         self.eos = set(eos_ids)
         self.tokenizer = tokenizer      # only requests with stop strings need it
         self.device = next(model.parameters()).device
@@ -159,8 +163,8 @@ class SegmentDecoder:
             override = self._draw(requests, rows, gens, logits, j) if any(
                 requests[b].sampling is not None for b in rows) else no_override[:n]
             # the one host sync of the step: token, stop code, entropy (and the top-k ids when due) per row
-            packed_dev = decode_step(logits, jt, state.forced, state.insert_at, state.min_segment_tokens,
-                                     state.max_tokens, state.threshold, eos, override, k)
+            packed_dev = self.step(logits, jt, state.forced, state.insert_at, state.min_segment_tokens,
+                                    state.max_tokens, state.threshold, eos, override, k)
             packed = packed_dev.tolist()
             keep = []
             for i, b in enumerate(rows):

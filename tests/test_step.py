@@ -151,3 +151,25 @@ def test_step_replays_as_a_cuda_graph_like_eager():
         assert torch.equal(out[:, [TOKEN, CODE]], want[:, [TOKEN, CODE]])
         assert torch.equal(out[:, TOPK:], want[:, TOPK:])
         torch.testing.assert_close(out[:, ENT], want[:, ENT])
+
+
+def test_decoder_with_a_compiled_step_decodes_the_same(tiny_models):
+    """SegmentDecoder(step=...) runs the compiled step (rows leave mid-call, so the batch size varies:
+    dynamic shapes) and returns what the eager step returns: greedy, forced, entropy stops, top-k, sampling."""
+    from ggro import models
+    from ggro.policy import SegmentDecoder
+    from ggro.seam import Sampling, SegmentRequest
+
+    tok = models.load_tokenizer(tiny_models["policy"])
+    policy = models.load_model(tiny_models["policy"], "causal", "float64")
+    ids = [tok.encode(t, add_special_tokens=False) for t in ["how do you make water ?", "a", "I like people"]]
+    reqs = [SegmentRequest("g", ids[0], 6, top_k=3), SegmentRequest("f", ids[1], 5, forced=ids[0][0], insert_at=1),
+            SegmentRequest("e", ids[2], 8, entropy_threshold=0.0, min_segment_tokens=2, top_k=2),
+            SegmentRequest("s", ids[0], 4, sampling=Sampling(temperature=1.0, top_p=0.9, seed=3))]
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_step, fullgraph=True, dynamic=True, backend="aot_eager")
+    want = SegmentDecoder(policy, [tok.eos_token_id]).decode(reqs)
+    got = SegmentDecoder(policy, [tok.eos_token_id], step=compiled).decode(reqs)
+    assert [r.stop for r in want] == ["eos", "length", "entropy", "eos"]     # rows leave at offsets 1, 3 and 4
+    assert want[1].tokens[1] == ids[0][0]
+    assert got == want
