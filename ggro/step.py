@@ -38,14 +38,14 @@ class RowState:
     threshold: torch.Tensor       # float64; inf: no entropy stop
 
     @classmethod
-    def of(cls, requests, device) -> "RowState":
-        col = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=device)   # noqa: E731
+    def of(cls, requests, device) -> RowState:
+        col = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=device)
         return cls(col([-1 if r.forced is None else r.forced for r in requests]),
                    col([r.insert_at for r in requests]), col([r.min_segment_tokens for r in requests]),
                    col([r.max_tokens for r in requests]),
                    col([r.entropy_threshold for r in requests], torch.float64))
 
-    def select(self, sel: torch.Tensor) -> "RowState":
+    def select(self, sel: torch.Tensor) -> RowState:
         return RowState(self.forced[sel], self.insert_at[sel], self.min_segment_tokens[sel],
                         self.max_tokens[sel], self.threshold[sel])
 

@@ -12,7 +12,21 @@ import math
 import pytest
 import torch
 
-from ggro.step import CODE, EOS, ENT, ENTROPY, LENGTH, NONE, TOKEN, TOPK, decode_step, entropy
+from ggro import models
+from ggro.policy import SegmentDecoder
+from ggro.seam import Sampling, SegmentRequest
+from ggro.step import (
+    CODE,
+    ENT,
+    ENTROPY,
+    EOS,
+    LENGTH,
+    NONE,
+    TOKEN,
+    TOPK,
+    decode_step,
+    entropy,
+)
 
 V, EOS_IDS = 8, [7, 6]
 
@@ -43,7 +57,7 @@ def reference(logits, j, forced, insert_at, min_seg, max_tokens, thr, override, 
 
 def args(logits, j, forced, insert_at, min_seg, max_tokens, thr, override):
     """decode_step's positional tensors for these per-row lists."""
-    col = lambda xs: torch.tensor(xs, dtype=torch.long)   # noqa: E731
+    col = lambda xs: torch.tensor(xs, dtype=torch.long)
     return (logits, torch.tensor(j), col(forced), col(insert_at), col(min_seg), col(max_tokens),
             torch.tensor(thr, dtype=torch.float64), torch.tensor(EOS_IDS), col(override))
 
@@ -80,7 +94,7 @@ def case_args(j=2):
 
 def random_args(gen, B=16, j=3):
     logits = torch.randn(B, V, generator=gen) * torch.rand(B, 1, generator=gen) * 6
-    ri = lambda lo, hi: torch.randint(lo, hi, (B,), generator=gen).tolist()   # noqa: E731
+    ri = lambda lo, hi: torch.randint(lo, hi, (B,), generator=gen).tolist()
     h = entropy(logits).double()
     thr = (h + torch.where(torch.rand(B, generator=gen) < 0.5, -0.1, 0.1)).tolist()   # never at the boundary
     forced = [f if f >= 0 else -1 for f in ri(-V, V)]
@@ -130,7 +144,7 @@ def test_step_replays_as_a_cuda_graph_like_eager():
     """Capture once on static input buffers, then copy new rows in and replay: the CUDA-graph path of
     issue 21 (one launch per step). Warm-up runs on a side stream first, as torch.cuda.graphs requires."""
     gen = torch.Generator().manual_seed(2)
-    cuda = lambda a: tuple(t.cuda() for t in a)   # noqa: E731
+    cuda = lambda a: tuple(t.cuda() for t in a)
     batches = [cuda(random_args(gen, B=len(CASES), j=j)) for j in range(4)] + [cuda(case_args())]
     static = tuple(t.clone() for t in batches[0])
     side = torch.cuda.Stream()
@@ -156,10 +170,6 @@ def test_step_replays_as_a_cuda_graph_like_eager():
 def test_decoder_with_a_compiled_step_decodes_the_same(tiny_models):
     """SegmentDecoder(step=...) runs the compiled step (rows leave mid-call, so the batch size varies:
     dynamic shapes) and returns what the eager step returns: greedy, forced, entropy stops, top-k, sampling."""
-    from ggro import models
-    from ggro.policy import SegmentDecoder
-    from ggro.seam import Sampling, SegmentRequest
-
     tok = models.load_tokenizer(tiny_models["policy"])
     policy = models.load_model(tiny_models["policy"], "causal", "float64")
     ids = [tok.encode(t, add_special_tokens=False) for t in ["how do you make water ?", "a", "I like people"]]
