@@ -18,7 +18,10 @@ token ids (--prompt-tokens each) get --new-tokens tokens from every method, b ro
 
 Random weights give near-uniform next-token distributions (entropy ~ ln(vocab), far above tau), so
 every GGRO segment ends at min_segment_tokens: the most segments and reward calls per token, a
-pessimistic case for GGRO's cost. The models have no EOS, so every response has --new-tokens tokens.
+pessimistic case for GGRO's cost. So every method runs on two policies (--variants): `random`, and
+`peaked`, the same weights with the final norm's gain scaled so that logits scale by one factor s, found
+by bisection so that a fraction --uncertain (0.2) of greedy positions has entropy >= tau, as on
+the embedded model (segments of ~5 tokens); the rows' `seg_len` column is what GGRO then decoded. The models have no EOS, so every response has --new-tokens tokens.
 Each (method, batch) runs --repeats times after a short warm-up; the table has the median wall. Also checks that fp32 tokens are identical on
 the CPU and on --device for a tiny model (decoder and GGRO), prints a Markdown table and the targets
 of docs/gpu.md, and writes --json / --csv.
@@ -69,23 +72,44 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> list[list[i
     return [row[ids.shape[1]:].tolist() for row in out]
 
 
+def peak(policy, prompts: list[list[int]], new_tokens: int, tau: float, uncertain: float) -> float:
+    """Scale `policy`'s logits (its final norm's gain, so tied embeddings stay as they are) by the factor s at
+    which a fraction `uncertain` of its greedy continuations' positions has next-token entropy >= tau; returns
+    s. Scaling changes no argmax, so the greedy continuation is the same at every s, and entropy falls
+    monotonically as logits scale up, so bisection (in log s) finds it."""
+    from ggro.policy import entropy
+    dev = next(policy.parameters()).device
+    gen = hf_generate(policy, prompts, new_tokens)
+    with torch.no_grad():
+        full = torch.tensor([p + g for p, g in zip(prompts, gen)], device=dev)
+        z = policy(input_ids=full).logits[:, len(prompts[0]) - 1:-1].float().flatten(0, 1)
+        frac = lambda s: float((entropy(z * s) >= tau).float().mean())
+        lo, hi = 1e-3, 1e3
+        for _ in range(40):
+            mid = (lo * hi) ** 0.5
+            lo, hi = (mid, hi) if frac(mid) > uncertain else (lo, mid)
+        s = (lo * hi) ** 0.5
+        policy.model.norm.weight.mul_(s)
+    return s
+
+
 def one(method: str, policy, dec: SegmentDecoder, rm: RewardModel, prompts, cfg: GGROConfig, tag: str):
-    """Run `method` on all prompts as one batch: (response tokens per prompt, policy tokens, RM calls).
-    `tag` makes sequence ids unique, so no run finds another's prefix caches."""
+    """Run `method` on all prompts as one batch: (response tokens per prompt, policy tokens, RM calls,
+    segments). `tag` makes sequence ids unique, so no run finds another's prefix caches."""
     if method == "hf-generate":
         toks = hf_generate(policy, prompts, cfg.max_new_tokens)
-        return toks, sum(map(len, toks)), 0
+        return toks, sum(map(len, toks)), 0, 0
     if method == "decoder":
         reqs = [SegmentRequest(f"{tag}-{i}", p, cfg.max_new_tokens) for i, p in enumerate(prompts)]
         out = dec.decode(reqs)
         dec.release([r.seq_id for r in reqs])
-        return [r.tokens for r in out], sum(r.decoded for r in out), 0
+        return [r.tokens for r in out], sum(r.decoded for r in out), 0, 0
     search = dataclasses.replace(cfg, **SEARCH[method])
     res = {r.id: r for r in run([Prompt(f"{tag}-{i}", p) for i, p in enumerate(prompts)], dec, rm, search,
                                 len(prompts))}
     ordered = [res[f"{tag}-{i}"] for i in range(len(prompts))]
     return ([r.tokens for r in ordered], sum(r.policy_tokens for r in ordered),
-            sum(r.reward_calls for r in ordered))
+            sum(r.reward_calls for r in ordered), sum(r.num_segments for r in ordered))
 
 
 def measure(method, models, prompts, cfg, device, tag, repeats: int) -> tuple[dict, list[list[int]]]:
@@ -96,13 +120,14 @@ def measure(method, models, prompts, cfg, device, tag, repeats: int) -> tuple[di
         reset_peak(device)
         sync(device)
         t0 = time.perf_counter()
-        toks, policy_tokens, rm_calls = one(method, *models, prompts, cfg, f"{tag}-r{k}")
+        toks, policy_tokens, rm_calls, segments = one(method, *models, prompts, cfg, f"{tag}-r{k}")
         sync(device)
         walls.append(time.perf_counter() - t0)
     wall = sorted(walls)[len(walls) // 2]
     n = sum(map(len, toks))
     return {"batch": len(prompts), "method": method, "wall_s": wall, "tokens": n, "tok_s": n / wall,
             "prompts_s": len(prompts) / wall, "policy_tok_s": policy_tokens / wall, "rm_calls": rm_calls,
+            "seg_len": n / segments if segments else None,
             "peak_gib": peak_gib(device), "walls": [round(w, 3) for w in walls]}, toks
 
 
@@ -120,6 +145,7 @@ def fp32_check(device: str, cfg: GGROConfig) -> dict:
             policy, cls = (copy.deepcopy(m).to(dev) for m in base)    # the same weights on both devices
             models = (policy, SegmentDecoder(policy, eos_ids=[]), RewardModel(cls, None, "classifier"))
             got[dev] = {m: one(m, *models, prompts, check, f"check-{m}")[0] for m in ("decoder", "ggro")}
+            del models, policy, cls
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return {m: f"{sum(a == b for a, b in zip(got['cpu'][m], got[device][m]))}/{len(prompts)}"
@@ -127,8 +153,10 @@ def fp32_check(device: str, cfg: GGROConfig) -> dict:
 
 
 def targets(rows: list[dict], cpu_ratio: float) -> list[dict]:
-    """docs/gpu.md's targets, read off the rows of the smallest and the largest batch (those measured)."""
-    by = {(r["batch"], r["method"]): r for r in rows}
+    """docs/gpu.md's targets, read off the rows of the smallest and the largest batch (those measured): the
+    decoder's and GGRO's on the random model, GGRO's and lookahead's against greedy on the peaked one."""
+    peaked = {(r["batch"], r["method"]): r for r in rows if r["model"] == "peaked"}
+    by = {(r["batch"], r["method"]): r for r in rows if r["model"] == "random"}
     lo, hi = min(r["batch"] for r in rows), max(r["batch"] for r in rows)
     out = []
     for b, word, goal in ((lo, "within 2x of", 0.5), (hi, "faster than", 1.0)):
@@ -140,6 +168,12 @@ def targets(rows: list[dict], cpu_ratio: float) -> list[dict]:
         ratio = by[hi, "ggro"]["wall_s"] / by[hi, "greedy"]["wall_s"]
         out.append({"target": f"GGRO/greedy wall ratio at batch {hi} <= the CPU's {cpu_ratio:g}x",
                     "value": f"{ratio:.1f}x", "met": ratio <= cpu_ratio})
+    hi = max((r["batch"] for r in rows if r["model"] == "peaked"), default=None)
+    for m, goal in (("ggro", 4.0), ("lookahead", 2.0)):
+        if (hi, m) in peaked and (hi, "greedy") in peaked:
+            ratio = peaked[hi, m]["wall_s"] / peaked[hi, "greedy"]["wall_s"]
+            out.append({"target": f"peaked model: {m}/greedy wall at batch {hi} <= {goal:g}x", "value": f"{ratio:.1f}x",
+                        "met": ratio <= goal})
     return out
 
 
@@ -158,6 +192,29 @@ def profile(method, models, prompts, cfg, tag, rows: int = 12) -> str:
     return (f"## profile {method} batch {len(prompts)}: wall {wall:.3f} s (profiled), device busy {busy:.3f} s\n"
             + (ev.table(sort_by="self_device_time_total", row_limit=rows) if busy else "")
             + ev.table(sort_by="cpu_time_total", row_limit=rows))
+
+
+def run_sizes(variant: str, models, sizes, methods, cfg, a, vocab) -> list[dict]:
+    """Every method at every batch size on one policy: one row each."""
+    rows = []
+    for b in sizes:
+        prompts = random_prompts(b, a.prompt_tokens, vocab, seed=b)
+        for m in methods:       # warm-up: kernels, allocator and cuBLAS handles for this batch's shapes
+            one(m, *models, prompts, dataclasses.replace(cfg, max_new_tokens=4), f"warm-{variant}-{m}-{b}")
+        here, got = {}, {}
+        for m in methods:
+            here[m], got[m] = measure(m, models, prompts, cfg, a.device, f"{variant}-{m}-{b}", a.repeats)
+            here[m]["model"] = variant
+            print(f"# {variant} batch {b} {m}: {here[m]['walls']} s", file=sys.stderr)
+            if a.profile:
+                print(profile(m, models, prompts, cfg, f"prof-{variant}-{m}-{b}"), file=sys.stderr)
+        for row in here.values():
+            row["x_greedy_wall"] = row["wall_s"] / here["greedy"]["wall_s"] if "greedy" in here else None
+        if "decoder" in here and "hf-generate" in here:
+            same = sum(x == y for x, y in zip(got["decoder"], got["hf-generate"]))
+            here["decoder"]["same_tokens_as_hf"] = f"{same}/{b}"
+        rows += here.values()
+    return rows
 
 
 def fmt(v) -> str:
@@ -180,6 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--refinements", type=int, default=4, help="GGRO's S [%(default)s]")
     p.add_argument("--entropy-threshold", type=float, default=1.5)
     p.add_argument("--methods", default=",".join(METHODS), help="a comma list of [%(default)s]")
+    p.add_argument("--variants", default="random,peaked", help="policies: random weights, and/or peaked "
+                   "(logits scaled to the embedded model's uncertainty, see above) [%(default)s]")
+    p.add_argument("--uncertain", type=float, default=0.2,
+                   help="peaked: the fraction of positions with entropy >= tau [%(default)s]")
     p.add_argument("--profile", action="store_true", help="profile one more run of each (to stderr)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per (method, batch); the median [%(default)s]")
     p.add_argument("--cpu-ratio", type=float, default=CPU_RATIO, help="GGRO/greedy wall ratio measured on the CPU")
@@ -205,38 +266,33 @@ def main(argv=None) -> int:
     check = fp32_check(a.device, cfg)
     print(f"# fp32 tiny model, identical tokens cpu vs {a.device}: {check}", file=sys.stderr)
 
+    variants = a.variants.split(",")
+    if set(variants) - {"random", "peaked"}:
+        print(f"--variants: random and/or peaked, not {a.variants}", file=sys.stderr)
+        return 2
     policy = build(preset, "causal", a.device, dtype)
     rm = RewardModel(build(preset, "classifier", a.device, dtype), None, "classifier")
-    dec = SegmentDecoder(policy, eos_ids=[], max_cached=4 * max(sizes))
-    models = (policy, dec, rm)
     n_params = sum(t.numel() for t in policy.parameters())
     setting = {"preset": preset, "params": n_params, "dtype": dtype, "device": device_name,
                "torch": torch.__version__, "transformers": transformers.__version__,
                "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "refinements": a.refinements,
-               "entropy_threshold": a.entropy_threshold, "top_k": cfg.top_k, "repeats": a.repeats}
+               "entropy_threshold": a.entropy_threshold, "top_k": cfg.top_k, "repeats": a.repeats,
+               "uncertain": a.uncertain}
     print(f"# {preset} ({n_params / 1e9:.2f}B params, random weights), {dtype} on {device_name}; prompt "
           f"{a.prompt_tokens} tokens, {a.new_tokens} new tokens, GGRO S={a.refinements}", file=sys.stderr)
     vocab = PRESETS[preset]["vocab_size"]
     rows = []
-    for b in sizes:
-        prompts = random_prompts(b, a.prompt_tokens, vocab, seed=b)
-        for m in methods:       # warm-up: kernels, allocator and cuBLAS handles for this batch's shapes
-            one(m, *models, prompts, dataclasses.replace(cfg, max_new_tokens=4), f"warm-{m}-{b}")
-        here, got = {}, {}
-        for m in methods:
-            here[m], got[m] = measure(m, models, prompts, cfg, a.device, f"{m}-{b}", a.repeats)
-            print(f"# batch {b} {m}: {here[m]['walls']} s", file=sys.stderr)
-            if a.profile:
-                print(profile(m, models, prompts, cfg, f"prof-{m}-{b}"), file=sys.stderr)
-        for row in here.values():
-            row["x_greedy_wall"] = row["wall_s"] / here["greedy"]["wall_s"] if "greedy" in here else None
-        if "decoder" in here and "hf-generate" in here:
-            same = sum(x == y for x, y in zip(got["decoder"], got["hf-generate"]))
-            here["decoder"]["same_tokens_as_hf"] = f"{same}/{b}"
-        rows += here.values()
+    for variant in variants:    # random first: peak() scales the one policy in place
+        if variant == "peaked":
+            s = peak(policy, random_prompts(8, a.prompt_tokens, vocab, seed=99), a.new_tokens, a.entropy_threshold,
+                     a.uncertain)
+            setting["peak_scale"] = s
+            print(f"# peaked: logits x{s:.3g}", file=sys.stderr)
+        models = (policy, SegmentDecoder(policy, eos_ids=[], max_cached=4 * max(sizes)), rm)
+        rows += run_sizes(variant, models, sizes, methods, cfg, a, vocab)
 
-    cols = ["batch", "method", "wall_s", "tok_s", "prompts_s", "policy_tok_s", "rm_calls", "peak_gib",
-            "x_greedy_wall", "same_tokens_as_hf"]
+    cols = ["model", "batch", "method", "wall_s", "tok_s", "prompts_s", "policy_tok_s", "rm_calls", "peak_gib",
+            "x_greedy_wall", "seg_len", "same_tokens_as_hf"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")

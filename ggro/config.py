@@ -123,6 +123,8 @@ class ModelConfig:
     device: str = "cpu"              # or "auto": cuda where there is a GPU, else cpu
     batch_size: int = 8
     cohorts: int = 1                 # GGRO in-process: threads whose policy and RM calls overlap (same outputs)
+    fill: int | None = None          # GGRO fills a decode call to batch_size x fill rows (decode_rows); None: 1,
+                                     # except in one CPU process (--local, bench), where it is LOCAL_FILL
     revision: str | None = None      # hub ids: the policy's branch, tag or commit
     reward_revision: str | None = None
     trust_remote_code: bool = False  # run modelling code shipped with a model (off, as in transformers)
@@ -140,6 +142,23 @@ class ModelConfig:
             raise ConfigError(f"dtype must be one of {DTYPE_NAMES + ('auto',)}, got {self.dtype!r}")
         if not 1 <= self.cohorts <= self.batch_size:
             raise ConfigError("cohorts must be between 1 and batch_size")
+        if self.fill is not None and self.fill < 1:
+            raise ConfigError("fill must be >= 1")
+
+    def decode_rows(self, gcfg: GGROConfig) -> int:
+        """The most rows one decode call carries. Best-of-n and greedy: batch_size prompts' samples. GGRO admits
+        more prompts so a call is as full as best-of-`fill`'s at the same batch size: a faithful round decodes
+        one segment per prompt, and a CPU decode step costs about the same for 8 rows as for 64 (it reads every
+        weight once either way), so ~78 short rounds over 8 prompts were the serial modes' whole cost. On a
+        cluster the default stays 1: the reward actors' backward memory grows with the rows (the planner counts
+        an explicit fill)."""
+        if gcfg.method != "ggro":
+            return self.batch_size * gcfg.rows_per_prompt
+        return self.batch_size * max(self.fill or 1, gcfg.rows_per_prompt)
+
+    def prompts_per_call(self, gcfg: GGROConfig) -> int:
+        """Prompts in flight in one search (its `batch_size`): decode_rows over each prompt's rows."""
+        return max(self.batch_size, self.decode_rows(gcfg) // gcfg.rows_per_prompt)
 
     def resolved(self, cuda: bool, bf16: bool = True) -> ModelConfig:
         """`auto` dtype and device made concrete (see `resolve_auto`). Outputs and their config hash depend on
@@ -163,9 +182,11 @@ class ModelConfig:
         return self.reward_model == self.policy and (self.reward_kind == "judge" or self.policy == "default")
 
 
+LOCAL_FILL = 8   # one CPU process (--local, bench): GGRO calls as full as best-of-8's at the same batch size
+
 # Outputs do not depend on how rows were batched (the engine is tested batch-invariant), so a run may
 # be resumed with another batch size.
-NOT_HASHED = ("batch_size", "cohorts")
+NOT_HASHED = ("batch_size", "cohorts", "fill")
 
 
 def check_tp_dtype(tp: int, dtype: str) -> None:

@@ -1,11 +1,11 @@
 """Rows in, output records out: prompt encoding + the search, over any Policy and Reward."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from . import guide, models
-from .config import ConfigError, GGROConfig, ModelConfig, config_hash
+from .config import LOCAL_FILL, ConfigError, GGROConfig, ModelConfig, config_hash
 from .policy import SegmentDecoder
 from .retokenize import Retokenized, vocab_refusal
 from .reward import RewardModel
@@ -28,13 +28,15 @@ class Engine:
         """Load both models in this process (the judge shares the policy's weights when it is the same model).
         `gradient`: the methods to run need the reward model's gradient (GGRO), hence one shared vocabulary."""
         mcfg = models.here(mcfg)       # `auto` dtype/device made concrete: the config hash names what ran
+        if mcfg.fill is None:          # one CPU process: fill GGRO's decode calls (ModelConfig.decode_rows)
+            mcfg = replace(mcfg, fill=LOCAL_FILL if mcfg.device == "cpu" else 1)
         tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
         policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device,
                                          **mcfg.source(mcfg.policy))
-        policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model), max_cached=4 * mcfg.batch_size,
+        policy = SegmentDecoder(policy_model, models.eos_ids(tok, policy_model), max_cached=cached(mcfg),
                                 tokenizer=tok)
-        return cls(tok, policy, load_reward(mcfg, tok, policy_model, gradient), context_window(policy_model.config),
-                   mcfg)
+        return cls(tok, policy, load_reward(mcfg, tok, policy_model, gradient, prefixes=policy.prefixes),
+                   context_window(policy_model.config), mcfg)
 
     def provenance(self, gcfg: GGROConfig) -> dict:
         return {"policy": self.mcfg.policy, "reward_model": self.mcfg.reward_model,
@@ -59,10 +61,17 @@ class Engine:
                 except ValueError as e:
                     row.error = str(e)
             yield output_record(row, None, self.tokenizer, prov, gcfg.method)
-        for res in run(prompts, self.policy, self.reward, gcfg, self.mcfg.batch_size, self.mcfg.cohorts):
+        in_flight = self.mcfg.prompts_per_call(gcfg)
+        for res in run(prompts, self.policy, self.reward, gcfg, in_flight, min(self.mcfg.cohorts, in_flight)):
             if isinstance(self.reward, Retokenized):
                 self.reward.forget(res.id)
             yield output_record(by_id[res.id], res, self.tokenizer, prov, gcfg.method)
+
+
+def cached(mcfg: ModelConfig) -> int:
+    """Prefix-cache entries per model: twice the prompts a GGRO search keeps in flight (one entry each), so
+    the least-recently-used one evicted is never in use."""
+    return max(4, 2 * (mcfg.fill or 1)) * mcfg.batch_size
 
 
 def reward_vocab(mcfg: ModelConfig, policy_tok) -> tuple[object, str | None]:
@@ -93,23 +102,26 @@ def reward_in_policy_ids(inner: Reward, mcfg: ModelConfig, policy_tok, reward_to
 
 
 def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool = True,
-                policy_ids: bool = True) -> Reward:
+                policy_ids: bool = True, prefixes=None) -> Reward:
     """The reward model; on the policy's weights when the config says they are shared and they are at hand.
 
     With another vocabulary than the policy's it serves the methods that need no `gradient` (greedy,
     best-of-n); GGRO gets a ModelLoadError. `policy_ids` False: the plain model, queried in its own ids (Ray
-    workers, whose callers translate)."""
+    workers, whose callers translate). `prefixes`: the policy decoder's prefix cache, shared when the
+    reward model runs on the policy's weights (RewardModel)."""
     tok, problem = reward_vocab(mcfg, policy_tok)
     check_vocab(problem, gradient and policy_ids)
     spec = mcfg.reward_model
-    if not (mcfg.shares_policy_weights and policy_model is not None):
+    shared = mcfg.shares_policy_weights and policy_model is not None
+    if not shared:
         model = models.load_model(spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype,
                                   mcfg.device, **mcfg.source(spec))
     elif mcfg.reward_kind == "judge":
         model = policy_model
     else:
         model = guide.shipped_guide(policy_model)
-    rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model))
+    rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model),
+                     max_cached=max(64, cached(mcfg)), prefixes=prefixes if shared else None)
     return reward_in_policy_ids(rm, mcfg, policy_tok, tok, problem) if policy_ids else rm
 
 

@@ -7,6 +7,7 @@ wrong result.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -118,19 +119,29 @@ def eager_attention(model) -> bool:
 
 class PrefixCache:
     """Per-sequence KV caches of prefixes, extended in batched forward calls. With `ragged` False (eager
-    attention) a call only batches rows of one new length, so no padding is ever a query row."""
+    attention) a call only batches rows of one new length, so no padding is ever a query row.
+
+    One cache may serve two callers on one backbone (the policy and a reward model on its weights: the same
+    module over the same ids gives the same keys and values), from two threads (cohorts): calls take a lock,
+    and an entry is never changed once returned (extending one makes a new Prefix)."""
 
     def __init__(self, forward: Forward, device, max_entries: int = 64, pad_id: int = 0, ragged: bool = True):
         self.forward, self.device, self.max_entries, self.pad_id = forward, device, max_entries, pad_id
         self.ragged = ragged
         self._entries: OrderedDict[str, Prefix] = OrderedDict()
+        self._lock = threading.Lock()
 
     def release(self, keys) -> None:
-        for k in keys:
-            self._entries.pop(k, None)
+        with self._lock:
+            for k in keys:
+                self._entries.pop(k, None)
 
     def get(self, keyed: list[tuple[str, list[int]]]) -> list[Prefix]:
         """The cached prefix of each (key, ids), extending or (re)building caches in one batched call."""
+        with self._lock:
+            return self._get(keyed)
+
+    def _get(self, keyed: list[tuple[str, list[int]]]) -> list[Prefix]:
         todo: dict[str, tuple[Prefix | None, list[int]]] = {}
         for key, ids in keyed:
             if key in todo:

@@ -7,17 +7,14 @@ so a sequence decodes the same tokens whatever else shares its batch.
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
 from .kvcache import PrefixCache, eager_attention, left_pad_kv
 from .seam import SegmentRequest, SegmentResult
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H(softmax(logits)) in nats over the last dim, in fp32 or better."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+from .step import CODE, ENT, STOP_NAMES, TOKEN, TOPK, RowState, decode_step, entropy  # noqa: F401 (entropy: re-exported)
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator,
@@ -61,15 +58,34 @@ def sample_tokens(logits: torch.Tensor, temperature: list[float], top_p: list[fl
 class SegmentDecoder:
     """Decodes one segment for each request of a batch (ALGORITHM.md "One segment")."""
 
-    def __init__(self, model, eos_ids: list[int], max_cached: int = 64, pad_id: int = 0, tokenizer=None):
+    def __init__(self, model, eos_ids: list[int], max_cached: int = 64, pad_id: int = 0, tokenizer=None,
+                 step=decode_step):
         self.model = model
+        # decode_step, or a compiled / captured form of it (torch.compile(decode_step, fullgraph=True)):
+        # eager by default, since compiling pays only where launches dominate (a GPU at small batch)
+        self.step = step
         self.eos = set(eos_ids)
         self.tokenizer = tokenizer      # only requests with stop strings need it
         self.device = next(model.parameters()).device
         self.prefixes = PrefixCache(self._forward, self.device, max_cached, pad_id, ragged=not eager_attention(model))
+        self._cancelled: set[str] = set()
+        self._cancel_lock = threading.Lock()
+
+    def cancel(self, seq_ids) -> None:
+        """Drop these sequences from any decode in progress (thread-safe; checked once per step): their rows end
+        with stop "cancelled" and the tokens emitted so far. They stay cancelled until `release`."""
+        with self._cancel_lock:
+            self._cancelled.update(seq_ids)
 
     def release(self, seq_ids) -> None:
+        seq_ids = list(seq_ids)
+        with self._cancel_lock:
+            self._cancelled.difference_update(seq_ids)
         self.prefixes.release(seq_ids)
+
+    def _cancelled_now(self) -> frozenset[str]:
+        with self._cancel_lock:
+            return frozenset(self._cancelled)
 
     def _forward(self, ids, mask, pos, cache):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -88,6 +104,20 @@ class SegmentDecoder:
         now, before = self.tokenizer.decode(tail), self.tokenizer.decode(tail[:-1])
         return any(s in now and s not in before for s in r.stop)
 
+    @staticmethod
+    def _draw(requests, rows, gens, logits, j) -> torch.Tensor:
+        """The seeded sample of each sampling row at offset j as a [len(rows)] tensor on the logits' device,
+        -1 for the rest. A row whose forced token is due draws nothing, so its generator does not advance."""
+        draw = [i for i, b in enumerate(rows) if requests[b].sampling is not None
+                and not (requests[b].forced is not None and j == requests[b].insert_at)]
+        toks = [-1] * len(rows)
+        if draw:
+            drawn = sample_tokens(logits[draw], [requests[rows[i]].sampling.temperature for i in draw],
+                                  [requests[rows[i]].sampling.top_p for i in draw], [gens[rows[i]] for i in draw])
+            for i, t in zip(draw, drawn):
+                toks[i] = t
+        return torch.tensor(toks, dtype=torch.long, device=logits.device)
+
     # -- decoding -------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, requests: list[SegmentRequest]) -> list[SegmentResult]:
@@ -104,6 +134,10 @@ class SegmentDecoder:
         next_pos = torch.tensor([len(p.ids) for p in prefixes], device=dev)
         logits = torch.stack([p.last for p in prefixes])
         gens = [torch.Generator().manual_seed(r.sampling.seed) if r.sampling else None for r in requests]
+        state = RowState.of(requests, dev)
+        eos = torch.tensor(sorted(self.eos), dtype=torch.long, device=dev)
+        no_override = torch.full((B,), -1, dtype=torch.long, device=dev)
+        jt = torch.zeros((), dtype=torch.long, device=dev)     # j on the device, so the step reads no host int
 
         emitted: list[list[int]] = [[] for _ in range(B)]
         results: list[SegmentResult | None] = [None] * B
@@ -111,59 +145,55 @@ class SegmentDecoder:
         rows = list(range(B))   # request index of each live batch row
         j = 0
         while rows:
-            # one host sync per step: entropies, greedy tokens and the top-k rows due at this offset together
-            want = [i for i, b in enumerate(rows) if j == requests[b].insert_at and requests[b].top_k]
-            k = min(max((requests[rows[i]].top_k for i in want), default=1), logits.shape[-1])
-            stats = [entropy(logits).double(), logits.argmax(-1).double()]
-            if want:
-                stats.append(logits[want].topk(k).indices.flatten().double())
-            flat, n = torch.cat(stats).tolist(), len(rows)
-            ent, greedy, top = flat[:n], [int(t) for t in flat[n:2 * n]], flat[2 * n:]
-            for w, i in enumerate(want):
-                candidates[rows[i]] = [int(t) for t in top[w * k:w * k + min(requests[rows[i]].top_k, k)]]
-            # sampled rows draw together (a forced token draws nothing, so the generator does not advance)
-            draw = [i for i, b in enumerate(rows) if requests[b].sampling is not None
-                    and not (requests[b].forced is not None and j == requests[b].insert_at)]
-            drawn = dict(zip(draw, sample_tokens(
-                logits[draw], [requests[rows[i]].sampling.temperature for i in draw],
-                [requests[rows[i]].sampling.top_p for i in draw], [gens[rows[i]] for i in draw]))) if draw else {}
-            keep, feed = [], []
-            for i, b in enumerate(rows):
-                r = requests[b]
-                if r.forced is not None and j == r.insert_at:
-                    tok = r.forced
-                elif i in drawn:
-                    tok = drawn[i]
-                else:
-                    tok = greedy[i]
-                emitted[b].append(tok)
-                stop = None
-                if tok in self.eos:
-                    stop = "eos"
-                elif r.stop and self._stopped(r, emitted[b]):
-                    stop = "stop"
-                elif j + 1 >= r.max_tokens:
-                    stop = "length"
-                elif j + 1 >= r.min_segment_tokens and ent[i] >= r.entropy_threshold:
-                    stop = "entropy"
-                if stop is None:
-                    keep.append(i)
-                    feed.append(tok)
-                    continue
-                toks = emitted[b][:-1] if stop == "entropy" else emitted[b]
-                results[b] = SegmentResult(toks, stop, ent[i], candidates[b], len(emitted[b]))
-            if not keep:
-                break
-            if len(keep) < len(rows):
+            gone = self._cancelled_now()
+            if gone and any(requests[b].seq_id in gone for b in rows):
+                for b in rows:
+                    if requests[b].seq_id in gone:
+                        results[b] = SegmentResult(emitted[b], "cancelled", math.nan, candidates[b], len(emitted[b]))
+                keep = [i for i, b in enumerate(rows) if requests[b].seq_id not in gone]
+                if not keep:
+                    break
                 sel = torch.tensor(keep, device=dev)
                 cache.batch_select_indices(sel)
-                mask, next_pos = mask[sel], next_pos[sel]
+                mask, next_pos, logits, state = mask[sel], next_pos[sel], logits[sel], state.select(sel)
+                rows = [rows[i] for i in keep]
+            n = len(rows)
+            want = {i for i, b in enumerate(rows) if j == requests[b].insert_at and requests[b].top_k}
+            k = min(max(requests[rows[i]].top_k for i in want), logits.shape[-1]) if want else 0
+            override = self._draw(requests, rows, gens, logits, j) if any(
+                requests[b].sampling is not None for b in rows) else no_override[:n]
+            # the one host sync of the step: token, stop code, entropy (and the top-k ids when due) per row
+            packed_dev = self.step(logits, jt, state.forced, state.insert_at, state.min_segment_tokens,
+                                    state.max_tokens, state.threshold, eos, override, k)
+            packed = packed_dev.tolist()
+            keep = []
+            for i, b in enumerate(rows):
+                r, row = requests[b], packed[i]
+                if i in want:
+                    candidates[b] = [int(t) for t in row[TOPK:TOPK + min(r.top_k, k)]]
+                emitted[b].append(int(row[TOKEN]))
+                stop = STOP_NAMES.get(int(row[CODE]))
+                if stop != "eos" and r.stop and self._stopped(r, emitted[b]):
+                    stop = "stop"       # a stop string outranks the length and entropy stops
+                if stop is None:
+                    keep.append(i)
+                    continue
+                toks = emitted[b][:-1] if stop == "entropy" else emitted[b]
+                results[b] = SegmentResult(toks, stop, row[ENT], candidates[b], len(emitted[b]))
+            if not keep:
+                break
+            feed = packed_dev[:, TOKEN].long()
+            if len(keep) < n:
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, next_pos, feed, state = mask[sel], next_pos[sel], feed[sel], state.select(sel)
                 rows = [rows[i] for i in keep]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            out = self.model(input_ids=torch.tensor(feed, device=dev)[:, None], attention_mask=mask,
+            out = self.model(input_ids=feed[:, None], attention_mask=mask,
                              position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
+            jt = jt + 1
             j += 1
         return results

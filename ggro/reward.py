@@ -37,13 +37,17 @@ class RewardModel:
     """kind 'classifier': a num_labels == 1 sequence classifier, scored at the last real token.
     kind 'judge': a chat LM asked `rubric` about the response; reward = logit(Yes) - logit(No)."""
 
-    def __init__(self, model, tokenizer, kind: str, rubric: str | None = None, eos_ids=(), max_cached: int = 64):
+    def __init__(self, model, tokenizer, kind: str, rubric: str | None = None, eos_ids=(), max_cached: int = 64,
+                 prefixes: PrefixCache | None = None):
+        """`prefixes`: the policy decoder's cache when this model runs on the policy's backbone (the shipped guide,
+        a judge on the policy's weights): the search asks for x + y from the policy first, so the RM finds it
+        cached instead of running the backbone over it again."""
         self.model, self.kind = model, kind
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.base = getattr(model, model.base_model_prefix)
         self.ragged = not eager_attention(model)
-        self.prefixes = PrefixCache(self._prefill, self.device, max_cached, ragged=self.ragged)
+        self.prefixes = prefixes or PrefixCache(self._prefill, self.device, max_cached, ragged=self.ragged)
         self.suffix, self.eos = [], set(eos_ids)
         self.head = getattr(model, "score", None) if kind == "classifier" else None   # Llama, Qwen, Mistral, Gemma...
         if kind == "judge":

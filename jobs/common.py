@@ -41,6 +41,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--batch-size", type=int, help="prompts advanced together per round [8]")
     m.add_argument("--cohorts", type=int, help="--local GGRO: split the batch into this many threads whose policy "
                    "and reward calls overlap (same outputs; each gets cores / cohorts torch threads) [1]")
+    m.add_argument("--fill", type=int, help="GGRO admits prompts until a decode call carries batch-size x fill rows "
+                   "(best-of-fill's at the same batch size; 1: batch-size prompts). Same outputs, fewer rounds "
+                   "[8 on a CPU in one process (--local, bench), else 1: on a GPU it multiplies the reward's backward memory]")
     s = p.add_argument_group("search")
     s.add_argument("--method", choices=METHODS, help="[ggro]")
     plain = (("max_new_tokens", int, ""), ("num_refinements", int, "S, refinements per segment"),

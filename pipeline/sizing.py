@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ggro.config import DEFAULT_NAME, ConfigError, GGROConfig, ModelConfig, cache_dir
@@ -258,7 +258,7 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res, gcfg: GGROConfig, mcfg: ModelCo
     bs = batch_size or mcfg.batch_size
     on_gpu = res.policy_gpus_per_replica > 0
     seq = prompt_tokens + gcfg.max_new_tokens
-    rows = bs * gcfg.rows_per_prompt             # best-of-n samples and parallel nudges decode side by side
+    rows = replace(mcfg, batch_size=bs).decode_rows(gcfg)   # samples, nudges and GGRO's filled calls side by side
     kv_seqs = bs * res.cached_batches + rows    # the rank's bounded prefix cache + the live (padded) decode batch
     weights = pol.params * db
     kv_per_token = 2 * (pol.layers or 0) * (pol.kv_heads or 0) * (pol.head_dim or 0) * db    # K and V

@@ -197,3 +197,20 @@ def test_a_required_flag_may_come_from_the_yaml(tmp_path, capsys):
     with pytest.raises(SystemExit):   # a parser without --config keeps argparse's own check
         build_parser().parse_args(["prompts", "--output", "x.jsonl"])
     assert "the following arguments are required: --from" in capsys.readouterr().err
+
+
+def test_fill_admits_prompts_until_a_decode_call_is_as_full_as_best_of_n():
+    """GGRO's prompts in flight per search: batch_size x fill rows over each prompt's rows per call; the baselines
+    keep batch_size prompts. fill does not change outputs, so it is not in the config hash."""
+    from ggro.config import config_hash
+    m = ModelConfig(batch_size=8, fill=8)
+    g = GGROConfig()
+    assert m.prompts_per_call(g) == 64 and m.decode_rows(g) == 64
+    assert m.prompts_per_call(dataclasses.replace(g, search_mode="lookahead", num_refinements=8)) == 8
+    assert m.prompts_per_call(dataclasses.replace(g, search_mode="lookahead", num_refinements=4)) == 16
+    assert m.prompts_per_call(dataclasses.replace(g, search_mode="parallel", num_refinements=4)) == 21
+    assert m.prompts_per_call(dataclasses.replace(g, method="best-of-n", n=8)) == 8
+    assert ModelConfig(batch_size=8).prompts_per_call(g) == 8        # unset: 1 (a cluster's default)
+    assert config_hash(g, m) == config_hash(g, ModelConfig(batch_size=8))
+    with pytest.raises(Exception, match="fill"):
+        ModelConfig(fill=0)

@@ -185,6 +185,55 @@ def test_segment_decoder_cache_reuse_is_exact(setup):
     assert extended == fresh
 
 
+def test_cancel_drops_rows_mid_decode_and_release_clears_it(setup):
+    """cancel() from another thread (here a forward hook, so the step is deterministic): the row ends "cancelled"
+    with the tokens it had, the others decode as if alone; after release the id decodes normally again."""
+    tok, policy, _ = setup
+    x, y = (p.ids for p in prompts_of(tok, ["the number of people who call", "I like people"]))
+    dec = SegmentDecoder(policy, [tok.eos_token_id])
+    alone = {k: SegmentDecoder(policy, [tok.eos_token_id]).decode([SegmentRequest(k, ids, 8)])[0]
+             for k, ids in (("a", x), ("b", y))}
+    calls = []
+    hook = policy.register_forward_hook(lambda *_: calls.append(1) if len(calls) < 3 else dec.cancel(["b"]))
+    try:
+        got = dec.decode([SegmentRequest("a", x, 8), SegmentRequest("b", y, 8)])
+    finally:
+        hook.remove()
+    assert got[0] == alone["a"]
+    assert got[1].stop == "cancelled" and 0 < len(got[1].tokens) < 8
+    assert got[1].tokens == alone["b"].tokens[:len(got[1].tokens)]
+    assert dec.decode([SegmentRequest("b", y, 8)])[0].stop == "cancelled"    # cancelled until released
+    dec.release(["b"])
+    assert dec.decode([SegmentRequest("b", y, 8)])[0] == alone["b"]
+
+
+@pytest.mark.parametrize("kind,over", [("classifier", dict()), ("judge", dict(entropy_threshold=2.0)),
+                                       ("classifier", dict(search_mode="lookahead", max_refined_segments=1))])
+def test_reward_on_the_policys_backbone_shares_its_prefix_cache(setup, kind, over):
+    """A guide head on the policy's backbone (or the policy as its own judge) reads x + y from the decoder's prefix
+    cache, never running the backbone over it again, and the search still matches the oracle."""
+    from ggro import guide
+    tok, policy, _ = setup
+    dec = SegmentDecoder(policy, [tok.eos_token_id], max_cached=8)
+    w = torch.randn(policy.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = guide.with_head(policy, w) if kind == "classifier" else policy
+    rm = RewardModel(model, tok, kind, rubric="is it good ? Yes or No", eos_ids=[tok.eos_token_id],
+                     prefixes=dec.prefixes)
+    runs = []
+    rm.prefixes.forward = lambda *a, f=rm.prefixes.forward: runs.append(1) or f(*a)   # count backbone prefills
+    cfg = GGROConfig(**{"max_new_tokens": 16, "num_refinements": 4, "entropy_threshold": 2.4, **over})
+    prompts = prompts_of(tok, PROMPTS)
+    got = {r.id: r for r in run(prompts, dec, rm, cfg, 4)}
+    ref = ReferenceReward.of(rm)
+    oracle = reference_lookahead if cfg.search_mode == "lookahead" else reference_ggro
+    for p in prompts:
+        assert_same(got[p.id], oracle(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id]))
+    assert runs and sum(r.refinements for r in got.values()) > 0
+    seg = dec.decode([SegmentRequest("q", prompts[0].ids, 4)])[0]
+    dec.prefixes.forward = None          # the prefix the RM asks for is the one the policy just decoded from
+    rm.score([RewardQuery(prompts[0].ids + seg.tokens, seq_id="q", prefix_len=len(prompts[0].ids))])
+
+
 @pytest.mark.parametrize("bad", [dict(min_segment_tokens=1), dict(num_refinements=0), dict(method="beam"),
                                  dict(top_p=0), dict(entropy_threshold=math.nan)])
 def test_config_rejects_bad_values(bad):
