@@ -7,6 +7,8 @@ so a sequence decodes the same tokens whatever else shares its batch.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .kvcache import PrefixCache, eager_attention, left_pad_kv
@@ -67,9 +69,25 @@ class SegmentDecoder:
         self.tokenizer = tokenizer      # only requests with stop strings need it
         self.device = next(model.parameters()).device
         self.prefixes = PrefixCache(self._forward, self.device, max_cached, pad_id, ragged=not eager_attention(model))
+        # ids withdrawn by their caller (Serve: the client left); another thread adds them while decode runs
+        self._cancelled: set[str] = set()
+        self._cancel_lock = threading.Lock()
+
+    def cancel(self, seq_ids) -> None:
+        """Withdraw `seq_ids`: a running or later decode drops their rows at its next step, answering
+        stop="cancelled" with the tokens so far. Thread-safe; `release` forgets them."""
+        with self._cancel_lock:
+            self._cancelled.update(seq_ids)
 
     def release(self, seq_ids) -> None:
+        seq_ids = list(seq_ids)
+        with self._cancel_lock:
+            self._cancelled.difference_update(seq_ids)
         self.prefixes.release(seq_ids)
+
+    def _withdrawn(self) -> set[str]:
+        with self._cancel_lock:
+            return set(self._cancelled) if self._cancelled else set()
 
     def _forward(self, ids, mask, pos, cache):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -111,6 +129,7 @@ class SegmentDecoder:
         rows = list(range(B))   # request index of each live batch row
         j = 0
         while rows:
+            gone = self._withdrawn()   # once a step: a withdrawn row leaves the batch now, not at the round's end
             # one host sync per step: entropies, greedy tokens and the top-k rows due at this offset together
             want = [i for i, b in enumerate(rows) if j == requests[b].insert_at and requests[b].top_k]
             k = min(max((requests[rows[i]].top_k for i in want), default=1), logits.shape[-1])
@@ -130,6 +149,9 @@ class SegmentDecoder:
             keep, feed = [], []
             for i, b in enumerate(rows):
                 r = requests[b]
+                if r.seq_id in gone:
+                    results[b] = SegmentResult(emitted[b], "cancelled", ent[i], candidates[b], len(emitted[b]))
+                    continue
                 if r.forced is not None and j == r.insert_at:
                     tok = r.forced
                 elif i in drawn:

@@ -46,7 +46,7 @@ ENDED = ("eos", "stop")         # segment stops that end the whole response
 @dataclass
 class SegmentResult:
     tokens: list[int]           # emitted tokens, the dropped uncertain one excluded
-    stop: str                   # "eos" | "stop" (a stop string) | "length" | "entropy"
+    stop: str                   # "eos" | "stop" (a stop string) | "length" | "entropy" | "cancelled" (withdrawn)
     stop_entropy: float         # H(p_j) at the last emitted (or dropped) token, nats
     candidates: list[int] | None  # top-k at insert_at (None if decoding never reached it)
     decoded: int                # tokens the policy emitted, dropped one included (cost)
