@@ -33,7 +33,7 @@ class Job:
                                          # ("error", index, msg) | ("unavailable", index, msg): a model replica died
     stream: bool = False
     sent: int = 0                        # tokens of y already reported as segments
-    settled: bool = False                # its admission slot is given back (answered, failed or cancelled)
+    settled: bool = False                # its request is done with it (answered, failed or cancelled)
     cancelled: bool = False              # its request stopped waiting: the search drops it (guarded by hub.lock)
     ack: object = None                   # the policy replica's answer to its cancel (a DeploymentResponse)
     row: InputRow | None = None          # the request's row, which a reward model of another vocabulary reads
@@ -220,12 +220,19 @@ class SearchHub:
             self.cancelled += len(live)
             # Sent under the lock (`.remote` does not wait), so a loop that sees `cancelled` also sees `ack`;
             # the replica answers it beside its running decode
+            by_loop: dict[int, tuple] = {}
             for j in live:
                 lp = self._loop_of(j)
+                if lp is not None:
+                    by_loop.setdefault(id(lp), (lp, []))[1].append(j)
+            for lp, held in by_loop.values():
                 try:
-                    j.ack = lp.policy.cancel([j.prompt.id]) if lp is not None else None
-                except Exception:     # the replica is gone: the loop fails or withdraws the job anyway
-                    log.warning("could not cancel %s on the policy replica", j.prompt.id, exc_info=True)
+                    ack = lp.policy.cancel([j.prompt.id for j in held])
+                except Exception:     # the replica is gone: the loop fails or withdraws the jobs anyway
+                    log.warning("could not cancel %d prompt(s) on the policy replica", len(held), exc_info=True)
+                    continue
+                for j in held:
+                    j.ack = ack
         if live:
             telemetry.record_cancelled(self.app, len(live))
         return len(live)
