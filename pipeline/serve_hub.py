@@ -153,6 +153,8 @@ class _Loop(threading.Thread):
                             job.settled = True
                         if job is not None and res.finish_reason == "cancelled":
                             hub.cut += 1
+                        elif job is not None and not live:
+                            hub.late += 1
                     if live and res.finish_reason == "cancelled":   # not withdrawn here: never left hanging
                         job.emit(("error", job.index, "its decode was cancelled"))
                     elif live:
@@ -195,6 +197,7 @@ class SearchHub:
         self.cancelled = 0                   # prompts whose request stopped waiting before their answer
         self.withdrawn = 0                   # ... of them, dropped from the search between its rounds
         self.cut = 0                         # ... of them, dropped from a decode batch while it ran
+        self.late = 0                        # ... of them, finished by their search before the cancel landed
 
     def admit(self, k: int) -> bool:
         with self.lock:
@@ -259,4 +262,4 @@ class SearchHub:
         with self.lock:
             return {"outstanding": self.outstanding, "max_queue": self.max_queue,
                     "search_loops": sum(len(v) for v in self.loops.values()), "cancelled": self.cancelled,
-                    "withdrawn": self.withdrawn, "cut": self.cut}
+                    "withdrawn": self.withdrawn, "cut": self.cut, "late": self.late}
