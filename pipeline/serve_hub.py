@@ -159,8 +159,8 @@ class _Loop(threading.Thread):
                         job.emit(("error", job.index, "its decode was cancelled"))
                     elif live:
                         job.emit(("done", job.index, res))
-                    elif job is not None:
-                        self._forget_cancel(job)
+                    elif job is not None and res.finish_reason != "cancelled":   # cut: the search released it,
+                        self._forget_cancel(job)                                 # after its cancel had landed
             except Exception as e:   # a model replica failed: fail what this loop holds, keep serving
                 log.exception("GGRO search loop failed")
                 with hub.lock:
