@@ -1,7 +1,9 @@
 """Start the policy replicas and the reward pool after checking that the cluster can hold them."""
 from __future__ import annotations
 
+import _thread
 import dataclasses
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,13 +44,51 @@ def wait_for_room(res: Resources, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def needed(mcfg: ModelConfig, res: Resources) -> Resources:
+    """What the job holds on the cluster: with shared weights no reward actors start, so their GPUs are not
+    needed (their small CPU share still is: Resources.check insists every share is > 0)."""
+    return dataclasses.replace(res, reward_gpus=0) if shares_weights(mcfg, res.tp) else res
+
+
+def while_placeable(fn, res: Resources, grace_s: float, poll_s: float = 1.0):
+    """fn() (a job's pipeline, in this thread), stopped with ClusterTooSmall if the whole cluster cannot hold
+    `res` for `grace_s` in a row: a node was lost and no other has room, so Ray would wait for its actors'
+    restarts forever. Losing a node the others can stand in for costs time only (Ray restarts the actors
+    there). The stop is a KeyboardInterrupt in this thread, as Ctrl-C is: Ray Data then shuts its executor down."""
+    short, done = [], threading.Event()
+
+    def watch():
+        since = None
+        while not done.wait(poll_s):
+            try:
+                res.check(ray.cluster_resources(), "in the whole cluster")
+                since = None
+            except ClusterTooSmall as e:
+                since = since or time.monotonic()
+                if time.monotonic() - since > grace_s:
+                    short.append(str(e))
+                    _thread.interrupt_main()
+                    return
+    watcher = threading.Thread(target=watch, daemon=True, name="ggro-capacity")
+    watcher.start()
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        if not short:      # the user's Ctrl-C
+            raise
+        raise ClusterTooSmall(
+            f"the cluster lost nodes mid-job and has had no room for this job for {grace_s:.0f}s (--ray-timeout): "
+            f"{short[0]} Stopped; the part files written so far are kept: rerun the same command once the "
+            "cluster has room again and it aligns only the rows not yet written") from None
+    finally:
+        done.set()
+
+
 def start_workers(mcfg: ModelConfig, res: Resources, timeout_s: float = 120) -> Workers:
     """Start the policy replicas and the reward pool. With shared weights the pool is the replicas' workers
     (--reward-replicas and the reward shares are then unused), as in Serve's one deployment for both roles."""
     shared = shares_weights(mcfg, res.tp)
-    # no reward actors start then, so their GPUs must not be waited for (their small CPU share still is:
-    # Resources.check insists every share is > 0)
-    wait_for_room(dataclasses.replace(res, reward_gpus=0) if shared else res, timeout_s)
+    wait_for_room(needed(mcfg, res), timeout_s)
     roles = ("policy", "reward") if shared else ("policy",)
     policies, tag = [], uuid.uuid4().hex[:8]
     try:

@@ -138,6 +138,11 @@ class ModelWorker:
     def release(self, seq_ids: list[str]) -> None:
         self.decoder.release(seq_ids)
 
+    def cancel(self, seq_ids: list[str]) -> None:
+        """Drop `seq_ids` from a running decode at its next step (SegmentDecoder.cancel; thread-safe, so a
+        caller in another thread reaches it while `decode` runs)."""
+        self.decoder.cancel(seq_ids)
+
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
         return self.reward.score(queries)
 

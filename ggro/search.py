@@ -33,7 +33,7 @@ class Result:
     reward_calls: int = 0
     elapsed_s: float = 0.0
     trace: list[dict] | None = None
-    finish_reason: str = "stop"   # "length": cut at max_new_tokens without ending in EOS
+    finish_reason: str = "stop"   # "length": cut at max_new_tokens without ending in EOS; "cancelled": withdrawn
 
 
 def row_seed(seed: int, row_id: str, salt: int = 0) -> int:
@@ -145,6 +145,16 @@ def _next(a: _Active, s, r, idx: int, more: bool, cfg: GGROConfig) -> bool:
     return True
 
 
+def _cancelled(owners: list, segs: list) -> tuple[list, list[int]]:
+    """The owners whose decode came back "cancelled" (their caller withdrew them mid-segment: Serve's client
+    left), each marked finish_reason "cancelled", and the indexes of the other rows. A cancelled prompt is
+    never scored: the search releases it and yields its Result at once, so its caller can forget it."""
+    gone = list({id(a): a for a, s in zip(owners, segs) if s.stop == "cancelled"}.values())
+    for a in gone:
+        a.res.finish_reason = "cancelled"
+    return gone, [i for i, a in enumerate(owners) if all(a is not g for g in gone)]
+
+
 def _withdraw(group: list[_Active], policy: Policy, withdrawn: Callable[[str], bool] | None) -> list[_Active]:
     """`group` without the prompts whose caller gave up on them (Serve: the client disconnected), their
     caches released; they yield no Result. `withdrawn(id)` is asked once per prompt per round and True is
@@ -184,6 +194,12 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
                           min_segment_tokens=cfg.min_segment_tokens, top_k=cfg.top_k)
                 for a in active for f in a.seg.pending]
         segs = policy.decode(reqs)
+        gone, kept = _cancelled(owners, segs)
+        if gone:
+            owners, reqs, segs = [owners[i] for i in kept], [reqs[i] for i in kept], [segs[i] for i in kept]
+            active = [a for a in active if all(a is not g for g in gone)]
+            policy.release([a.p.id for a in gone])
+            yield from (a.res for a in gone)
         queries, scored, closing = [], [], []
         for a, req, s in zip(owners, reqs, segs):
             a.res.refinements += 1
@@ -254,8 +270,11 @@ def _close(a: _Active, rew: float, stop: str) -> None:
 def _finish(tails: list[_Active], policy: Policy, reward: Reward, cfg: GGROConfig) -> Iterator[Result]:
     """Past the refinement budget: decode every waiting response greedily to its end in one call and score it
     (no gradient). Waiting for a full batch keeps these long decodes out of the short refinement rounds."""
-    reqs = [a.request(cfg) for a in tails]
-    segs = policy.decode(reqs)
+    segs = policy.decode([a.request(cfg) for a in tails])
+    gone, kept = _cancelled(tails, segs)
+    policy.release([a.p.id for a in gone])
+    yield from (a.res for a in gone)
+    tails, segs = [tails[i] for i in kept], [segs[i] for i in kept]
     scores = reward.score([RewardQuery(a.prefix + s.tokens, seq_id=a.p.id, prefix_len=len(a.prefix))
                            for a, s in zip(tails, segs)])
     for a, s, r in zip(tails, segs, scores):
@@ -298,6 +317,8 @@ def _lookahead_point(active: list[_Active], policy: Policy, reward: Reward, cfg:
     """One uncertain point for every active prompt; returns those whose response is complete."""
     segs = policy.decode([a.request(cfg, entropy_threshold=cfg.entropy_threshold,
                                     min_segment_tokens=cfg.min_segment_tokens) for a in active])
+    cancelled, kept = _cancelled(active, segs)   # returned with the finished ones: released, yielded
+    active, segs = [active[i] for i in kept], [segs[i] for i in kept]
     ended, unsure = [], []
     for a, s in zip(active, segs):
         a.res.policy_tokens += s.decoded
@@ -310,12 +331,15 @@ def _lookahead_point(active: list[_Active], policy: Policy, reward: Reward, cfg:
             _accept(a, s.tokens, r.reward, 0, s.stop, cfg)
     for a, s in unsure:   # the greedy run up to u is kept as it is (it is the greedy rollout's start)
         _accept(a, s.tokens, math.nan, 0, s.stop, cfg)
-    done, at_u = [a for a, _ in ended], [a for a, _ in unsure]
+    done, at_u = cancelled + [a for a, _ in ended], [a for a, _ in unsure]
     if not at_u:
         return done
     # The nudges at u: the guide's gradient of the response so far plus u's greedy token (a one-token decode
     # that also caches x + y for the rollouts), as faithful GGRO proposes them.
     probes = policy.decode([SegmentRequest(a.p.id, a.prefix, 1, top_k=cfg.top_k) for a in at_u])
+    gone, kept = _cancelled(at_u, probes)
+    done += gone
+    at_u, probes = [at_u[i] for i in kept], [probes[i] for i in kept]
     grads = reward.score([RewardQuery(a.prefix + s.tokens, len(a.prefix), s.candidates + s.tokens, a.p.id,
                                       len(a.prefix)) for a, s in zip(at_u, probes)])
     forced = []
@@ -326,6 +350,9 @@ def _lookahead_point(active: list[_Active], policy: Policy, reward: Reward, cfg:
                                                                   cfg.num_refinements - 1)]
     # Every candidate, the greedy one first, decoded to the end in one call and scored whole in one call.
     segs = policy.decode([a.request(cfg, c) for a, c in forced])
+    gone, kept = _cancelled([a for a, _ in forced], segs)
+    done += gone
+    at_u, forced, segs = [a for a in at_u if a not in gone], [forced[i] for i in kept], [segs[i] for i in kept]
     scores = reward.score([RewardQuery(a.prefix + s.tokens, seq_id=a.p.id, prefix_len=len(a.prefix))
                            for (a, _), s in zip(forced, segs)])
     tried = {id(a): [] for a in at_u}
@@ -374,7 +401,8 @@ def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGR
             s, r = group[best_k]
             yield Result(p.id, s.tokens, r.reward, cfg.method, 0, 1, [len(s.tokens)], n,
                          sum(g.decoded for g, _ in group), n, elapsed,
-                         finish_reason="stop" if s.stop in ENDED else "length")
+                         finish_reason="cancelled" if any(g.stop == "cancelled" for g, _ in group)
+                         else "stop" if s.stop in ENDED else "length")
 
 
 def search(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,

@@ -157,12 +157,12 @@ class Aligners:
             align_local(self.engine, rows, job.output, job.gcfg, job.rows_per_file)
             return
         from pipeline.ray_align import align_on_ray, start_ray_workers
-        if self.workers is None:
-            try:
+        try:
+            if self.workers is None:
                 self.workers = start_ray_workers(self.job)
-            except ClusterTooSmall as e:
-                fail(str(e), 1)
-        align_on_ray(rows, job, self.workers)
+            align_on_ray(rows, job, self.workers)   # ClusterTooSmall there: nodes lost mid-job
+        except ClusterTooSmall as e:
+            fail(str(e), 1)
 
     def close(self) -> None:
         if self.workers is not None:

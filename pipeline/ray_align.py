@@ -35,7 +35,7 @@ import pyarrow as pa
 import numpy as np
 
 from ggro.schema import OUTPUT_SCHEMA, output_record, to_table
-from pipeline.output import contains, id_digests, output_uri, write_part
+from pipeline.output import contains, id_digests, output_uri, write_file
 
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -152,6 +152,25 @@ class Aligner:
         return to_table(records)
 
 
+def _part_name(out_dir: str, table: pa.Table) -> str:
+    """A part named by its rows' ids: a write that Ray runs again after losing a node (the first attempt's
+    file already in place, its answer lost with the node) replaces that file instead of adding its rows a
+    second time. A name that other rows already hold (a 48-bit clash) falls back to a random one."""
+    import hashlib
+    import uuid
+    import pyarrow.parquet as pq
+    from pyarrow import fs as pafs
+    from pipeline.output import output_fs
+    ids = sorted(table["id"].to_pylist())
+    name = f"part-{hashlib.sha256(chr(0).join(ids).encode()).hexdigest()[:12]}.parquet"
+    fs, path = output_fs(out_dir)
+    if fs.get_file_info(f"{path}/{name}").type != pafs.FileType.NotFound:
+        held = pq.read_table(f"{path}/{name}", columns=["id"], filesystem=fs)["id"].to_pylist()
+        if sorted(held) != ids:
+            name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+    return name
+
+
 def _sink(out_dir: str, rows_per_file: int):
     from ray.data import Datasink
 
@@ -167,7 +186,8 @@ def _sink(out_dir: str, rows_per_file: int):
             tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
             tables = [t.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for t in tables if t.num_rows]
             if tables:
-                write_part(out_dir, pa.concat_tables(tables))
+                table = pa.concat_tables(tables)
+                write_file(out_dir, _part_name(out_dir, table), table)
 
         def get_name(self) -> str:
             return "GGROParquet"
@@ -435,8 +455,11 @@ def align_on_ray(plan: InputPlan, job, workers) -> None:
         num_cpus=res.aligner_cpus, max_restarts=-1, max_task_retries=-1,
         fn_constructor_kwargs=dict(mcfg=mcfg, gcfg=gcfg, policies=workers.policies, reward=workers.reward,
                                    context=workers.context, in_flight=in_flight))
-    try:
-        out.write_datasink(_sink(str(out_dir), job.rows_per_file), ray_remote_args={"num_cpus": res.io_cpus})
+    from actors.cluster import needed, while_placeable
+    try:   # stopped (ClusterTooSmall) when lost nodes leave no room for the job: never a silent hang
+        while_placeable(lambda: out.write_datasink(_sink(str(out_dir), job.rows_per_file),
+                                                   ray_remote_args={"num_cpus": res.io_cpus}),
+                        needed(mcfg, res), job.ray_timeout)
     except Exception as e:
         err = _input_error(e)
         if err is not e:

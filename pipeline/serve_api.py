@@ -50,9 +50,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def request_too_large(size: int) -> ApiError:
-    return ApiError(413, f"request body of {size} bytes is over this server's limit of {MAX_BODY_BYTES} bytes",
-                    code="request_too_large")
+def request_too_large(size: int, more: bool = False) -> ApiError:
+    """`more`: the body was cut off once `size` bytes had arrived (a chunked body declares no length)."""
+    return ApiError(413, f"request body of {'more than ' if more else ''}{size} bytes is over this server's limit "
+                    f"of {MAX_BODY_BYTES} bytes", code="request_too_large")
 
 
 def _type_error(param: str, want: str, got) -> ApiError:

@@ -145,16 +145,24 @@ class GGROIngress:
             raise api.ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                                type_="authentication_error", code="invalid_api_key")
 
-    async def _parse(self, request: Request, kind: str) -> tuple[api.ApiRequest, list[Prompt]]:
-        from ggro.rows import encode
-        self._auth(request)
+    @staticmethod
+    async def _body(request: Request) -> bytes:
+        """The request body, refused (413) as soon as it passes the limit: by its declared length, or, for a
+        chunked body that declares none, by the bytes read so far; never buffered whole first."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > api.MAX_BODY_BYTES:
             raise api.request_too_large(int(declared))
-        raw = await request.body()
-        if len(raw) > api.MAX_BODY_BYTES:
-            raise api.request_too_large(len(raw))
-        body = api.parse_json(raw)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > api.MAX_BODY_BYTES:
+                raise api.request_too_large(len(raw), more=True)
+        return bytes(raw)
+
+    async def _parse(self, request: Request, kind: str) -> tuple[api.ApiRequest, list[Prompt]]:
+        from ggro.rows import encode
+        self._auth(request)
+        body = api.parse_json(await self._body(request))
         req = api.parse_request(body, kind, self.s.gcfg, model_names=self.model_names,
                                 max_tokens_limit=self.s.max_tokens_limit, vocab_problem=self.vocab_problem)
         if req.n > self.s.max_queue:
@@ -199,6 +207,13 @@ class GGROIngress:
         telemetry.record_response("serve", res.method, res.reward, res.num_nudges, res.reward_calls)
         return {"text": text, "finish_reason": finish, "tokens": len(res.tokens), "stats": api.stats(res)}
 
+    def _failure(self, kind: str, msg: str) -> api.ApiError:
+        if kind == "unavailable":   # a model replica died mid-request: Serve starts another, the client retries
+            return api.ApiError(503, f"a model replica failed during this request and is being replaced; retry "
+                                f"after {self.s.retry_after_s}s ({msg})", type_="server_error",
+                                code="model_unavailable", headers={"Retry-After": str(self.s.retry_after_s)})
+        return api.ApiError(500, f"search failed: {msg}", type_="server_error", code="internal")
+
     def _timeout(self) -> api.ApiError:
         return api.ApiError(504, f"request timed out after {self.s.request_timeout_s}s", type_="timeout_error",
                             code="timeout")
@@ -230,8 +245,8 @@ class GGROIngress:
                 kind_, i, payload = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
                 if kind_ == "done":
                     choices[i] = self._choice(req, payload)
-                elif kind_ == "error":
-                    raise api.ApiError(500, f"search failed: {payload}", type_="server_error", code="internal")
+                elif kind_ in ("error", "unavailable"):
+                    raise self._failure(kind_, payload)
             status = 200
             return JSONResponse(api.completion_body(req, choices, len(prompts[0].ids)))
         except asyncio.TimeoutError:
@@ -287,9 +302,9 @@ class GGROIngress:
                     return
                 if done[i]:
                     continue
-                if kind_ == "error":
-                    err = api.ApiError(500, f"search failed: {payload}", type_="server_error", code="internal")
-                    status = 500
+                if kind_ in ("error", "unavailable"):   # an error event ends the stream (never a dropped one)
+                    err = self._failure(kind_, payload)
+                    status = err.status
                     yield api.sse(err.body())
                     return
                 if kind_ == "segment":

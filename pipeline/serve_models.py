@@ -8,6 +8,7 @@ per-replica lock keeps one model computation running at a time.
 """
 import asyncio
 import dataclasses
+import os
 import uuid
 
 import ray
@@ -58,12 +59,24 @@ class ModelServer:
     async def release(self, seq_ids: list[str]) -> None:
         await self._compute(self.policy.release, seq_ids)
 
+    async def cancel(self, seq_ids: list[str]) -> None:
+        """Drop `seq_ids` from the running decode at its next step. Not behind the lock: it must land while
+        `decode` runs (in a worker thread; the replica takes up to max_ongoing_requests calls at once). A
+        tensor-parallel group's ranks would have to drop a row at the same step (they meet in collectives
+        every step), so there withdrawn prompts leave at the search's next round instead."""
+        if self.group is None:
+            self.policy.cancel(seq_ids)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.003)
     async def score(self, calls: list[list]) -> list[list]:
         return await self._merged(self.reward.score, calls)
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        """This replica's process (fault tests kill it)."""
+        return os.getpid()
 
     def worker_class(self) -> str:
         """The class that holds this replica's weights, as it runs (tests check batch runs the same one)."""
@@ -96,6 +109,11 @@ class HandlePolicy:
 
     def release(self, seq_ids):
         self.handle.release.remote([f"{self.token}/{s}" for s in seq_ids]).result(timeout_s=CALL_TIMEOUT_S)
+
+    def cancel(self, seq_ids):
+        """Withdraw `seq_ids` from the replica's decode batch at its next step; returns the call without
+        waiting for it (a DeploymentResponse)."""
+        return self.handle.cancel.remote([f"{self.token}/{s}" for s in seq_ids])
 
 
 class HandleReward:
