@@ -45,6 +45,8 @@ def non_default(a: argparse.Action):
         return f"yaml-{a.dest}", f"yaml-{a.dest}"
     if a.dest == "modes":                       # bench's comma-separated search modes
         return ["adaptive", "lookahead:8:1"], a.type("adaptive,lookahead:8:1")
+    if a.dest == "probes":                      # eval's comma-separated probe sets
+        return ["prefill", "gsm8k"], a.type("prefill,gsm8k")
     return [3, 5], a.type("3,5")                # a comma-separated list flag (bench's --best-of-n)
 
 
