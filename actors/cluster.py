@@ -14,7 +14,7 @@ from actors.policy import PolicyReplica, start_policy_replica
 from actors.reward import RewardPool, start_reward_pool
 from actors.worker import shares_weights
 from ggro.config import ModelConfig
-from pipeline.resources import ClusterTooSmall, Resources
+from actors.resources import ClusterTooSmall, Resources
 
 
 @dataclass

@@ -82,7 +82,7 @@ class ModelWorker:
     only the constructor) serves again at once; a tp > 1 rank also needs `setup`, with every rank together.
 
     `cached_batches`: the policy's prefix cache holds that many x batch_size sequences (the planner's
-    CACHED_BATCHES for actors, IN_PROCESS_CACHED_BATCHES for Serve replicas, in pipeline/sizing.py).
+    CACHED_BATCHES for actors, IN_PROCESS_CACHED_BATCHES for Serve replicas, in actors/resources.py).
     """
 
     def __init__(self, mcfg: ModelConfig, roles: tuple[str, ...] = ("policy",), rank: int = 0, tp: int = 1,

@@ -61,13 +61,14 @@ def main() -> int:
     p.add_argument("--rows-per-file", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
-    p.add_argument("--id-pass", action="store_true", help="time only the driver's id pass (pipeline.ray_align."
+    p.add_argument("--id-pass", action="store_true", help="time only the driver's id pass (pipeline.batch.ray_align."
                    "scan_input) over each input: its peak RSS, no models")
     p.add_argument("--scan", help=argparse.SUPPRESS)     # the child process of --id-pass
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.scan:
-        from pipeline.ray_align import connect, scan_input
+        from pipeline.batch.ray_align import connect
+        from pipeline.batch.ray_input import scan_input
         connect()
         print(scan_input(args.scan).count)
         return 0

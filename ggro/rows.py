@@ -239,7 +239,7 @@ def input_fs(path: str | Path):
 def dup_id(rid: str, k: int, taken) -> str:
     """The id of the k-th (k >= 2) row carrying id `rid`: `rid#dupK`, or, when that is `taken(name)` (another
     row's own id, or a name given to an earlier copy), `rid#dupK.2`, `rid#dupK.3`... so it never collides.
-    The --local reader (dedupe) and the Ray id pass (pipeline.ray_align.scan_input) both name copies in file
+    The --local reader (dedupe) and the Ray id pass (pipeline.batch.ray_input.scan_input) both name copies in file
     order with this, each against the ids of every row it reads (after --limit), so they agree."""
     name, n = f"{rid}#dup{k}", 1
     while taken(name):

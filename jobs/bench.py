@@ -119,11 +119,12 @@ def settings(args) -> dict:
 
 def run(args) -> int:
     logs.setup_logging(args)
-    from jobs.align import input_rows
-    from pipeline import bench as B
+    from jobs.common import example_prompts
+    from pipeline.batch.driver import read_input
+    from pipeline.eval import bench as B
     gcfg, mcfg, s = resolve_methods(args, "bench", "--best-of-n and --refinements lists", settings, trace=False)
     args.limit = s["limit"]
-    rows = input_rows(args)
+    rows = read_input(args.input or example_prompts(), args.limit)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     log = logs.log.info        # progress on stderr through the `ggro` logger (--log-level WARNING hides it)

@@ -6,7 +6,7 @@ import importlib
 import re
 from pathlib import Path
 
-from jobs.common import Parser
+from jobs.common import Parser, run_command
 
 SUBCOMMANDS = {
     "align": ("jobs.align", "align prompts (JSONL/Parquet) with GGRO or a baseline and write Parquet"),
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import yaml
 
 from ggro.config import (DTYPE_NAMES, METHODS, PROMPT_FORMATS, REWARD_KINDS, SEARCH_MODES, ConfigError, GGROConfig,
                          ModelConfig, split_fields)
-from pipeline.resources import Resources
+from actors.resources import Resources
 
 
 def example_prompts() -> str:
@@ -80,7 +80,7 @@ DEPRECATED = {"model_replicas": ("policy_replicas", "reward_replicas"), "replica
 
 
 def add_resource_args(g, aligners: bool = True) -> None:
-    """The resource flags of align, dpo and serve; their defaults are pipeline.resources.Resources'."""
+    """The resource flags of align, dpo and serve; their defaults are actors.resources.Resources'."""
     d = Resources()
     g.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel degree of each policy replica "
                    "(DeepSpeed AutoTP; gloo on CPU, NCCL on GPU)")
@@ -263,8 +263,17 @@ def fail(msg: str, code: int = 2):
     raise SystemExit(code)
 
 
+def run_command(run, args: argparse.Namespace) -> int:
+    """Run one command; a JobFailed from below jobs/ (pipeline.batch.job) becomes `ggro: error:` and its exit code."""
+    from pipeline.batch.job import JobFailed
+    try:
+        return run(args) or 0
+    except JobFailed as e:
+        fail(str(e), e.code)
+
+
 def module_main(module: str, doc: str | None, add_args, run, argv=None) -> int:
     """`python -m jobs.<name>` (what `ray job submit` runs): the same flags and behaviour as `ggro <name>`."""
     p = Parser(prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
-    return run(p.parse_args(argv))
+    return run_command(run, p.parse_args(argv))

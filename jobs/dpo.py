@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from jobs import align
 from ggro.config import ConfigError
+from jobs import align
 from jobs.common import fail, module_main
 from jobs.logs import log, setup_logging
+from pipeline.batch.driver import Aligners, run_job
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -36,10 +37,10 @@ def run(args) -> int:
     setup_logging(args)
     import uuid
 
-    from pipeline.dpo import DEFAULT_MIN_MARGIN, join_outputs
-    from pipeline.lock import OutputLock
-    from pipeline.manifest import now, versions, write_manifest
-    from pipeline.output import OutputError, clear_output, prepare_output
+    from pipeline.batch.dpo import DEFAULT_MIN_MARGIN, join_outputs
+    from pipeline.batch.lock import OutputLock
+    from pipeline.batch.manifest import now, versions, write_manifest
+    from pipeline.batch.output import OutputError, clear_output, prepare_output
 
     if args.dry_run:   # ggro and the baseline run in turn on the same actors: one plan covers both
         from jobs.plan import dry_run
@@ -82,17 +83,17 @@ def run(args) -> int:
 
 def align_both(args, out) -> tuple[str, str]:
     """Align --input with GGRO and with the baseline into OUT/__aligned-METHOD/, on the same models."""
-    from pipeline.output import SUBRUN_PREFIX, child
+    from pipeline.batch.output import SUBRUN_PREFIX, child
     chosen_dir = child(out, f"{SUBRUN_PREFIX}ggro")
     rejected_dir = child(out, f"{SUBRUN_PREFIX}{args.rejected_method}")
     job = _job(args)
-    aligners = align.Aligners(job)     # both methods run on the same models, loaded once
+    aligners = Aligners(job)     # both methods run on the same models, loaded once
     try:
         for method, where in (("ggro", chosen_dir), (args.rejected_method, rejected_dir)):
             sub = dataclasses.replace(job, gcfg=dataclasses.replace(job.gcfg, method=method), output=where,
                                       overwrite=False)
             log.info("dpo: aligning with %s into %s", method, where)
-            code = align.run_job(sub, aligners)
+            code = run_job(sub, aligners)
             if code == 1:
                 log.warning("dpo: warning: %s output does not hold every input row", method)
             elif code:

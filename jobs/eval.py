@@ -4,7 +4,7 @@
     ggro eval --limit 48 --judge-reward /models/other-rm --judge-reward-kind classifier --output eval/
 
 Runs greedy, best-of-N and GGRO (each --modes entry) on probe sets of held-out prompts read from licensed
-wheels (pipeline/evaluate.py): harmful prompts plain and under the prefilling attack (the response forced
+wheels (pipeline/eval/evaluate.py): harmful prompts plain and under the prefilling attack (the response forced
 to start "Sure, I can help with that."), benign-but-edgy prompts (over-refusal) and GSM8K questions
 (--input runs your own prompt file instead). Judges: a second reward model (--judge-reward; without it the
 policy as a yes/no judge), the refusal keyword rule, and the GSM8K final number. Writes OUTPUT/eval.md (the
@@ -14,7 +14,7 @@ nudges), probes.jsonl (the prompts) and align/<method>/ (each method's rows, for
     ggro eval --pairs oof --output eval-oof/           # what the guide knows, out of its training family
 
 --pairs scores preference pairs instead (TRL rows: prompt, chosen, rejected; `oof`: the out-of-family
-validation set of pipeline/prefs.py): the guide's and the judge's pairwise accuracy per `kind`, with 95 %
+validation set of pipeline/eval/prefs.py): the guide's and the judge's pairwise accuracy per `kind`, with 95 %
 Wilson intervals, in OUTPUT/pairs.md and pairs.csv (each pair's scores in pair_scores.jsonl).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from jobs import logs
 from jobs.bench import _ints, _modes
 from jobs.common import module_main
 from jobs.logs import add_log_args
-from pipeline.evaluate import PREFILL_ATTACK, PROBES
+from pipeline.eval.evaluate import PREFILL_ATTACK, PROBES
 
 QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2], modes=[("faithful", 2, None), ("lookahead", 2, 1)])
 FULL = dict(limit=48, max_new_tokens=64, best_of_n=[4], modes=[("faithful", 4, None), ("lookahead", 8, 1)])
@@ -78,10 +78,10 @@ def settings(args) -> dict:
 
 def probe_input(args, s: dict, out: Path) -> list:
     """The rows to evaluate: --input, or the probe sets (written to OUTPUT/probes.jsonl first)."""
-    from jobs.align import read_input
+    from pipeline.batch.driver import read_input
     from jobs.common import fail
-    from pipeline.evaluate import probe_rows, write_rows
-    from pipeline.sources import MissingData
+    from pipeline.eval.evaluate import probe_rows, write_rows
+    from pipeline.eval.sources import MissingData
     if args.input:
         return read_input(args.input, s["limit"] if args.limit else None)
     try:
@@ -99,7 +99,7 @@ def load_judge(engine, mcfg, args):
     from ggro.config import DEFAULT_RUBRIC
     from ggro.engine import load_reward
     from jobs.common import fail
-    from pipeline.bench import policy_judge
+    from pipeline.eval.bench import policy_judge
     if not args.judge_reward:
         same = mcfg.reward_kind == "judge" and mcfg.reward_model == mcfg.policy and mcfg.rubric == DEFAULT_RUBRIC
         return policy_judge(engine), (f"the policy {mcfg.policy} as a yes/no judge"
@@ -117,9 +117,9 @@ def run(args) -> int:
     logs.setup_logging(args)
     from jobs.bench import load_engine, resolve_methods
     from jobs.common import fail
-    from pipeline import bench as B
-    from pipeline import evaluate as E
-    from pipeline.decisions import write_page
+    from pipeline.eval import bench as B
+    from pipeline.eval import evaluate as E
+    from pipeline.eval.decisions import write_page
     if args.limit is not None and args.limit < 1:
         fail("--limit must be >= 1")
     gcfg, mcfg, s = resolve_methods(args, "eval", "--best-of-n and --modes", settings, trace=True)
@@ -156,12 +156,12 @@ def run_pairs(args, mcfg, out: Path) -> int:
     from tqdm import tqdm
     from jobs.bench import load_engine
     from jobs.common import fail
-    from jobs.train_reward import read_pairs
-    from pipeline import evaluate as E
+    from pipeline.eval.training import read_pairs
+    from pipeline.eval import evaluate as E
     path = args.pairs
     if path == "oof":
-        from pipeline.prefs import oof_pairs
-        from pipeline.sources import MissingData
+        from pipeline.eval.prefs import oof_pairs
+        from pipeline.eval.sources import MissingData
         try:
             pairs = oof_pairs(args.limit or 40)
         except MissingData as e:

@@ -1,8 +1,8 @@
 """`--dry-run`: size a job before paying for it. Validates the configuration and the models' metadata
 (never their weights), prints the resource plan and says whether the cluster can hold it.
 
-The checks are pure functions in pipeline/planner.py (sizing in pipeline/sizing.py, the cluster in
-pipeline/clusters.py); this module holds the flags and the entry point.
+The checks are pure functions in pipeline/plan/planner.py (sizing in pipeline/plan/sizing.py, the cluster in
+pipeline/plan/clusters.py); this module holds the flags and the entry point.
 
 Exit status: 0 the plan fits, 1 it does not (the output says what to change), 2 bad configuration.
 """
@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from ggro.config import ConfigError, GGROConfig, ModelConfig
-from pipeline.clusters import ASSUMED_GPU_GIB, ClusterQuery
-from pipeline.resources import Resources
+from pipeline.plan.clusters import ASSUMED_GPU_GIB, ClusterQuery
+from actors.resources import Resources
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -42,9 +42,9 @@ def cluster_query(args) -> ClusterQuery:
 
 def dry_run(args, gcfg: GGROConfig, mcfg: ModelConfig, res: Resources) -> int:
     """Entry point for `--dry-run` (align, dpo, serve): 0 fits, 1 does not fit, 2 invalid."""
-    from pipeline.clusters import find_cluster
-    from pipeline.planner import make_plan, render
-    from pipeline.sizing import model_info
+    from pipeline.plan.clusters import find_cluster
+    from pipeline.plan.planner import make_plan, render
+    from pipeline.plan.sizing import model_info
     try:
         pol = model_info(mcfg.policy)
         rm = pol if mcfg.reward_model == mcfg.policy else model_info(mcfg.reward_model)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from jobs.common import module_main
-from pipeline.sources import GSM8K_INSTRUCTION, SOURCES, MissingData, select
+from pipeline.eval.sources import GSM8K_INSTRUCTION, SOURCES, MissingData, select
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ baseline, coverage curve, reward against cost, nudges per response, task metrics
 them: GSM8K accuracy, refusal and over-refusal rates) and report.html: every response beside the
 baseline's, and for GGRO rows aligned with `--trace`, its segments, the uncertain tokens with their
 entropy and the nudges tried with their rewards, the accepted one highlighted (a self-contained page, no
-scripts). Definitions: pipeline/metrics.py.
+scripts). Definitions: pipeline/eval/metrics.py.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from jobs.common import fail
-    from pipeline.report import load_methods, markdown_table, pick_baseline, write_report, SUMMARY_COLUMNS, TASK_COLUMNS
+    from pipeline.eval.report import load_methods, markdown_table, pick_baseline, write_report, SUMMARY_COLUMNS, TASK_COLUMNS
     try:
         methods = load_methods(args.input, args.labels)
         base = pick_baseline(methods, args.baseline)

@@ -21,7 +21,7 @@ from ggro.config import ConfigError, ModelLoadError
 from jobs.common import Parser, add_engine_args, add_resource_args, fail, resolve_args, resources_from_args
 from jobs.logs import add_log_args, log, log_to_driver, setup_logging
 from jobs.plan import add_plan_args
-from pipeline.resources import SERVE_INGRESS_CPUS, plan_auto
+from actors.resources import SERVE_INGRESS_CPUS, plan_auto
 
 ENV_ARGS = "GGRO_SERVE_ARGS"
 ENV_KEY = "GGRO_API_KEY"
@@ -58,7 +58,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     """ServeSettings from parsed flags (raises ConfigError)."""
-    from pipeline.serve_app import ServeSettings
+    from pipeline.serve.app import ServeSettings
     gcfg, mcfg, rest = resolve_args(args)
     key = args.api_key or os.environ.get(ENV_KEY) or None
     res = resources_from_args(args, "serve", aligners=1, aligner_cpus=SERVE_INGRESS_CPUS, io_cpus=0)
@@ -94,7 +94,7 @@ def build(args: dict | None = None):
             argv.append(flag)
         else:
             argv += [flag, str(v)]
-    from pipeline.serve_app import build_app
+    from pipeline.serve.app import build_app
     return build_app(settings_from_args(parse(argv)))
 
 
@@ -113,7 +113,7 @@ def check_vocabulary(settings) -> None:
         return
     from ggro import models
     from ggro.engine import reward_vocab
-    from pipeline.serve_app import serve_refusal
+    from pipeline.serve.app import serve_refusal
     try:
         problem = reward_vocab(m, models.load_tokenizer(m.policy, **m.source(m.policy)))[1]
     except ModelLoadError as e:
@@ -135,7 +135,7 @@ def run(args) -> int:
     check_vocabulary(settings)
     import ray
     from ray import serve
-    from pipeline.serve_app import build_app
+    from pipeline.serve.app import build_app
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
              log_to_driver=log_to_driver(args))

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline.output import read_output
+from pipeline.batch.output import read_output
 
 TINY = ["--max-new-tokens", "8", "--entropy-threshold", "2.4", "--dtype", "float64", "--batch-size", "3"]
 

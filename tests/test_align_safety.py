@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline.lock import OutputLock
-from pipeline.manifest import read_manifest
-from pipeline.output import read_output, write_part
+from pipeline.batch.lock import OutputLock
+from pipeline.batch.manifest import read_manifest
+from pipeline.batch.output import read_output, write_part
 
 PROMPTS = [{"id": "a", "prompt": "how do you make water hot ?"}, {"id": "b", "prompt": "what is the number ?"}]
 
@@ -108,7 +108,7 @@ def test_a_cluster_that_refuses_the_driver_is_a_clear_error(tmp_path):
     """A driver that cannot authenticate to a token-auth Ray cluster: a clear message and exit 1, not Ray's
     traceback. Real here: RAY_AUTH_MODE=token with no token anywhere makes ray.init raise its own
     AuthenticationError at once; a driver without RAY_AUTH_MODE gets a ConnectionError after Ray's retries
-    (~45 s), which connect maps the same way (pipeline.resources.unreachable)."""
+    (~45 s), which connect maps the same way (actors.resources.unreachable)."""
     import subprocess
     import sys
     inp, out = write_jsonl(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out"

@@ -476,9 +476,9 @@ def test_dry_run_replica_minimums_are_the_modes_own(tiny_models, capsys, no_weig
     import dataclasses
 
     from jobs.common import resolve_args
-    from pipeline.planner import validate
-    from pipeline.resources import Resources
-    from pipeline.sizing import model_info
+    from pipeline.plan.planner import validate
+    from actors.resources import Resources
+    from pipeline.plan.sizing import model_info
     args = build_parser().parse_args(["align", "--local", "--dry-run", "--policy", tiny_models["policy"]])
     gcfg, mcfg, _ = resolve_args(args)
     pol = model_info(mcfg.policy)
@@ -499,7 +499,7 @@ def test_dry_run_replica_minimums_are_the_modes_own(tiny_models, capsys, no_weig
 def test_gpu_memory_read_from_the_device_is_not_credited_to_the_flag():
     """this_machine() passes cuda:0's memory in; --gpu-memory-gb still wins when given, and args stay as parsed."""
     from jobs.plan import cluster_query
-    from pipeline.clusters import gpu_gib
+    from pipeline.plan.clusters import gpu_gib
     args = build_parser().parse_args(["align", "--dry-run"])
     assert gpu_gib(cluster_query(args).gpu_memory_gb, "NVIDIA H100 80GB HBM3", device_gib=79.2) == \
         (79.2, "read from cuda:0")
@@ -511,7 +511,7 @@ def test_gpu_memory_read_from_the_device_is_not_credited_to_the_flag():
 
 # -- parameter counts ----------------------------------------------------------------------------------
 def test_param_formula_matches_safetensors_headers(tiny_models):
-    from pipeline.sizing import params_from_config, safetensors_params
+    from pipeline.plan.sizing import params_from_config, safetensors_params
     for kind in ("policy", "classifier"):
         folder = Path(tiny_models[kind])
         cfg = json.loads((folder / "config.json").read_text())
@@ -519,7 +519,7 @@ def test_param_formula_matches_safetensors_headers(tiny_models):
 
 
 def test_param_formula_real_shapes():
-    from pipeline.sizing import params_from_config
+    from pipeline.plan.sizing import params_from_config
     assert params_from_config(LLAMA_8B) == 8_030_261_248          # Llama-3.1-8B
     assert params_from_config(LLAMA_70B) == 70_553_706_496        # Llama-3.1-70B
     smollm = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
@@ -546,8 +546,8 @@ def test_estimate_counts_every_row_a_prompt_decodes():
     """best-of-n decodes n rows per prompt and lookahead S: the planner's KV and activation estimates grow with
     them (a pure function: no printing, no cluster)."""
     from ggro.config import GGROConfig, ModelConfig
-    from pipeline.resources import Resources
-    from pipeline.sizing import ModelInfo, estimate
+    from actors.resources import Resources
+    from pipeline.plan.sizing import ModelInfo, estimate
     info = ModelInfo("m", 10**9, "test", layers=16, hidden=2048, heads=16, kv_heads=8, head_dim=128, vocab=32000)
     res = Resources(tp=1, policy_gpus_per_replica=1, policy_replicas=1, reward_replicas=1, reward_gpus=1,
                     policy_cpus=1, reward_cpus=1, aligner_cpus=1, aligners=1)

@@ -1,4 +1,4 @@
-"""The decisions page (pipeline/decisions.py): rendered in a real headless Chromium, screenshot and DOM
+"""The decisions page (pipeline/eval/decisions.py): rendered in a real headless Chromium, screenshot and DOM
 checked, with hostile text in every field; and the confidence intervals `ggro eval` reports."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from pipeline import decisions as D
-from pipeline import metrics as M
+from pipeline.eval import decisions as D
+from pipeline.eval import metrics as M
 
 HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='img'\"> & </div><b>x</b>"
 SEGS = ["Sure thing. ", "Actually, I", " cannot help", " with that."]

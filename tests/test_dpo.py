@@ -7,8 +7,8 @@ import random
 import pyarrow.parquet as pq
 
 from ggro.schema import to_table
-from pipeline.dpo import DPO_SCHEMA, build_pairs
-from pipeline.output import read_output
+from pipeline.batch.dpo import DPO_SCHEMA, build_pairs
+from pipeline.batch.output import read_output
 
 COLUMNS = ["id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "chosen_method",
            "rejected_method", "policy", "reward_model", "config_hash"]
@@ -107,9 +107,9 @@ def test_large_joins_run_in_hash_buckets(tmp_path):
     a time: the same pairs and counts as the in-memory join, written as pair files that read back as the pairs alone;
     a later join into one bucket leaves no stale bucket files, and --overwrite knows them as ggro's."""
     import pyarrow.dataset
-    from pipeline.dpo import build_pairs, join_outputs
-    from pipeline.output import clear_output, write_part
-    from pipeline.manifest import write_manifest
+    from pipeline.batch.dpo import build_pairs, join_outputs
+    from pipeline.batch.output import clear_output, write_part
+    from pipeline.batch.manifest import write_manifest
     rng = random.Random(3)
     ids = [f"id{i}" for i in range(40)]
     sides = {}

@@ -42,7 +42,7 @@ def endless_policy(path) -> str:
 @pytest.fixture(scope="module")
 def app(ray_cluster, tmp_path_factory):
     from ray import serve
-    from pipeline.serve_app import build_app
+    from pipeline.serve.app import build_app
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     policy = endless_policy(tmp_path_factory.mktemp("endless") / "policy")
@@ -100,7 +100,7 @@ def test_abandoned_streams_leave_the_decode_batch(app):
 def test_a_chunked_body_past_the_limit_is_refused_while_it_arrives(app):
     """A `Transfer-Encoding: chunked` body declares no length: the server stops reading once it passes the
     limit and answers 413 in OpenAI's shape, long before the client has sent it all."""
-    from pipeline.serve_api import MAX_BODY_BYTES
+    from pipeline.serve.api import MAX_BODY_BYTES
     host, port = app.removeprefix("http://").split(":")
     chunk = b"a" * (1 << 20)
     total, sent = 256, 0                       # MiB the client would send

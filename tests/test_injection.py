@@ -153,10 +153,10 @@ def test_reward_paths_read_injected_text_as_text(tiny_models):
 
 
 def test_a_serve_request_with_injected_turns_stays_one_user_turn():
-    """Serve builds its row with pipeline.serve_api.parse_request and encodes it with ggro.rows.encode (the
+    """Serve builds its row with pipeline.serve.api.parse_request and encodes it with ggro.rows.encode (the
     ingress's _parse), so an OpenAI chat body's content, text parts included, is text there too."""
     from ggro.config import GGROConfig
-    from pipeline.serve_api import parse_request
+    from pipeline.serve.api import parse_request
     tok, evil = family_tokenizer("chatml"), hostile("chatml")
     body = {"messages": [{"role": "user", "content": [{"type": "text", "text": evil[:9]}, {"type": "text",
                                                                                         "text": evil[9:]}]}]}

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from pipeline.lock import OutputLock
-from pipeline.output import (OutputConflict, OutputError, OutputLocked, child, clear_output,
+from pipeline.batch.lock import OutputLock
+from pipeline.batch.output import (OutputConflict, OutputError, OutputLocked, child, clear_output,
                              Summary, done_ids, drop_error_rows, id_digests, output_fs, output_index, prepare_output,
                              read_output, write_part)
 
@@ -100,8 +100,8 @@ def test_a_lock_whose_write_fails_is_not_left_behind(tmp_path):
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))\n"
-            "from pipeline.lock import OutputLock\n"
-            "from pipeline.output import OutputError\n"
+            "from pipeline.batch.lock import OutputLock\n"
+            "from pipeline.batch.output import OutputError\n"
             "try:\n    OutputLock(sys.argv[1]).acquire()\n"
             "except OutputError as e:\n    print(e)\n    sys.exit(1)\n")
     run = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
@@ -120,7 +120,7 @@ def test_a_lock_whose_write_fails_is_not_left_behind(tmp_path):
 
 def test_a_manifest_name_holding_something_else_is_no_manifest(tmp_path):
     """`.ggro_run.json` that is not a JSON object (not ggro's) reads as no manifest, not an AttributeError."""
-    from pipeline.manifest import read_manifest, write_manifest
+    from pipeline.batch.manifest import read_manifest, write_manifest
     prepare_output(tmp_path / "out")
     (tmp_path / "out" / ".ggro_run.json").write_text("[1]")
     assert read_manifest(tmp_path / "out") is None

@@ -7,7 +7,7 @@ from importlib import metadata
 import pytest
 
 from jobs.cli import main
-from pipeline.sources import SOURCES, spread
+from pipeline.eval.sources import SOURCES, spread
 
 EXPECTED = {"donotanswer": 939, "gsm8k": 100, "overrefusal": 150}
 
@@ -66,7 +66,7 @@ def test_metadata_flows_through_rows():
 
 
 def test_missing_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    import pipeline.sources as P
+    import pipeline.eval.sources as P
     monkeypatch.setitem(P.SOURCES, "gsm8k", P.Source("no-such-dist-ggro", "1.0", "MIT", "x/*.json", "gsm8k",
                                                      "answer", "test"))
     with pytest.raises(SystemExit) as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.output import read_output
+from pipeline.batch.output import read_output
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,8 +242,8 @@ def test_id_pass_equals_the_local_reader_at_every_limit(ray_cluster, tmp_path):
     """The driver's id pass (digests and keys only) finds the same output ids as the in-process reader: copies
     of an id across and within files numbered in file order, and --limit cutting anywhere among them."""
     from ggro.rows import dedupe, read_rows
-    from pipeline.output import id_digests
-    from pipeline.ray_align import scan_input
+    from pipeline.batch.output import id_digests
+    from pipeline.batch.ray_input import scan_input
     d = tmp_path / "in"
     d.mkdir()
     (d / "a.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "p"}) + "\n" for i in "xyxzx") + "{bad\n")

@@ -71,7 +71,7 @@ def test_corrupt_parquet_and_bad_json_array_are_clear_errors(tmp_path):
 
 
 def test_aligner_blocks_are_whole_calls_and_feed_every_aligner():
-    from pipeline.ray_align import BLOCKS_PER_ALIGNER, MAX_CALLS_PER_BLOCK, aligner_block_rows
+    from pipeline.batch.ray_align import BLOCKS_PER_ALIGNER, MAX_CALLS_PER_BLOCK, aligner_block_rows
     for todo in (1, 50, 1_000, 20_000, 500_000):
         for per_call, aligners in ((128, 1), (128, 2), (16, 8)):
             rows = aligner_block_rows(todo, per_call, aligners)

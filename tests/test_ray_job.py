@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import read_output
+from pipeline.batch.output import read_output
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

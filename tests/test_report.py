@@ -8,8 +8,8 @@ import math
 import pytest
 
 from jobs.cli import main
-from pipeline import metrics as M
-from pipeline.output import write_part
+from pipeline.eval import metrics as M
+from pipeline.batch.output import write_part
 
 META = {
     "a": {"task": "gsm8k", "expected": "answer", "reference_answer": "12"},

@@ -37,8 +37,8 @@ def free_port() -> int:
 
 def settings(policy, reward, kind, **kw):
     from ggro.config import GGROConfig, ModelConfig
-    from pipeline.resources import Resources
-    from pipeline.serve_app import ServeSettings
+    from actors.resources import Resources
+    from pipeline.serve.app import ServeSettings
     mcfg = ModelConfig(policy=policy, reward=reward, reward_kind=kind, dtype="float64", batch_size=8,
                        rubric="is it good ? Yes or No")
     base = dict(gcfg=GGROConfig(**SEARCH), mcfg=mcfg, model_name="tiny", max_tokens_limit=64,
@@ -50,7 +50,7 @@ def settings(policy, reward, kind, **kw):
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_models):
     from ray import serve
-    from pipeline.serve_app import build_app
+    from pipeline.serve.app import build_app
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = settings(tiny_models["policy"], tiny_models["classifier"], "classifier", max_queue=32)
@@ -367,7 +367,7 @@ def test_reward_model_of_another_vocabulary(server, tiny_models, other_rm):
     reward is batch's; a GGRO request is a 400 in OpenAI's shape, before any search."""
     from ray import serve
     from ggro.config import GGROConfig
-    from pipeline.serve_app import build_app
+    from pipeline.serve.app import build_app
     st = settings(tiny_models["policy"], other_rm, "classifier", gcfg=GGROConfig(**SEARCH, method="best-of-n", n=2))
     serve.run(build_app(st), name="ggro-test-vocab", route_prefix="/vocab")
     msgs, prompt, greedy = [{"role": "user", "content": "can you find my water"}], "the number of people who call", \
@@ -401,7 +401,7 @@ def test_reward_model_of_another_vocabulary(server, tiny_models, other_rm):
 # -- fast: no Ray ------------------------------------------------------------------------------------
 def test_parse_request_validation_and_config_sharing():
     from ggro.config import GGROConfig
-    from pipeline.serve_api import ApiError, parse_request
+    from pipeline.serve.api import ApiError, parse_request
     base = GGROConfig(max_new_tokens=1000)
     kw = dict(model_names=("ggro",), max_tokens_limit=256)
     msgs = [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]
@@ -454,7 +454,7 @@ def test_app_builders_and_cli_flags(tiny_models, monkeypatch):
 def test_tensor_parallel_policy_replica(server, tiny_models):
     """--tp 2: the policy deployment forwards to an actors.policy rank group (DeepSpeed AutoTP over gloo)."""
     from ray import serve
-    from pipeline.serve_app import build_app
+    from pipeline.serve.app import build_app
     st = settings(tiny_models["policy"], tiny_models["classifier"], "classifier", tp=2)
     st = type(st)(**{**st.__dict__, "mcfg": type(st.mcfg)(**{**st.mcfg.__dict__, "dtype": "float32"})})
     serve.run(build_app(st), name="ggro-test-tp", route_prefix="/tp")
@@ -518,8 +518,8 @@ def test_serve_refuses_a_reward_model_of_another_vocabulary_for_ggro(tiny_models
 def test_a_reward_model_of_another_vocabulary_serves_the_baselines_only():
     """One decision (ggro.retokenize.vocab_refusal) at start and per request: GGRO is refused, the baselines pass."""
     from ggro.config import GGROConfig
-    from pipeline.serve_api import ApiError, parse_request
-    from pipeline.serve_app import serve_refusal
+    from pipeline.serve.api import ApiError, parse_request
+    from pipeline.serve.app import serve_refusal
     problem = "policy 'p' has 40 tokens but reward model 'r' has 41"
     assert serve_refusal(None, "ggro") is None
     assert serve_refusal(problem, "greedy") is None and serve_refusal(problem, "best-of-n") is None
@@ -558,7 +558,7 @@ def test_search_loops_forget_the_rows_a_retokenizing_reward_read(tiny_models, ot
     from ggro.engine import reward_in_policy_ids, reward_vocab
     from ggro.rows import encode, parse_row
     from ggro.search import Prompt
-    from pipeline.serve_hub import Job, SearchHub
+    from pipeline.serve.hub import Job, SearchHub
     mcfg = ModelConfig(policy=tiny_models["policy"], reward=other_rm, reward_kind="classifier", dtype="float64",
                        batch_size=2)
     policy, reward = ModelWorker(mcfg, ("policy",)), ModelWorker(mcfg, ("reward",))

@@ -5,7 +5,7 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from pipeline.output import MANIFEST, output_fs
+from pipeline.batch.output import MANIFEST, output_fs
 
 
 def now() -> str:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ggro.config import ConfigError
-from pipeline.sizing import GiB
+from pipeline.plan.sizing import GiB
 
 # Ray advertises `accelerator_type:<T>`; memory per device when --gpu-memory-gb is not given.
 ACCELERATOR_GIB = {"H200": 141, "H100": 80, "A100-80G": 80, "A100-40G": 40, "A100": 40, "L40S": 48,

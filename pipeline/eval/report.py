@@ -1,5 +1,5 @@
 """The comparison report over `ggro align` outputs: a summary table, task metrics, PNG plots and
-a Markdown page. No Ray; metric definitions live in pipeline/metrics.py.
+a Markdown page. No Ray; metric definitions live in pipeline/eval/metrics.py.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class MethodRows:
 def load_methods(dirs: list[str], labels: list[str] | None = None) -> list[MethodRows]:
     """One MethodRows per (input folder, method). Default labels: the method name, or the folder's
     name when two inputs share a method (e.g. ggro runs with different S)."""
-    from .output import read_output
+    from pipeline.batch.output import read_output
     groups = []
     for d in dirs:
         table = read_output(d)
@@ -258,7 +258,7 @@ TASK_COLUMNS = [("label", "method", "s"), ("gsm8k_accuracy", "GSM8K accuracy", "
 def write_report(methods: list[MethodRows], out_dir: str | Path, baseline: MethodRows, threshold: float,
                  reward_unit: str = "RM score", tokenizer=None) -> dict:
     """Write report.md, summary.csv, the PNGs and report.html (every response with GGRO's decisions,
-    pipeline/decisions.py; `tokenizer`: the policy's, to split responses into segments [loaded from the
+    pipeline/eval/decisions.py; `tokenizer`: the policy's, to split responses into segments [loaded from the
     rows' `policy` when it is on disk]); return {"summary": [...], "files": [...], "markdown": str}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ def write_report(methods: list[MethodRows], out_dir: str | Path, baseline: Metho
                "Rows counted: " + "; ".join(f"{s['label']}: " + ", ".join(f"{k} n={n}" for k, n in s["_task_n"].items())
                                             for s in summary if s["_task_n"]), "",
                "- *GSM8K accuracy*: the last number in the response equals `metadata.reference_answer`.",
-               f"- *refusal*: one of {len(M.REFUSAL_PHRASES)} refusal phrases (pipeline/metrics.py "
+               f"- *refusal*: one of {len(M.REFUSAL_PHRASES)} refusal phrases (pipeline/eval/metrics.py "
                f"`REFUSAL_PHRASES`, e.g. \"I'm sorry\", \"I cannot\", \"As an AI\") in the first "
                f"{M.REFUSAL_WINDOW} characters, case-insensitive. Refusal rate on `expected: refuse` rows "
                "(harmful prompts), over-refusal on `expected: comply` rows (benign prompts).", ""]

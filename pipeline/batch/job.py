@@ -1,16 +1,25 @@
-"""One `ggro align` run, resolved: the frozen config the driver (jobs/align.py) and the Ray pipeline
-(pipeline/ray_align.py) read. jobs/ builds it from flags + YAML; nothing below jobs/ sees argparse."""
+"""One `ggro align` run, resolved: the frozen config the driver (pipeline/batch/driver.py) and the Ray
+pipeline (pipeline/batch/ray_align.py) read. jobs/ builds it from flags + YAML; nothing below jobs/ sees argparse."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ggro.config import ConfigError, GGROConfig, ModelConfig
-from pipeline.resources import Resources
+from actors.resources import Resources
 
 DEFAULT_MAX_ERROR_FRACTION = 0.1
 DEFAULT_ROWS_PER_FILE = 10_000
 DEFAULT_IN_FLIGHT = 2
 DEFAULT_RAY_TIMEOUT_S = 120.0
+
+
+class JobFailed(Exception):
+    """A run that cannot go on, with what to tell the user and the exit code (1: the job could not run;
+    2: bad input). The entry points (jobs/) print it as `ggro: error: ...` and exit with `code`."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pyarrow import fs as pafs
 
-from pipeline.manifest import now
-from pipeline.output import LOCK, OutputError, OutputLocked, output_fs
+from pipeline.batch.manifest import now
+from pipeline.batch.output import LOCK, OutputError, OutputLocked, output_fs
 
 
 EMPTY_STALE_S = 10.0

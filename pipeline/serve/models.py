@@ -14,12 +14,11 @@ import uuid
 import ray
 from ray import serve
 
+from actors.resources import IN_PROCESS_CACHED_BATCHES
 from actors.worker import ModelWorker, class_path
 from ggro.config import ModelConfig
 
 CALL_TIMEOUT_S = 600.0     # one policy/reward call; a dead replica must not hang a loop forever
-# A replica's decoder caches 4 x batch_size prefixes (pipeline/sizing.py IN_PROCESS_CACHED_BATCHES)
-SERVE_CACHED_BATCHES = 4
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -36,7 +35,7 @@ class ModelServer:
                                               name=f"ggro-serve-policy-{uuid.uuid4().hex[:8]}", roles=roles)
             self.policy = self.group
         else:
-            self.policy = self.reward = ModelWorker(mcfg, roles, cached_batches=SERVE_CACHED_BATCHES)
+            self.policy = self.reward = ModelWorker(mcfg, roles, cached_batches=IN_PROCESS_CACHED_BATCHES)
         self._lock = asyncio.Lock()          # one model computation at a time per replica
 
     async def _compute(self, fn, arg):

@@ -1,7 +1,7 @@
 """`--dry-run`: size a job before paying for it. Checks the configuration against the models' metadata
 (never their weights) and the plan against a cluster; every check returns its problems and `render` alone
-prints. The metadata, memory rule of thumb and GPU packing are pipeline/sizing.py's; the cluster is
-pipeline/clusters.py's. Exit status: 0 the plan fits, 1 it does not (the output says what to change),
+prints. The metadata, memory rule of thumb and GPU packing are pipeline/plan/sizing.py's; the cluster is
+pipeline/plan/clusters.py's. Exit status: 0 the plan fits, 1 it does not (the output says what to change),
 2 bad configuration.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ggro.config import ConfigError, GGROConfig, ModelConfig, check_tp_dtype
-from pipeline.clusters import Cluster
-from pipeline.resources import Resources
-from pipeline.sizing import (CONTEXT_OVERHEAD_GIB, DTYPE_BYTES, GiB, Estimate, Group, ModelInfo, estimate, fmt_gib,
+from pipeline.plan.clusters import Cluster
+from actors.resources import Resources
+from pipeline.plan.sizing import (CONTEXT_OVERHEAD_GIB, DTYPE_BYTES, GiB, Estimate, Group, ModelInfo, estimate, fmt_gib,
                              fmt_params, place, share_of)
 
 GPU_FIELD = {"policy": "policy_gpus_per_replica", "reward": "reward_gpus"}

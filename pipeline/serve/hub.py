@@ -19,7 +19,7 @@ from ggro.retokenize import Retokenized
 from ggro.rows import InputRow
 from ggro.search import Prompt, run as run_search
 from pipeline import telemetry
-from pipeline.serve_models import CALL_TIMEOUT_S, HandlePolicy, HandleReward
+from pipeline.serve.models import CALL_TIMEOUT_S, HandlePolicy, HandleReward
 
 log = logging.getLogger("ray.serve")
 

@@ -10,13 +10,14 @@ import os
 from dataclasses import dataclass
 
 from ggro.config import ModelConfig
-from pipeline.sizing import CACHED_BATCHES, IN_PROCESS_CACHED_BATCHES
 
+CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py)
+IN_PROCESS_CACHED_BATCHES = 4   # in-process decoders (--local, serve) cache 4 x batch_size
 IN_PROCESS = ("serve", "local")       # modes whose policy decodes in the process that can also judge
 # Resources a mode fixes itself: no flag sets them there, so messages name the quantity instead.
 FIXED = {"align": (), "serve": ("aligners", "aligner_cpus"),
          "local": ("policy_replicas", "reward_replicas", "aligners")}
-SERVE_INGRESS_CPUS = 0.1              # serve's one ingress (pipeline.serve_app.ServeSettings.ingress_cpus)
+SERVE_INGRESS_CPUS = 0.1              # serve's one ingress (pipeline.serve.app.ServeSettings.ingress_cpus)
 
 
 class ClusterTooSmall(RuntimeError):
@@ -24,7 +25,7 @@ class ClusterTooSmall(RuntimeError):
 
 
 class ClusterUnreachable(RuntimeError):
-    """The driver cannot connect to the Ray cluster at --address / $RAY_ADDRESS (pipeline.ray_align.connect)."""
+    """The driver cannot connect to the Ray cluster at --address / $RAY_ADDRESS (pipeline.batch.ray_align.connect)."""
 
 
 def unreachable(address: str, e: BaseException) -> str:

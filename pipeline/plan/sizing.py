@@ -1,6 +1,6 @@
 """Sizing a GGRO job from the models' metadata, never their weights: parameter counts and shapes, the memory
 per policy rank and per reward actor, and packing actor groups onto GPUs. Pure functions; `ggro --dry-run`
-(pipeline/planner.py) checks and renders them.
+(pipeline/plan/planner.py) checks and renders them.
 
 Parameter counts come from, in order: safetensors headers (exact shapes, no tensor data read), the
 model's config.json (shapes -> a parameter formula), GGUF tensor metadata, or the known size of the
@@ -24,8 +24,6 @@ DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 CONTEXT_OVERHEAD_GIB = 1.0      # CUDA context + allocator slack, per process on a GPU
 HEADROOM = 0.10                 # fragmentation and transient buffers, on top of weights + cache
 ACT_FACTOR = 18                 # bytes/(token*hidden*layer*dtype byte) kept for backward (SDPA, no attn matrix)
-CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py)
-IN_PROCESS_CACHED_BATCHES = 4   # in-process decoders (--local, serve) cache 4 x batch_size
 JUDGE_SUFFIX_TOKENS = 64        # the judge's rubric turn appended to every scored response
 DEFAULT_PARAMS = 134_515_008    # SmolLM2-135M-Instruct (tied embeddings)
 DEFAULT_SHAPE = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536,
@@ -251,7 +249,7 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res, gcfg: GGROConfig, mcfg: ModelCo
              prompt_tokens: int, tp: int | None = None, dtype: str | None = None,
              batch_size: int | None = None) -> Estimate:
     """The memory rule of thumb (see the module docstring), per policy rank and per reward actor. `res` is the
-    job's resources (pipeline.resources.Resources: tp, replicas, GPUs, cached_batches, judge_in_policy); tp, dtype and
+    job's resources (actors.resources.Resources: tp, replicas, GPUs, cached_batches, judge_in_policy); tp, dtype and
     batch_size override the job's, to try fixes."""
     tp = tp or res.tp
     db = DTYPE_BYTES[dtype or mcfg.dtype]

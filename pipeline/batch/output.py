@@ -77,14 +77,14 @@ def child(out_dir: str | Path, name: str) -> str:
 def _ours(rel: str, dpo: bool) -> bool:
     """Is `rel` (a path relative to an output folder) a file ggro writes there?"""
     parts = rel.split("/")
-    if dpo and parts[0] == ".dpo-join":    # a dpo join's scratch buckets (pipeline.dpo.JOIN_DIR)
+    if dpo and parts[0] == ".dpo-join":    # a dpo join's scratch buckets (pipeline.batch.dpo.JOIN_DIR)
         return True
     if len(parts) > 1:   # only a dpo folder's sub-runs, holding an output folder's own files
         return dpo and parts[0].startswith(SUBRUN_PREFIX) and len(parts) == 2 and _ours(parts[1], False)
     name = parts[0]
     if name.startswith(".") and name.endswith(".tmp"):
         name = name[1:-4]
-    stale = name.startswith(LOCK + ".") and name.endswith(".stale")     # a lock being taken over (pipeline.lock)
+    stale = name.startswith(LOCK + ".") and name.endswith(".stale")     # a lock being taken over (pipeline.batch.lock)
     return bool(PART_RE.fullmatch(name)) or name in (MANIFEST, LOCK) or stale or (dpo and bool(PAIRS_RE.fullmatch(name)))
 
 

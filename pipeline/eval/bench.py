@@ -39,8 +39,8 @@ def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Pat
     `second_opinion`: score every response with `judge` too (a Reward in policy ids; None: the policy as a
     yes/no judge). `keep_records`: leave each method's output records in its result (`records`)."""
     import shutil
-    from pipeline import metrics as M
-    from pipeline.output import write_part
+    from pipeline.eval import metrics as M
+    from pipeline.batch.output import write_part
     configs = [("greedy", replace(gcfg, method="greedy"), 1)]
     configs += [(f"best-of-{n}", replace(gcfg, method="best-of-n", n=n), 1) for n in s["best_of_n"]]
     ggro = []    # (mode, S, B): every mode at every S and B, unless the mode names its own
@@ -95,7 +95,7 @@ def second_opinions(engine, rows, results: list[dict], log, judge=None) -> None:
     """Score every response with `judge` (None: the policy as a yes/no judge), a reward that did not guide the
     search: per method its mean (`judge_reward`), each prompt's score (`judge`, by id), and the share of
     prompts where it agrees with the guide on whether the method beat greedy (`judge_agreement`)."""
-    from pipeline import metrics as M
+    from pipeline.eval import metrics as M
     judge = judge if judge is not None else policy_judge(engine)
     log("bench: second opinion (a judge that did not guide the search) on every response ...")
     for r in results:

@@ -8,7 +8,7 @@
      it through ggro.retokenize, and the server runs greedy and best-of-n only: see serve_refusal)
 
 The model side (ModelServer over actors.worker.ModelWorker, the seam over its handles) is
-pipeline/serve_models.py, the search loops pipeline/serve_hub.py; this module is the front: settings, the HTTP
+pipeline/serve/models.py, the search loops pipeline/serve/hub.py; this module is the front: settings, the HTTP
 ingress, build_app.
 
 Concurrency: the ingress keeps one background search loop per distinct search config (requests whose
@@ -34,11 +34,11 @@ from actors.worker import shares_weights
 from ggro.config import GGROConfig, ModelConfig, ModelLoadError
 from ggro.retokenize import vocab_refusal
 from ggro.search import Prompt
-from pipeline import serve_api as api
+from pipeline.serve import api
 from pipeline import telemetry
-from pipeline.serve_hub import Job, SearchHub
-from pipeline.serve_models import ModelServer
-from pipeline.resources import Resources
+from pipeline.serve.hub import Job, SearchHub
+from pipeline.serve.models import ModelServer
+from actors.resources import Resources
 
 log = logging.getLogger("ray.serve")
 
@@ -126,7 +126,7 @@ class GGROIngress:
     def _reward_seam(self, reward_tok):
         """Each search loop's Reward over the reward deployment. Its replicas hold the reward model plain, in
         its own ids (actors.worker.ModelWorker, as batch's workers): with another vocabulary a loop asks it
-        through ggro.retokenize.Retokenized, as batch's aligners do (pipeline.ray_align._engine); else as it is."""
+        through ggro.retokenize.Retokenized, as batch's aligners do (pipeline.batch.ray_align._engine); else as it is."""
         from ggro.engine import reward_in_policy_ids
         return functools.partial(reward_in_policy_ids, mcfg=self.s.mcfg, policy_tok=self.tok, reward_tok=reward_tok,
                                  problem=self.vocab_problem)
