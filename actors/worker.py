@@ -90,28 +90,29 @@ class ModelWorker:
         check_roles(roles, tp)
         from ggro import models
         from ggro.engine import load_reward
+        from ggro.modelset import ModelSet
         mcfg = models.here(mcfg)     # `auto` dtype and device against this actor's own hardware
         self.mcfg, self.roles, self.rank, self.tp = mcfg, tuple(roles), rank, tp
         self.max_cached = cached_batches * mcfg.batch_size
         self.model = self.decoder = self.reward = self.context = None
         _set_threads(threads)
-        self.tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
+        self.models = ModelSet(mcfg)
+        self.tok = self.models.tokenizer
         if "policy" in roles:
             self._load_policy()
         if "reward" in roles:   # on self.model when the config shares weights (load_reward decides)
-            # queried in its own ids: with another vocabulary its callers translate (ggro.engine.reward_in_policy_ids)
-            self.reward = load_reward(mcfg, self.tok, self.model, policy_ids=False)
+            # queried in its own ids: with another vocabulary its callers translate (ModelSet.reward_seam)
+            self.reward = load_reward(mcfg, self.tok, self.model, policy_ids=False, model_set=self.models)
 
     def _load_policy(self) -> None:
         from ggro import models
-        from ggro.engine import context_window
         m = self.mcfg
         # A tp > 1 rank loads on the host and sharding moves only its shard to the GPU: loading the whole
         # model on every GPU first would need P*B per GPU, not the P*B/tp the planner promises.
         self.model = models.load_model(m.policy, "causal", m.dtype, "cpu" if self.tp > 1 else m.device,
                                        **m.source(m.policy))
-        self.eos = models.eos_ids(self.tok, self.model)
-        self.context = context_window(self.model.config)
+        self.eos = self.models.eos_ids(self.model)
+        self.context = self.models.context(self.model)
         if self.tp == 1:
             self._make_decoder()
 

@@ -38,6 +38,22 @@ def resolve_auto(dtype: str, device: str, cuda: bool, bf16: bool = True) -> tupl
     return dtype, device
 
 
+CONTEXT_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len")   # what HF configs call it
+DEFAULT_CONTEXT = 2048
+
+
+def context_window(config) -> int:
+    """A policy's context window in tokens, from its HF config (a PretrainedConfig, or config.json's dict as the
+    planner reads it): the first of CONTEXT_NAMES it sets (a multimodal model's under text_config), else
+    DEFAULT_CONTEXT. The one rule for the search's prompt check, Serve and the planner's warning."""
+    if not isinstance(config, dict):
+        text = getattr(config, "get_text_config", None)
+        config = (text() if callable(text) else config).to_dict() if hasattr(config, "to_dict") else vars(config)
+    sub = config.get("text_config")
+    config = {**config, **sub} if isinstance(sub, dict) else config
+    return next((int(config[n]) for n in CONTEXT_NAMES if config.get(n)), DEFAULT_CONTEXT)
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names it and the fix."""
 

@@ -151,12 +151,13 @@ def vocab_mismatch(policy_tok, reward_tok, policy_spec: str, reward_spec: str) -
     return None
 
 
-def eos_ids(tok, model) -> list[int]:
-    """End-of-turn ids: the tokenizer's eos plus the generation config's (Llama-3 has several)."""
+def eos_ids(tok, model=None, generation_config=None) -> list[int]:
+    """End-of-turn ids: the tokenizer's eos plus the generation config's (Llama-3 has several), read from
+    `model` or given. The one rule (ggro.modelset.ModelSet.eos_ids asks it for a job's policy)."""
     ids = set()
     if tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
-    gen = getattr(model, "generation_config", None)
+    gen = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None) if gen is not None else None
     ids.update([extra] if isinstance(extra, int) else (extra or []))
     return sorted(ids)

@@ -14,7 +14,7 @@ from .seam import Reward, RewardQuery, RewardResult
 
 def vocab_refusal(problem: str | None, method: str) -> str | None:
     """Why `method` cannot use a reward model whose vocabulary differs from the policy's as `problem` says
-    (ggro.engine.reward_vocab; None: one vocabulary), or None when it can. Only GGRO reads the reward model's
+    (ggro.modelset.ModelSet.vocab_problem; None: one vocabulary), or None when it can. Only GGRO reads the reward model's
     gradient, as policy tokens; greedy and best-of-n score whole responses, which Retokenized translates."""
     if problem and method == "ggro":
         return f"{problem}: GGRO reads the reward model's gradient as policy tokens and needs one shared vocabulary"

@@ -112,7 +112,7 @@ def check_vocabulary(settings) -> None:
     if m.reward_model == m.policy:
         return
     from ggro import models
-    from ggro.engine import reward_vocab
+    from ggro.modelset import reward_vocab
     from pipeline.serve.app import serve_refusal
     try:
         problem = reward_vocab(m, models.load_tokenizer(m.policy, **m.source(m.policy)))[1]

@@ -555,7 +555,7 @@ def test_search_loops_forget_the_rows_a_retokenizing_reward_read(tiny_models, ot
     import queue
     from actors.worker import ModelWorker
     from ggro.config import GGROConfig, ModelConfig
-    from ggro.engine import reward_in_policy_ids, reward_vocab
+    from ggro.modelset import reward_in_policy_ids, reward_vocab
     from ggro.rows import encode, parse_row
     from ggro.search import Prompt
     from pipeline.serve.hub import Job, SearchHub

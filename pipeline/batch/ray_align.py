@@ -56,12 +56,11 @@ def connect(address: str | None = None, log_to_driver: bool = True):
 def _engine(mcfg, gcfg, reward, context: int):
     """An Engine over the reward pool (its Policy is set per call); a reward model with its own vocabulary is
     asked in its own ids (the pool's workers hold it plain), which only the baselines can use."""
-    from ggro import models
-    from ggro.engine import Engine, check_vocab, reward_in_policy_ids, reward_vocab
-    tok = models.load_tokenizer(mcfg.policy, **mcfg.source(mcfg.policy))
-    reward_tok, problem = reward_vocab(mcfg, tok)
-    check_vocab(problem, gcfg.method == "ggro")
-    return Engine(tok, None, reward_in_policy_ids(reward, mcfg, tok, reward_tok, problem), context, mcfg)
+    from ggro.engine import Engine
+    from ggro.modelset import ModelSet
+    ms = ModelSet(mcfg)
+    ms.check(gcfg.method)
+    return Engine(ms.tokenizer, None, ms.reward_seam(reward), context, mcfg)
 
 
 class Aligner:
@@ -171,11 +170,8 @@ def start_ray_workers(job):
     vocabulary (the entry point turns both into exit codes)."""
     from actors.cluster import start_workers
 
-    if job.mcfg.reward_model != job.mcfg.policy:   # GGRO with a reward model of another vocabulary: fail now
-        from ggro import models
-        from ggro.engine import check_vocab, reward_vocab
-        m = job.mcfg
-        check_vocab(reward_vocab(m, models.load_tokenizer(m.policy, **m.source(m.policy)))[1], job.gcfg.method == "ggro")
+    from ggro.modelset import ModelSet
+    ModelSet(job.mcfg).check(job.gcfg.method)   # GGRO with a reward model of another vocabulary: fail now
     connect(job.address, log_to_driver=job.log_to_driver)
     res = job.resources
     workers = start_workers(job.mcfg, res, timeout_s=job.ray_timeout)

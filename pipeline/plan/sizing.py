@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ggro.config import DEFAULT_NAME, ConfigError, GGROConfig, ModelConfig, cache_dir
+from ggro.config import DEFAULT_NAME, ConfigError, GGROConfig, ModelConfig, cache_dir, context_window
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -74,7 +74,7 @@ def shapes_from_config(cfg: dict) -> dict:
                 head_dim=_first(cfg, "head_dim", default=hidden // heads),
                 intermediate=_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
                 vocab=_first(cfg, "vocab_size", default=0),
-                context=_first(cfg, "max_position_embeddings", "n_positions", "max_seq_len"))
+                context=context_window(cfg))
 
 
 def params_from_config(cfg: dict) -> int:

@@ -270,7 +270,7 @@ def parse_request(body: dict, kind: str, base: GGROConfig, *, model_names: tuple
     """Validate an OpenAI chat/completions body into an ApiRequest (raises ApiError). The checks run in a
     fixed order (model, unsupported fields, ggro knobs, prompt, limits, the method the reward model can
     serve), so a body with several faults always gets the same error. `vocab_problem`: how the server's
-    reward model's vocabulary differs from the policy's (ggro.engine.reward_vocab; None: one vocabulary)."""
+    reward model's vocabulary differs from the policy's (ggro.modelset.ModelSet.vocab_problem; None: one vocabulary)."""
     model = _model(body, model_names)
     _check_unsupported(body)
     ggro = _ggro_knobs(body)

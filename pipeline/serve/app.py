@@ -18,7 +18,6 @@ shared rounds: one Policy.decode / Reward.score call per round for all of them. 
 configs still share model calls: the model deployments merge concurrent calls with `@serve.batch`.
 """
 import asyncio
-import functools
 import hmac
 import logging
 import time
@@ -68,7 +67,7 @@ class ServeSettings:
 
 def serve_refusal(vocab_problem: str | None, method: str) -> str | None:
     """Why a server whose default method is `method` cannot start with this reward model (None: it can).
-    `vocab_problem`: how its vocabulary differs from the policy's (ggro.engine.reward_vocab). Such a reward
+    `vocab_problem`: how its vocabulary differs from the policy's (ggro.modelset.ModelSet.vocab_problem). Such a reward
     model serves greedy and best-of-n (scored in its own tokens) but never GGRO: the server's own default
     must be one of those, and GGRO requests get a 400 (serve_api.parse_request). jobs/serve.py asks this
     before Ray starts, the ingress again (for `serve run` and RayService, which skip jobs/serve.py's run)."""
@@ -99,37 +98,20 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.ingress(fastapi_app)
 class GGROIngress:
     def __init__(self, policy_handle, reward_handle, settings: ServeSettings):
-        from transformers import AutoConfig, GenerationConfig
-        from ggro import models
-        from ggro.engine import context_window, reward_vocab
+        from ggro.modelset import ModelSet
         self.s = settings
-        self.tok = models.load_tokenizer(settings.mcfg.policy, **settings.mcfg.source(settings.mcfg.policy))
-        reward_tok, self.vocab_problem = reward_vocab(settings.mcfg, self.tok)
+        self.models = ModelSet(settings.mcfg)    # tokenizers, the vocabulary decision, EOS ids, context
+        self.tok, self.vocab_problem = self.models.tokenizer, self.models.vocab_problem
         why = serve_refusal(self.vocab_problem, settings.gcfg.method)
         if why:
             raise ModelLoadError(why)
-        where, kw = models.resolve(settings.mcfg.policy)
-        self.context = context_window(AutoConfig.from_pretrained(where, **kw))
-        eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
-        try:
-            extra = GenerationConfig.from_pretrained(where, **kw).eos_token_id
-            eos.update([extra] if isinstance(extra, int) else (extra or []))
-        except (OSError, ValueError):
-            pass
-        self.eos = eos
+        self.context = self.models.context()
+        self.eos = set(self.models.eos_ids())
         self.telemetry_app = telemetry.serve_app_name()
         self.hub = SearchHub(policy_handle, reward_handle or policy_handle, settings.mcfg.batch_size,
                              settings.max_queue, self.telemetry_app,
-                             reward_seam=self._reward_seam(reward_tok))
+                             reward_seam=self.models.reward_seam)
         self.model_names = (settings.model_name,)
-
-    def _reward_seam(self, reward_tok):
-        """Each search loop's Reward over the reward deployment. Its replicas hold the reward model plain, in
-        its own ids (actors.worker.ModelWorker, as batch's workers): with another vocabulary a loop asks it
-        through ggro.retokenize.Retokenized, as batch's aligners do (pipeline.batch.ray_align._engine); else as it is."""
-        from ggro.engine import reward_in_policy_ids
-        return functools.partial(reward_in_policy_ids, mcfg=self.s.mcfg, policy_tok=self.tok, reward_tok=reward_tok,
-                                 problem=self.vocab_problem)
 
     def _format(self, kind: str) -> str:
         """How the policy reads a request's prompt: the completions endpoint takes a raw string."""

@@ -188,7 +188,7 @@ class SearchHub:
                  reward_seam=None):
         self.policy_handle, self.reward_handle = policy_handle, reward_handle
         # Reward -> Reward: each loop's reward deployment as the search asks it, in policy ids (the ingress's
-        # ggro.engine.reward_in_policy_ids; None: as it is)
+        # ggro.modelset.ModelSet.reward_seam; None: as it is)
         self.reward_seam = reward_seam or (lambda reward: reward)
         self.batch_size, self.max_queue, self.app = batch_size, max_queue, app
         self.lock = threading.Lock()
