@@ -17,7 +17,6 @@ from jobs.common import add_engine_args, add_resource_args, example_prompts, fai
     resources_from_args
 from jobs.logs import add_log_args, log_to_driver, setup_logging
 from jobs.plan import add_plan_args, dry_run
-from pipeline.batch.driver import read_input, run_job
 from pipeline.batch.job import (DEFAULT_IN_FLIGHT, DEFAULT_MAX_ERROR_FRACTION, DEFAULT_RAY_TIMEOUT_S,
                                 DEFAULT_ROWS_PER_FILE, AlignJob)
 
@@ -66,6 +65,7 @@ def input_path(args) -> str:
 
 def input_rows(args, skipped: list | None = None) -> list:
     """Every input row in memory (--local, bench): read, deduplicated, cut to --limit."""
+    from pipeline.batch.driver import read_input
     return read_input(input_path(args), args.limit, skipped)
 
 
@@ -98,6 +98,7 @@ def run(args) -> int:
         fail(str(e))
     if args.dry_run:
         return dry_run(args, job.gcfg, job.mcfg, job.resources)
+    from pipeline.batch.driver import run_job     # here: `ggro --help` need not import pyarrow
     return run_job(job)
 
 

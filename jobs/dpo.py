@@ -16,7 +16,6 @@ from ggro.config import ConfigError
 from jobs import align
 from jobs.common import fail, module_main
 from jobs.logs import log, setup_logging
-from pipeline.batch.driver import Aligners, run_job
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +82,7 @@ def run(args) -> int:
 
 def align_both(args, out) -> tuple[str, str]:
     """Align --input with GGRO and with the baseline into OUT/__aligned-METHOD/, on the same models."""
+    from pipeline.batch.driver import Aligners, run_job
     from pipeline.batch.output import SUBRUN_PREFIX, child
     chosen_dir = child(out, f"{SUBRUN_PREFIX}ggro")
     rejected_dir = child(out, f"{SUBRUN_PREFIX}{args.rejected_method}")
