@@ -64,7 +64,7 @@ def input_path(args) -> str:
 
 
 def input_rows(args, skipped: list | None = None) -> list:
-    """Every input row in memory (--local, bench): read, deduplicated, cut to --limit."""
+    """Every input row the flags name, in memory, as --local reads them: deduplicated, cut to --limit."""
     from pipeline.batch.driver import read_input
     return read_input(input_path(args), args.limit, skipped)
 
