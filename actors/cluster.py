@@ -65,6 +65,7 @@ def while_placeable(fn, res: Resources, grace_s: float, poll_s: float = 1.0):
     the message is printed and the process exits with code 1: the part files are whole, the lock is stale."""
     short, done = [], threading.Event()
     main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None   # None: not ours to take (see below)
 
     def watch():
         since = None
@@ -76,13 +77,12 @@ def while_placeable(fn, res: Resources, grace_s: float, poll_s: float = 1.0):
                 since = since or time.monotonic()
                 if time.monotonic() - since > grace_s:
                     short.append(_lost_room(str(e), grace_s))
-                    if main:
+                    if before is not None:
                         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                     if not done.wait(grace_s):
                         print(f"ggro: error: {short[0]}", file=sys.stderr, flush=True)
                         os._exit(1)
                     return
-    before = signal.getsignal(signal.SIGINT) if main else None
 
     def on_sigint(signum, frame):
         if short:
