@@ -1,8 +1,10 @@
 """Start the policy replicas and the reward pool after checking that the cluster can hold them."""
 from __future__ import annotations
 
-import _thread
 import dataclasses
+import os
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -51,11 +53,19 @@ def needed(mcfg: ModelConfig, res: Resources) -> Resources:
 
 
 def while_placeable(fn, res: Resources, grace_s: float, poll_s: float = 1.0):
-    """fn() (a job's pipeline, in this thread), stopped with ClusterTooSmall if the whole cluster cannot hold
+    """fn() (a job's pipeline, in the main thread), stopped with ClusterTooSmall if the whole cluster cannot hold
     `res` for `grace_s` in a row: a node was lost and no other has room, so Ray would wait for its actors'
-    restarts forever. Losing a node the others can stand in for costs time only (Ray restarts the actors
-    there). The stop is a KeyboardInterrupt in this thread, as Ctrl-C is: Ray Data then shuts its executor down."""
+    restarts forever. Losing a node the others can stand in for costs time only (Ray restarts the actors there).
+
+    The stop is a real SIGINT sent to the main thread, as Ctrl-C is (it wakes a thread blocked in a wait; Ray
+    Data then shuts its executor down), taken by a handler of our own: a process whose SIGINT is ignored (started
+    in the background by a non-interactive shell, or under nohup, as CI runners do) is stopped too, while a
+    SIGINT from outside keeps its old effect. `_thread.interrupt_main` did nothing in such a process, and the
+    job waited forever. Should fn() still not return `grace_s` after the stop (a wait that no signal breaks),
+    the message is printed and the process exits with code 1: the part files are whole, the lock is stale."""
     short, done = [], threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None   # None: not ours to take (see below)
 
     def watch():
         since = None
@@ -66,9 +76,23 @@ def while_placeable(fn, res: Resources, grace_s: float, poll_s: float = 1.0):
             except ClusterTooSmall as e:
                 since = since or time.monotonic()
                 if time.monotonic() - since > grace_s:
-                    short.append(str(e))
-                    _thread.interrupt_main()
+                    short.append(_lost_room(str(e), grace_s))
+                    if before is not None:
+                        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    if not done.wait(grace_s):
+                        print(f"ggro: error: {short[0]}", file=sys.stderr, flush=True)
+                        os._exit(1)
                     return
+
+    def on_sigint(signum, frame):
+        if short:
+            raise KeyboardInterrupt
+        if callable(before):
+            return before(signum, frame)
+        if before != signal.SIG_IGN:
+            raise KeyboardInterrupt
+    if before is not None:
+        signal.signal(signal.SIGINT, on_sigint)
     watcher = threading.Thread(target=watch, daemon=True, name="ggro-capacity")
     watcher.start()
     try:
@@ -76,12 +100,17 @@ def while_placeable(fn, res: Resources, grace_s: float, poll_s: float = 1.0):
     except KeyboardInterrupt:
         if not short:      # the user's Ctrl-C
             raise
-        raise ClusterTooSmall(
-            f"the cluster lost nodes mid-job and has had no room for this job for {grace_s:.0f}s (--ray-timeout): "
-            f"{short[0]} Stopped; the part files written so far are kept: rerun the same command once the "
-            "cluster has room again and it aligns only the rows not yet written") from None
+        raise ClusterTooSmall(short[0]) from None
     finally:
         done.set()
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
+def _lost_room(why: str, grace_s: float) -> str:
+    return (f"the cluster lost nodes mid-job and has had no room for this job for {grace_s:.0f}s (--ray-timeout): "
+            f"{why} Stopped; the part files written so far are kept: rerun the same command once the cluster has "
+            "room again and it aligns only the rows not yet written")
 
 
 def start_workers(mcfg: ModelConfig, res: Resources, timeout_s: float = 120) -> Workers:

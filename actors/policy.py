@@ -29,7 +29,7 @@ class PolicyReplica:
 
     def decode(self, requests: list[SegmentRequest]) -> list[SegmentResult]:
         # ray.get of the list raises as soon as one rank dies (its partner may still wait in a collective):
-        # the caller then marks the replica dead (pipeline.ray_align.Aligner) and moves on
+        # the caller then marks the replica dead (pipeline.batch.ray_align.Aligner) and moves on
         return ray.get([r.decode.remote(requests) for r in self.ranks])[0]
 
     def release(self, seq_ids: list[str]) -> None:

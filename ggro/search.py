@@ -391,24 +391,27 @@ def baseline(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGR
                                if cfg.method == "best-of-n" else None, stop=p.stop)
                 for p in chunk for k in range(n)]
         segs = policy.decode(reqs)
-        rewards = reward.score([RewardQuery(p.ids + s.tokens, seq_id=p.id, prefix_len=len(p.ids))   # x cached once
-                                for p, s in zip([p for p in chunk for _ in range(n)], segs)])
+        # a prompt withdrawn mid-decode (a sample came back "cancelled") is not scored: its caller has gone
+        gone = {p.id for i, p in enumerate(chunk) if any(s.stop == "cancelled" for s in segs[i * n:(i + 1) * n])}
+        kept = [(p, s) for p, s in zip([p for p in chunk for _ in range(n)], segs) if p.id not in gone]
+        scores = iter(reward.score([RewardQuery(p.ids + s.tokens, seq_id=p.id, prefix_len=len(p.ids))  # x cached once
+                                    for p, s in kept]) if kept else [])
         policy.release([p.id for p in chunk])
         elapsed = time.perf_counter() - t0
         for i, p in enumerate(chunk):
-            group = list(zip(segs[i * n:(i + 1) * n], rewards[i * n:(i + 1) * n]))
-            best_k = max(range(n), key=lambda k: (group[k][1].reward, -k))   # first wins ties
-            s, r = group[best_k]
-            yield Result(p.id, s.tokens, r.reward, cfg.method, 0, 1, [len(s.tokens)], n,
-                         sum(g.decoded for g, _ in group), n, elapsed,
-                         finish_reason="cancelled" if any(g.stop == "cancelled" for g, _ in group)
-                         else "stop" if s.stop in ENDED else "length")
+            group = segs[i * n:(i + 1) * n]
+            rewards = [math.nan] * n if p.id in gone else [next(scores).reward for _ in group]
+            best_k = max(range(n), key=lambda k: (rewards[k], -k))   # first wins ties
+            s = group[best_k]
+            yield Result(p.id, s.tokens, rewards[best_k], cfg.method, 0, 1, [len(s.tokens)], n,
+                         sum(g.decoded for g in group), n, elapsed,
+                         finish_reason="cancelled" if p.id in gone else "stop" if s.stop in ENDED else "length")
 
 
 def search(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROConfig,
            batch_size: int = 8, withdrawn: Callable[[str], bool] | None = None) -> Iterator[Result]:
     """The search of `cfg` in this thread. `withdrawn`: see _withdraw (the baselines' one-call batches
-    ignore it: nothing is left to save once their call runs)."""
+    ignore it: a prompt withdrawn during their decode comes back "cancelled" and is not scored)."""
     if cfg.method != "ggro":
         return baseline(prompts, policy, reward, cfg, batch_size)
     return (lookahead if cfg.search_mode == "lookahead" else ggro)(prompts, policy, reward, cfg, batch_size,

@@ -133,12 +133,14 @@ def run(args) -> int:
         from jobs.plan import dry_run
         return dry_run(args, settings.gcfg, settings.mcfg, settings.resources)
     check_vocabulary(settings)
-    import ray
     from ray import serve
+    from pipeline.batch.ray_align import connect
+    from actors.resources import ClusterUnreachable
     from pipeline.serve.app import build_app
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
-             log_to_driver=log_to_driver(args))
+    try:   # align's connect: an unreachable or token-auth cluster is a clear message, not Ray's traceback
+        ray = connect(args.address, log_to_driver=log_to_driver(args))
+    except ClusterUnreachable as e:
+        fail(str(e), 1)
     serve.start(http_options={"host": args.host, "port": args.port})
     log.info("ggro serve: loading %s ...", settings.mcfg.policy)
     serve.run(build_app(settings), name="ggro", route_prefix="/")

@@ -5,6 +5,7 @@ raylets of 2 CPUs each (ray.cluster_utils.Cluster: no `ray start`, so no other p
 finds it by accident), prints {"address": ...} and then answers one command per stdin line with one JSON
 line:
     kill ACTOR_NAME_PREFIX   kill -9 the raylet (and so every worker) of the node that hosts that named actor
+                             (waiting for the actor to exist and be constructed)
     add                      start another 2-CPU worker node
 EOF on stdin stops the whole cluster. `Nodes` is the test side of it.
 """
@@ -14,15 +15,21 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ANSWER = "ray_nodes: "      # the prefix of the answer lines (Ray may print other lines on stdout)
+# A killed raylet is declared dead after missing this many health checks. Ray's defaults (every 3 s, 10 s
+# timeout, 5 misses) take 15 s or more, and longer on a loaded machine; here a node is dead in ~3-5 s.
+DEATH_DETECTION = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                   "health_check_timeout_ms": 2000, "health_check_failure_threshold": 3}
 
 
 def _serve(workers: int) -> None:
     import ray
     from ray.cluster_utils import Cluster
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "_system_config": DEATH_DETECTION})
     ray.init(address=cluster.address, log_to_driver=False)
     for _ in range(workers):
         cluster.add_node(num_cpus=2)
@@ -32,14 +39,11 @@ def _serve(workers: int) -> None:
         for line in sys.stdin:
             cmd, *args = line.split()
             if cmd == "kill":
-                names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                               if a["name"].startswith(args[0]))
-                actor = ray.get_actor(names[0], namespace=next(
-                    a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == names[0]))
-                where = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-                node = next(n for n in cluster.worker_nodes if n.node_id == where)
-                cluster.remove_node(node, allow_graceful=False)
-                print(ANSWER + json.dumps({"killed": where, "actor": names[0]}), flush=True)
+                try:
+                    answer = _kill(cluster, args[0])
+                except Exception as e:  # noqa: BLE001 - answered: the test fails with it, not with a dead cluster
+                    answer = {"error": f"{e.__class__.__name__}: {e}"}
+                print(ANSWER + json.dumps(answer), flush=True)
             elif cmd == "add":
                 cluster.add_node(num_cpus=2)
                 cluster.wait_for_nodes()
@@ -47,6 +51,22 @@ def _serve(workers: int) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _kill(cluster, prefix: str, wait_s: float = 120) -> dict:
+    """kill -9 the node of the first named actor whose name starts with `prefix`, once it exists and has
+    finished its constructor (a policy replica: once its model is loaded)."""
+    import ray
+    deadline = time.monotonic() + wait_s
+    while not (named := sorted((a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                               if a["name"].startswith(prefix))):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no actor named {prefix}* after {wait_s}s")
+        time.sleep(0.2)
+    actor = ray.get_actor(named[0][0], namespace=named[0][1])
+    where = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=wait_s)
+    cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == where), allow_graceful=False)
+    return {"killed": where, "actor": named[0][0]}
 
 
 class Nodes:

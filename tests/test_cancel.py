@@ -58,7 +58,7 @@ def test_a_cancelled_row_leaves_the_batch_at_the_next_step(setup):
 
 
 @pytest.mark.parametrize("method,mode", [("ggro", "faithful"), ("ggro", "lookahead"), ("ggro", "parallel"),
-                                         ("best-of-n", "faithful")])
+                                         ("best-of-n", "faithful"), ("greedy", "faithful")])
 def test_the_search_yields_a_cancelled_prompt_and_keeps_the_others(setup, method, mode):
     """A prompt cancelled in the decoder comes back "cancelled" from its next decode: the search scores it no
     more, releases it and yields it (finish_reason "cancelled") so its caller can forget it; the others are
@@ -91,8 +91,7 @@ def test_the_search_yields_a_cancelled_prompt_and_keeps_the_others(setup, method
     got = {r.id: r for r in run(prompts, Cancelling(), Recording(), cfg, 4)}
     assert set(got) == set(full)
     assert got[victim].finish_reason == "cancelled" and victim in released
-    if method == "ggro":      # (the baselines' one call scores what it decoded, a withdrawn row's part too)
-        assert all(victim not in ids for ids in scored[mark[0]:])
+    assert all(victim not in ids for ids in scored[mark[0]:])     # the baselines' one call too
     assert not dec._cancelled_now()                 # released: nothing cancelled stays behind
     for pid, r in got.items():
         if pid != victim:

@@ -504,7 +504,7 @@ def test_serve_refuses_a_reward_model_of_another_vocabulary_for_ggro(tiny_models
 
     def start(*a, **kw):
         raise RayStarted
-    monkeypatch.setattr("ray.init", start)
+    monkeypatch.setattr("pipeline.batch.ray_align.connect", start)
     flags = ["--policy", tiny_models["policy"], "--reward", other_rm, "--reward-kind", "classifier",
              "--port", str(free_port())]
     with pytest.raises(SystemExit) as e:
@@ -513,6 +513,24 @@ def test_serve_refuses_a_reward_model_of_another_vocabulary_for_ggro(tiny_models
     assert e.value.code == 1 and "one shared vocabulary" in err and "pass --method best-of-n or --method greedy" in err
     with pytest.raises(RayStarted):
         main(flags + ["--method", "greedy"])
+
+
+def test_serve_says_why_it_cannot_reach_the_cluster(tiny_models, tmp_path):
+    """`ggro serve --address` of a cluster it cannot join: align's clear message (pipeline.batch.ray_align.connect) and
+    exit 1, not Ray's traceback. Real: nobody listens at the address, and RAY_AUTH_MODE=token with no token
+    anywhere makes ray.init raise its AuthenticationError at once (without it Ray retries for minutes)."""
+    import os
+    import subprocess
+    import sys
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN") and k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", HOME=str(tmp_path), PYTHONPATH=os.getcwd())    # no ~/.ray/auth_token
+    run = subprocess.run([sys.executable, "-m", "jobs.serve", "--address", address, "--policy", tiny_models["policy"],
+                          "--reward", tiny_models["policy"], "--reward-kind", "judge", "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert f"cannot connect to the Ray cluster at '{address}'" in run.stderr and "RAY_AUTH_MODE=token" in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
 
 
 def test_a_reward_model_of_another_vocabulary_serves_the_baselines_only():
