@@ -62,10 +62,16 @@ def decode_step(logits: torch.Tensor, j: torch.Tensor, forced: torch.Tensor, ins
     """
     ent = entropy(logits).double()
     force_now = (forced >= 0) & (insert_at == j)
-    tok = torch.where(force_now, forced, torch.where(override >= 0, override, logits.argmax(-1)))
+    sampled = ~force_now & (override >= 0)
+    # selects as sums of disjoint masks, not nested torch.where with scalar/tensor branches: torch 2.13's
+    # inductor miscompiles those for AVX2 (wrong tokens and codes; AVX-512 and scalar builds are right)
+    tok = (force_now.long() * forced + sampled.long() * override
+           + (~force_now & ~sampled).long() * logits.argmax(-1))
     is_eos = (tok[:, None] == eos[None, :]).any(-1)
-    code = torch.where(is_eos, EOS, torch.where(j + 1 >= max_tokens, LENGTH, torch.where(
-        (j + 1 >= min_segment_tokens) & (ent >= threshold), ENTROPY, NONE)))
+    # first match wins, as disjoint masks (see above)
+    length = ~is_eos & (j + 1 >= max_tokens)
+    high = ~is_eos & ~length & (j + 1 >= min_segment_tokens) & (ent >= threshold)
+    code = is_eos.long() * EOS + length.long() * LENGTH + high.long() * ENTROPY + NONE
     cols = [tok.double()[:, None], code.double()[:, None], ent[:, None]]
     if k:
         cols.append(logits.topk(k).indices.double())
