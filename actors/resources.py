@@ -20,6 +20,13 @@ FIXED = {"align": (), "serve": ("aligners", "aligner_cpus"),
 SERVE_INGRESS_CPUS = 0.1              # serve's one ingress (pipeline.serve.app.ServeSettings.ingress_cpus)
 
 
+def shares_weights(mcfg: ModelConfig, tp: int) -> bool:
+    """The reward runs on the policy's workers (one copy of the weights, no reward actors): the policy judges or
+    guides itself and is not sharded (a tp-sharded policy cannot be differentiated: AutoTP has no backward).
+    The one rule for the batch workers (actors.cluster), Serve's deployments, `Resources.started` and the planner."""
+    return mcfg.shares_policy_weights and tp == 1
+
+
 class ClusterTooSmall(RuntimeError):
     """The cluster cannot fit the requested actors; the message says what is missing."""
 
@@ -62,9 +69,8 @@ class Resources:
 
     def started(self, mcfg: ModelConfig) -> Resources:
         """The actors the job really starts: a policy that is its own judge scores on its own weights (no
-        reward actors) in every mode, but only unsharded, as AutoTP has no backward (actors.worker.shares_weights)."""
-        judge = mcfg.shares_policy_weights and self.tp == 1
-        return dataclasses.replace(self, reward_replicas=0) if judge else self
+        reward actors) in every mode, but only unsharded (`shares_weights`)."""
+        return dataclasses.replace(self, reward_replicas=0) if shares_weights(mcfg, self.tp) else self
 
     @property
     def policy_gpus(self) -> float:

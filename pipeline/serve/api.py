@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ggro.config import METHODS, ConfigError, GGROConfig, knob_type, knobs
 from ggro.retokenize import vocab_refusal
 from ggro.rows import InputRow, parse_row, text_content
+from ggro.schema import result_stats
 
 # Knobs a request may set in its `ggro` object, with the JSON types each takes: the GGROConfig fields marked
 # `request` (ggro.config `knob`) and the row's prefill; everything else stays the server's setting.
@@ -313,11 +314,9 @@ def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 def stats(result) -> dict:
-    return {"method": result.method, "reward": None if math.isnan(result.reward) else result.reward,
-            "num_nudges": result.num_nudges, "num_segments": result.num_segments,
-            "segment_boundaries": result.segment_boundaries, "refinements": result.refinements,
-            "policy_tokens": result.policy_tokens, "reward_calls": result.reward_calls,
-            "elapsed_s": round(result.elapsed_s, 4)}
+    """A choice's `ggro` object: the output row's numbers (ggro.schema `result_stats`) with its method."""
+    numbers = result_stats(result)
+    return {"method": result.method, **numbers, "elapsed_s": round(numbers["elapsed_s"], 4)}
 
 
 def _object(req: ApiRequest, chunk: bool = False) -> str:
