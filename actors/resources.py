@@ -9,7 +9,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ggro.config import ModelConfig
+from ggro.config import ModelConfig, knob
 
 CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py)
 IN_PROCESS_CACHED_BATCHES = 4   # in-process decoders (--local, serve) cache 4 x batch_size
@@ -48,15 +48,18 @@ def unreachable(address: str, e: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Resources:
-    tp: int = 1                          # tensor-parallel ranks per policy replica
-    policy_gpus_per_replica: float = 0   # GPUs per TP rank (0: CPU)
-    policy_replicas: int = 1
-    policy_cpus: float = 0.5             # CPU share per TP rank (fractional: whole CPUs deadlock small clusters)
-    reward_replicas: int = 1
-    reward_gpus: float = 0               # GPUs per reward actor
-    reward_cpus: float = 0.5
-    aligners: int = 1                    # serve: its one ingress
-    aligner_cpus: float = 0.25
+    # the flags of align, dpo and serve (jobs/common.py `add_resource_args`), from each knob's help; the
+    # aligners' two are align's and dpo's only (serve: its one ingress)
+    tp: int = knob(1, "tensor-parallel degree of each policy replica (DeepSpeed AutoTP; gloo on CPU, NCCL on GPU)")
+    policy_gpus_per_replica: float = knob(0, "GPUs per TP rank of a policy replica (0: CPU)")
+    policy_replicas: int = knob(1, "policy replicas (each --tp rank actors)")
+    # fractional CPU shares: whole CPUs deadlock small clusters
+    policy_cpus: float = knob(0.5, "CPU share per policy TP rank")
+    reward_replicas: int = knob(1, "reward-model actors (batches split across them)")
+    reward_gpus: float = knob(0, "GPUs per reward actor (0: CPU)")
+    reward_cpus: float = knob(0.5, "CPU share per reward actor")
+    aligners: int = knob(1, "aligner actor pool size (Ray Data map_batches)")
+    aligner_cpus: float = knob(0.25, "CPU share per aligner actor")
     io_cpus: float = 0.1                 # Ray Data write tasks
     mode: str = "align"                  # align: Ray actors; serve: Serve deployments; local: this process
 

@@ -77,7 +77,8 @@ def knob(default, help: str, *, choices: tuple | None = None, request: bool = Fa
 
 
 def knobs(cls) -> tuple[dataclasses.Field, ...]:
-    """The fields of a config class made with `knob` (every field of GGROConfig and ModelConfig)."""
+    """The fields of a config class made with `knob`: every field of GGROConfig and ModelConfig, and the ones of
+    actors.resources.Resources that are flags (jobs/common.py `add_resource_args`)."""
     return tuple(f for f in dataclasses.fields(cls) if "help" in f.metadata)
 
 

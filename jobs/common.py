@@ -38,23 +38,12 @@ DEPRECATED = {"model_replicas": ("policy_replicas", "reward_replicas"), "replica
 
 
 def add_resource_args(g, aligners: bool = True) -> None:
-    """The resource flags of align, dpo and serve; their defaults are actors.resources.Resources'."""
-    d = Resources()
-    g.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel degree of each policy replica "
-                   "(DeepSpeed AutoTP; gloo on CPU, NCCL on GPU)")
-    g.add_argument("--policy-gpus-per-replica", type=float, default=d.policy_gpus_per_replica,
-                   help="GPUs per TP rank of a policy replica (0: CPU)")
-    g.add_argument("--policy-replicas", type=int, default=d.policy_replicas,
-                   help="policy replicas (each --tp rank actors)")
-    g.add_argument("--policy-cpus", type=float, default=d.policy_cpus, help="CPU share per policy TP rank")
-    g.add_argument("--reward-replicas", type=int, default=d.reward_replicas,
-                   help="reward-model actors (batches split across them)")
-    g.add_argument("--reward-gpus", type=float, default=d.reward_gpus, help="GPUs per reward actor (0: CPU)")
-    g.add_argument("--reward-cpus", type=float, default=d.reward_cpus, help="CPU share per reward actor")
-    if aligners:
-        g.add_argument("--aligners", type=int, default=d.aligners, help="aligner actor pool size (Ray Data map_batches)")
-        g.add_argument("--aligner-cpus", type=float, default=d.aligner_cpus, help="CPU share per aligner actor")
-    else:
+    """The resource flags of align, dpo and serve: one per knob of actors.resources.Resources (help, type and
+    default its own); serve has no aligners and takes its deprecated names instead."""
+    for f in knobs(Resources):
+        if aligners or f.name not in ("aligners", "aligner_cpus"):
+            g.add_argument("--" + f.name.replace("_", "-"), type=knob_type(f), default=f.default, help=knob_help(f))
+    if not aligners:
         for old, new in DEPRECATED.items():
             g.add_argument("--" + old.replace("_", "-"), type=int if "replicas" in old else float,
                            help=argparse.SUPPRESS)
