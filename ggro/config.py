@@ -84,7 +84,9 @@ def knobs(cls) -> tuple[dataclasses.Field, ...]:
 
 def knob_type(f: dataclasses.Field) -> type:
     """A knob's value type (int for `int | None`), read from its annotation."""
-    return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type).split("|")[0].strip()]
+    if isinstance(f.type, type):    # a module without `from __future__ import annotations`
+        return f.type
+    return {"int": int, "float": float, "str": str, "bool": bool}[f.type.split("|")[0].strip()]
 
 
 def knob_help(f: dataclasses.Field) -> str:
