@@ -9,7 +9,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ggro.config import ModelConfig
+from ggro.config import ModelConfig, knob
 
 CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py)
 IN_PROCESS_CACHED_BATCHES = 4   # in-process decoders (--local, serve) cache 4 x batch_size
@@ -18,6 +18,13 @@ IN_PROCESS = ("serve", "local")       # modes whose policy decodes in the proces
 FIXED = {"align": (), "serve": ("aligners", "aligner_cpus"),
          "local": ("policy_replicas", "reward_replicas", "aligners")}
 SERVE_INGRESS_CPUS = 0.1              # serve's one ingress (pipeline.serve.app.ServeSettings.ingress_cpus)
+
+
+def shares_weights(mcfg: ModelConfig, tp: int) -> bool:
+    """The reward runs on the policy's workers (one copy of the weights, no reward actors): the policy judges or
+    guides itself and is not sharded (a tp-sharded policy cannot be differentiated: AutoTP has no backward).
+    The one rule for the batch workers (actors.cluster), Serve's deployments, `Resources.started` and the planner."""
+    return mcfg.shares_policy_weights and tp == 1
 
 
 class ClusterTooSmall(RuntimeError):
@@ -41,15 +48,18 @@ def unreachable(address: str, e: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Resources:
-    tp: int = 1                          # tensor-parallel ranks per policy replica
-    policy_gpus_per_replica: float = 0   # GPUs per TP rank (0: CPU)
-    policy_replicas: int = 1
-    policy_cpus: float = 0.5             # CPU share per TP rank (fractional: whole CPUs deadlock small clusters)
-    reward_replicas: int = 1
-    reward_gpus: float = 0               # GPUs per reward actor
-    reward_cpus: float = 0.5
-    aligners: int = 1                    # serve: its one ingress
-    aligner_cpus: float = 0.25
+    # the flags of align, dpo and serve (jobs/common.py `add_resource_args`), from each knob's help; the
+    # aligners' two are align's and dpo's only (serve: its one ingress)
+    tp: int = knob(1, "tensor-parallel degree of each policy replica (DeepSpeed AutoTP; gloo on CPU, NCCL on GPU)")
+    policy_gpus_per_replica: float = knob(0, "GPUs per TP rank of a policy replica (0: CPU)")
+    policy_replicas: int = knob(1, "policy replicas (each --tp rank actors)")
+    # fractional CPU shares: whole CPUs deadlock small clusters
+    policy_cpus: float = knob(0.5, "CPU share per policy TP rank")
+    reward_replicas: int = knob(1, "reward-model actors (batches split across them)")
+    reward_gpus: float = knob(0, "GPUs per reward actor (0: CPU)")
+    reward_cpus: float = knob(0.5, "CPU share per reward actor")
+    aligners: int = knob(1, "aligner actor pool size (Ray Data map_batches)")
+    aligner_cpus: float = knob(0.25, "CPU share per aligner actor")
     io_cpus: float = 0.1                 # Ray Data write tasks
     mode: str = "align"                  # align: Ray actors; serve: Serve deployments; local: this process
 
@@ -62,9 +72,8 @@ class Resources:
 
     def started(self, mcfg: ModelConfig) -> Resources:
         """The actors the job really starts: a policy that is its own judge scores on its own weights (no
-        reward actors) in every mode, but only unsharded, as AutoTP has no backward (actors.worker.shares_weights)."""
-        judge = mcfg.shares_policy_weights and self.tp == 1
-        return dataclasses.replace(self, reward_replicas=0) if judge else self
+        reward actors) in every mode, but only unsharded (`shares_weights`)."""
+        return dataclasses.replace(self, reward_replicas=0) if shares_weights(mcfg, self.tp) else self
 
     @property
     def policy_gpus(self) -> float:

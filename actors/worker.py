@@ -13,6 +13,7 @@ import os
 import socket
 
 from ggro.config import ModelConfig
+from actors.resources import shares_weights   # noqa: F401  (actors.cluster asks it here)
 from ggro.seam import RewardQuery, RewardResult, SegmentRequest, SegmentResult
 
 ROLES = ("policy", "reward")
@@ -26,12 +27,6 @@ def class_path(obj) -> str:
 def threads_for(cpus: float) -> float:
     """torch threads for an actor with a fractional CPU share: GGRO_THREADS, else at least 1."""
     return float(os.environ.get("GGRO_THREADS", "0")) or max(1.0, cpus)
-
-
-def shares_weights(mcfg: ModelConfig, tp: int) -> bool:
-    """The reward runs on the policy's workers (one copy of the weights): the policy judges or guides itself
-    and is not sharded (a tp-sharded policy cannot be differentiated: AutoTP has no backward)."""
-    return mcfg.shares_policy_weights and tp == 1
 
 
 def check_roles(roles: tuple[str, ...], tp: int) -> None:

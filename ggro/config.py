@@ -62,27 +62,69 @@ class ModelLoadError(RuntimeError):
     """A model spec that cannot be loaded here; the message says what to pass instead (ggro.models raises it)."""
 
 
+def knob(default, help: str, *, choices: tuple | None = None, request: bool = False, applies: str | None = None,
+         hashed: str = "always"):
+    """A config field and everything said about it, in one place: `help` (the flag's, `{default}` filled in) and
+    `choices` make the command-line flag and its --config YAML key (jobs/common.py `add_engine_args`, named after
+    the field); `request`: a Serve request may set it in its `ggro` object (pipeline/serve/api.py); `applies`:
+    the method it matters to ("ggro", "best-of-n", or "sampled": best-of-n and sampled GGRO), reset otherwise so
+    requests that behave alike share a search loop (`normalize`); `hashed`: "always", "never" (does not change
+    outputs) or "when_set" (added after outputs were first written: hashed only away from its default, so an
+    existing output folder still resumes under the same `config_hash`)."""
+    assert hashed in ("always", "never", "when_set") and applies in (None, "ggro", "best-of-n", "sampled")
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "request": request,
+                                                        "applies": applies, "hashed": hashed})
+
+
+def knobs(cls) -> tuple[dataclasses.Field, ...]:
+    """The fields of a config class made with `knob`: every field of GGROConfig and ModelConfig, and the ones of
+    actors.resources.Resources that are flags (jobs/common.py `add_resource_args`)."""
+    return tuple(f for f in dataclasses.fields(cls) if "help" in f.metadata)
+
+
+def knob_type(f: dataclasses.Field) -> type:
+    """A knob's value type (int for `int | None`), read from its annotation."""
+    if isinstance(f.type, type):    # a module without `from __future__ import annotations`
+        return f.type
+    return {"int": int, "float": float, "str": str, "bool": bool}[f.type.split("|")[0].strip()]
+
+
+def knob_help(f: dataclasses.Field) -> str:
+    return f.metadata["help"].format(default=f.default)
+
+
 @dataclass(frozen=True)
 class GGROConfig:
     """The search and baselines. Defaults follow the reference (docs/algorithm.md) except where noted."""
-    method: str = "ggro"
-    max_new_tokens: int = 128
-    entropy_threshold: float = 1.5
-    num_refinements: int = 4          # reference: 8 for 8B policies, 3-8 for 3B; 4 keeps CPU runs short
-    top_k: int = 25
-    nudge_temperature: float = 0.1
-    selection: str = "greedy"         # greedy | sample
-    scoring: str = "faithful"         # faithful | taylor (option)
-    min_segment_tokens: int = 4
-    initial_insertion_offset: int = 0
-    search_mode: str = "faithful"     # faithful | adaptive | parallel | lookahead (options, see docs/algorithm.md)
-    adaptive_margin: float = 0.0      # adaptive: stop a segment when a nudge raises the reward by less
-    max_refined_segments: int | None = None   # option: refine the first B segments, then decode greedily to the end
-    n: int = 4                        # best-of-n
-    temperature: float = 0.7          # best-of-n sampling
-    top_p: float = 0.95
-    seed: int = 0
-    trace: bool = False
+    method: str = knob("ggro", "[ggro]", choices=METHODS, request=True)
+    max_new_tokens: int = knob(128, "[{default}]")
+    num_refinements: int = knob(4, "S, refinements per segment [{default}]", request=True, applies="ggro")
+    # reference: 8 for 8B policies, 3-8 for 3B; 4 keeps CPU runs short
+    entropy_threshold: float = knob(1.5, "tau in nats: segment boundary [{default}]", request=True, applies="ggro")
+    top_k: int = knob(25, "nudge candidates from the policy's top-k [{default}]", request=True, applies="ggro")
+    nudge_temperature: float = knob(0.1, "[{default}]", request=True, applies="ggro")
+    selection: str = knob("greedy", "nudge selection [greedy]", choices=("greedy", "sample"), request=True,
+                          applies="ggro")
+    scoring: str = knob("faithful", "candidate score [faithful]", choices=("faithful", "taylor"), request=True,
+                        applies="ggro")
+    search_mode: str = knob(
+        "faithful", "faithful: the reference's serial refinements; adaptive: stop a segment when a nudge does "
+        "not raise the reward by --adaptive-margin or would repeat a refinement; parallel: decode "
+        "the S-1 best nudges of the first gradient in one round; lookahead: at each uncertain point, decode the "
+        "greedy and the S-1 best nudged continuations to the end and keep the best-scored complete "
+        "response (use with --max-refined-segments) [faithful]", choices=SEARCH_MODES, request=True, applies="ggro")
+    adaptive_margin: float = knob(0.0, "adaptive: least reward gain that keeps refining [0.0]", request=True,
+                                  applies="ggro")
+    max_refined_segments: int | None = knob(
+        None, "budget: refine only the first B segments (uncertain points), then decode greedily to the "
+        "end [no limit: every segment, as the reference]", request=True, applies="ggro", hashed="when_set")
+    min_segment_tokens: int = knob(4, "[{default}]", request=True, applies="ggro")
+    initial_insertion_offset: int = knob(0, "first segment's nudge offset [{default}]", request=True, applies="ggro")
+    n: int = knob(4, "best-of-n samples [{default}]", request=True, applies="best-of-n")
+    temperature: float = knob(0.7, "best-of-n sampling temperature [{default}]", applies="best-of-n")
+    top_p: float = knob(0.95, "best-of-n nucleus [{default}]", applies="best-of-n")
+    seed: int = knob(0, "[{default}]", applies="sampled")
+    trace: bool = knob(False, "record a per-segment trace column")
 
     def __post_init__(self):
         checks = [
@@ -130,20 +172,36 @@ class GGROConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """Which models, how prompts become tokens, and the batch size."""
-    policy: str = "default"
-    reward: str | None = None        # None: the policy's own weights (the shipped guide's head for `default`)
-    reward_kind: str | None = None   # None: classifier for `default` (the shipped guide), judge for any other model
-    rubric: str = DEFAULT_RUBRIC
-    prompt_format: str = "chat"      # chat | chat-no-gen | raw
-    dtype: str = "float32"           # or "auto": bfloat16 on a GPU that has it, else float32 (see `resolved`)
-    device: str = "cpu"              # or "auto": cuda where there is a GPU, else cpu
-    batch_size: int = 8
-    cohorts: int = 1                 # GGRO in-process: threads whose policy and RM calls overlap (same outputs)
-    fill: int | None = None          # GGRO fills a decode call to batch_size x fill rows (decode_rows); None: 1,
-                                     # except in one CPU process (--local, bench), where it is LOCAL_FILL
-    revision: str | None = None      # hub ids: the policy's branch, tag or commit
-    reward_revision: str | None = None
-    trust_remote_code: bool = False  # run modelling code shipped with a model (off, as in transformers)
+    policy: str = knob("default", "policy LM: a local HF folder, a .gguf file, a hub id already in the "
+                       "local HF cache, or 'default' (embedded SmolLM2-135M-Instruct) [default]")
+    reward: str | None = knob(   # None: the policy's own weights (the shipped guide's head for `default`)
+        None, "reward model (same forms as --policy; `default` with --reward-kind classifier is the shipped guide, "
+        "a trained head on the default model) [the policy itself: the guide for `default`, else a judge]")
+    reward_kind: str | None = knob(  # None: classifier for `default` (the shipped guide), judge for any other model
+        None, "classifier: *ForSequenceClassification with one label; judge: yes/no rubric on a chat LM "
+        "[classifier for `default`, else judge]", choices=REWARD_KINDS)
+    rubric: str = knob(DEFAULT_RUBRIC, "judge question asked about each response")
+    prompt_format: str = knob("chat", "chat: chat template + generation prompt; chat-no-gen: without it (reference "
+                              "setting, use with --initial-insertion-offset 4 on Llama-3); raw: the prompt string "
+                              "as-is [chat]", choices=PROMPT_FORMATS)
+    revision: str | None = knob(None, "hub ids: the policy's branch, tag or commit [the default branch]",
+                                hashed="when_set")
+    reward_revision: str | None = knob(None, "hub ids: the reward model's branch, tag or commit [the default branch]",
+                                       hashed="when_set")
+    trust_remote_code: bool = knob(False, "allow models that ship their own modelling code to run it (off, as in "
+                                   "transformers)", hashed="when_set")
+    dtype: str = knob("float32", "auto: bfloat16 on a GPU that supports it, else float32 [float32]",
+                      choices=DTYPE_NAMES + ("auto",))   # "auto" is made concrete by `resolved`
+    device: str = knob("cpu", "cpu, cuda (cuda:N) or auto: cuda where there is a GPU, else cpu [cpu]")
+    # Outputs do not depend on how rows were batched (the engine is tested batch-invariant), so a run may
+    # be resumed with another batch size, cohorts or fill: they are not hashed.
+    batch_size: int = knob(8, "prompts advanced together per round [8]", hashed="never")
+    cohorts: int = knob(1, "--local GGRO: split the batch into this many threads whose policy and reward calls "
+                        "overlap (same outputs; each gets cores / cohorts torch threads) [1]", hashed="never")
+    fill: int | None = knob(   # None: 1, except in one CPU process (--local, bench), where it is LOCAL_FILL
+        None, "GGRO admits prompts until a decode call carries batch-size x fill rows (best-of-fill's at the same "
+        "batch size; 1: batch-size prompts). Same outputs, fewer rounds [8 on a CPU in one process (--local, "
+        "bench), else 1: on a GPU it multiplies the reward's backward memory]", hashed="never")
 
     def __post_init__(self):
         if self.reward_kind is None:
@@ -200,9 +258,6 @@ class ModelConfig:
 
 LOCAL_FILL = 8   # one CPU process (--local, bench): GGRO calls as full as best-of-8's at the same batch size
 
-# Outputs do not depend on how rows were batched (the engine is tested batch-invariant), so a run may
-# be resumed with another batch size.
-NOT_HASHED = ("batch_size", "cohorts", "fill")
 
 
 def check_tp_dtype(tp: int, dtype: str) -> None:
@@ -212,9 +267,10 @@ def check_tp_dtype(tp: int, dtype: str) -> None:
                           f"not --dtype {dtype}: pick one of those or --tp 1")
 
 
-# Fields added after outputs were first written: hashed only when set, so an existing output folder still
-# resumes under the same hash when the new setting is left at its default.
-HASHED_WHEN_SET = {"max_refined_segments": None, "revision": None, "reward_revision": None, "trust_remote_code": False}
+# What the hash leaves out, from the fields' own `hashed` (see `knob`)
+NOT_HASHED = tuple(f.name for c in (GGROConfig, ModelConfig) for f in knobs(c) if f.metadata["hashed"] == "never")
+HASHED_WHEN_SET = {f.name: f.default for c in (GGROConfig, ModelConfig) for f in knobs(c)
+                   if f.metadata["hashed"] == "when_set"}
 
 
 def config_hash(*configs) -> str:

@@ -34,6 +34,15 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 
 
+def result_stats(result) -> dict:
+    """A search Result's numbers, by their output column names: the one Result -> dict that the output rows and
+    Serve's `ggro` stats (pipeline/serve/api.py `stats`) share. A NaN reward (nothing scored) is None."""
+    return {"reward": None if math.isnan(result.reward) else result.reward, "num_nudges": result.num_nudges,
+            "num_segments": result.num_segments, "segment_boundaries": result.segment_boundaries,
+            "refinements": result.refinements, "policy_tokens": result.policy_tokens,
+            "reward_calls": result.reward_calls, "elapsed_s": result.elapsed_s}
+
+
 def output_record(row, result, tokenizer, provenance: dict, method: str, error: str | None = None) -> dict:
     """One output row from an InputRow and its search Result (None for an error row)."""
     rec = {
@@ -47,12 +56,7 @@ def output_record(row, result, tokenizer, provenance: dict, method: str, error: 
     if result is not None and rec["error"] is None:
         rec.update(
             response=tokenizer.decode(result.tokens, skip_special_tokens=True),
-            reward=None if math.isnan(result.reward) else result.reward,
-            finish_reason=result.finish_reason,
-            num_nudges=result.num_nudges, num_segments=result.num_segments,
-            segment_boundaries=result.segment_boundaries, refinements=result.refinements,
-            policy_tokens=result.policy_tokens, reward_calls=result.reward_calls,
-            elapsed_s=result.elapsed_s,
+            finish_reason=result.finish_reason, **result_stats(result),
             trace=json.dumps(result.trace) if result.trace is not None else None)
     return rec
 

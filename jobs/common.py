@@ -9,8 +9,7 @@ from importlib import resources
 
 import yaml
 
-from ggro.config import (DTYPE_NAMES, METHODS, PROMPT_FORMATS, REWARD_KINDS, SEARCH_MODES, ConfigError, GGROConfig,
-                         ModelConfig, split_fields)
+from ggro.config import ConfigError, GGROConfig, ModelConfig, knob_help, knob_type, knobs, split_fields
 from actors.resources import Resources
 
 
@@ -19,60 +18,19 @@ def example_prompts() -> str:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Model and search flags. Defaults are None so a YAML value is only overridden by a given flag."""
-    m = p.add_argument_group("models")
-    m.add_argument("--policy", help="policy LM: a local HF folder, a .gguf file, a hub id already in the "
-                   "local HF cache, or 'default' (embedded SmolLM2-135M-Instruct) [default]")
-    m.add_argument("--reward", help="reward model (same forms as --policy; `default` with --reward-kind classifier is the shipped guide, "
-                   "a trained head on the default model) [the policy itself: the guide for `default`, else a judge]")
-    m.add_argument("--reward-kind", choices=REWARD_KINDS,
-                   help="classifier: *ForSequenceClassification with one label; judge: yes/no rubric on a chat LM [classifier for `default`, else judge]")
-    m.add_argument("--rubric", help="judge question asked about each response")
-    m.add_argument("--prompt-format", choices=PROMPT_FORMATS,
-                   help="chat: chat template + generation prompt; chat-no-gen: without it (reference setting, "
-                        "use with --initial-insertion-offset 4 on Llama-3); raw: the prompt string as-is [chat]")
-    m.add_argument("--revision", help="hub ids: the policy's branch, tag or commit [the default branch]")
-    m.add_argument("--reward-revision", help="hub ids: the reward model's branch, tag or commit [the default branch]")
-    m.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="allow models that ship their own modelling code to run it (off, as in transformers)")
-    m.add_argument("--dtype", choices=DTYPE_NAMES + ("auto",),
-                   help="auto: bfloat16 on a GPU that supports it, else float32 [float32]")
-    m.add_argument("--device", help="cpu, cuda (cuda:N) or auto: cuda where there is a GPU, else cpu [cpu]")
-    m.add_argument("--batch-size", type=int, help="prompts advanced together per round [8]")
-    m.add_argument("--cohorts", type=int, help="--local GGRO: split the batch into this many threads whose policy "
-                   "and reward calls overlap (same outputs; each gets cores / cohorts torch threads) [1]")
-    m.add_argument("--fill", type=int, help="GGRO admits prompts until a decode call carries batch-size x fill rows "
-                   "(best-of-fill's at the same batch size; 1: batch-size prompts). Same outputs, fewer rounds "
-                   "[8 on a CPU in one process (--local, bench), else 1: on a GPU it multiplies the reward's backward memory]")
-    s = p.add_argument_group("search")
-    s.add_argument("--method", choices=METHODS, help="[ggro]")
-    plain = (("max_new_tokens", int, ""), ("num_refinements", int, "S, refinements per segment"),
-             ("entropy_threshold", float, "tau in nats: segment boundary"),
-             ("top_k", int, "nudge candidates from the policy's top-k"), ("nudge_temperature", float, ""))
-    for name, typ, text in plain:      # the default shown is GGROConfig's own
-        s.add_argument("--" + name.replace("_", "-"), type=typ, help=f"{text} [{getattr(GGRO_DEFAULTS, name)}]".lstrip())
-    s.add_argument("--selection", choices=("greedy", "sample"), help="nudge selection [greedy]")
-    s.add_argument("--scoring", choices=("faithful", "taylor"), help="candidate score [faithful]")
-    s.add_argument("--search-mode", choices=SEARCH_MODES,
-                   help="faithful: the reference's serial refinements; adaptive: stop a segment when a nudge does "
-                        "not raise the reward by --adaptive-margin or would repeat a refinement; parallel: decode "
-                        "the S-1 best nudges of the first gradient in one round; lookahead: at each uncertain point, decode the "
-                        "greedy and the S-1 best nudged continuations to the end and keep the best-scored complete "
-                        "response (use with --max-refined-segments) [faithful]")
-    s.add_argument("--adaptive-margin", type=float, help="adaptive: least reward gain that keeps refining [0.0]")
-    s.add_argument("--max-refined-segments", type=int,
-                   help="budget: refine only the first B segments (uncertain points), then decode greedily to the "
-                        "end [no limit: every segment, as the reference]")
-    plain = (("min_segment_tokens", int, ""), ("initial_insertion_offset", int, "first segment's nudge offset"),
-             ("n", int, "best-of-n samples"), ("temperature", float, "best-of-n sampling temperature"),
-             ("top_p", float, "best-of-n nucleus"), ("seed", int, ""))
-    for name, typ, text in plain:
-        s.add_argument("--" + name.replace("_", "-"), type=typ, help=f"{text} [{getattr(GGRO_DEFAULTS, name)}]".lstrip())
-    s.add_argument("--trace", action="store_true", default=None, help="record a per-segment trace column")
+    """Model and search flags, one per field of ModelConfig and GGROConfig, from the field's own metadata
+    (ggro.config `knob`: help, choices; the type from its annotation). Defaults are None so a YAML value is only
+    overridden by a given flag; the default a help text shows is the field's own."""
+    for title, cls in (("models", ModelConfig), ("search", GGROConfig)):
+        group = p.add_argument_group(title)
+        for f in knobs(cls):
+            flag, typ = "--" + f.name.replace("_", "-"), knob_type(f)
+            if typ is bool:
+                group.add_argument(flag, action="store_true", default=None, help=knob_help(f))
+            else:
+                group.add_argument(flag, type=None if typ is str else typ, choices=f.metadata["choices"],
+                                   help=knob_help(f))
     p.add_argument("--config", help="YAML file whose keys mirror these flags (dashes or underscores); flags win")
-
-
-GGRO_DEFAULTS = GGROConfig()
 
 # `ggro serve`'s old names for the resources: hidden, still accepted (scripts use them); each sets both roles
 DEPRECATED = {"model_replicas": ("policy_replicas", "reward_replicas"), "replica_cpus": ("policy_cpus", "reward_cpus"),
@@ -80,23 +38,12 @@ DEPRECATED = {"model_replicas": ("policy_replicas", "reward_replicas"), "replica
 
 
 def add_resource_args(g, aligners: bool = True) -> None:
-    """The resource flags of align, dpo and serve; their defaults are actors.resources.Resources'."""
-    d = Resources()
-    g.add_argument("--tp", type=int, default=d.tp, help="tensor-parallel degree of each policy replica "
-                   "(DeepSpeed AutoTP; gloo on CPU, NCCL on GPU)")
-    g.add_argument("--policy-gpus-per-replica", type=float, default=d.policy_gpus_per_replica,
-                   help="GPUs per TP rank of a policy replica (0: CPU)")
-    g.add_argument("--policy-replicas", type=int, default=d.policy_replicas,
-                   help="policy replicas (each --tp rank actors)")
-    g.add_argument("--policy-cpus", type=float, default=d.policy_cpus, help="CPU share per policy TP rank")
-    g.add_argument("--reward-replicas", type=int, default=d.reward_replicas,
-                   help="reward-model actors (batches split across them)")
-    g.add_argument("--reward-gpus", type=float, default=d.reward_gpus, help="GPUs per reward actor (0: CPU)")
-    g.add_argument("--reward-cpus", type=float, default=d.reward_cpus, help="CPU share per reward actor")
-    if aligners:
-        g.add_argument("--aligners", type=int, default=d.aligners, help="aligner actor pool size (Ray Data map_batches)")
-        g.add_argument("--aligner-cpus", type=float, default=d.aligner_cpus, help="CPU share per aligner actor")
-    else:
+    """The resource flags of align, dpo and serve: one per knob of actors.resources.Resources (help, type and
+    default its own); serve has no aligners and takes its deprecated names instead."""
+    for f in knobs(Resources):
+        if aligners or f.name not in ("aligners", "aligner_cpus"):
+            g.add_argument("--" + f.name.replace("_", "-"), type=knob_type(f), default=f.default, help=knob_help(f))
+    if not aligners:
         for old, new in DEPRECATED.items():
             g.add_argument("--" + old.replace("_", "-"), type=int if "replicas" in old else float,
                            help=argparse.SUPPRESS)
@@ -133,10 +80,10 @@ def load_yaml(path: str | None) -> dict:
 _UNSET = object()   # "not on the command line": stands in for every default while parsing
 
 
-def yaml_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+def yaml_keys(parser: Parser) -> dict[str, argparse.Action]:
     """Every option of `parser` that a --config key can set, by key (flag name without dashes, `_` for `-`)."""
     keys = {}
-    for a in parser._actions:
+    for a in parser.options:
         if not a.option_strings or a.dest in ("help", "config") or a.dest is argparse.SUPPRESS:
             continue
         keys[a.dest] = a
@@ -146,13 +93,13 @@ def yaml_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return keys
 
 
-def yaml_value(parser: argparse.ArgumentParser, action: argparse.Action, key: str, value):
+def yaml_value(action: argparse.Action, key: str, value):
     """A YAML value checked and converted the way argparse treats the flag's command-line string."""
-    if isinstance(action, argparse._StoreConstAction):    # store_true / store_false / store_const
+    if action.nargs == 0 and action.const is not None:    # store_true / store_false / store_const
         if not isinstance(value, bool):
             raise ConfigError(f"--config key {key!r} must be true or false, got {value!r}")
         return action.const if value else action.default
-    if not isinstance(action, argparse._StoreAction):
+    if action.nargs == 0:
         raise ConfigError(f"--config key {key!r}: flag {action.option_strings[0]} cannot be set from YAML")
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     items = value if many and isinstance(value, list) else [value]
@@ -164,13 +111,25 @@ def yaml_value(parser: argparse.ArgumentParser, action: argparse.Action, key: st
             raise ConfigError(f"--config key {key!r} must be {_kind(action)}, got {v!r}")
         if action.type is int and isinstance(v, float):
             raise ConfigError(f"--config key {key!r} must be an integer, got {v!r}")
-        try:
-            v = parser._get_value(action, str(v)) if action.type not in (None, str) else str(v)
-            parser._check_value(action, v)
-        except argparse.ArgumentError as e:
-            raise ConfigError(f"--config key {key!r}: {e.message}") from None
-        out.append(v)
+        out.append(flag_value(action, str(v), f"--config key {key!r}: "))
     return out if many else out[0]
+
+
+def flag_value(action: argparse.Action, text: str, where: str):
+    """`text` converted by the flag's type and checked against its choices, as argparse does on the command line
+    (its messages), through the Action's public attributes only."""
+    v = text
+    if action.type not in (None, str):
+        try:
+            v = action.type(text)
+        except (TypeError, ValueError):
+            name = getattr(action.type, "__name__", repr(action.type))
+            raise ConfigError(f"{where}invalid {name} value: {text!r}") from None
+        except argparse.ArgumentTypeError as e:
+            raise ConfigError(f"{where}{e}") from None
+    if action.choices is not None and v not in action.choices:
+        raise ConfigError(f"{where}invalid choice: {v!r} (choose from {', '.join(map(repr, action.choices))})")
+    return v
 
 
 def _kind(action: argparse.Action) -> str:
@@ -184,11 +143,33 @@ class Parser(argparse.ArgumentParser):
     or underscores); a YAML value is checked like the flag's own string would be (type, choices,
     true/false for switches), and unknown keys or wrong types are errors naming the key. Subparsers
     (`ggro align`, ...) are built from this class too, so `args` leaves parse_args fully resolved.
+    It keeps its own list of the options added (`options`, from add_argument's returned Actions, in groups too),
+    so the merge reads no private argparse state.
     """
+
+    def __init__(self, *args, **kwargs):
+        self.options: list[argparse.Action] = []    # before argparse's __init__ adds -h
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.options.append(action)
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        add = group.add_argument
+
+        def add_and_record(*a, **k):
+            action = add(*a, **k)
+            self.options.append(action)
+            return action
+        group.add_argument = add_and_record
+        return group
 
     def parse_known_args(self, args=None, namespace=None):
         namespace = namespace if namespace is not None else argparse.Namespace()
-        mine = [a for a in self._actions if a.dest is not argparse.SUPPRESS and not hasattr(namespace, a.dest)]
+        mine = [a for a in self.options if a.dest is not argparse.SUPPRESS and not hasattr(namespace, a.dest)]
         for a in mine:
             setattr(namespace, a.dest, _UNSET)
         # a required flag may come from the YAML: argparse must not insist on the command line
@@ -207,7 +188,7 @@ class Parser(argparse.ArgumentParser):
             else:
                 default = a.default
                 if isinstance(default, str) and a.type not in (None, str):
-                    default = self._get_value(a, default)
+                    default = flag_value(a, default, f"{a.option_strings[0]}'s default: ")
                 setattr(namespace, dest, default)
         try:
             from_yaml = self.apply_config(namespace, unset)
@@ -221,7 +202,7 @@ class Parser(argparse.ArgumentParser):
 
     @property
     def takes_config(self) -> bool:
-        return any(a.dest == "config" for a in self._actions)
+        return any(a.dest == "config" for a in self.options)
 
     def apply_config(self, namespace: argparse.Namespace, unset: dict) -> set[str]:
         """Set the flags in `unset` that the --config YAML names; returns their dests."""
@@ -241,7 +222,7 @@ class Parser(argparse.ArgumentParser):
             seen[action.dest] = key
             if value is None:              # `key:` or `key: null` leaves the flag's default
                 continue
-            value = yaml_value(self, action, key, value)   # checked even where the command line wins
+            value = yaml_value(action, key, value)   # checked even where the command line wins
             if action.dest in unset:
                 setattr(namespace, action.dest, value)
                 applied.add(action.dest)

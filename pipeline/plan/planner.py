@@ -12,7 +12,7 @@ from typing import Callable
 
 from ggro.config import ConfigError, GGROConfig, ModelConfig, check_tp_dtype
 from pipeline.plan.clusters import Cluster
-from actors.resources import Resources
+from actors.resources import Resources, shares_weights
 from pipeline.plan.sizing import (CONTEXT_OVERHEAD_GIB, DTYPE_BYTES, GiB, Estimate, Group, ModelInfo, estimate, fmt_gib,
                              fmt_params, place, share_of)
 
@@ -53,7 +53,7 @@ def resource_errors(res: Resources, mcfg: ModelConfig) -> tuple[list[str], list[
     except ConfigError as e:
         errors.append(str(e))
     # 0 reward replicas: the policy is its own unsharded judge (Resources.started)
-    own_judge = mcfg.shares_policy_weights and res.tp == 1
+    own_judge = shares_weights(mcfg, res.tp)
     limits = [("policy_replicas", 1), ("reward_replicas", 0 if own_judge else 1), ("aligners", 1)]
     limits += [(f, 0) for f in ("policy_gpus_per_replica", "reward_gpus", "policy_cpus", "reward_cpus",
                                 "aligner_cpus")]

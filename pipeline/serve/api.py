@@ -13,17 +13,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ggro.config import METHODS, ConfigError, GGROConfig
+from ggro.config import METHODS, ConfigError, GGROConfig, knob_type, knobs
 from ggro.retokenize import vocab_refusal
 from ggro.rows import InputRow, parse_row, text_content
+from ggro.schema import result_stats
 
-# Knobs a request may set in its `ggro` object (everything else stays the server's setting).
-GGRO_KNOBS = {
-    "method": str, "num_refinements": int, "entropy_threshold": (int, float), "top_k": int,
-    "nudge_temperature": (int, float), "selection": str, "scoring": str, "min_segment_tokens": int,
-    "initial_insertion_offset": int, "n": int, "prefill": str, "search_mode": str, "max_refined_segments": int,
-    "adaptive_margin": (int, float),
-}
+# Knobs a request may set in its `ggro` object, with the JSON types each takes: the GGROConfig fields marked
+# `request` (ggro.config `knob`) and the row's prefill; everything else stays the server's setting.
+GGRO_KNOBS = {**{f.name: (int, float) if knob_type(f) is float else knob_type(f)
+                 for f in knobs(GGROConfig) if f.metadata["request"]}, "prefill": str}
 # OpenAI fields ggro does not implement, with the value that means "not used": any other value is a 400, never a
 # silent ignore. Fields that do not change an answer (user, metadata, store, ...) are accepted.
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
@@ -301,19 +299,11 @@ def uses_randomness(cfg: GGROConfig) -> bool:
 
 
 def normalize(cfg: GGROConfig) -> GGROConfig:
-    """Reset fields that do not affect this method, so requests that behave alike share one search loop."""
-    d = GGROConfig()
-    if cfg.method != "best-of-n":
-        cfg = dataclasses.replace(cfg, n=d.n, temperature=d.temperature, top_p=d.top_p)
-    if cfg.method != "ggro":
-        cfg = dataclasses.replace(cfg, num_refinements=d.num_refinements, entropy_threshold=d.entropy_threshold,
-                                  top_k=d.top_k, nudge_temperature=d.nudge_temperature, selection=d.selection,
-                                  scoring=d.scoring, min_segment_tokens=d.min_segment_tokens,
-                                  initial_insertion_offset=d.initial_insertion_offset, search_mode=d.search_mode,
-                                  adaptive_margin=d.adaptive_margin, max_refined_segments=d.max_refined_segments)
-    if not uses_randomness(cfg):
-        cfg = dataclasses.replace(cfg, seed=d.seed)
-    return cfg
+    """Reset fields that do not affect this method (each field's `applies`, ggro.config `knob`), so requests
+    that behave alike share one search loop."""
+    used = {"ggro": cfg.method == "ggro", "best-of-n": cfg.method == "best-of-n", "sampled": uses_randomness(cfg)}
+    unused = {f.name: f.default for f in knobs(GGROConfig) if f.metadata["applies"] and not used[f.metadata["applies"]]}
+    return dataclasses.replace(cfg, **unused)
 
 
 # -- responses -----------------------------------------------------------------------------------------
@@ -324,11 +314,9 @@ def apply_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 def stats(result) -> dict:
-    return {"method": result.method, "reward": None if math.isnan(result.reward) else result.reward,
-            "num_nudges": result.num_nudges, "num_segments": result.num_segments,
-            "segment_boundaries": result.segment_boundaries, "refinements": result.refinements,
-            "policy_tokens": result.policy_tokens, "reward_calls": result.reward_calls,
-            "elapsed_s": round(result.elapsed_s, 4)}
+    """A choice's `ggro` object: the output row's numbers (ggro.schema `result_stats`) with its method."""
+    numbers = result_stats(result)
+    return {"method": result.method, **numbers, "elapsed_s": round(numbers["elapsed_s"], 4)}
 
 
 def _object(req: ApiRequest, chunk: bool = False) -> str:

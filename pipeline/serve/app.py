@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
-from actors.worker import shares_weights
+from actors.resources import shares_weights
 from ggro.config import GGROConfig, ModelConfig, ModelLoadError
 from ggro.retokenize import vocab_refusal
 from ggro.search import Prompt
@@ -106,7 +106,6 @@ class GGROIngress:
         if why:
             raise ModelLoadError(why)
         self.context = self.models.context()
-        self.eos = set(self.models.eos_ids())
         self.telemetry_app = telemetry.serve_app_name()
         self.hub = SearchHub(policy_handle, reward_handle or policy_handle, settings.mcfg.batch_size,
                              settings.max_queue, self.telemetry_app,
@@ -183,11 +182,9 @@ class GGROIngress:
         return api.apply_stop(self.tok.decode(tokens, skip_special_tokens=True), stops)
 
     def _choice(self, req: api.ApiRequest, res) -> dict:
-        text, hit = self._text(res.tokens, req.stop)
-        ended = bool(res.tokens) and res.tokens[-1] in self.eos
-        finish = "stop" if hit or ended or len(res.tokens) < req.cfg.max_new_tokens else "length"
+        text, _ = self._text(res.tokens, req.stop)   # the search ended at the stop string: finish_reason "stop"
         telemetry.record_response("serve", res.method, res.reward, res.num_nudges, res.reward_calls)
-        return {"text": text, "finish_reason": finish, "tokens": len(res.tokens), "stats": api.stats(res)}
+        return {"text": text, "finish_reason": res.finish_reason, "tokens": len(res.tokens), "stats": api.stats(res)}
 
     def _failure(self, kind: str, msg: str) -> api.ApiError:
         if kind == "unavailable":   # a model replica died mid-request: Serve starts another, the client retries

@@ -1,0 +1,62 @@
+"""Config fields listed once: flags, YAML keys, Serve's request knobs, `normalize` and the config hash are all
+read from the fields' own metadata (ggro.config `knob`). These pin the derived lists to what the hand-written
+ones of db9fe96 said, so outputs written before still resume and requests still group the same way."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from ggro.config import HASHED_WHEN_SET, NOT_HASHED, GGROConfig, ModelConfig, config_hash, knobs
+from pipeline.serve.api import GGRO_KNOBS, normalize, uses_randomness
+
+
+def test_the_config_hash_of_existing_outputs_is_unchanged():
+    """The two hashes were computed by db9fe96's own code (`git show db9fe96:ggro/config.py > old_config.py`,
+    then `old_config.config_hash(old_config.GGROConfig(), old_config.ModelConfig())` and the same for the second
+    pair), whose NOT_HASHED and HASHED_WHEN_SET were hand-written lists; resume compares this hash."""
+    assert config_hash(GGROConfig(), ModelConfig()) == "e18150f2e636"
+    g = GGROConfig(method="best-of-n", n=3, max_refined_segments=2, trace=True)
+    m = ModelConfig(policy="p", revision="r1", trust_remote_code=True, batch_size=3, cohorts=2, fill=4)
+    assert config_hash(g, m) == "190a3b81d86d"
+    assert NOT_HASHED == ("batch_size", "cohorts", "fill")
+    assert HASHED_WHEN_SET == {"max_refined_segments": None, "revision": None, "reward_revision": None,
+                               "trust_remote_code": False}
+
+
+def test_every_field_is_a_knob():
+    """A field made without `knob` would have no flag, no YAML key and no hash rule."""
+    for cls in (GGROConfig, ModelConfig):
+        assert knobs(cls) == dataclasses.fields(cls)
+
+
+def test_serve_request_knobs_are_db9fe96s():
+    assert GGRO_KNOBS == {
+        "method": str, "num_refinements": int, "entropy_threshold": (int, float), "top_k": int,
+        "nudge_temperature": (int, float), "selection": str, "scoring": str, "min_segment_tokens": int,
+        "initial_insertion_offset": int, "n": int, "prefill": str, "search_mode": str, "max_refined_segments": int,
+        "adaptive_margin": (int, float)}
+
+
+def old_normalize(cfg: GGROConfig) -> GGROConfig:
+    """db9fe96's hand-written normalize, kept here as the reference the derived one must equal."""
+    d = GGROConfig()
+    if cfg.method != "best-of-n":
+        cfg = dataclasses.replace(cfg, n=d.n, temperature=d.temperature, top_p=d.top_p)
+    if cfg.method != "ggro":
+        cfg = dataclasses.replace(cfg, num_refinements=d.num_refinements, entropy_threshold=d.entropy_threshold,
+                                  top_k=d.top_k, nudge_temperature=d.nudge_temperature, selection=d.selection,
+                                  scoring=d.scoring, min_segment_tokens=d.min_segment_tokens,
+                                  initial_insertion_offset=d.initial_insertion_offset, search_mode=d.search_mode,
+                                  adaptive_margin=d.adaptive_margin, max_refined_segments=d.max_refined_segments)
+    if not uses_randomness(cfg):
+        cfg = dataclasses.replace(cfg, seed=d.seed)
+    return cfg
+
+
+def test_normalize_resets_what_db9fe96s_reset():
+    away = dict(num_refinements=7, entropy_threshold=0.5, top_k=3, nudge_temperature=0.3, scoring="taylor",
+                min_segment_tokens=5, initial_insertion_offset=2, search_mode="adaptive", adaptive_margin=0.1,
+                max_refined_segments=2, n=6, temperature=0.9, top_p=0.5, seed=11, max_new_tokens=9, trace=True)
+    for method, selection in itertools.product(("ggro", "greedy", "best-of-n"), ("greedy", "sample")):
+        cfg = GGROConfig(method=method, selection=selection, **away)
+        assert normalize(cfg) == old_normalize(cfg), (method, selection)
