@@ -14,7 +14,7 @@ import ray
 
 from actors.policy import PolicyReplica, start_policy_replica
 from actors.reward import RewardPool, start_reward_pool
-from actors.worker import shares_weights
+from actors.resources import shares_weights
 from ggro.config import ModelConfig
 from actors.resources import ClusterTooSmall, Resources
 

@@ -13,7 +13,6 @@ import os
 import socket
 
 from ggro.config import ModelConfig
-from actors.resources import shares_weights   # noqa: F401  (actors.cluster asks it here)
 from ggro.seam import RewardQuery, RewardResult, SegmentRequest, SegmentResult
 
 ROLES = ("policy", "reward")

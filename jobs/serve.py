@@ -111,11 +111,10 @@ def check_vocabulary(settings) -> None:
     m = settings.mcfg
     if m.reward_model == m.policy:
         return
-    from ggro import models
-    from ggro.modelset import reward_vocab
+    from ggro.modelset import ModelSet
     from pipeline.serve.app import serve_refusal
     try:
-        problem = reward_vocab(m, models.load_tokenizer(m.policy, **m.source(m.policy)))[1]
+        problem = ModelSet(m).vocab_problem
     except ModelLoadError as e:
         fail(str(e), 1)
     why = serve_refusal(problem, settings.gcfg.method)
