@@ -145,15 +145,21 @@ def metric_total(samples, name: str, **labels) -> float:
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def wait_for_metrics(want: list, tries: int = 120) -> list:
-    """Poll the metrics endpoint until every `want` entry, (sample name, labels dict), has a total > 0 (Ray's
-    workers push their metrics to the agent every few seconds); returns the last samples, which the caller
-    asserts on."""
+def metric_present(samples, name: str, **labels) -> bool:
+    return any(s.name == name and all(s.labels.get(k) == v for k, v in labels.items()) for s in samples)
+
+
+def wait_for_metrics(want: list, tries: int = 120, present: list = ()) -> list:
+    """Poll the metrics endpoint until every `want` entry, (sample name, labels dict), has a total > 0 and every
+    `present` entry has a sample at all (a gauge may read 0 by then). Ray's workers push their metrics to the
+    agent every few seconds, and one metric arriving does not mean another has; returns the last samples,
+    which the caller asserts on."""
     import time
     samples = []
     for _ in range(tries):
         samples = ray_metric_samples()
-        if all(metric_total(samples, name, **labels) > 0 for name, labels in want):
+        if (all(metric_total(samples, name, **labels) > 0 for name, labels in want)
+                and all(metric_present(samples, name, **labels) for name, labels in present)):
             break
         time.sleep(1)
     return samples

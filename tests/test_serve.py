@@ -342,7 +342,7 @@ def test_disconnected_request_frees_its_slots(server):
 @slow
 def test_metrics_on_rays_endpoint(client):
     """One chat request and one stream: the ggro_ metrics reach the node's Prometheus endpoint."""
-    from tests.conftest import metric_total, wait_for_metrics
+    from tests.conftest import metric_present, metric_total, wait_for_metrics
     msgs = [{"role": "user", "content": "go now"}]
     client.chat.completions.create(model="tiny", messages=msgs)
     list(client.chat.completions.create(model="tiny", messages=msgs, stream=True))
@@ -354,10 +354,12 @@ def test_metrics_on_rays_endpoint(client):
             ("ray_ggro_serve_completion_tokens_total", {"app": "ggro-test"}),
             ("ray_ggro_responses_total", serve), ("ray_ggro_reward_calls_total", serve),
             ("ray_ggro_nudges_count", serve), ("ray_ggro_reward_count", serve)]
-    samples = wait_for_metrics(want)
+    gauge = [("ray_ggro_serve_queue_depth", {"app": "ggro-test"})]   # back to 0 by now: it need only be there
+    samples = wait_for_metrics(want, present=gauge)
     for name, labels in want:
         assert metric_total(samples, name, **labels) > 0, (name, sorted({s.name for s in samples}))
-    assert any(s.name == "ray_ggro_serve_queue_depth" and s.labels["app"] == "ggro-test" for s in samples)
+    name, labels = gauge[0]
+    assert metric_present(samples, name, **labels), sorted({s.name for s in samples})
 
 
 @slow
