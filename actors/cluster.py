@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import ray
 
 from actors.policy import PolicyReplica, start_policy_replica
+from actors.resources import ClusterTooSmall, Resources, shares_weights
 from actors.reward import RewardPool, start_reward_pool
-from actors.resources import shares_weights
 from ggro.config import ModelConfig
-from actors.resources import ClusterTooSmall, Resources
 
 
 @dataclass
