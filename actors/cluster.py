@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import ray
 
-from actors.policy import PolicyReplica, start_policy_replica
+from actors.policy import PolicyReplica, launch_policy_replica, wire
 from actors.resources import ClusterTooSmall, Resources, shares_weights
-from actors.reward import RewardPool, start_reward_pool
+from actors.reward import RewardPool, launch_reward_pool
 from ggro.config import ModelConfig
 
 
@@ -114,21 +114,26 @@ def _lost_room(why: str, grace_s: float) -> str:
 
 def start_workers(mcfg: ModelConfig, res: Resources, timeout_s: float = 120) -> Workers:
     """Start the policy replicas and the reward pool. With shared weights the pool is the replicas' workers
-    (--reward-replicas and the reward shares are then unused), as in Serve's one deployment for both roles."""
+    (--reward-replicas and the reward shares are then unused), as in Serve's one deployment for both roles.
+    Every actor is launched before any is waited for, so they load side by side: a job starts in about
+    one model load, not one per replica."""
     shared = shares_weights(mcfg, res.tp)
     wait_for_room(needed(mcfg, res), timeout_s)
     roles = ("policy", "reward") if shared else ("policy",)
-    policies, tag = [], uuid.uuid4().hex[:8]
+    policies, reward, tag = [], None, uuid.uuid4().hex[:8]
     try:
         for i in range(res.policy_replicas):
-            policies.append(start_policy_replica(mcfg, res.tp, res.policy_gpus_per_replica, res.policy_cpus,
-                                                 timeout_s=timeout_s, name=f"ggro-policy-{tag}-{i}", roles=roles))
-        if shared:
-            reward = RewardPool([p.ranks[0] for p in policies], owned=False)
-        else:
-            reward = start_reward_pool(mcfg, res.reward_replicas, res.reward_gpus, res.reward_cpus)
+            policies.append(launch_policy_replica(mcfg, res.tp, res.policy_gpus_per_replica, res.policy_cpus,
+                                                  timeout_s=timeout_s, name=f"ggro-policy-{tag}-{i}", roles=roles))
+        reward = (RewardPool([p.ranks[0] for p in policies], owned=False) if shared else
+                  launch_reward_pool(mcfg, res.reward_replicas, res.reward_gpus, res.reward_cpus))
+        for p in policies:
+            wire(p)
+        reward.ready()
     except BaseException:
         for p in policies:
             p.shutdown()
+        if reward is not None:
+            reward.shutdown()
         raise
     return Workers(policies, reward, policies[0].context)

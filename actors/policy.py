@@ -36,15 +36,26 @@ class PolicyReplica:
         ray.get([r.release.remote(seq_ids) for r in self.ranks])
 
     def shutdown(self) -> None:
+        if self.pg is None:      # already shut down (a failed start shuts a replica down once, its caller again)
+            return
         for r in self.ranks:
             ray.kill(r)
         remove_placement_group(self.pg)
+        self.pg = None
 
 
 def start_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float = 0, cpus_per_rank: float = 0.5,
                          timeout_s: float = 60, name: str | None = None,
                          roles: tuple[str, ...] = ("policy",)) -> PolicyReplica:
-    """Reserve a STRICT_PACK placement group of `tp` bundles, start the ranks and wire their world.
+    """Start one replica and wait until its ranks have loaded and wired their world."""
+    return wire(launch_policy_replica(mcfg, tp, gpus_per_rank, cpus_per_rank, timeout_s, name, roles))
+
+
+def launch_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float = 0, cpus_per_rank: float = 0.5,
+                          timeout_s: float = 60, name: str | None = None,
+                          roles: tuple[str, ...] = ("policy",)) -> PolicyReplica:
+    """Reserve a STRICT_PACK placement group of `tp` bundles and start the ranks, without waiting for them to
+    load (`wire` does): replicas and reward actors then load side by side instead of one after another.
     `roles=("policy", "reward")` (tp == 1 only) makes the rank the reward worker too, on the same weights.
 
     tp == 1 ranks restart on failure (their only state is a prefix cache, rebuilt on demand) and Ray
@@ -70,7 +81,12 @@ def start_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float = 
     ranks = [cls.options(**opts, name=f"{name}-rank{i}", scheduling_strategy=PlacementGroupSchedulingStrategy(
         placement_group=pg, placement_group_bundle_index=i)).remote(mcfg, roles, i, tp, threads_for(cpus_per_rank))
         for i in range(tp)]
-    replica = PolicyReplica(ranks, pg, 0)
+    return PolicyReplica(ranks, pg, 0)
+
+
+def wire(replica: PolicyReplica) -> PolicyReplica:
+    """Wait for a launched replica's ranks to load and join their world; load errors surface here."""
+    ranks = replica.ranks
     try:
         addr, port = ray.get(ranks[0].address.remote())
         replica.context = ray.get([r.setup.remote(addr, port) for r in ranks])[0]
@@ -78,4 +94,3 @@ def start_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float = 
         replica.shutdown()
         raise
     return replica
-

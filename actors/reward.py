@@ -40,6 +40,11 @@ class RewardPool:
                 out[i] = r
         return out
 
+    def ready(self) -> RewardPool:
+        """Wait until every actor has loaded: load errors surface here."""
+        ray.get([w.pid.remote() for w in self.workers])
+        return self
+
     def shutdown(self) -> None:
         if not self.owned:      # the policy replicas' workers: their replica shuts them down
             return
@@ -48,10 +53,14 @@ class RewardPool:
 
 
 def start_reward_pool(mcfg: ModelConfig, replicas: int = 1, gpus: float = 0, cpus: float = 0.5) -> RewardPool:
+    return launch_reward_pool(mcfg, replicas, gpus, cpus).ready()
+
+
+def launch_reward_pool(mcfg: ModelConfig, replicas: int = 1, gpus: float = 0, cpus: float = 0.5) -> RewardPool:
+    """Start the actors without waiting for them to load (`RewardPool.ready` does)."""
     cls = ray.remote(ModelWorker)
     opts = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
     tag = uuid.uuid4().hex[:8]   # named (ggro-reward-TAG-i) so operators and tests can find them
-    workers = [cls.options(**opts, name=f"ggro-reward-{tag}-{i}").remote(mcfg, ("reward",), threads=threads_for(cpus))
-               for i in range(replicas)]
-    ray.get([w.pid.remote() for w in workers])   # wait until loaded: errors surface here
-    return RewardPool(workers)
+    return RewardPool([cls.options(**opts, name=f"ggro-reward-{tag}-{i}").remote(mcfg, ("reward",),
+                                                                                 threads=threads_for(cpus))
+                       for i in range(replicas)])

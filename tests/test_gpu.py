@@ -247,19 +247,35 @@ def _bench(tmp_path, *args, timeout=600, script=BENCH):
     return json.loads(out.read_text()), proc.stdout
 
 
-def test_benchmark_script_smoke_on_cpu(tmp_path):
-    res, table = _bench(tmp_path, "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1,2",
-                        "--prompt-tokens", "16", "--new-tokens", "4", timeout=300)
+def _bench_here(tmp_path, capsys, *args, script=BENCH):
+    """The CPU smoke runs: the script's main() in this process, which has torch and transformers imported
+    already (a fresh interpreter spends most of a tiny run importing them). RNG and TF32 state are restored."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, tf32 = tmp_path / "bench.json", torch.backends.cuda.matmul.allow_tf32
+    try:
+        with torch.random.fork_rng():
+            assert mod.main([*args, "--json", str(out)]) in (0, None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_benchmark_script_smoke_on_cpu(tmp_path, capsys):
+    res, table = _bench_here(tmp_path, capsys, "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1,2",
+                             "--prompt-tokens", "16", "--new-tokens", "4")
     assert [r["batch"] for r in res["rows"]] == [1, 2]
     assert all(r["decode_tok_s"] > 0 and r["reward_seq_s"] > 0 for r in res["rows"])
     assert table.startswith("| batch |")
 
 
-def test_methods_benchmark_tiny_on_cpu(tmp_path):
+def test_methods_benchmark_tiny_on_cpu(tmp_path, capsys):
     """gpu_methods.py's tiny CPU mode: every method and batch measured, fp32 tokens checked, targets read."""
-    res, table = _bench(tmp_path, "--tiny", "--device", "cpu", "--batch-sizes", "1,4", "--prompt-tokens", "8",
+    res, table = _bench_here(tmp_path, capsys, "--tiny", "--device", "cpu", "--batch-sizes", "1,4", "--prompt-tokens", "8",
                         "--new-tokens", "6", "--refinements", "2", "--csv", str(tmp_path / "m.csv"),
-                        "--repeats", "2", script=METHODS_BENCH, timeout=240)
+                             "--repeats", "2", script=METHODS_BENCH)
     methods = ["hf-generate", "decoder", "greedy", "best-of-4", "ggro", "lookahead"]
     rows = res["rows"]
     assert [(r["model"], r["batch"], r["method"]) for r in rows] == [

@@ -126,26 +126,28 @@ def test_resume_after_killed_driver(ray_cluster, tiny_models, tmp_path):
     assert all(final[i] == r for i, r in partial.items())
 
 
-def align_killing(argv, out: Path, find_pid) -> None:
-    """Run `align(argv)` while a thread SIGKILLs the process `find_pid()` names (None: not up yet), once
-    some part files are in `out` and others are still to come. Every input id must come out once."""
+def align_killing(argv, out: Path, *find_pids) -> None:
+    """Run `align(argv)` while a thread SIGKILLs, one after another, the process each `find_pid()` names (None: not
+    up yet), the k-th once k part files are in `out` and others are still to come. Every input id must come out
+    once."""
     killed = []
 
     def killer():
         deadline = time.time() + 300
-        while time.time() < deadline:
-            pid = find_pid() if list(out.glob("*.parquet")) else None
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-            time.sleep(0.2)
+        for k, find_pid in enumerate(find_pids, 1):
+            while time.time() < deadline:
+                pid = find_pid() if len(list(out.glob("*.parquet"))) >= k else None
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    break
+                time.sleep(0.2)
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
     assert align(argv + ["--output", str(out), "--rows-per-file", "1"]) == 0
     th.join(5)
-    assert killed, "the job finished before the process could be killed"
+    assert len(killed) == len(find_pids), "the job finished before every process could be killed"
     assert sorted(rows_of(out)) == sorted(r["id"] for r in ROWS)
 
 
@@ -154,13 +156,6 @@ def named_actor_pid(prefix: str, suffix: str = "", replicas: int = 1) -> int | N
     names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                    if a["name"].startswith(prefix) and a["name"].endswith(suffix))
     return ray.get(ray.get_actor(names[0]).pid.remote()) if len(names) >= replicas else None
-
-
-def test_reward_actor_killed_midjob(ray_cluster, tiny_models, tmp_path):
-    """SIGKILL the reward actor's process while rows are in flight: it restarts, calls are retried."""
-    inp = write_input(tmp_path / "in.jsonl", ())
-    align_killing(["--input", str(inp), "--batch-size", "1", "--in-flight", "1"] + model_flags(tiny_models),
-                  tmp_path / "out", lambda: named_actor_pid("ggro-reward-"))
 
 
 def test_tp2_replica_rank_killed_midjob(ray_cluster, tiny_models, tmp_path):
@@ -176,15 +171,17 @@ def test_tp2_replica_rank_killed_midjob(ray_cluster, tiny_models, tmp_path):
                   lambda: named_actor_pid("ggro-policy-", "-rank1", replicas=2))     # both replicas up
 
 
-def test_aligner_actor_killed_midjob(ray_cluster, tiny_models, tmp_path):
-    """SIGKILL the Ray Data aligner actor between blocks: Ray Data restarts it and retries its block."""
+def test_reward_and_aligner_actors_killed_midjob(ray_cluster, tiny_models, tmp_path):
+    """SIGKILL the reward actor's process while rows are in flight (it restarts, its calls are retried), then the
+    Ray Data aligner actor between blocks (Ray Data restarts it and retries its block). One job for both: each
+    job costs a driver and a set of model workers."""
     def aligner_pid():
         pids = subprocess.run(["pgrep", "-f", r"ray::MapWorker\(MapBatches\(Aligner"], capture_output=True,
                               text=True).stdout.split()
         return int(pids[0]) if pids else None
     inp = write_input(tmp_path / "in.jsonl", ())
     align_killing(["--input", str(inp), "--batch-size", "1", "--in-flight", "1"] + model_flags(tiny_models),
-                  tmp_path / "out", aligner_pid)
+                  tmp_path / "out", lambda: named_actor_pid("ggro-reward-"), aligner_pid)
 
 
 def test_streamed_folder_equals_local(ray_cluster, tiny_models, tmp_path, capsys):

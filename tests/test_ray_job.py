@@ -1,5 +1,5 @@
-"""A real `ray start --head` + `ray job submit --working-dir . -- python -m jobs.align ...` (and
-`jobs.dpo`) on tiny models. The head gets its own ports and --temp-dir and only it is stopped."""
+"""A real `ray start --head` + `ray job submit --working-dir . -- python -m jobs.dpo ...` (the batch
+driver of `jobs.align`, twice, then the pairing) on tiny models. The head gets its own ports and --temp-dir and only it is stopped."""
 from __future__ import annotations
 
 import json
@@ -91,7 +91,10 @@ def submit(url, env, module, argv):
     return res.stdout
 
 
-def test_ray_job_submit_align_and_dpo(ray_head, tiny_models, tmp_path):
+def test_ray_job_submit_dpo(ray_head, tiny_models, tmp_path):
+    """One `ray job submit` of `jobs.dpo`: GGRO and greedy both aligned on the cluster by the batch driver that
+    `jobs.align` runs (a bad row becomes an error row), then paired. One job, not one per entry point: each costs a
+    driver and a set of model workers, and the in-process `jobs.align` on Ray is tests/test_ray_align.py's."""
     url, env = ray_head
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(r) for r in [
@@ -101,17 +104,14 @@ def test_ray_job_submit_align_and_dpo(ray_head, tiny_models, tmp_path):
     models = ["--policy", tiny_models["policy"], "--reward", tiny_models["classifier"], "--reward-kind",
               "classifier", "--dtype", "float64", "--max-new-tokens", "8", "--num-refinements", "2",
               "--max-error-fraction", "0.5"]      # 1 bad row of 3: the job still succeeds
-    out = tmp_path / "aligned"
-    log = submit(url, env, "jobs.align", ["--input", str(inp), "--output", str(out), *models])
-    assert "rows: 3 out (2 ok, 1 error) / 3 in [OK]" in log
-    t = read_output(out)
-    assert sorted(t.column("id").to_pylist()) == ["a", "b", "bad"]
-    assert set(t.column("method").to_pylist()) == {"ggro"}
-    # dpo job, one pass: GGRO and greedy both aligned on the cluster, then paired
     dpo = tmp_path / "dpo"
     log = submit(url, env, "jobs.dpo", ["--input", str(inp), "--output", str(dpo), "--min-margin", "-1000", "--keep-truncated",
                                       *models])
+    assert "rows: 3 out (2 ok, 1 error) / 3 in [OK]" in log
     assert "pairs: 2 of 3 rows" in log
     assert log.count("ggro: started 1 policy replica(s)") == 1       # both methods ran on one set of workers
+    t = read_output(dpo / "__aligned-ggro")
+    assert sorted(t.column("id").to_pylist()) == ["a", "b", "bad"]
+    assert set(t.column("method").to_pylist()) == {"ggro"}
     pairs = pq.read_table(dpo / "pairs.parquet")
     assert sorted(pairs.column("id").to_pylist()) == ["a", "b"]
