@@ -61,7 +61,8 @@ class Resources:
     aligners: int = knob(1, "aligner actor pool size (Ray Data map_batches)")
     aligner_cpus: float = knob(0.25, "CPU share per aligner actor")
     io_cpus: float = 0.1                 # Ray Data write tasks
-    mode: str = "align"                  # align: Ray actors; serve: Serve deployments; local: this process
+    # where the job runs, the one spelling of local vs Ray (AlignJob.local, the planner and find_cluster read it):
+    mode: str = "align"                  # align: Ray actors; serve: Serve deployments; local: this process (--local)
 
     @classmethod
     def local(cls, mcfg: ModelConfig) -> Resources:
