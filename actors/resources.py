@@ -9,11 +9,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ggro.config import ModelConfig, knob
+from ggro.config import ModelConfig, cached_prefixes, knob
 
-CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py)
-IN_PROCESS_CACHED_BATCHES = 4   # in-process decoders (--local, serve) cache 4 x batch_size
-IN_PROCESS = ("serve", "local")       # modes whose policy decodes in the process that can also judge
 # Resources a mode fixes itself: no flag sets them there, so messages name the quantity instead.
 FIXED = {"align": (), "serve": ("aligners", "aligner_cpus"),
          "local": ("policy_replicas", "reward_replicas", "aligners")}
@@ -90,9 +87,10 @@ class Resources:
         return (self.policy_replicas * self.tp * self.policy_cpus + self.reward_replicas * self.reward_cpus
                 + self.aligners * self.aligner_cpus)
 
-    @property
-    def cached_batches(self) -> int:
-        return IN_PROCESS_CACHED_BATCHES if self.mode in IN_PROCESS else CACHED_BATCHES
+    def cached_prefixes(self, mcfg: ModelConfig) -> int:
+        """Sequences a policy rank's prefix cache keeps in this job (the rule: ggro.config.cached_prefixes):
+        a batch job's ranks are shared by its aligners; --local's and Serve's decoders serve one search."""
+        return cached_prefixes(mcfg, shared=self.mode == "align")
 
     @property
     def judge_in_policy(self) -> bool:

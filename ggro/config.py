@@ -257,6 +257,20 @@ class ModelConfig:
 
 
 LOCAL_FILL = 8   # one CPU process (--local, bench): GGRO calls as full as best-of-8's at the same batch size
+# Prefix-cache floors, in batches of batch_size sequences (see `cached_prefixes`)
+CACHED_BATCHES = 4              # a decoder one search calls: the in-process Engine, a Serve replica's policy
+SHARED_CACHED_BATCHES = 8       # a batch policy rank, which the sub-batches of several aligners call at once
+REWARD_CACHED = 64              # a reward model's cache holds at least this many x + y prefixes
+
+
+def cached_prefixes(mcfg: ModelConfig, shared: bool = False) -> int:
+    """The one prefix-cache rule: how many sequences a policy decoder's cache keeps (the Engine, every
+    ModelWorker, and the planner's KV estimate through `Resources.cached_prefixes`). batch_size x the larger
+    of the floor (`shared`: several aligners call the decoder) and twice the prompts a filled GGRO search
+    keeps in flight per batch (2 x fill), so the least-recently-used entry evicted is never in use. A reward
+    model keeps at least REWARD_CACHED."""
+    floor = SHARED_CACHED_BATCHES if shared else CACHED_BATCHES
+    return max(floor, 2 * (mcfg.fill or 1)) * mcfg.batch_size
 
 
 
