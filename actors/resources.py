@@ -46,15 +46,16 @@ def unreachable(address: str, e: BaseException) -> str:
 @dataclass(frozen=True)
 class Resources:
     # the flags of align, dpo and serve (jobs/common.py `add_resource_args`), from each knob's help; the
-    # aligners' two are align's and dpo's only (serve: its one ingress)
+    # aligners' two are align's and dpo's only (serve: its one ingress). `old_flag`: `ggro serve`'s old names,
+    # hidden and still accepted (scripts use them), each setting the policy's and the reward's field
     tp: int = knob(1, "tensor-parallel degree of each policy replica (DeepSpeed AutoTP; gloo on CPU, NCCL on GPU)")
-    policy_gpus_per_replica: float = knob(0, "GPUs per TP rank of a policy replica (0: CPU)")
-    policy_replicas: int = knob(1, "policy replicas (each --tp rank actors)")
+    policy_gpus_per_replica: float = knob(0, "GPUs per TP rank of a policy replica (0: CPU)", old_flag="replica_gpus")
+    policy_replicas: int = knob(1, "policy replicas (each --tp rank actors)", old_flag="model_replicas")
     # fractional CPU shares: whole CPUs deadlock small clusters
-    policy_cpus: float = knob(0.5, "CPU share per policy TP rank")
-    reward_replicas: int = knob(1, "reward-model actors (batches split across them)")
-    reward_gpus: float = knob(0, "GPUs per reward actor (0: CPU)")
-    reward_cpus: float = knob(0.5, "CPU share per reward actor")
+    policy_cpus: float = knob(0.5, "CPU share per policy TP rank", old_flag="replica_cpus")
+    reward_replicas: int = knob(1, "reward-model actors (batches split across them)", old_flag="model_replicas")
+    reward_gpus: float = knob(0, "GPUs per reward actor (0: CPU)", old_flag="replica_gpus")
+    reward_cpus: float = knob(0.5, "CPU share per reward actor", old_flag="replica_cpus")
     aligners: int = knob(1, "aligner actor pool size (Ray Data map_batches)")
     aligner_cpus: float = knob(0.25, "CPU share per aligner actor")
     io_cpus: float = 0.1                 # Ray Data write tasks
