@@ -46,17 +46,18 @@ class PolicyReplica:
 
 def start_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float = 0, cpus_per_rank: float = 0.5,
                          timeout_s: float = 60, name: str | None = None,
-                         roles: tuple[str, ...] = ("policy",)) -> PolicyReplica:
+                         roles: tuple[str, ...] = ("policy",), shared: bool = True) -> PolicyReplica:
     """Start one replica and wait until its ranks have loaded and wired their world."""
-    return wire(launch_policy_replica(mcfg, tp, gpus_per_rank, cpus_per_rank, timeout_s, name, roles))
+    return wire(launch_policy_replica(mcfg, tp, gpus_per_rank, cpus_per_rank, timeout_s, name, roles, shared))
 
 
 def launch_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float = 0, cpus_per_rank: float = 0.5,
                           timeout_s: float = 60, name: str | None = None,
-                          roles: tuple[str, ...] = ("policy",)) -> PolicyReplica:
+                          roles: tuple[str, ...] = ("policy",), shared: bool = True) -> PolicyReplica:
     """Reserve a STRICT_PACK placement group of `tp` bundles and start the ranks, without waiting for them to
     load (`wire` does): replicas and reward actors then load side by side instead of one after another.
     `roles=("policy", "reward")` (tp == 1 only) makes the rank the reward worker too, on the same weights.
+    `shared` False: one search calls it (a Serve replica's ranks), not several aligners (ModelWorker).
 
     tp == 1 ranks restart on failure (their only state is a prefix cache, rebuilt on demand) and Ray
     retries their calls; a tp > 1 world cannot be rejoined by a single restarted rank.
@@ -79,7 +80,8 @@ def launch_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float =
                 max_task_retries=-1 if tp == 1 else 0)
     cls = ray.remote(ModelWorker)
     ranks = [cls.options(**opts, name=f"{name}-rank{i}", scheduling_strategy=PlacementGroupSchedulingStrategy(
-        placement_group=pg, placement_group_bundle_index=i)).remote(mcfg, roles, i, tp, threads_for(cpus_per_rank))
+        placement_group=pg, placement_group_bundle_index=i)).remote(mcfg, roles, i, tp, threads_for(cpus_per_rank),
+                                                                    shared=shared)
         for i in range(tp)]
     return PolicyReplica(ranks, pg, 0)
 

@@ -9,11 +9,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ggro.config import ModelConfig, knob
+from ggro.config import ModelConfig, cached_prefixes, knob
 
-CACHED_BATCHES = 8              # a policy rank caches prefixes of 8 x batch_size sequences (actors/policy.py)
-IN_PROCESS_CACHED_BATCHES = 4   # in-process decoders (--local, serve) cache 4 x batch_size
-IN_PROCESS = ("serve", "local")       # modes whose policy decodes in the process that can also judge
 # Resources a mode fixes itself: no flag sets them there, so messages name the quantity instead.
 FIXED = {"align": (), "serve": ("aligners", "aligner_cpus"),
          "local": ("policy_replicas", "reward_replicas", "aligners")}
@@ -49,19 +46,21 @@ def unreachable(address: str, e: BaseException) -> str:
 @dataclass(frozen=True)
 class Resources:
     # the flags of align, dpo and serve (jobs/common.py `add_resource_args`), from each knob's help; the
-    # aligners' two are align's and dpo's only (serve: its one ingress)
+    # aligners' two are align's and dpo's only (serve: its one ingress). `old_flag`: `ggro serve`'s old names,
+    # hidden and still accepted (scripts use them), each setting the policy's and the reward's field
     tp: int = knob(1, "tensor-parallel degree of each policy replica (DeepSpeed AutoTP; gloo on CPU, NCCL on GPU)")
-    policy_gpus_per_replica: float = knob(0, "GPUs per TP rank of a policy replica (0: CPU)")
-    policy_replicas: int = knob(1, "policy replicas (each --tp rank actors)")
+    policy_gpus_per_replica: float = knob(0, "GPUs per TP rank of a policy replica (0: CPU)", old_flag="replica_gpus")
+    policy_replicas: int = knob(1, "policy replicas (each --tp rank actors)", old_flag="model_replicas")
     # fractional CPU shares: whole CPUs deadlock small clusters
-    policy_cpus: float = knob(0.5, "CPU share per policy TP rank")
-    reward_replicas: int = knob(1, "reward-model actors (batches split across them)")
-    reward_gpus: float = knob(0, "GPUs per reward actor (0: CPU)")
-    reward_cpus: float = knob(0.5, "CPU share per reward actor")
+    policy_cpus: float = knob(0.5, "CPU share per policy TP rank", old_flag="replica_cpus")
+    reward_replicas: int = knob(1, "reward-model actors (batches split across them)", old_flag="model_replicas")
+    reward_gpus: float = knob(0, "GPUs per reward actor (0: CPU)", old_flag="replica_gpus")
+    reward_cpus: float = knob(0.5, "CPU share per reward actor", old_flag="replica_cpus")
     aligners: int = knob(1, "aligner actor pool size (Ray Data map_batches)")
     aligner_cpus: float = knob(0.25, "CPU share per aligner actor")
     io_cpus: float = 0.1                 # Ray Data write tasks
-    mode: str = "align"                  # align: Ray actors; serve: Serve deployments; local: this process
+    # where the job runs, the one spelling of local vs Ray (AlignJob.local, the planner and find_cluster read it):
+    mode: str = "align"                  # align: Ray actors; serve: Serve deployments; local: this process (--local)
 
     @classmethod
     def local(cls, mcfg: ModelConfig) -> Resources:
@@ -89,9 +88,10 @@ class Resources:
         return (self.policy_replicas * self.tp * self.policy_cpus + self.reward_replicas * self.reward_cpus
                 + self.aligners * self.aligner_cpus)
 
-    @property
-    def cached_batches(self) -> int:
-        return IN_PROCESS_CACHED_BATCHES if self.mode in IN_PROCESS else CACHED_BATCHES
+    def cached_prefixes(self, mcfg: ModelConfig) -> int:
+        """Sequences a policy rank's prefix cache keeps in this job (the rule: ggro.config.cached_prefixes):
+        a batch job's ranks are shared by its aligners; --local's and Serve's decoders serve one search."""
+        return cached_prefixes(mcfg, shared=self.mode == "align")
 
     @property
     def judge_in_policy(self) -> bool:

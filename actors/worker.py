@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 
-from ggro.config import ModelConfig
+from ggro.config import ModelConfig, cached_prefixes
 from ggro.seam import RewardQuery, RewardResult, SegmentRequest, SegmentResult
 
 ROLES = ("policy", "reward")
@@ -75,19 +75,19 @@ class ModelWorker:
     """Holds the weights for `roles`. Loads in the constructor, so a restarted tp == 1 actor (Ray re-runs
     only the constructor) serves again at once; a tp > 1 rank also needs `setup`, with every rank together.
 
-    `cached_batches`: the policy's prefix cache holds that many x batch_size sequences (the planner's
-    CACHED_BATCHES for actors, IN_PROCESS_CACHED_BATCHES for Serve replicas, in actors/resources.py).
+    `shared`: several aligners call this policy (a batch job's rank), not one search (Serve's replica): the
+    prefix cache's larger floor (the rule: ggro.config.cached_prefixes).
     """
 
     def __init__(self, mcfg: ModelConfig, roles: tuple[str, ...] = ("policy",), rank: int = 0, tp: int = 1,
-                 threads: float | None = None, cached_batches: int = 8):
+                 threads: float | None = None, shared: bool = True):
         check_roles(roles, tp)
         from ggro import models
         from ggro.engine import load_reward
         from ggro.modelset import ModelSet
         mcfg = models.here(mcfg)     # `auto` dtype and device against this actor's own hardware
         self.mcfg, self.roles, self.rank, self.tp = mcfg, tuple(roles), rank, tp
-        self.max_cached = cached_batches * mcfg.batch_size
+        self.max_cached = cached_prefixes(mcfg, shared)
         self.model = self.decoder = self.reward = self.context = None
         _set_threads(threads)
         self.models = ModelSet(mcfg)

@@ -63,23 +63,33 @@ class ModelLoadError(RuntimeError):
 
 
 def knob(default, help: str, *, choices: tuple | None = None, request: bool = False, applies: str | None = None,
-         hashed: str = "always"):
+         hashed: str = "always", old_flag: str | None = None):
     """A config field and everything said about it, in one place: `help` (the flag's, `{default}` filled in) and
     `choices` make the command-line flag and its --config YAML key (jobs/common.py `add_engine_args`, named after
     the field); `request`: a Serve request may set it in its `ggro` object (pipeline/serve/api.py); `applies`:
     the method it matters to ("ggro", "best-of-n", or "sampled": best-of-n and sampled GGRO), reset otherwise so
     requests that behave alike share a search loop (`normalize`); `hashed`: "always", "never" (does not change
     outputs) or "when_set" (added after outputs were first written: hashed only away from its default, so an
-    existing output folder still resumes under the same `config_hash`)."""
+    existing output folder still resumes under the same `config_hash`); `old_flag`: a deprecated name, hidden
+    but still accepted, that sets this field and every other field with the same old name (`old_flags`)."""
     assert hashed in ("always", "never", "when_set") and applies in (None, "ggro", "best-of-n", "sampled")
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "request": request,
-                                                        "applies": applies, "hashed": hashed})
+                                                        "applies": applies, "hashed": hashed, "old_flag": old_flag})
 
 
 def knobs(cls) -> tuple[dataclasses.Field, ...]:
     """The fields of a config class made with `knob`: every field of GGROConfig and ModelConfig, and the ones of
     actors.resources.Resources that are flags (jobs/common.py `add_resource_args`)."""
     return tuple(f for f in dataclasses.fields(cls) if "help" in f.metadata)
+
+
+def old_flags(cls) -> dict[str, tuple[dataclasses.Field, ...]]:
+    """{deprecated name: the knobs it sets}, from the knobs' `old_flag`, in field order."""
+    out: dict[str, tuple[dataclasses.Field, ...]] = {}
+    for f in knobs(cls):
+        if f.metadata["old_flag"]:
+            out[f.metadata["old_flag"]] = out.get(f.metadata["old_flag"], ()) + (f,)
+    return out
 
 
 def knob_type(f: dataclasses.Field) -> type:
@@ -257,6 +267,20 @@ class ModelConfig:
 
 
 LOCAL_FILL = 8   # one CPU process (--local, bench): GGRO calls as full as best-of-8's at the same batch size
+# Prefix-cache floors, in batches of batch_size sequences (see `cached_prefixes`)
+CACHED_BATCHES = 4              # a decoder one search calls: the in-process Engine, a Serve replica's policy
+SHARED_CACHED_BATCHES = 8       # a batch policy rank, which the sub-batches of several aligners call at once
+REWARD_CACHED = 64              # a reward model's cache holds at least this many x + y prefixes
+
+
+def cached_prefixes(mcfg: ModelConfig, shared: bool = False) -> int:
+    """The one prefix-cache rule: how many sequences a policy decoder's cache keeps (the Engine, every
+    ModelWorker, and the planner's KV estimate through `Resources.cached_prefixes`). batch_size x the larger
+    of the floor (`shared`: several aligners call the decoder) and twice the prompts a filled GGRO search
+    keeps in flight per batch (2 x fill), so the least-recently-used entry evicted is never in use. A reward
+    model keeps at least REWARD_CACHED."""
+    floor = SHARED_CACHED_BATCHES if shared else CACHED_BATCHES
+    return max(floor, 2 * (mcfg.fill or 1)) * mcfg.batch_size
 
 
 

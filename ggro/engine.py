@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from . import guide, models
-from .config import LOCAL_FILL, ConfigError, GGROConfig, ModelConfig, config_hash
+from .config import LOCAL_FILL, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes, config_hash
 from .modelset import ANY_REWARD, ModelSet
 from .policy import SegmentDecoder
 from .retokenize import Retokenized, vocab_refusal
@@ -36,7 +36,7 @@ class Engine:
             ms.check("ggro")       # before any weights load
         policy_model = models.load_model(mcfg.policy, "causal", mcfg.dtype, mcfg.device,
                                          **mcfg.source(mcfg.policy))
-        policy = SegmentDecoder(policy_model, ms.eos_ids(policy_model), max_cached=cached(mcfg),
+        policy = SegmentDecoder(policy_model, ms.eos_ids(policy_model), max_cached=cached_prefixes(mcfg),
                                 tokenizer=ms.tokenizer)
         reward = load_reward(mcfg, ms.tokenizer, policy_model, gradient, prefixes=policy.prefixes, model_set=ms)
         return cls(ms.tokenizer, policy, reward, ms.context(policy_model), mcfg)
@@ -71,12 +71,6 @@ class Engine:
             yield output_record(by_id[res.id], res, self.tokenizer, prov, gcfg.method)
 
 
-def cached(mcfg: ModelConfig) -> int:
-    """Prefix-cache entries per model: twice the prompts a GGRO search keeps in flight (one entry each), so
-    the least-recently-used one evicted is never in use."""
-    return max(4, 2 * (mcfg.fill or 1)) * mcfg.batch_size
-
-
 def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool = True,
                 policy_ids: bool = True, prefixes=None, model_set: ModelSet | None = None) -> Reward:
     """The reward model; on the policy's weights when the config says they are shared and they are at hand.
@@ -99,5 +93,5 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
     else:
         model = guide.shipped_guide(policy_model)
     rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model),
-                     max_cached=max(64, cached(mcfg)), prefixes=prefixes if shared else None)
+                     max_cached=max(REWARD_CACHED, cached_prefixes(mcfg)), prefixes=prefixes if shared else None)
     return ms.reward_seam(rm) if policy_ids else rm

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .config import GGROConfig
-from .search import Result, row_seed
+from .rounds import Result, row_seed
 
 
 class ReferenceReward:

@@ -82,7 +82,7 @@ def job_from_args(args) -> AlignJob:
     return AlignJob(gcfg=gcfg, mcfg=mcfg, input=input_path(args), output=args.output, limit=args.limit,
                     overwrite=bool(args.overwrite), retry_errors=bool(args.retry_errors),
                     max_error_fraction=DEFAULT_MAX_ERROR_FRACTION if frac is None else frac,
-                    rows_per_file=args.rows_per_file, local=bool(args.local), resources=res, address=args.address,
+                    rows_per_file=args.rows_per_file, resources=res, address=args.address,
                     ray_timeout=args.ray_timeout or DEFAULT_RAY_TIMEOUT_S, in_flight=args.in_flight or DEFAULT_IN_FLIGHT,
                     log_to_driver=log_to_driver(args))
 

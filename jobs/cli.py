@@ -31,12 +31,17 @@ def version() -> str:
         return found.group(1) if found else "unknown"
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default, except the None that a flag left for --config to fill has (its help names
-    the real default in brackets)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+def show_defaults(p: Parser) -> None:
+    """Add a shown flag's default to its help, as argparse's ArgumentDefaultsHelpFormatter words it, except the
+    None that a flag left for --config to fill has (its help names the real default in brackets). Edits the
+    help of the Actions the parser recorded (`Parser.options`), so no formatter internals are overridden."""
+    for a in p.options:
+        if a.help is argparse.SUPPRESS or not (a.help or "").strip():
+            continue            # argparse shows no help line for these, default or not
+        if a.default is None or a.default is argparse.SUPPRESS or "%(default)" in a.help:
+            continue
+        if a.option_strings or a.nargs in ("?", "*"):
+            a.help += " (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=HelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_args(p)
+        show_defaults(p)
         p.set_defaults(func=mod.run)
     return parser
 

@@ -9,7 +9,7 @@ from importlib import resources
 
 import yaml
 
-from ggro.config import ConfigError, GGROConfig, ModelConfig, knob_help, knob_type, knobs, split_fields
+from ggro.config import ConfigError, GGROConfig, ModelConfig, knob_help, knob_type, knobs, old_flags, split_fields
 from actors.resources import Resources
 
 
@@ -32,9 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                                    help=knob_help(f))
     p.add_argument("--config", help="YAML file whose keys mirror these flags (dashes or underscores); flags win")
 
-# `ggro serve`'s old names for the resources: hidden, still accepted (scripts use them); each sets both roles
-DEPRECATED = {"model_replicas": ("policy_replicas", "reward_replicas"), "replica_cpus": ("policy_cpus", "reward_cpus"),
-              "replica_gpus": ("policy_gpus_per_replica", "reward_gpus")}
+# `ggro serve`'s old names for the resources, from the knobs' `old_flag`: hidden, still accepted
+DEPRECATED = old_flags(Resources)
 
 
 def add_resource_args(g, aligners: bool = True) -> None:
@@ -45,8 +44,7 @@ def add_resource_args(g, aligners: bool = True) -> None:
             g.add_argument("--" + f.name.replace("_", "-"), type=knob_type(f), default=f.default, help=knob_help(f))
     if not aligners:
         for old, new in DEPRECATED.items():
-            g.add_argument("--" + old.replace("_", "-"), type=int if "replicas" in old else float,
-                           help=argparse.SUPPRESS)
+            g.add_argument("--" + old.replace("_", "-"), type=knob_type(new[0]), help=argparse.SUPPRESS)
 
 
 def resources_from_args(args: argparse.Namespace, mode: str, **fixed) -> Resources:
@@ -55,9 +53,9 @@ def resources_from_args(args: argparse.Namespace, mode: str, **fixed) -> Resourc
     values = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     for old, new in DEPRECATED.items():
         if getattr(args, old, None) is not None:
-            flags = " and ".join("--" + n.replace("_", "-") for n in new)
+            flags = " and ".join("--" + f.name.replace("_", "-") for f in new)
             print(f"ggro: --{old.replace('_', '-')} is deprecated, use {flags}", file=sys.stderr)
-            values.update(dict.fromkeys(new, getattr(args, old)))
+            values.update(dict.fromkeys((f.name for f in new), getattr(args, old)))
     return Resources(**{**values, **fixed}, mode=mode)
 
 

@@ -37,7 +37,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 def cluster_query(args) -> ClusterQuery:
     return ClusterQuery(gpus=args.cluster_gpus, cpus=args.cluster_cpus, gpus_per_node=args.gpus_per_node,
                         gpu_memory_gb=args.gpu_memory_gb, memory_gb=args.cluster_memory_gb,
-                        address=getattr(args, "address", None), local=bool(getattr(args, "local", False)))
+                        address=getattr(args, "address", None))
 
 
 def dry_run(args, gcfg: GGROConfig, mcfg: ModelConfig, res: Resources) -> int:
@@ -49,7 +49,8 @@ def dry_run(args, gcfg: GGROConfig, mcfg: ModelConfig, res: Resources) -> int:
         pol = model_info(mcfg.policy)
         rm = pol if mcfg.reward_model == mcfg.policy else model_info(mcfg.reward_model)
         query = cluster_query(args)
-        plan = make_plan(pol, rm, res, gcfg, mcfg, int(args.plan_prompt_tokens or 512), lambda: find_cluster(query))
+        plan = make_plan(pol, rm, res, gcfg, mcfg, int(args.plan_prompt_tokens or 512),
+                         lambda: find_cluster(query, res.mode))
     except ConfigError as e:
         print(f"ggro: error: {e}", file=sys.stderr)
         return 2

@@ -146,7 +146,7 @@ def manifest(job: AlignJob, run_id: str, started: str) -> dict:
     from ggro.config import config_hash
     gcfg, mcfg = job.gcfg, job.mcfg
     return {"command": "align", "run_id": run_id, "status": "running", "started": started, "ended": None,
-            "mode": job.mode, "input": job.input, "output": str(job.output), "limit": job.limit,
+            "mode": "local" if job.local else "ray", "input": job.input, "output": str(job.output), "limit": job.limit,
             "retry_errors": job.retry_errors, "overwrite": job.overwrite,
             "max_error_fraction": job.max_error_fraction,
             "config_hash": config_hash(gcfg, mcfg), "ggro_config": dataclasses.asdict(gcfg),

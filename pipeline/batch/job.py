@@ -33,8 +33,7 @@ class AlignJob:
     retry_errors: bool = False
     max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
-    local: bool = False                       # this process instead of Ray
-    resources: Resources = field(default_factory=Resources)
+    resources: Resources = field(default_factory=Resources)   # its mode says where: "local" (this process) or Ray
     address: str | None = None                # Ray cluster; None: $RAY_ADDRESS, else a local Ray
     ray_timeout: float = DEFAULT_RAY_TIMEOUT_S   # seconds to wait for placement groups
     in_flight: int = DEFAULT_IN_FLIGHT        # sub-batches each aligner keeps in flight
@@ -49,8 +48,9 @@ class AlignJob:
             raise ConfigError("--max-error-fraction must be between 0 and 1")
 
     @property
-    def mode(self) -> str:
-        return "local" if self.local else "ray"
+    def local(self) -> bool:
+        """--local: this process instead of Ray (the one spelling is `Resources.mode`)."""
+        return self.resources.mode == "local"
 
     def cluster(self) -> dict:
         """The manifest's record of where a Ray run ran (empty for --local)."""

@@ -1,10 +1,10 @@
 """GGRO's decisions made visible: one self-contained HTML page (no scripts, no external assets) per run.
 
 For every prompt it shows each method's response side by side, the baseline (greedy) first. A GGRO
-response with a trace (`--trace`: the output's `trace` column, written by ggro/search.py) is split into
-its segments; each segment after the first starts at an uncertain token, marked with the entropy that
-ended the previous segment, and a table lists the continuations tried there (greedy and each nudge,
-with their rewards), the accepted one highlighted.
+response with a trace (`--trace`: the output's `trace` column, written by the search: ggro/faithful.py,
+ggro/lookahead.py) is split into its segments; each segment after the first starts at an uncertain token,
+marked with the entropy that ended the previous segment, and a table lists the continuations tried there
+(greedy and each nudge, with their rewards), the accepted one highlighted.
 
 Every piece of text (prompts, responses, tokens, labels) is user content and is HTML-escaped; the page
 carries no script and no link, so a hostile response can neither run code nor load anything.

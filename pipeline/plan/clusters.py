@@ -22,7 +22,6 @@ class ClusterQuery:
     gpu_memory_gb: float | None = None   # [read from the device or the accelerator type]
     memory_gb: float | None = None       # host RAM [the connected cluster's or this machine's]
     address: str | None = None           # --address, else RAY_ADDRESS
-    local: bool = False                  # --local runs in this process: never a Ray cluster
 
 
 @dataclass
@@ -112,12 +111,12 @@ def this_machine(q: ClusterQuery) -> Cluster:
                    float(os.cpu_count() or 1), gib, src, q.memory_gb or mem)
 
 
-def find_cluster(q: ClusterQuery) -> Cluster:
-    """The described cluster, else the Ray cluster at --address / RAY_ADDRESS (never for --local, which runs
-    in this process), else this machine."""
+def find_cluster(q: ClusterQuery, mode: str) -> Cluster:
+    """The described cluster, else the Ray cluster at --address / RAY_ADDRESS (never for a job whose
+    `Resources.mode` is "local": it runs in this process), else this machine."""
     if q.gpus is not None:
         return described_cluster(q)
     address = q.address or os.environ.get("RAY_ADDRESS")
-    if address and not q.local:
+    if address and mode != "local":
         return connected_cluster(q, address)
     return this_machine(q)

@@ -249,15 +249,16 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res, gcfg: GGROConfig, mcfg: ModelCo
              prompt_tokens: int, tp: int | None = None, dtype: str | None = None,
              batch_size: int | None = None) -> Estimate:
     """The memory rule of thumb (see the module docstring), per policy rank and per reward actor. `res` is the
-    job's resources (actors.resources.Resources: tp, replicas, GPUs, cached_batches, judge_in_policy); tp, dtype and
+    job's resources (actors.resources.Resources: tp, replicas, GPUs, cached_prefixes, judge_in_policy); tp, dtype and
     batch_size override the job's, to try fixes."""
     tp = tp or res.tp
     db = DTYPE_BYTES[dtype or mcfg.dtype]
     bs = batch_size or mcfg.batch_size
     on_gpu = res.policy_gpus_per_replica > 0
     seq = prompt_tokens + gcfg.max_new_tokens
-    rows = replace(mcfg, batch_size=bs).decode_rows(gcfg)   # samples, nudges and GGRO's filled calls side by side
-    kv_seqs = bs * res.cached_batches + rows    # the rank's bounded prefix cache + the live (padded) decode batch
+    sized = replace(mcfg, batch_size=bs)
+    rows = sized.decode_rows(gcfg)   # samples, nudges and GGRO's filled calls side by side
+    kv_seqs = res.cached_prefixes(sized) + rows    # the rank's bounded prefix cache + the live (padded) decode batch
     weights = pol.params * db
     kv_per_token = 2 * (pol.layers or 0) * (pol.kv_heads or 0) * (pol.head_dim or 0) * db    # K and V
     kv = kv_seqs * seq * kv_per_token

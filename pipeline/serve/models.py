@@ -14,7 +14,6 @@ import uuid
 import ray
 from ray import serve
 
-from actors.resources import IN_PROCESS_CACHED_BATCHES
 from actors.worker import ModelWorker, class_path
 from ggro.config import ModelConfig
 
@@ -32,10 +31,11 @@ class ModelServer:
             # the weights live in `tp` rank actors (DeepSpeed AutoTP), started and owned by this replica
             from actors.policy import start_policy_replica
             self.group = start_policy_replica(mcfg, tp=tp, gpus_per_rank=rank_gpus, cpus_per_rank=rank_cpus,
-                                              name=f"ggro-serve-policy-{uuid.uuid4().hex[:8]}", roles=roles)
+                                              name=f"ggro-serve-policy-{uuid.uuid4().hex[:8]}", roles=roles,
+                                              shared=False)
             self.policy = self.group
         else:
-            self.policy = self.reward = ModelWorker(mcfg, roles, cached_batches=IN_PROCESS_CACHED_BATCHES)
+            self.policy = self.reward = ModelWorker(mcfg, roles, shared=False)
         self._lock = asyncio.Lock()          # one model computation at a time per replica
 
     async def _compute(self, fn, arg):
