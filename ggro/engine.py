@@ -9,7 +9,7 @@ from .config import LOCAL_FILL, REWARD_CACHED, ConfigError, GGROConfig, ModelCon
 from .modelset import ANY_REWARD, ModelSet
 from .policy import SegmentDecoder
 from .retokenize import Retokenized, vocab_refusal
-from .reward import RewardModel
+from .reward import Blend, RewardModel
 from .rows import InputRow, encode
 from .schema import output_record
 from .search import run
@@ -85,6 +85,15 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
     tok = ms.reward_tokenizer
     spec = mcfg.reward_model
     shared = mcfg.shares_policy_weights and policy_model is not None
+    cached = max(REWARD_CACHED, cached_prefixes(mcfg))
+    if spec == "default" and mcfg.reward_kind == "classifier":    # the shipped guide: head + the backbone as judge
+        causal = policy_model if shared else models.load_model(spec, "causal", mcfg.dtype, mcfg.device)
+        eos = models.eos_ids(tok, causal)
+        head = RewardModel(guide.shipped_guide(causal), tok, "classifier", None, eos, cached,
+                           prefixes=prefixes if shared else None)
+        judge = RewardModel(causal, tok, "judge", None, eos, cached, prefixes=head.prefixes)   # same x + y KV
+        rm = Blend([(1.0, head), (guide.JUDGE_WEIGHT, judge)])
+        return ms.reward_seam(rm) if policy_ids else rm
     if not shared:
         model = models.load_model(spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype,
                                   mcfg.device, **mcfg.source(spec))
@@ -93,5 +102,5 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
     else:
         model = guide.shipped_guide(policy_model)
     rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model),
-                     max_cached=max(REWARD_CACHED, cached_prefixes(mcfg)), prefixes=prefixes if shared else None)
+                     max_cached=cached, prefixes=prefixes if shared else None)
     return ms.reward_seam(rm) if policy_ids else rm

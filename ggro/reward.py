@@ -124,3 +124,24 @@ class RewardModel:
                 E = self.embed(torch.tensor(q.candidates, device=dev))
             out[b].scores = (E.double() @ g.double()).tolist()
         return out
+
+
+class Blend:
+    """A weighted sum of rewards read on the same queries: the shipped guide is its trained head plus the policy
+    asked as a yes/no judge (`guide.JUDGE_WEIGHT`), because the head alone knows refusals but not helpfulness
+    or truth, and the judge the reverse (docs/reward-model.md). Candidate scores add with the same weights: the
+    gradient of a weighted sum is the weighted sum of the gradients."""
+
+    def __init__(self, parts: list[tuple[float, object]]):
+        self.parts = list(parts)      # (weight, Reward)
+
+    def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
+        outs = [(w, r.score(queries)) for w, r in self.parts]
+        blended = []
+        for i in range(len(queries)):
+            reward = sum(w * o[i].reward for w, o in outs)
+            scores = None
+            if outs[0][1][i].scores is not None:
+                scores = [sum(w * o[i].scores[k] for w, o in outs) for k in range(len(outs[0][1][i].scores))]
+            blended.append(RewardResult(reward, scores))
+        return blended
