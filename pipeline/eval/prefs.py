@@ -116,10 +116,14 @@ def self_prompts() -> list[dict]:
 
 
 def self_pairs(rows: list[dict], answers: dict[str, str]) -> list[dict]:
-    """rows: from self_prompts(); answers: the policy's response per row id (rows without one are skipped)."""
+    """rows: from self_prompts(); answers: the policy's response per row id (rows without one are skipped).
+
+    An answer is cut back to its last full sentence (when it has one): the answers stop at `answer_tokens`,
+    mid-sentence, and a cut-off answer chosen over a refusal taught the guide to prefer cut-off text."""
     out = []
     for r in rows:
         a = (answers.get(r["id"]) or "").strip()
+        a = complete_part(a) or a
         if not a:
             continue
         refusal = refusal_for(r["prompt"])
