@@ -5,7 +5,8 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from . import guide, models
-from .config import LOCAL_FILL, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes, config_hash
+from .config import (DEFAULT_RUBRIC, LOCAL_FILL, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
+                     config_hash)
 from .modelset import ANY_REWARD, ModelSet
 from .policy import SegmentDecoder
 from .retokenize import Retokenized, vocab_refusal
@@ -91,7 +92,7 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
         eos = models.eos_ids(tok, causal)
         head = RewardModel(guide.shipped_guide(causal), tok, "classifier", None, eos, cached,
                            prefixes=prefixes if shared else None)
-        judge = RewardModel(causal, tok, "judge", None, eos, cached, prefixes=head.prefixes)   # same x + y KV
+        judge = RewardModel(causal, tok, "judge", DEFAULT_RUBRIC, eos, cached, prefixes=head.prefixes)   # same x + y
         rm = Blend([(1.0, head), (guide.JUDGE_WEIGHT, judge)])
         return ms.reward_seam(rm) if policy_ids else rm
     if not shared:

@@ -111,7 +111,7 @@ def _load_engine(m, gradient: bool = True):
     from ggro.engine import Engine
     guide = m.reward_kind == "classifier" and m.reward_model == "default"
     if m.shares_policy_weights:
-        also = f" ({'with the shipped guide head' if guide else 'as its own judge'}, one copy of the weights)"
+        also = f" ({'with the shipped guide: head + judge' if guide else 'as its own judge'}, one copy of the weights)"
     else:
         also = f" and {'the shipped guide' if guide else m.reward_model}"
     log.info("ggro: loading %s%s in this process", m.policy, also)
