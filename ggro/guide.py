@@ -23,16 +23,12 @@ from pathlib import Path
 import torch
 
 from .chat import chat_ids, text_ids
+from .config import JUDGE_WEIGHT  # noqa: F401  (the shipped guide's judge weight: config, as it is hashed)
 
 # Response token counts at which a pair is also compared (both sides cut at the same length).
 TRUNCATIONS = (8, 24)
 MAX_RESPONSE_TOKENS = 160
 HEAD_FILE = "guide_head.safetensors"
-# The shipped guide = head + JUDGE_WEIGHT x (the backbone asked whether the response is good: logit Yes - logit No).
-# The head alone knows refusals (86 % of held-out in-family pairs) but not helpfulness or truth (60 % out of
-# family); the judge alone the reverse (49 %, 72 %). The weight maximises in-family validation + out-of-family
-# accuracy together (docs/reward-model.md); the held-out split was not used to choose it.
-JUDGE_WEIGHT = 1.5
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ from pipeline.serve.api import GGRO_KNOBS, normalize, uses_randomness
 
 
 def test_the_config_hash_of_existing_outputs_is_unchanged():
-    """The two hashes were computed by db9fe96's own code (`git show db9fe96:ggro/config.py > old_config.py`,
-    then `old_config.config_hash(old_config.GGROConfig(), old_config.ModelConfig())` and the same for the second
-    pair), whose NOT_HASHED and HASHED_WHEN_SET were hand-written lists; resume compares this hash."""
-    assert config_hash(GGROConfig(), ModelConfig()) == "e18150f2e636"
+    """The second hash was computed by db9fe96's own code (`git show db9fe96:ggro/config.py > old_config.py`,
+    then `old_config.config_hash(...)` of the same pair), whose NOT_HASHED and HASHED_WHEN_SET were hand-written
+    lists; resume compares this hash. The first, the all-defaults config, changed on purpose on 2026-12-03
+    (it was e18150f2e636): it now hashes the shipped guide itself, which was retrained and blended with the
+    judge that day, so an output of the old guide does not resume as if nothing had changed."""
+    assert config_hash(GGROConfig(), ModelConfig()) == "6556f1314a18"
     g = GGROConfig(method="best-of-n", n=3, max_refined_segments=2, trace=True)
     m = ModelConfig(policy="p", revision="r1", trust_remote_code=True, batch_size=3, cohorts=2, fill=4)
     assert config_hash(g, m) == "190a3b81d86d"
@@ -60,3 +62,14 @@ def test_normalize_resets_what_db9fe96s_reset():
     for method, selection in itertools.product(("ggro", "greedy", "best-of-n"), ("greedy", "sample")):
         cfg = GGROConfig(method=method, selection=selection, **away)
         assert normalize(cfg) == old_normalize(cfg), (method, selection)
+
+
+def test_the_shipped_guide_is_in_the_hash(monkeypatch):
+    """`--reward default` names whatever guide ships: a new judge weight (or head) is a new config; a reward model
+    the user names is hashed by its name alone."""
+    import ggro.config as C
+    default, named = ModelConfig(), ModelConfig(reward="org/rm", reward_kind="classifier")
+    before = config_hash(GGROConfig(), default), config_hash(GGROConfig(), named)
+    monkeypatch.setattr(C, "JUDGE_WEIGHT", C.JUDGE_WEIGHT + 1)
+    assert config_hash(GGROConfig(), default) != before[0]
+    assert config_hash(GGROConfig(), named) == before[1]
