@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -33,9 +34,13 @@ def shipped_guide_id() -> str:
     """What the shipped guide is, for the config hash: its head file's bytes and the judge weight. A retrained
     head or a new weight changes the outputs, so an output folder written with the old guide must not resume
     as the same config (it would mix two guides)."""
+    return f"{_head_digest()}+judge{JUDGE_WEIGHT}"
+
+
+@functools.cache
+def _head_digest() -> str:      # config_hash runs per run and per Serve request: read the file once
     from importlib import resources
-    head = resources.files("ggro").joinpath(GUIDE_HEAD).read_bytes()
-    return f"{hashlib.sha256(head).hexdigest()[:12]}+judge{JUDGE_WEIGHT}"
+    return hashlib.sha256(resources.files("ggro").joinpath(GUIDE_HEAD).read_bytes()).hexdigest()[:12]
 
 
 DEFAULT_NAME = "smollm2-135m-instruct"     # the embedded default's folder name in the cache
@@ -277,6 +282,11 @@ class ModelConfig:
         return {"revision": rev, "trust_remote_code": self.trust_remote_code}
 
     @property
+    def uses_shipped_guide(self) -> bool:
+        """The reward is the shipped guide (the default backbone's head + judge blend, ggro/engine.load_reward)."""
+        return self.reward_model == "default" and self.reward_kind == "classifier"
+
+    @property
     def shares_policy_weights(self) -> bool:
         """One copy of the weights serves both roles: the policy judging itself, or the default policy with
         the shipped guide (its own backbone plus a trained head)."""
@@ -318,8 +328,7 @@ def config_hash(*configs) -> str:
     """Stable short hash of everything that changes outputs (provenance, resume checks)."""
     fields = [{k: v for k, v in dataclasses.asdict(c).items()
                if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])} for c in configs]
-    if any(isinstance(c, ModelConfig) and c.reward_model == "default" and c.reward_kind == "classifier"
-           for c in configs):     # the spec "default" names whatever guide ships: hash what it is
+    if any(isinstance(c, ModelConfig) and c.uses_shipped_guide for c in configs):     # the spec "default" names whatever guide ships: hash what it is
         fields.append({"shipped_guide": shipped_guide_id()})
     blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from . import guide, models
-from .config import (DEFAULT_RUBRIC, LOCAL_FILL, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
+from .config import (DEFAULT_RUBRIC, JUDGE_WEIGHT, LOCAL_FILL, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
                      config_hash)
 from .modelset import ANY_REWARD, ModelSet
 from .policy import SegmentDecoder
@@ -87,13 +87,14 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
     spec = mcfg.reward_model
     shared = mcfg.shares_policy_weights and policy_model is not None
     cached = max(REWARD_CACHED, cached_prefixes(mcfg))
-    if spec == "default" and mcfg.reward_kind == "classifier":    # the shipped guide: head + the backbone as judge
-        causal = policy_model if shared else models.load_model(spec, "causal", mcfg.dtype, mcfg.device)
+    if mcfg.uses_shipped_guide:    # head + the backbone as judge
+        causal = policy_model if shared else models.load_model(spec, "causal", mcfg.dtype, mcfg.device,
+                                                               **mcfg.source(spec))
         eos = models.eos_ids(tok, causal)
         head = RewardModel(guide.shipped_guide(causal), tok, "classifier", None, eos, cached,
                            prefixes=prefixes if shared else None)
         judge = RewardModel(causal, tok, "judge", DEFAULT_RUBRIC, eos, cached, prefixes=head.prefixes)   # same x + y
-        rm = Blend([(1.0, head), (guide.JUDGE_WEIGHT, judge)])
+        rm = Blend([(1.0, head), (JUDGE_WEIGHT, judge)])
         return ms.reward_seam(rm) if policy_ids else rm
     if not shared:
         model = models.load_model(spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype,

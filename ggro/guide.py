@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 from .chat import chat_ids, text_ids
-from .config import JUDGE_WEIGHT  # noqa: F401  (the shipped guide's judge weight: config, as it is hashed)
+from .config import GUIDE_HEAD
 
 # Response token counts at which a pair is also compared (both sides cut at the same length).
 TRUNCATIONS = (8, 24)
 MAX_RESPONSE_TOKENS = 160
-HEAD_FILE = "guide_head.safetensors"
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class Example:
 
 def shipped_head() -> Path:
     """The head trained by the project on its default pairs (docs/reward-model.md), for the default backbone."""
-    return Path(str(resources.files("ggro") / "data" / HEAD_FILE))
+    return Path(str(resources.files("ggro").joinpath(GUIDE_HEAD)))
 
 
 @torch.no_grad()

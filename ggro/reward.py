@@ -128,7 +128,7 @@ class RewardModel:
 
 class Blend:
     """A weighted sum of rewards read on the same queries: the shipped guide is its trained head plus the policy
-    asked as a yes/no judge (`guide.JUDGE_WEIGHT`), because the head alone knows refusals but not helpfulness
+    asked as a yes/no judge (`ggro.config.JUDGE_WEIGHT`), because the head alone knows refusals but not helpfulness
     or truth, and the judge the reverse (docs/reward-model.md). Candidate scores add with the same weights: the
     gradient of a weighted sum is the weighted sum of the gradients."""
 

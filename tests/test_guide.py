@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ggro import guide
+from ggro.config import JUDGE_WEIGHT
 
 from jobs.cli import main
 from tests.conftest import WORDS
@@ -239,7 +239,7 @@ def test_default_guide_shares_the_default_policy():
     assert eng.mcfg.reward_model == "default" and eng.mcfg.shares_policy_weights
     (_, head), (w, judge) = eng.reward.parts
     assert head.model.model is eng.policy.model.model and judge.model is eng.policy.model   # one backbone, two heads
-    assert head.prefixes is judge.prefixes is eng.policy.prefixes and w == guide.JUDGE_WEIGHT
+    assert head.prefixes is judge.prefixes is eng.policy.prefixes and w == JUDGE_WEIGHT
     tok = eng.tokenizer
     x = tok.encode(tok.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}], tokenize=False,
                                            add_generation_prompt=True), add_special_tokens=False)

@@ -109,7 +109,7 @@ class Aligners:
 def _load_engine(m, gradient: bool = True):
     """The models in this process; `gradient`: GGRO will run (it needs one vocabulary for both models)."""
     from ggro.engine import Engine
-    guide = m.reward_kind == "classifier" and m.reward_model == "default"
+    guide = m.uses_shipped_guide
     if m.shares_policy_weights:
         also = f" ({'with the shipped guide: head + judge' if guide else 'as its own judge'}, one copy of the weights)"
     else:
