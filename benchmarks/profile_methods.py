@@ -50,13 +50,15 @@ timed_pre = timed("policy forward: prefill", _pf)
 pm.forward = pfwd
 K.PrefixCache._extend = timed("prefill (prefix caches, policy+RM)", K.PrefixCache._extend)
 K.left_pad_kv = timed("cache assembly (left_pad_kv)", K.left_pad_kv); P.left_pad_kv = K.left_pad_kv; R.left_pad_kv = K.left_pad_kv
-_rr = R.RewardModel._reward
-def rr(self, embeds, *a, **k):
-    steps["rm_tok"] += embeds.shape[0] * embeds.shape[1]
-    if embeds.requires_grad:
-        steps["rm_grad_tok"] += embeds.shape[0] * embeds.shape[1]
-    return _rr(self, embeds, *a, **k)
-R.RewardModel._reward = timed("RM forward", rr)
+def counted(_rr):
+    def rr(self, embeds, *a, **k):
+        steps["rm_tok"] += embeds.shape[0] * embeds.shape[1]
+        if embeds.requires_grad:
+            steps["rm_grad_tok"] += embeds.shape[0] * embeds.shape[1]
+        return _rr(self, embeds, *a, **k)
+    return timed("RM forward", rr)
+for cls in (R.RewardModel, R.HeadAndJudge):    # the shipped guide is a HeadAndJudge
+    cls._reward = counted(cls.__dict__["_reward"])
 R.torch.autograd.grad  # same torch module
 _grad = torch.autograd.grad
 torch.autograd.grad = timed("RM backward", _grad)

@@ -287,6 +287,16 @@ class ModelConfig:
         return self.reward_model == "default" and self.reward_kind == "classifier"
 
     @property
+    def reward_parts(self) -> frozenset:
+        """What the reward is made of, as (kind, model[, rubric]) entries: a judge that shares an entry with the
+        guide is not independent of it (`ggro eval`)."""
+        if self.uses_shipped_guide:
+            return frozenset({("head", "default"), ("judge", "default", DEFAULT_RUBRIC)})
+        if self.reward_kind == "judge":
+            return frozenset({("judge", self.reward_model, self.rubric)})
+        return frozenset({("classifier", self.reward_model)})
+
+    @property
     def shares_policy_weights(self) -> bool:
         """One copy of the weights serves both roles: the policy judging itself, or the default policy with
         the shipped guide (its own backbone plus a trained head)."""

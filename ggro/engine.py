@@ -10,7 +10,7 @@ from .config import (DEFAULT_RUBRIC, JUDGE_WEIGHT, LOCAL_FILL, REWARD_CACHED, Co
 from .modelset import ANY_REWARD, ModelSet
 from .policy import SegmentDecoder
 from .retokenize import Retokenized, vocab_refusal
-from .reward import Blend, RewardModel
+from .reward import HeadAndJudge, RewardModel
 from .rows import InputRow, encode
 from .schema import output_record
 from .search import run
@@ -91,18 +91,13 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
         causal = policy_model if shared else models.load_model(spec, "causal", mcfg.dtype, mcfg.device,
                                                                **mcfg.source(spec))
         eos = models.eos_ids(tok, causal)
-        head = RewardModel(guide.shipped_guide(causal), tok, "classifier", None, eos, cached,
-                           prefixes=prefixes if shared else None)
-        judge = RewardModel(causal, tok, "judge", DEFAULT_RUBRIC, eos, cached, prefixes=head.prefixes)   # same x + y
-        rm = Blend([(1.0, head), (JUDGE_WEIGHT, judge)])
+        head = guide.head_layer(causal, guide.load_head(guide.shipped_head()))
+        rm = HeadAndJudge(causal, tok, head, JUDGE_WEIGHT, DEFAULT_RUBRIC, eos, cached,
+                          prefixes=prefixes if shared else None)    # x + y read from the policy's cache
         return ms.reward_seam(rm) if policy_ids else rm
-    if not shared:
-        model = models.load_model(spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype,
-                                  mcfg.device, **mcfg.source(spec))
-    elif mcfg.reward_kind == "judge":
-        model = policy_model
-    else:
-        model = guide.shipped_guide(policy_model)
+    # past the shipped guide, sharing the policy's weights means the policy judging itself
+    model = policy_model if shared else models.load_model(
+        spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype, mcfg.device, **mcfg.source(spec))
     rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model),
                      max_cached=cached, prefixes=prefixes if shared else None)
     return ms.reward_seam(rm) if policy_ids else rm

@@ -174,12 +174,18 @@ def with_head(causal_model, weight: torch.Tensor):
         clf = AutoModelForSequenceClassification.from_config(cfg, dtype=causal_model.dtype)
     prefix = clf.base_model_prefix
     setattr(clf, prefix, getattr(causal_model, causal_model.base_model_prefix))
-    param = next(causal_model.parameters())
-    clf.score = torch.nn.Linear(weight.numel(), 1, bias=False, device=param.device, dtype=param.dtype)
-    with torch.no_grad():
-        clf.score.weight.copy_(weight.reshape(1, -1))
+    clf.score = head_layer(causal_model, weight)
     clf.requires_grad_(False)
     return clf.eval()
+
+
+def head_layer(causal_model, weight: torch.Tensor) -> torch.nn.Linear:
+    """The head as a frozen Linear(hidden, 1) on `causal_model`'s device and dtype."""
+    param = next(causal_model.parameters())
+    layer = torch.nn.Linear(weight.numel(), 1, bias=False, device=param.device, dtype=param.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight.reshape(1, -1))
+    return layer.requires_grad_(False)
 
 
 def save_head(weight: torch.Tensor, path: Path, meta: dict) -> None:
@@ -191,7 +197,8 @@ def save_head(weight: torch.Tensor, path: Path, meta: dict) -> None:
 
 
 def shipped_guide(causal_model):
-    """The shipped guide: the trained head on `causal_model` (the default backbone), sharing its weights."""
+    """The shipped guide's head as a classifier on `causal_model` (the default backbone), sharing its weights
+    (the guide as a whole adds the backbone as a judge: ggro.reward.HeadAndJudge)."""
     return with_head(causal_model, load_head(shipped_head()))
 
 

@@ -8,6 +8,8 @@ it); only the new segment (and the judge's question) runs with autograd.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .kvcache import Prefix, PrefixCache, chunk_layout, eager_attention, left_pad_kv, same_length_groups
@@ -65,7 +67,9 @@ class RewardModel:
             suffix = suffix[1:]   # the response already closed its turn
         return list(tokens) + suffix
 
-    def _reward(self, embeds, mask, pos, cache) -> torch.Tensor:
+    def _reward(self, embeds, mask, pos, cache, last: torch.Tensor) -> torch.Tensor:
+        """The reward of each row; `last` [B]: the column of each row's last response token (the judge's
+        question follows it)."""
         if self.kind == "judge":
             logits = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                 past_key_values=cache, logits_to_keep=1).logits[:, -1]
@@ -82,6 +86,10 @@ class RewardModel:
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
         """One reward per query, and candidate scores where a position is given (eager attention: one call per
         length of the uncached rest, so no padding is a query row)."""
+        # The score is read at the response's last token, so that token must be in the pass: a query with
+        # nothing past its cached prefix (an empty segment) runs uncached.
+        queries = [replace(q, seq_id=None, prefix_len=0) if q.seq_id is not None and q.prefix_len >= len(q.tokens)
+                   else q for q in queries]
         rest = [len(self.rm_tokens(q.tokens)) - (q.prefix_len if q.seq_id is not None else 0) for q in queries]
         out: list[RewardResult | None] = [None] * len(queries)
         for group in same_length_groups(list(range(len(queries))), rest, self.ragged):
@@ -101,6 +109,7 @@ class RewardModel:
         for b, r in enumerate(rests):
             ids[b, N - len(r):] = torch.tensor(r, device=dev)
         mask, pos = chunk_layout(past_lens, [len(r) for r in rests], dev)
+        last = torch.tensor([N - 1 - (len(self.rm_tokens(q.tokens)) - len(q.tokens)) for q in queries], device=dev)
         template = next((p for p in pasts if p), None)
         empty = Prefix([], [(k[:, :0], v[:, :0]) for k, v in template.kv], None) if template else None
         cache = left_pad_kv([p or empty for p in pasts], P) if P else None
@@ -109,11 +118,11 @@ class RewardModel:
             embeds = self.embed(ids)
         if not want:
             with torch.no_grad():
-                rewards = self._reward(embeds, mask, pos, cache)
+                rewards = self._reward(embeds, mask, pos, cache, last)
             return [RewardResult(float(r)) for r in rewards]
         embeds.requires_grad_(True)
         with torch.enable_grad():
-            rewards = self._reward(embeds, mask, pos, cache)
+            rewards = self._reward(embeds, mask, pos, cache, last)
             # Rows are independent, so d(sum)/d(e_b) is row b's own gradient.
             (grad,) = torch.autograd.grad(rewards[want].sum(), embeds)
         out = [RewardResult(float(r)) for r in rewards.detach()]
@@ -126,22 +135,24 @@ class RewardModel:
         return out
 
 
-class Blend:
-    """A weighted sum of rewards read on the same queries: the shipped guide is its trained head plus the policy
-    asked as a yes/no judge (`ggro.config.JUDGE_WEIGHT`), because the head alone knows refusals but not helpfulness
-    or truth, and the judge the reverse (docs/reward-model.md). Candidate scores add with the same weights: the
-    gradient of a weighted sum is the weighted sum of the gradients."""
+class HeadAndJudge(RewardModel):
+    """The shipped guide: a trained head on the backbone's hidden state at the response's last token, plus
+    `weight` x the backbone asked as a yes/no judge (logit Yes - logit No), in one pass over the response and
+    the judge's question. The head alone knows refusals but not helpfulness or truth, the judge the reverse
+    (docs/reward-model.md). Causal attention keeps the question from changing the hidden state the head reads,
+    so one forward and one backward give both rewards and the gradient of their sum; as two models they cost
+    two of each. `head`: a Linear(hidden, 1) (ggro.guide.shipped_guide(model).score)."""
 
-    def __init__(self, parts: list[tuple[float, object]]):
-        self.parts = list(parts)      # (weight, Reward)
+    def __init__(self, model, tokenizer, head: torch.nn.Module, weight: float, rubric: str, eos_ids=(),
+                 max_cached: int = 64, prefixes: PrefixCache | None = None):
+        super().__init__(model, tokenizer, "judge", rubric, eos_ids, max_cached, prefixes)
+        self.guide_head, self.weight = head, weight
+        self.lm_head = model.get_output_embeddings()
 
-    def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
-        outs = [(w, r.score(queries)) for w, r in self.parts]
-        blended = []
-        for i in range(len(queries)):
-            reward = sum(w * o[i].reward for w, o in outs)
-            scores = None
-            if outs[0][1][i].scores is not None:
-                scores = [sum(w * o[i].scores[k] for w, o in outs) for k in range(len(outs[0][1][i].scores))]
-            blended.append(RewardResult(reward, scores))
-        return blended
+    def _reward(self, embeds, mask, pos, cache, last: torch.Tensor) -> torch.Tensor:
+        h = self.base(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                      past_key_values=cache).last_hidden_state
+        logits = self.lm_head(h[:, -1])
+        judge = (logits[:, self.yes] - logits[:, self.no]).double()
+        head = self.guide_head(h[torch.arange(len(h), device=h.device), last])[:, 0].double()
+        return head + self.weight * judge

@@ -101,16 +101,22 @@ def load_judge(engine, mcfg, args):
     from jobs.common import fail
     from pipeline.eval.bench import policy_judge
     if not args.judge_reward:
-        same = mcfg.reward_kind == "judge" and mcfg.reward_model == mcfg.policy and mcfg.rubric == DEFAULT_RUBRIC
-        return policy_judge(engine), (f"the policy {mcfg.policy} as a yes/no judge"
-                                      + (" (the guide itself: not an independent judge)" if same else ""))
-    kind = args.judge_reward_kind or "classifier"
-    jcfg = replace(mcfg, reward=args.judge_reward, reward_kind=kind, rubric=args.judge_rubric or DEFAULT_RUBRIC)
-    try:
-        return (load_reward(models.here(jcfg), engine.tokenizer, engine.policy.model, gradient=False),
-                f"{args.judge_reward} ({kind})")
-    except models.ModelLoadError as e:
-        fail(f"--judge-reward: {e}", 1)
+        judge = policy_judge(engine), f"the policy {mcfg.policy} as a yes/no judge"
+        parts = frozenset({("judge", mcfg.policy, DEFAULT_RUBRIC)})
+    else:
+        kind = args.judge_reward_kind or "classifier"
+        jcfg = replace(mcfg, reward=args.judge_reward, reward_kind=kind, rubric=args.judge_rubric or DEFAULT_RUBRIC)
+        try:
+            judge = (load_reward(models.here(jcfg), engine.tokenizer, engine.policy.model, gradient=False),
+                     f"{args.judge_reward} ({kind})")
+        except models.ModelLoadError as e:
+            fail(f"--judge-reward: {e}", 1)
+        parts = jcfg.reward_parts
+    if parts & mcfg.reward_parts:       # e.g. the default: the shipped guide's own half is the policy as a judge
+        logs.log.warning("the judge is (part of) the guide, so it is not independent of the search: pass "
+                         "--judge-reward with a reward model that did not guide it")
+        judge = judge[0], judge[1] + " (part of the guide: not an independent judge)"
+    return judge
 
 
 def run(args) -> int:

@@ -67,3 +67,17 @@ def test_eval_pairs_tiny(tiny_models, tmp_path, capsys):
     k1 = [r for r in got if r["kind"] == "k1" and r["scorer"].startswith("guide")][0]
     assert float(k1["accuracy"]) == (1.0 if scored[0]["guide_chosen"] > scored[0]["guide_rejected"] else
                                      0.5 if scored[0]["guide_chosen"] == scored[0]["guide_rejected"] else 0.0)
+
+
+def test_eval_says_when_its_judge_is_part_of_the_guide(tiny_models, tmp_path, capsys):
+    """Without --judge-reward the judge is the policy asked the default rubric: when the guide is that same judge
+    (or the shipped guide, half of which it is), eval warns and labels the judge as not independent."""
+    from ggro.config import DEFAULT_RUBRIC, ModelConfig
+    assert ("judge", "default", DEFAULT_RUBRIC) in ModelConfig().reward_parts          # the shipped guide's half
+    assert not ModelConfig(reward="/rm", reward_kind="judge").reward_parts & ModelConfig().reward_parts
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "how is the water", "chosen": "the water is hot", "rejected": "no"}) + "\n")
+    assert main(["eval", "--pairs", str(pairs), "--policy", tiny_models["policy"], "--reward-kind", "judge",
+                 "--output", str(tmp_path / "ev")]) == 0
+    cap = capsys.readouterr()
+    assert "not independent of the search" in cap.err and "not an independent judge" in cap.out

@@ -231,44 +231,50 @@ def test_pair_split_is_by_prompt():
 @pytest.mark.slow
 def test_default_guide_shares_the_default_policy():
     """`--reward` unset with the classifier kind = the shipped guide on the default backbone, one copy of it: the
-    trained head plus the backbone as a yes/no judge (ggro.reward.Blend), both reading the policy's prefix cache."""
+    trained head plus the backbone as a yes/no judge (ggro.reward.HeadAndJudge), reading the policy's prefix
+    cache."""
     from ggro.config import ModelConfig
     from ggro.engine import Engine
     from ggro.seam import RewardQuery
     eng = Engine.load(ModelConfig(batch_size=2))
     assert eng.mcfg.reward_model == "default" and eng.mcfg.shares_policy_weights
-    (_, head), (w, judge) = eng.reward.parts
-    assert head.model.model is eng.policy.model.model and judge.model is eng.policy.model   # one backbone, two heads
-    assert head.prefixes is judge.prefixes is eng.policy.prefixes and w == JUDGE_WEIGHT
+    rm = eng.reward
+    assert rm.model is eng.policy.model and rm.prefixes is eng.policy.prefixes and rm.weight == JUDGE_WEIGHT
     tok = eng.tokenizer
     x = tok.encode(tok.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}], tokenize=False,
                                            add_generation_prompt=True), add_special_tokens=False)
     comply = x + tok.encode("Mix flour, water, salt and yeast, knead, let it rise, then bake.", add_special_tokens=False)
     refuse = x + tok.encode("I'm sorry, but I can't help with that.", add_special_tokens=False)
-    got = eng.reward.score([RewardQuery(comply), RewardQuery(refuse)])
+    got = rm.score([RewardQuery(comply), RewardQuery(refuse)])
     assert got[0].reward > got[1].reward       # a benign request: the guide prefers the answer to a refusal
-    parts = [r.score([RewardQuery(comply), RewardQuery(refuse)]) for _, r in eng.reward.parts]
-    for i in range(2):
-        assert got[i].reward == pytest.approx(parts[0][i].reward + w * parts[1][i].reward, rel=1e-6)
 
 
-def test_blend_adds_rewards_and_candidate_scores(tiny_models):
-    """A Blend's reward and candidate scores are the weighted sums of its parts' (the gradient of a sum)."""
-    from ggro import models
+def test_guide_is_head_plus_weighted_judge_in_one_pass(tiny_models):
+    """HeadAndJudge's reward and candidate scores equal the head as a classifier plus `weight` x the backbone
+    as a judge, each run on its own: with and without a cached prefix, and for a response that closed its turn
+    (the judge's question then skips its own end-of-turn token)."""
+    from ggro import guide, models
     from ggro.config import DEFAULT_RUBRIC
-    from ggro.reward import Blend, RewardModel
+    from ggro.reward import HeadAndJudge, RewardModel
     from ggro.seam import RewardQuery
     tok = models.load_tokenizer(tiny_models["policy"])
-    cls = RewardModel(models.load_model(tiny_models["classifier"], "classifier", "float64"), tok, "classifier")
-    judge = RewardModel(models.load_model(tiny_models["judge"], "causal", "float64"), tok, "judge", DEFAULT_RUBRIC)
+    causal = models.load_model(tiny_models["judge"], "causal", "float64")
+    w = torch.randn(causal.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eos = models.eos_ids(tok, causal)
+    head = RewardModel(guide.with_head(causal, w), tok, "classifier", eos_ids=eos)
+    judge = RewardModel(causal, tok, "judge", DEFAULT_RUBRIC, eos)
+    fused = HeadAndJudge(causal, tok, guide.head_layer(causal, w), 0.5, DEFAULT_RUBRIC, eos)
     ids = tok.encode("how do you make water hot ? you make it hot", add_special_tokens=False)
-    qs = [RewardQuery(ids), RewardQuery(ids, position=len(ids) - 2, candidates=[5, 6, 7])]
-    got = Blend([(1.0, cls), (0.5, judge)]).score(qs)
-    a, b = cls.score(qs), judge.score(qs)
+    qs = [RewardQuery(ids), RewardQuery(ids, position=len(ids) - 2, candidates=[5, 6, 7]),
+          RewardQuery(ids[:-3] + [eos[0]], position=len(ids) - 4, candidates=[8, 9], seq_id="a", prefix_len=4),
+          RewardQuery(ids[:6], seq_id="b", prefix_len=6)]          # nothing past the cached prefix
+    got, a, b = fused.score(qs), head.score(qs), judge.score(qs)
     for g, x, y in zip(got, a, b):
         assert g.reward == pytest.approx(x.reward + 0.5 * y.reward, rel=1e-9, abs=1e-12)
-    assert got[0].scores is None
-    assert got[1].scores == pytest.approx([p + 0.5 * q for p, q in zip(a[1].scores, b[1].scores)], rel=1e-9, abs=1e-12)
+        assert (g.scores is None) == (x.scores is None)
+        if g.scores is not None:
+            # one backward of the sum vs two: CPU attention's backward is only fp32-exact, even in float64
+            assert g.scores == pytest.approx([p + 0.5 * q for p, q in zip(x.scores, y.scores)], rel=1e-5, abs=1e-5)
 
 
 def test_padless_classifier_scores_batches(tiny_models, tmp_path):
