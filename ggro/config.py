@@ -262,6 +262,13 @@ class ModelConfig:
             return self.batch_size * gcfg.rows_per_prompt
         return self.batch_size * max(self.fill or 1, gcfg.rows_per_prompt)
 
+    def in_one_process(self) -> ModelConfig:
+        """This config as one process runs it (--local, bench; the planner sizes --local the same way): with no
+        fill given, a CPU fills GGRO's decode calls (LOCAL_FILL) and a GPU keeps 1. The device must be concrete."""
+        if self.fill is not None:
+            return self
+        return dataclasses.replace(self, fill=LOCAL_FILL if self.device == "cpu" else 1)
+
     def prompts_per_call(self, gcfg: GGROConfig) -> int:
         """Prompts in flight in one search (its `batch_size`): decode_rows over each prompt's rows."""
         return max(self.batch_size, self.decode_rows(gcfg) // gcfg.rows_per_prompt)
@@ -285,6 +292,11 @@ class ModelConfig:
     def uses_shipped_guide(self) -> bool:
         """The reward is the shipped guide (the default backbone's head + judge blend, ggro/engine.load_reward)."""
         return self.reward_model == "default" and self.reward_kind == "classifier"
+
+    @property
+    def reward_asks_question(self) -> bool:
+        """The reward reads the judge's question after each response (a judge, or the shipped guide's half)."""
+        return any(part[0] == "judge" for part in self.reward_parts)
 
     @property
     def reward_parts(self) -> frozenset:

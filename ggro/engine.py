@@ -1,11 +1,11 @@
 """Rows in, output records out: prompt encoding + the search, over any Policy and Reward."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from . import guide, models
-from .config import (DEFAULT_RUBRIC, JUDGE_WEIGHT, LOCAL_FILL, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
+from .config import (DEFAULT_RUBRIC, JUDGE_WEIGHT, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
                      config_hash)
 from .modelset import ANY_REWARD, ModelSet
 from .policy import SegmentDecoder
@@ -29,9 +29,7 @@ class Engine:
     def load(cls, mcfg: ModelConfig, gradient: bool = True) -> "Engine":
         """Load both models in this process (the judge shares the policy's weights when it is the same model).
         `gradient`: the methods to run need the reward model's gradient (GGRO), hence one shared vocabulary."""
-        mcfg = models.here(mcfg)       # `auto` dtype/device made concrete: the config hash names what ran
-        if mcfg.fill is None:          # one CPU process: fill GGRO's decode calls (ModelConfig.decode_rows)
-            mcfg = replace(mcfg, fill=LOCAL_FILL if mcfg.device == "cpu" else 1)
+        mcfg = models.here(mcfg).in_one_process()   # `auto` made concrete: the config hash names what ran
         ms = ModelSet(mcfg)
         if gradient:
             ms.check("ggro")       # before any weights load

@@ -117,24 +117,52 @@ def eager_attention(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == "eager"
 
 
+@dataclass
+class Fork:
+    """A prefix a decoder has already run: `base` plus the tokens `new`, whose keys and values it computed while
+    decoding them (per layer, [heads, len(new), head_dim]), and what `forward` would return after them."""
+    base: Prefix
+    new: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    last: torch.Tensor | None
+
+    def prefix(self) -> Prefix:
+        return Prefix(self.base.ids + self.new, [(torch.cat([k0, k], 1), torch.cat([v0, v], 1))
+                                                 for (k0, v0), (k, v) in zip(self.base.kv, self.kv)], self.last)
+
+
 class PrefixCache:
     """Per-sequence KV caches of prefixes, extended in batched forward calls. With `ragged` False (eager
     attention) a call only batches rows of one new length, so no padding is ever a query row.
 
     One cache may serve two callers on one backbone (the policy and a reward model on its weights: the same
     module over the same ids gives the same keys and values), from two threads (cohorts): calls take a lock,
-    and an entry is never changed once returned (extending one makes a new Prefix)."""
+    and an entry is never changed once returned (extending one makes a new Prefix).
+
+    A decoder `offer`s each segment it ran (a Fork); when the search accepts one, the next request for that
+    sequence finds its keys and values there instead of running the model over the segment again."""
+
+    MAX_FORKS = 16      # per sequence: the refinements of one segment (a search asks for one of them next)
 
     def __init__(self, forward: Forward, device, max_entries: int = 64, pad_id: int = 0, ragged: bool = True):
         self.forward, self.device, self.max_entries, self.pad_id = forward, device, max_entries, pad_id
         self.ragged = ragged
         self._entries: OrderedDict[str, Prefix] = OrderedDict()
+        self._forks: dict[str, list[Fork]] = {}
         self._lock = threading.Lock()
 
     def release(self, keys) -> None:
         with self._lock:
             for k in keys:
                 self._entries.pop(k, None)
+                self._forks.pop(k, None)
+
+    def offer(self, key: str, fork: Fork) -> None:
+        """Keep `fork` for `key` until the key's entry next changes (the segment accepted or not)."""
+        with self._lock:
+            forks = self._forks.setdefault(key, [])
+            forks.append(fork)
+            del forks[:-self.MAX_FORKS]
 
     def get(self, keyed: list[tuple[str, list[int]]]) -> list[Prefix]:
         """The cached prefix of each (key, ids), extending or (re)building caches in one batched call."""
@@ -149,6 +177,12 @@ class PrefixCache:
             have = self._entries.get(key)
             if have is not None and have.ids == ids:
                 self._entries.move_to_end(key)
+                continue
+            ran = next((f for f in self._forks.pop(key, ()) if len(f.base.ids) + len(f.new) == len(ids)
+                        and f.base.ids + f.new == ids), None)      # the entry changes: its forks go stale
+            if ran is not None:
+                self._entries[key] = ran.prefix()
+                self._entries.move_to_end(key)
             elif have is not None and len(have.ids) < len(ids) and ids[:len(have.ids)] == have.ids:
                 todo[key] = (have, ids[len(have.ids):])
             else:
@@ -159,7 +193,7 @@ class PrefixCache:
                 self._entries.move_to_end(key)
         out = [self._entries[key] for key, _ in keyed]
         while len(self._entries) > max(self.max_entries, len(todo)):
-            self._entries.popitem(last=False)
+            self._forks.pop(self._entries.popitem(last=False)[0], None)
         return out
 
     @torch.no_grad()

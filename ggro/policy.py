@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from .kvcache import PrefixCache, eager_attention, left_pad_kv
+from .kvcache import Fork, PrefixCache, eager_attention, left_pad_kv
 from .seam import SegmentRequest, SegmentResult
 from .step import CODE, ENT, STOP_NAMES, TOKEN, TOPK, RowState, decode_step, entropy  # noqa: F401 (entropy: re-exported)
 
@@ -118,6 +118,15 @@ class SegmentDecoder:
                 toks[i] = t
         return torch.tensor(toks, dtype=torch.long, device=logits.device)
 
+    def _offer(self, requests, prefixes, cache, logits, P: int, j: int, forked) -> None:
+        """Offer the segments that just ended on an entropy stop to the prefix cache: the search accepts one of
+        each segment's refinements, and its next request then extends the prefix without a forward over it."""
+        idx = torch.tensor([i for i, _, _ in forked], device=self.device)
+        kv = [(layer.keys[idx, :, P:P + j], layer.values[idx, :, P:P + j]) for layer in cache.layers]
+        for r, (i, b, toks) in enumerate(forked):
+            self.prefixes.offer(requests[b].seq_id, Fork(prefixes[b], list(toks), [(k[r], v[r]) for k, v in kv],
+                                                          logits[i].clone()))
+
     # -- decoding -------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, requests: list[SegmentRequest]) -> list[SegmentResult]:
@@ -166,7 +175,7 @@ class SegmentDecoder:
             packed_dev = self.step(logits, jt, state.forced, state.insert_at, state.min_segment_tokens,
                                     state.max_tokens, state.threshold, eos, override, k)
             packed = packed_dev.tolist()
-            keep = []
+            keep, forked = [], []
             for i, b in enumerate(rows):
                 r, row = requests[b], packed[i]
                 if i in want:
@@ -180,6 +189,10 @@ class SegmentDecoder:
                     continue
                 toks = emitted[b][:-1] if stop == "entropy" else emitted[b]
                 results[b] = SegmentResult(toks, stop, row[ENT], candidates[b], len(emitted[b]))
+                if stop == "entropy" and toks:     # every kept token was fed: its keys and values are cached
+                    forked.append((i, b, toks))
+            if forked:
+                self._offer(requests, prefixes, cache, logits, P, j, forked)
             if not keep:
                 break
             feed = packed_dev[:, TOKEN].long()

@@ -185,6 +185,30 @@ def test_segment_decoder_cache_reuse_is_exact(setup):
     assert extended == fresh
 
 
+def test_an_accepted_segment_is_not_run_again(setup):
+    """A segment that ended on an entropy stop leaves its keys and values in the prefix cache: asking for the
+    prefix plus that segment runs no forward, and gives what a fresh prefill gives; asking for another extension
+    runs one and drops the stale forks."""
+    tok, policy, _ = setup
+    x = prompts_of(tok, ["the number of people who call"])[0].ids
+    dec = SegmentDecoder(policy, [tok.eos_token_id])
+    calls = []
+    forward = dec.prefixes.forward
+    dec.prefixes.forward = lambda *a: calls.append(a[0].shape) or forward(*a)
+    segs = dec.decode([SegmentRequest("s", x, 20, entropy_threshold=0.0, min_segment_tokens=3)] * 2
+                      + [SegmentRequest("t", x, 20, entropy_threshold=0.0, min_segment_tokens=2)])
+    assert [s.stop for s in segs] == ["entropy"] * 3 and len(segs[0].tokens) == 2 and len(segs[2].tokens) == 1
+    calls.clear()
+    (got,) = dec.prefixes.get([("s", x + segs[0].tokens)])
+    assert calls == [] and "s" not in dec.prefixes._forks
+    (want,) = SegmentDecoder(policy, [tok.eos_token_id]).prefixes.get([("u", x + segs[0].tokens)])
+    assert got.ids == want.ids and torch.allclose(got.last, want.last, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for (ka, va), (kb, vb) in zip(got.kv, want.kv)
+               for a, b in ((ka, kb), (va, vb)))
+    dec.prefixes.get([("t", x + segs[0].tokens)])          # not the segment "t" ran: a forward over it
+    assert len(calls) == 1 and "t" not in dec.prefixes._forks
+
+
 def test_cancel_drops_rows_mid_decode_and_release_clears_it(setup):
     """cancel() from another thread (here a forward hook, so the step is deterministic): the row ends "cancelled"
     with the tokens it had, the others decode as if alone; after release the id decodes normally again."""

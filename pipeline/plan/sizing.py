@@ -264,7 +264,7 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res, gcfg: GGROConfig, mcfg: ModelCo
     kv = kv_seqs * seq * kv_per_token
     policy_rank = (weights + kv) / tp * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if on_gpu else 0)
 
-    rm_seq = seq + (JUDGE_SUFFIX_TOKENS if mcfg.reward_kind == "judge" else 0)
+    rm_seq = seq + (JUDGE_SUFFIX_TOKENS if mcfg.reward_asks_question else 0)
     per_call = math.ceil(rows / max(1, res.reward_replicas))   # the pool splits each batch across actors
     rm_w = rm.params * db
     act = ACT_FACTOR * per_call * rm_seq * (rm.hidden or 0) * (rm.layers or 0) * db
