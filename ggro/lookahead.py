@@ -22,6 +22,8 @@ def lookahead(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GG
     max_refined_segments B > 1 the search moves on to the next uncertain point of the kept rollout (whose greedy
     rollout is the kept one, so the reward never drops); after B points the kept rollout is the response.
     The guide only ever scores complete responses, where it is most accurate.
+    With an assistant prefill the first point is right after it (offset 0), where faithful GGRO's first nudge
+    goes too: a response forced to start "Sure, I can help with that." can only turn into a refusal there.
     """
     source = iter(prompts)
     while chunk := take(source, batch_size):
@@ -30,16 +32,20 @@ def lookahead(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GG
         while active := withdraw(active, policy, withdrawn):
             points += 1
             last = cfg.budget_spent(points)
-            finished = _lookahead_point(active, policy, reward, cfg, last)
+            finished = _lookahead_point(active, policy, reward, cfg, last, first=points == 1)
             active = [a for a in active if a not in finished]
             policy.release([a.p.id for a in finished])
             yield from (a.res for a in finished)
 
 
-def _lookahead_point(active: list[Active], policy: Policy, reward: Reward, cfg: GGROConfig, last: bool) -> list:
-    """One uncertain point for every active prompt; returns those whose response is complete and those
-    cancelled on the way (the caller releases and yields both)."""
-    done, at_u = _to_uncertain_point(active, policy, reward, cfg)
+def _lookahead_point(active: list[Active], policy: Policy, reward: Reward, cfg: GGROConfig, last: bool,
+                     first: bool) -> list:
+    """One uncertain point for every active prompt (at the first, a prefilled prompt's is right after its
+    prefill); returns those whose response is complete and those cancelled on the way (the caller releases and
+    yields both)."""
+    now = [a for a in active if first and a.p.has_prefill]
+    done, at_u = _to_uncertain_point([a for a in active if a not in now], policy, reward, cfg)
+    at_u = now + at_u
     if not at_u:
         return done
     gone, at_u, forced = _nudges_at(at_u, policy, reward, cfg)
@@ -49,6 +55,8 @@ def _lookahead_point(active: list[Active], policy: Policy, reward: Reward, cfg: 
 def _to_uncertain_point(active: list[Active], policy: Policy, reward: Reward, cfg: GGROConfig) -> tuple[list, list]:
     """Decode every prompt greedily to its next uncertain point u: (those done: cancelled, or ended before any
     uncertain point and scored as they stand; those at u)."""
+    if not active:
+        return [], []
     segs = policy.decode([a.request(cfg, entropy_threshold=cfg.entropy_threshold,
                                     min_segment_tokens=cfg.min_segment_tokens) for a in active])
     cancelled, kept = split_cancelled(active, segs)   # returned with the finished ones: released, yielded

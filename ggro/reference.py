@@ -161,22 +161,25 @@ def _best_others(cands, scores, current: int, cfg: GGROConfig, gen) -> list[int]
 
 
 def reference_lookahead(prompt_id: str, x: list[int], model, reward: ReferenceReward, cfg: GGROConfig,
-                        eos) -> Result:
-    """`lookahead` mode, one prompt at a time: greedy to the next uncertain point u; the S-1 best nudges of the
-    gradient of x + y + argmax at u; the greedy and the nudged continuations decoded to the end; the best kept."""
+                        eos, has_prefill: bool = False) -> Result:
+    """`lookahead` mode, one prompt at a time: greedy to the next uncertain point u (the first point of a
+    prefilled prompt: right after its prefill); the S-1 best nudges of the gradient of x + y + argmax at u;
+    the greedy and the nudged continuations decoded to the end; the best kept."""
     res = Result(prompt_id, [], float("nan"), "ggro")
     gen = torch.Generator().manual_seed(row_seed(cfg.seed, prompt_id)) if cfg.selection == "sample" else None
     points = 0
     while True:
-        s, stop, _, emitted = decode_segment(model, x + res.tokens, len(x), cfg, eos)
-        res.policy_tokens += emitted
-        y = res.tokens = res.tokens + s
-        res.num_segments += 1
-        res.segment_boundaries.append(len(y))
-        if stop != "entropy":
-            res.reward, _ = reward(x + y, need_grad=False)
-            res.reward_calls += 1
-            return res
+        if not (has_prefill and points == 0):
+            s, stop, _, emitted = decode_segment(model, x + res.tokens, len(x), cfg, eos)
+            res.policy_tokens += emitted
+            res.tokens = res.tokens + s
+            res.num_segments += 1
+            res.segment_boundaries.append(len(res.tokens))
+            if stop != "entropy":
+                res.reward, _ = reward(x + res.tokens, need_grad=False)
+                res.reward_calls += 1
+                return res
+        y = res.tokens
         points += 1
         base = _logits(model, x + y)
         t_u = int(torch.argmax(base))

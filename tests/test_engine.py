@@ -126,6 +126,13 @@ def test_prefill_and_batching_invariance(setup):
     for p in prompts:
         assert_same(many[p.id], one[p.id])
         assert_same(many[p.id], reference_ggro(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id], has_prefill=True))
+    # lookahead: a prefilled prompt's first point is right after its prefill, as faithful's first nudge
+    cfg = dataclasses.replace(cfg, search_mode="lookahead", max_refined_segments=2, trace=True)
+    got = engine_results(policy, rewards["judge"], tok, prompts, cfg, 5)
+    for p in prompts:
+        assert_same(got[p.id], reference_lookahead(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id], has_prefill=True))
+    later = [reference_lookahead(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id]) for p in prompts]
+    assert any(got[p.id].tokens != w.tokens for p, w in zip(prompts, later))     # the rule changes responses
 
 
 def test_greedy_baseline_matches_oracle(setup):
