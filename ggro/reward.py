@@ -102,14 +102,15 @@ class RewardModel:
         cached = [(q.seq_id, q.tokens[:q.prefix_len]) for q in queries if q.seq_id is not None and q.prefix_len]
         got = iter(self.prefixes.get(cached)) if cached else iter(())
         pasts = [next(got) if q.seq_id is not None and q.prefix_len else None for q in queries]
-        rests = [self.rm_tokens(q.tokens)[len(p.ids) if p else 0:] for q, p in zip(queries, pasts)]
+        read = [self.rm_tokens(q.tokens) for q in queries]
+        rests = [z[len(p.ids) if p else 0:] for z, p in zip(read, pasts)]
         past_lens = [len(p.ids) if p else 0 for p in pasts]
         P, N = max(past_lens), max(map(len, rests))
         ids = torch.zeros(len(queries), N, dtype=torch.long, device=dev)
         for b, r in enumerate(rests):
             ids[b, N - len(r):] = torch.tensor(r, device=dev)
         mask, pos = chunk_layout(past_lens, [len(r) for r in rests], dev)
-        last = torch.tensor([N - 1 - (len(self.rm_tokens(q.tokens)) - len(q.tokens)) for q in queries], device=dev)
+        last = torch.tensor([N - 1 - (len(z) - len(q.tokens)) for z, q in zip(read, queries)], device=dev)
         template = next((p for p in pasts if p), None)
         empty = Prefix([], [(k[:, :0], v[:, :0]) for k, v in template.kv], None) if template else None
         cache = left_pad_kv([p or empty for p in pasts], P) if P else None
@@ -141,7 +142,7 @@ class HeadAndJudge(RewardModel):
     the judge's question. The head alone knows refusals but not helpfulness or truth, the judge the reverse
     (docs/reward-model.md). Causal attention keeps the question from changing the hidden state the head reads,
     so one forward and one backward give both rewards and the gradient of their sum; as two models they cost
-    two of each. `head`: a Linear(hidden, 1) (ggro.guide.shipped_guide(model).score)."""
+    two of each. `head`: a Linear(hidden, 1) (ggro.guide.head_layer)."""
 
     def __init__(self, model, tokenizer, head: torch.nn.Module, weight: float, rubric: str, eos_ids=(),
                  max_cached: int = 64, prefixes: PrefixCache | None = None):

@@ -102,7 +102,7 @@ def load_judge(engine, mcfg, args):
     from pipeline.eval.bench import policy_judge
     if not args.judge_reward:
         judge = policy_judge(engine), f"the policy {mcfg.policy} as a yes/no judge"
-        parts = frozenset({("judge", mcfg.policy, DEFAULT_RUBRIC)})
+        parts = replace(mcfg, reward=mcfg.policy, reward_kind="judge", rubric=DEFAULT_RUBRIC).reward_parts
     else:
         kind = args.judge_reward_kind or "classifier"
         jcfg = replace(mcfg, reward=args.judge_reward, reward_kind=kind, rubric=args.judge_rubric or DEFAULT_RUBRIC)
