@@ -320,6 +320,10 @@ LOCAL_FILL = 8   # one CPU process (--local, bench): GGRO calls as full as best-
 CACHED_BATCHES = 4              # a decoder one search calls: the in-process Engine, a Serve replica's policy
 SHARED_CACHED_BATCHES = 8       # a batch policy rank, which the sub-batches of several aligners call at once
 REWARD_CACHED = 64              # a reward model's cache holds at least this many x + y prefixes
+# Tokens (rows x the padded uncached rest) one reward backward runs over: a grad call's rows are cut into chunks
+# of at most this many (ggro.reward.grad_chunks), so its activation memory is bounded whatever the fill; the
+# planner sizes the reward's backward with it. A CPU is compute-bound well below it, so the cut costs no speed.
+GRAD_TOKENS = 2048
 
 
 def cached_prefixes(mcfg: ModelConfig, shared: bool = False) -> int:

@@ -12,8 +12,22 @@ from dataclasses import replace
 
 import torch
 
+from .config import GRAD_TOKENS
 from .kvcache import Prefix, PrefixCache, chunk_layout, eager_attention, left_pad_kv, same_length_groups
 from .seam import RewardQuery, RewardResult
+
+
+def grad_chunks(items: list, lengths: list[int], budget: int) -> list[list]:
+    """`items` in order, cut so that rows x the longest length of each chunk stays within `budget` tokens (one
+    row at least): the rows of one backward, whose activations grow with both."""
+    out, cur, longest = [], [], 0
+    for item, n in zip(items, lengths):
+        if cur and (len(cur) + 1) * max(longest, n) > budget:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(item)
+        longest = max(longest, n)
+    return out + [cur] if cur else out
 
 
 def judge_suffix(tokenizer, rubric: str) -> list[int]:
@@ -40,11 +54,12 @@ class RewardModel:
     kind 'judge': a chat LM asked `rubric` about the response; reward = logit(Yes) - logit(No)."""
 
     def __init__(self, model, tokenizer, kind: str, rubric: str | None = None, eos_ids=(), max_cached: int = 64,
-                 prefixes: PrefixCache | None = None):
+                 prefixes: PrefixCache | None = None, grad_tokens: int = GRAD_TOKENS):
         """`prefixes`: the policy decoder's cache when this model runs on the policy's backbone (the shipped guide,
         a judge on the policy's weights): the search asks for x + y from the policy first, so the RM finds it
-        cached instead of running the backbone over it again."""
-        self.model, self.kind = model, kind
+        cached instead of running the backbone over it again. `grad_tokens`: the most tokens (rows x padded
+        rest) one backward runs over (ggro.config.GRAD_TOKENS)."""
+        self.model, self.kind, self.grad_tokens = model, kind, grad_tokens
         self.embed = model.get_input_embeddings()
         self.device = self.embed.weight.device
         self.base = getattr(model, model.base_model_prefix)
@@ -85,7 +100,8 @@ class RewardModel:
 
     def score(self, queries: list[RewardQuery]) -> list[RewardResult]:
         """One reward per query, and candidate scores where a position is given (eager attention: one call per
-        length of the uncached rest, so no padding is a query row)."""
+        length of the uncached rest, so no padding is a query row). Calls that need the gradient carry at most
+        `grad_tokens` tokens: rows are independent, so the cut changes no result."""
         # The score is read at the response's last token, so that token must be in the pass: a query with
         # nothing past its cached prefix (an empty segment) runs uncached.
         queries = [replace(q, seq_id=None, prefix_len=0) if q.seq_id is not None and q.prefix_len >= len(q.tokens)
@@ -93,8 +109,10 @@ class RewardModel:
         rest = [len(self.rm_tokens(q.tokens)) - (q.prefix_len if q.seq_id is not None else 0) for q in queries]
         out: list[RewardResult | None] = [None] * len(queries)
         for group in same_length_groups(list(range(len(queries))), rest, self.ragged):
-            for i, r in zip(group, self._score([queries[i] for i in group])):
-                out[i] = r
+            grad = any(queries[i].position is not None for i in group)
+            for chunk in grad_chunks(group, [rest[i] for i in group], self.grad_tokens) if grad else [group]:
+                for i, r in zip(chunk, self._score([queries[i] for i in chunk])):
+                    out[i] = r
         return out
 
     def _score(self, queries: list[RewardQuery]) -> list[RewardResult]:

@@ -408,6 +408,9 @@ def test_dry_run_local_one_process(tiny_models, tmp_path, capsys, no_weights):
     rc, out = _run(["align", "--local", "--dry-run", "--policy", tiny_models["policy"], "--cluster-gpus", "0"], capsys)
     assert rc == 0, out
     assert "--local: this process" in out and "judge (shared weights)" in out
+    # the run's one CPU process fills GGRO's calls to 8 x batch rows (ModelConfig.in_one_process), and the
+    # plan counts them, its backward cut into chunks
+    assert re.search(r"backward activations [\d.]+ GiB \((\d+) of 64 seqs per backward", out), out
     big = _config_only(tmp_path, "llama70b", LLAMA_70B)
     rc, out = _run(["align", "--local", "--dry-run", "--policy", big, "--device", "cuda", "--dtype", "float32",
                     "--cluster-gpus", "1", "--gpu-memory-gb", "80"], capsys)
@@ -543,8 +546,8 @@ def test_dry_run_reads_the_connected_cluster(ray_cluster, tiny_models, capsys, m
 
 
 def test_estimate_counts_every_row_a_prompt_decodes():
-    """best-of-n decodes n rows per prompt and lookahead S: the planner's KV and activation estimates grow with
-    them (a pure function: no printing, no cluster)."""
+    """best-of-n decodes n rows per prompt and lookahead S: the planner's KV estimate grows with them, while the
+    reward's backward activations stop growing at GRAD_TOKENS' chunk (a pure function: no printing, no cluster)."""
     from ggro.config import GGROConfig, ModelConfig
     from actors.resources import Resources
     from pipeline.plan.sizing import ModelInfo, estimate
@@ -554,11 +557,14 @@ def test_estimate_counts_every_row_a_prompt_decodes():
     mcfg = ModelConfig(policy="p", reward="r", reward_kind="classifier", batch_size=8)
 
     def est(**kw):
-        return estimate(info, info, res, GGROConfig(max_new_tokens=256, **kw), mcfg, prompt_tokens=256)
+        return estimate(info, info, res, GGROConfig(**{"max_new_tokens": 256, **kw}), mcfg, prompt_tokens=256)
 
     greedy, bo8 = est(method="greedy"), est(method="best-of-n", n=8)
     look = est(search_mode="lookahead", num_refinements=8)
-    assert bo8.policy_rank_bytes > greedy.policy_rank_bytes and bo8.reward_actor_bytes > greedy.reward_actor_bytes
+    assert bo8.policy_rank_bytes > greedy.policy_rank_bytes
+    # 2048 // 256 = 8 rows per backward: greedy's 8 rows and best-of-8's 64 keep the same activations
+    assert bo8.reward_actor_bytes == greedy.reward_actor_bytes and "8 of 64 seqs per backward" in bo8.lines[1]
+    assert est(method="greedy", max_new_tokens=64).reward_actor_bytes < greedy.reward_actor_bytes
     assert look.policy_rank_bytes == bo8.policy_rank_bytes
     assert est(search_mode="parallel", num_refinements=8).policy_rank_bytes < look.policy_rank_bytes
 

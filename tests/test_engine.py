@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ggro import models
-from ggro.config import ConfigError, GGROConfig
+from ggro.config import GRAD_TOKENS, ConfigError, GGROConfig
 from ggro.policy import SegmentDecoder
 from ggro.reference import ReferenceReward, reference_baseline, reference_ggro, reference_lookahead
-from ggro.reward import RewardModel
+from ggro.reward import RewardModel, grad_chunks
 from ggro.search import Prompt, run
 from ggro.seam import RewardQuery, SegmentRequest
 
@@ -179,6 +179,29 @@ def test_sparse_candidate_scores_equal_dense_onehot_gradient(setup):
             assert cached[0].reward == pytest.approx(r, rel=1e-10)
             assert cached[0].scores == pytest.approx(dense[q, cands].tolist(), rel=1e-8, abs=1e-12)
             assert cached[1].scores == pytest.approx(res[2].scores, rel=1e-10)
+
+
+def test_grad_calls_cut_into_chunks_score_the_same(setup):
+    """A reward call that needs the gradient runs at most `grad_tokens` tokens per backward (so its memory is
+    bounded whatever the fill); rows are independent, so cutting it changes no reward and no candidate score."""
+    tok, _, rewards = setup
+    rm = rewards["judge"]
+    prompts = prompts_of(tok, PROMPTS[:5])
+    qs = [RewardQuery(p.ids + [10, 20, 30][: 1 + i % 3], len(p.ids), [5, 6, 7]) for i, p in enumerate(prompts)]
+    qs.append(RewardQuery(prompts[0].ids + [9]))      # one that needs no gradient rides along
+    whole = rm.score(qs)
+    calls = []
+    rm.grad_tokens, score = 1, rm._score
+    rm._score = lambda group: calls.append(len(group)) or score(group)
+    try:
+        cut = rm.score(qs)
+    finally:
+        rm.grad_tokens, rm._score = GRAD_TOKENS, score
+    assert max(calls) == 1 and len(calls) == len(qs)     # one row per backward at the smallest budget
+    for a, b in zip(whole, cut):
+        assert b.reward == pytest.approx(a.reward, rel=1e-10)
+        assert (a.scores is None and b.scores is None) or b.scores == pytest.approx(a.scores, rel=1e-8, abs=1e-12)
+    assert grad_chunks(list("abcde"), [3, 3, 5, 1, 1], 10) == [["a", "b"], ["c", "d"], ["e"]]
 
 
 def test_segment_decoder_cache_reuse_is_exact(setup):

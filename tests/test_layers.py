@@ -24,7 +24,7 @@ CORE_LOOPS = {
 # Known exceptions, each with why it is not fixed today. Keep this short; remove an entry when it is fixed.
 LONG_FILES = {
     "tests/test_cluster.py": "576 lines; the structural redesign changed test modules' import lines only",
-    "tests/test_engine.py": "483 lines; the structural redesign changed test modules' import lines only",
+    "tests/test_engine.py": "537 lines; the structural redesign changed test modules' import lines only",
     "tests/test_serve.py": "585 lines; the structural redesign changed test modules' import lines only",
 }
 LONG_FUNCTIONS: dict[str, str] = {}

@@ -125,6 +125,8 @@ def validate(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mc
 def make_plan(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, mcfg: ModelConfig,
               prompt_tokens: int, find: Callable[[], Cluster]) -> Plan:
     """The checked plan; `find` (which may connect to Ray) is called only for a valid configuration."""
+    if res.mode == "local":
+        mcfg = mcfg.in_one_process()    # the fill the run's one process gets
     p = Plan(pol, rm, res.started(mcfg), gcfg, mcfg, prompt_tokens)
     p.errors, p.warns = validate(pol, rm, p.res, gcfg, mcfg, prompt_tokens)
     if p.errors:

@@ -7,7 +7,7 @@ model's config.json (shapes -> a parameter formula), GGUF tensor metadata, or th
 embedded default. Memory per GPU follows the rule of thumb documented in docs/cluster.md ("The memory rule of thumb"):
 
     policy rank  = (weights + KV cache) / tp * 1.10 + 1 GiB
-    reward actor = (weights + activations for the input-gradient backward) * 1.10 + 1 GiB
+    reward actor = (weights + its own prefix cache + activations for the input-gradient backward) * 1.10 + 1 GiB
 """
 from __future__ import annotations
 
@@ -17,13 +17,20 @@ import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ggro.config import DEFAULT_NAME, ConfigError, GGROConfig, ModelConfig, cache_dir, context_window
+from ggro.config import (DEFAULT_NAME, GRAD_TOKENS, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cache_dir,
+                         cached_prefixes, context_window)
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 CONTEXT_OVERHEAD_GIB = 1.0      # CUDA context + allocator slack, per process on a GPU
 HEADROOM = 0.10                 # fragmentation and transient buffers, on top of weights + cache
-ACT_FACTOR = 18                 # bytes/(token*hidden*layer*dtype byte) kept for backward (SDPA, no attn matrix)
+# A reward backward keeps, per row and layer, ACT_FACTOR x hidden values per token of the row's uncached rest
+# (the segment and the judge's question; its cached prefix runs without autograd), and PAST_FACTOR x (2 x kv
+# width, plus heads x rest on a CPU, whose SDPA keeps a masked call's attention weights) per token of its
+# whole sequence. Measured on the default guide (fp32, CPU): 0.19-0.22 GiB per row at 512 cached + 93 rest
+# tokens, 2.0 GiB per 16 rows at 512 + 53 and at 64 + 93 (docs/cluster.md); the rule gives 0.23, 2.3 and 2.2.
+ACT_FACTOR = 18
+PAST_FACTOR = 1.5
 JUDGE_SUFFIX_TOKENS = 64        # the judge's rubric turn appended to every scored response
 DEFAULT_PARAMS = 134_515_008    # SmolLM2-135M-Instruct (tied embeddings)
 DEFAULT_SHAPE = dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536,
@@ -245,6 +252,20 @@ class Estimate:
     lines: list[str]        # how each was reached: the policy's, then the reward's
 
 
+def kv_bytes(m: ModelInfo, db: int) -> int:
+    """Bytes of K and V per token of a cached sequence."""
+    return 2 * (m.layers or 0) * (m.kv_heads or 0) * (m.head_dim or 0) * db
+
+
+def grad_activations(rm: ModelInfo, rows: int, seq: int, rest: int, db: int, on_cpu: bool) -> tuple[int, float]:
+    """(rows, bytes) of the reward's largest backward: `rows` queries of `seq` tokens, the last `rest` of them
+    uncached, cut into chunks of GRAD_TOKENS tokens as ggro.reward.grad_chunks cuts them."""
+    chunk = min(rows, max(1, GRAD_TOKENS // max(1, rest)))
+    width = 2 * (rm.kv_heads or 0) * (rm.head_dim or 0) + ((rm.heads or 0) * rest if on_cpu else 0)
+    per_row = (rm.layers or 0) * db * (ACT_FACTOR * rest * (rm.hidden or 0) + PAST_FACTOR * seq * width)
+    return chunk, chunk * per_row
+
+
 def estimate(pol: ModelInfo, rm: ModelInfo, res, gcfg: GGROConfig, mcfg: ModelConfig,
              prompt_tokens: int, tp: int | None = None, dtype: str | None = None,
              batch_size: int | None = None) -> Estimate:
@@ -260,27 +281,31 @@ def estimate(pol: ModelInfo, rm: ModelInfo, res, gcfg: GGROConfig, mcfg: ModelCo
     rows = sized.decode_rows(gcfg)   # samples, nudges and GGRO's filled calls side by side
     kv_seqs = res.cached_prefixes(sized) + rows    # the rank's bounded prefix cache + the live (padded) decode batch
     weights = pol.params * db
-    kv_per_token = 2 * (pol.layers or 0) * (pol.kv_heads or 0) * (pol.head_dim or 0) * db    # K and V
-    kv = kv_seqs * seq * kv_per_token
+    kv = kv_seqs * seq * kv_bytes(pol, db)
     policy_rank = (weights + kv) / tp * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if on_gpu else 0)
 
-    rm_seq = seq + (JUDGE_SUFFIX_TOKENS if mcfg.reward_asks_question else 0)
     per_call = math.ceil(rows / max(1, res.reward_replicas))   # the pool splits each batch across actors
+    question = JUDGE_SUFFIX_TOKENS if mcfg.reward_asks_question else 0
+    rest = gcfg.max_new_tokens + question    # at worst a whole response is new to the reward, then its question
+    rm_on_gpu = on_gpu if res.judge_in_policy else res.reward_gpus > 0
+    chunk, act = grad_activations(rm, per_call, seq + question, rest, db, on_cpu=not rm_on_gpu)
     rm_w = rm.params * db
-    act = ACT_FACTOR * per_call * rm_seq * (rm.hidden or 0) * (rm.layers or 0) * db
-    reward_actor = (rm_w + act) * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if res.reward_gpus > 0 else 0)
+    # a reward model off the policy's weights keeps its own x + y prefixes (ggro.engine.load_reward)
+    rm_kv = 0 if res.judge_in_policy else max(REWARD_CACHED, cached_prefixes(sized)) * seq * kv_bytes(rm, db)
+    reward_actor = (rm_w + rm_kv + act) * (1 + HEADROOM) + (CONTEXT_OVERHEAD_GIB * GiB if res.reward_gpus > 0 else 0)
     if res.judge_in_policy:
         policy_rank += act * (1 + HEADROOM)
+    backward = (f"backward activations {fmt_gib(act)} ({chunk} of {per_call} seqs per backward x {rest} uncached "
+                f"tokens, {seq + question} in all)")
     lines = [
         f"policy weights {fmt_gib(weights)} ({fmt_params(pol.params)} x {db} B), KV cache {fmt_gib(kv)} "
         f"({kv_seqs} seqs x {seq} tokens), /tp {tp}"
-        + (f", judge backward activations {fmt_gib(act)} ({per_call} seqs x {rm_seq} tokens)"
-           if res.judge_in_policy else "")
+        + (f", judge {backward}" if res.judge_in_policy else "")
         + f", +{HEADROOM:.0%}"
         + (f" +{CONTEXT_OVERHEAD_GIB:g} GiB CUDA context" if on_gpu else "")
         + f" = {fmt_gib(policy_rank)} per {'replica' if res.judge_in_policy else 'rank'}",
-        f"reward weights {fmt_gib(rm_w)} ({fmt_params(rm.params)} x {db} B), backward activations {fmt_gib(act)} "
-        f"({per_call} seqs x {rm_seq} tokens), +{HEADROOM:.0%}"
+        f"reward weights {fmt_gib(rm_w)} ({fmt_params(rm.params)} x {db} B), "
+        + (f"prefix cache {fmt_gib(rm_kv)}, " if rm_kv else "") + backward + f", +{HEADROOM:.0%}"
         + (f" +{CONTEXT_OVERHEAD_GIB:g} GiB CUDA context" if res.reward_gpus > 0 else "")
         + f" = {fmt_gib(reward_actor)} per actor",
     ]
