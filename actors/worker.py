@@ -99,20 +99,11 @@ class ModelWorker:
             self.reward = load_reward(mcfg, self.tok, self.model, policy_ids=False, model_set=self.models)
 
     def _load_policy(self) -> None:
-        from ggro import models
-        m = self.mcfg
+        from ggro.engine import load_policy
         # A tp > 1 rank loads on the host and sharding moves only its shard to the GPU: loading the whole
         # model on every GPU first would need P*B per GPU, not the P*B/tp the planner promises.
-        self.model = models.load_model(m.policy, "causal", m.dtype, "cpu" if self.tp > 1 else m.device,
-                                       **m.source(m.policy))
-        self.eos = self.models.eos_ids(self.model)
+        self.model, self.decoder = load_policy(self.mcfg, self.models, self.max_cached, on_host=self.tp > 1)
         self.context = self.models.context(self.model)
-        if self.tp == 1:
-            self._make_decoder()
-
-    def _make_decoder(self) -> None:
-        from ggro.policy import SegmentDecoder
-        self.decoder = SegmentDecoder(self.model, self.eos, max_cached=self.max_cached, tokenizer=self.tok)
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -122,8 +113,9 @@ class ModelWorker:
         """Shard the policy across the replica's ranks (tp > 1; all ranks call it together, with rank 0's
         `address`); returns the policy's context window (None for a reward-only worker)."""
         if self.tp > 1 and self.decoder is None:
+            from ggro.engine import decoder
             self.model = _shard(self.model, self.mcfg, self.rank, self.tp, master_addr, master_port)
-            self._make_decoder()
+            self.decoder = decoder(self.model, self.models, self.max_cached)
         return self.context
 
     def decode(self, requests: list[SegmentRequest]) -> list[SegmentResult] | None:

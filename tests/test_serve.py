@@ -575,24 +575,26 @@ def test_search_loops_forget_the_rows_a_retokenizing_reward_read(tiny_models, ot
     import queue
     from actors.worker import ModelWorker
     from ggro.config import GGROConfig, ModelConfig
-    from ggro.modelset import reward_in_policy_ids, reward_vocab
-    from ggro.rows import encode, parse_row
+    from ggro.engine import Engine
+    from ggro.rows import parse_row
     from ggro.search import Prompt
     from pipeline.serve.hub import Job, SearchHub
     mcfg = ModelConfig(policy=tiny_models["policy"], reward=other_rm, reward_kind="classifier", dtype="float64",
                        batch_size=2)
     policy, reward = ModelWorker(mcfg, ("policy",)), ModelWorker(mcfg, ("reward",))
-    reward_tok, problem = reward_vocab(mcfg, policy.tok)
     seams = []
 
-    def seam(handle_reward):
-        seams.append(reward_in_policy_ids(handle_reward, mcfg, policy.tok, reward_tok, problem))
-        return seams[-1]
-    hub = SearchHub(InProcess(policy), InProcess(reward), mcfg.batch_size, max_queue=16, reward_seam=seam)
+    class Recording(Engine):     # the real Engine; it notes each loop's reward seam
+        def over(self, policy=None, reward=None):
+            engine = super().over(policy, reward)
+            seams.append(engine.reward)
+            return engine
+    engine = Recording.remote(mcfg, policy.context)
+    hub = SearchHub(engine, InProcess(policy), InProcess(reward), mcfg.batch_size, max_queue=16)
     cfg, events, jobs = GGROConfig(method="greedy", max_new_tokens=6), queue.Queue(), []
     for i, text in enumerate(PROMPTS[:6]):
         row = parse_row({"messages": [{"role": "user", "content": text}]}, "request")
-        x = encode(row, policy.tok, "chat", cfg.max_new_tokens, policy.context)
+        x = engine.prompt(row, cfg.max_new_tokens)
         jobs.append(Job(Prompt(f"req{i}-0", x.ids), 0, events.put, row=row))
         assert hub.admit(1)
         hub.submit(cfg, jobs[-1])

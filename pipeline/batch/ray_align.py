@@ -57,10 +57,9 @@ def _engine(mcfg, gcfg, reward, context: int):
     """An Engine over the reward pool (its Policy is set per call); a reward model with its own vocabulary is
     asked in its own ids (the pool's workers hold it plain), which only the baselines can use."""
     from ggro.engine import Engine
-    from ggro.modelset import ModelSet
-    ms = ModelSet(mcfg)
-    ms.check(gcfg.method)
-    return Engine(ms.tokenizer, None, ms.reward_seam(reward), context, mcfg)
+    engine = Engine.remote(mcfg, context, reward=reward)
+    engine.models.check(gcfg.method)
+    return engine
 
 
 class Aligner:

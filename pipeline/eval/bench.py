@@ -16,9 +16,7 @@ from pathlib import Path
 
 def time_method(engine, rows, gcfg, batch_size: int, cohorts: int = 1) -> dict:
     """Run one configuration over `rows`; wall time covers encoding, search and decoding to text."""
-    from ggro.engine import Engine
-    eng = Engine(engine.tokenizer, engine.policy, engine.reward, engine.context,
-                 replace(engine.mcfg, batch_size=batch_size, cohorts=min(cohorts, batch_size)))
+    eng = replace(engine, mcfg=replace(engine.mcfg, batch_size=batch_size, cohorts=min(cohorts, batch_size)))
     t0 = time.perf_counter()
     recs = list(eng.align(rows, gcfg))
     wall = time.perf_counter() - t0

@@ -18,6 +18,7 @@ shared rounds: one Policy.decode / Reward.score call per round for all of them. 
 configs still share model calls: the model deployments merge concurrent calls with `@serve.batch`.
 """
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -98,18 +99,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.ingress(fastapi_app)
 class GGROIngress:
     def __init__(self, policy_handle, reward_handle, settings: ServeSettings):
+        from ggro.engine import Engine
         from ggro.modelset import ModelSet
         self.s = settings
-        self.models = ModelSet(settings.mcfg)    # tokenizers, the vocabulary decision, EOS ids, context
-        self.tok, self.vocab_problem = self.models.tokenizer, self.models.vocab_problem
+        models = ModelSet(settings.mcfg)    # tokenizers, the vocabulary decision, EOS ids, context
+        self.tok, self.vocab_problem = models.tokenizer, models.vocab_problem
         why = serve_refusal(self.vocab_problem, settings.gcfg.method)
         if why:
             raise ModelLoadError(why)
-        self.context = self.models.context()
+        # the front door over the model deployments: each search loop runs it over its own handles (in one thread:
+        # Serve overlaps requests by loops, not --local's cohorts)
+        self.engine = Engine(models, None, None, models.context(), dataclasses.replace(settings.mcfg, cohorts=1))
+        self.context = self.engine.context
         self.telemetry_app = telemetry.serve_app_name()
-        self.hub = SearchHub(policy_handle, reward_handle or policy_handle, settings.mcfg.batch_size,
-                             settings.max_queue, self.telemetry_app,
-                             reward_seam=self.models.reward_seam)
+        self.hub = SearchHub(self.engine, policy_handle, reward_handle or policy_handle, settings.mcfg.batch_size,
+                             settings.max_queue, self.telemetry_app)
         self.model_names = (settings.model_name,)
 
     def _format(self, kind: str) -> str:
@@ -141,7 +145,6 @@ class GGROIngress:
         return bytes(raw)
 
     async def _parse(self, request: Request, kind: str) -> tuple[api.ApiRequest, list[Prompt]]:
-        from ggro.rows import encode
         self._auth(request)
         body = api.parse_json(await self._body(request))
         req = api.parse_request(body, kind, self.s.gcfg, model_names=self.model_names,
@@ -151,7 +154,7 @@ class GGROIngress:
                                f"{self.s.max_queue}): it could never run", param="n", code="invalid_value")
         fmt = self._format(kind)
         try:   # in a worker thread: a long prompt must not stall every other request's event loop (/health too)
-            x = await asyncio.to_thread(encode, req.row, self.tok, fmt, req.cfg.max_new_tokens, self.context)
+            x = await asyncio.to_thread(self.engine.prompt, req.row, req.cfg.max_new_tokens, fmt)
         except ValueError as e:
             raise api.ApiError(400, str(e), param="messages" if kind == "chat" else "prompt",
                                code="context_length_exceeded") from None

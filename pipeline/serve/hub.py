@@ -15,9 +15,8 @@ import uuid
 from dataclasses import dataclass
 
 from ggro.config import GGROConfig
-from ggro.retokenize import Retokenized
 from ggro.rows import InputRow
-from ggro.search import Prompt, run as run_search
+from ggro.search import Prompt
 from pipeline import telemetry
 from pipeline.serve.models import CALL_TIMEOUT_S, HandlePolicy, HandleReward
 
@@ -55,24 +54,23 @@ class _Loop(threading.Thread):
         self.jobs: dict[str, Job] = {}      # queued or active in this loop, by prompt id (guarded by hub.lock)
         self.token = uuid.uuid4().hex[:8]
         self.policy = HandlePolicy(hub.policy_handle, self.token, self._watch)
-        self.reward = hub.reward_seam(HandleReward(hub.reward_handle, self.token))
-        # A reward model of another vocabulary reads each prompt's row: one Retokenized per loop, since a loop
-        # never holds a prompt id twice while seeded requests' ids ("choice-0") repeat across loops
-        self.rows = self.reward if isinstance(self.reward, Retokenized) else None
+        # The ingress's Engine over this loop's handles. A reward model of another vocabulary reads each prompt's
+        # row (Engine.hold): one engine per loop, since a loop never holds a prompt id twice while seeded
+        # requests' ids ("choice-0") repeat across loops
+        self.engine = hub.engine.over(self.policy, HandleReward(hub.reward_handle, self.token))
 
     def hold(self, job: Job) -> None:
         """Take `job` on (under hub.lock), its row registered before the search can score it."""
         self.jobs[job.prompt.id] = job
-        if self.rows is not None:
-            self.rows.register(dataclasses.replace(job.row, id=job.prompt.id), job.prompt_format)
+        if job.row is not None:
+            self.engine.hold(dataclasses.replace(job.row, id=job.prompt.id), job.prompt_format)
 
     def _drop(self, prompt_id: str) -> Job | None:
         """Let go of a prompt (under hub.lock), its row and its admission slot: a long-lived loop must not keep
         every row it saw. In the same critical section as the pop, so a later request's job of the same id
         keeps its own row. The slot comes back here, not when the request stops waiting: until its loop
         lets it go, a withdrawn prompt is still work in progress."""
-        if self.rows is not None:
-            self.rows.forget(prompt_id)
+        self.engine.forget(prompt_id)
         job = self.jobs.pop(prompt_id, None)
         if job is not None:
             self.hub.release_slot()
@@ -144,8 +142,7 @@ class _Loop(threading.Thread):
                     return
             try:
                 prompts = self._feed() if self.cfg.method == "ggro" else self._drain()
-                for res in run_search(prompts, self.policy, self.reward, self.cfg, hub.batch_size,
-                                      withdrawn=self._withdrawn):
+                for res in self.engine.search(prompts, self.cfg, hub.batch_size, withdrawn=self._withdrawn):
                     with hub.lock:
                         job = self._drop(res.id)
                         live = job is not None and not job.settled   # a cancelled job's answer has no reader
@@ -184,12 +181,9 @@ class _Loop(threading.Thread):
 class SearchHub:
     """Admission (bounded), and the map from search config to the loops running it."""
 
-    def __init__(self, policy_handle, reward_handle, batch_size: int, max_queue: int, app: str = "",
-                 reward_seam=None):
-        self.policy_handle, self.reward_handle = policy_handle, reward_handle
-        # Reward -> Reward: each loop's reward deployment as the search asks it, in policy ids (the ingress's
-        # ggro.modelset.ModelSet.reward_seam; None: as it is)
-        self.reward_seam = reward_seam or (lambda reward: reward)
+    def __init__(self, engine, policy_handle, reward_handle, batch_size: int, max_queue: int, app: str = ""):
+        """`engine`: the ingress's ggro.engine.Engine (its ModelSet), which each loop runs over its own handles."""
+        self.engine, self.policy_handle, self.reward_handle = engine, policy_handle, reward_handle
         self.batch_size, self.max_queue, self.app = batch_size, max_queue, app
         self.lock = threading.Lock()
         self.loops: dict[GGROConfig, list[_Loop]] = {}
