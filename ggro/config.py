@@ -84,6 +84,24 @@ class ModelLoadError(RuntimeError):
     """A model spec that cannot be loaded here; the message says what to pass instead (ggro.models raises it)."""
 
 
+def locate(spec: str) -> tuple[str, Path | None]:
+    """Where a model spec points, decided once for loading (ggro.models.resolve) and planning (the planner's
+    metadata, pipeline/plan/sizing.py): ("default", None), ("gguf", file), ("folder", dir), ("hub", None) for a
+    hub id, or raises ModelLoadError for a local path that is not there."""
+    if spec == "default":
+        return "default", None
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}")
+        return "gguf", path
+    if path.is_dir():
+        return "folder", path
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"model path not found: {spec}")
+    return "hub", None
+
+
 def knob(default, help: str, *, choices: tuple | None = None, request: bool = False, applies: str | None = None,
          hashed: str = "always", old_flag: str | None = None):
     """A config field and everything said about it, in one place: `help` (the flag's, `{default}` filled in) and

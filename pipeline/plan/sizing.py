@@ -17,8 +17,8 @@ import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ggro.config import (DEFAULT_NAME, GRAD_TOKENS, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cache_dir,
-                         cached_prefixes, context_window)
+from ggro.config import (DEFAULT_NAME, GRAD_TOKENS, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig,
+                         ModelLoadError, cache_dir, cached_prefixes, context_window, locate)
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -154,7 +154,7 @@ def default_info() -> ModelInfo:
 def folder_info(folder: Path, spec: str) -> ModelInfo:
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
-        raise ConfigError(f"{spec} is a folder without config.json: not a Hugging Face model folder")
+        raise ModelLoadError(f"{spec} is a folder without config.json: not a Hugging Face model folder")
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
@@ -174,23 +174,20 @@ def folder_info(folder: Path, spec: str) -> ModelInfo:
 
 
 def model_info(spec: str) -> ModelInfo:
-    """Metadata for a model spec (the forms ggro.models.resolve accepts), never loading weights."""
-    if spec == "default":
+    """Metadata for a model spec (where it points: ggro.config.locate, as ggro.models.resolve loads it), never
+    loading weights."""
+    kind, path = locate(spec)
+    if kind == "default":
         return default_info()
-    path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ConfigError(f"GGUF file not found: {spec}")
+    if kind == "gguf":
         return gguf_info(path)
-    if path.is_dir():
+    if kind == "folder":
         return folder_info(path, spec)
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ConfigError(f"model path not found: {spec}")
     try:   # a hub id: only its cached config.json is read
         from huggingface_hub import hf_hub_download
         cfg_file = hf_hub_download(spec, "config.json", local_files_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"model {spec!r} is neither a local path nor in the local Hugging Face cache "
+        raise ModelLoadError(f"model {spec!r} is neither a local path nor in the local Hugging Face cache "
                           f"({e.__class__.__name__}); pass a local folder, a .gguf file or 'default'") from None
     return folder_info(Path(cfg_file).parent, spec)
 
