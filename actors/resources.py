@@ -106,14 +106,23 @@ class Resources:
     def needs(self) -> dict[str, float]:
         return {"CPU": self.cpus + self.io_cpus, "GPU": self.policy_gpus + self.reward_gpus_total}
 
+    def problems(self) -> list[str]:
+        """What is wrong with these resources as the flags set them, whatever the cluster: the one rule that the
+        planner, `ggro serve`'s settings and a Ray job's start (`check`) apply. --local runs no actors."""
+        if self.mode == "local":
+            return []
+        out = [f"{self.flag(f)} must be >= 1" for f in ("tp", "policy_replicas", "reward_replicas", "aligners")
+               if getattr(self, f) < 1]
+        out += [f"{self.flag(f)} must be >= 0" for f in ("policy_gpus_per_replica", "reward_gpus")
+                if getattr(self, f) < 0]
+        return out + [f"{self.flag(f)} must be > 0 (every actor needs an explicit CPU share; fractions such as 0.5 "
+                      "are fine)" for f in ("policy_cpus", "reward_cpus", "aligner_cpus") if getattr(self, f) <= 0]
+
     def check(self, available: dict, what: str = "available") -> None:
         """Fail fast (ClusterTooSmall) instead of leaving actors pending forever."""
-        if self.tp < 1 or self.policy_replicas < 1 or self.reward_replicas < 1 or self.aligners < 1:
-            raise ClusterTooSmall("--tp, --policy-replicas, --reward-replicas and --aligners must be >= 1")
-        for name, v in (("--policy-cpus", self.policy_cpus), ("--reward-cpus", self.reward_cpus),
-                        ("--aligner-cpus", self.aligner_cpus)):
-            if v <= 0:
-                raise ClusterTooSmall(f"{name} must be > 0 (every actor needs an explicit CPU share)")
+        wrong = self.problems()
+        if wrong:
+            raise ClusterTooSmall("; ".join(wrong))
         short = [f"{k}: need {v:g}, {available.get(k, 0):g} {what}"
                  for k, v in self.needs().items() if v > available.get(k, 0) + 1e-9]
         if short:

@@ -66,11 +66,7 @@ def settings_from_args(args: argparse.Namespace):
     checks = [(args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
               (args.max_queue >= 1, "--max-queue must be >= 1"),
               (args.request_timeout > 0, "--request-timeout must be > 0")]
-    checks += [(getattr(res, f) > 0, f"--{f.replace('_', '-')} must be > 0 (fractions such as 0.5 are fine)")
-               for f in ("policy_cpus", "reward_cpus")]
-    checks += [(getattr(res, f) >= least, f"--{f.replace('_', '-')} must be >= {least}") for f, least in
-               (("policy_gpus_per_replica", 0), ("reward_gpus", 0), ("policy_replicas", 1), ("reward_replicas", 1),
-                ("tp", 1))]
+    checks += [(False, wrong) for wrong in res.problems()]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)

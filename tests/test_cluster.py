@@ -474,8 +474,9 @@ def test_dry_run_serve_replica_fix_fits(tiny_models, capsys, no_weights):
 
 
 def test_dry_run_replica_minimums_are_the_modes_own(tiny_models, capsys, no_weights):
-    """0 reward replicas is valid where the policy can judge (serve, --local): the message states each mode's
-    real minimum and names only what that mode lets the user set."""
+    """The resource rule is one (`Resources.problems`, on the flags as given): no reward actors start where the
+    policy judges itself, and the planner does not count that as an error; the message names only what the
+    mode lets the user set."""
     import dataclasses
 
     from jobs.common import resolve_args
@@ -485,9 +486,13 @@ def test_dry_run_replica_minimums_are_the_modes_own(tiny_models, capsys, no_weig
     args = build_parser().parse_args(["align", "--local", "--dry-run", "--policy", tiny_models["policy"]])
     gcfg, mcfg, _ = resolve_args(args)
     pol = model_info(mcfg.policy)
-    res = dataclasses.replace(Resources.local(mcfg).started(mcfg), reward_replicas=-1)   # no flag can do this
-    errors, _ = validate(pol, pol, res, gcfg, mcfg, 512)
-    assert errors == ["reward replicas must be >= 0"]
+    res = Resources.local(mcfg)
+    assert res.started(mcfg).reward_replicas == 0 and res.problems() == []
+    errors, _ = validate(pol, pol, res.started(mcfg), gcfg, mcfg, 512)
+    assert errors == []
+    serve = dataclasses.replace(res, mode="serve", reward_replicas=0, policy_cpus=0.5, reward_cpus=0.5,
+                                aligner_cpus=0.1)
+    assert serve.problems() == ["--reward-replicas must be >= 1"]
     # serve rejects --policy-replicas < 1 itself; the planner, called past that check, must agree with it
     from jobs.plan import dry_run
     from jobs.serve import settings_from_args

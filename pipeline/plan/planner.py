@@ -12,7 +12,7 @@ from typing import Callable
 
 from ggro.config import ConfigError, GGROConfig, ModelConfig, check_tp_dtype
 from pipeline.plan.clusters import Cluster
-from actors.resources import Resources, shares_weights
+from actors.resources import Resources
 from pipeline.plan.sizing import (CONTEXT_OVERHEAD_GIB, DTYPE_BYTES, GiB, Estimate, Group, ModelInfo, estimate, fmt_gib,
                              fmt_params, place, share_of)
 
@@ -43,21 +43,13 @@ class Plan:
 
 # -- the configuration itself ---------------------------------------------------------------------------
 def resource_errors(res: Resources, mcfg: ModelConfig) -> tuple[list[str], list[str]]:
-    """(errors, warnings) about the resources and the device."""
+    """(errors, warnings) about the resources (as started: `Resources.started`) and the device."""
     errors, warns = [], []
     cuda = mcfg.device.startswith("cuda")
-    if res.tp < 1:
-        errors.append("--tp must be >= 1")
     try:
         check_tp_dtype(res.tp, mcfg.dtype)
     except ConfigError as e:
         errors.append(str(e))
-    # 0 reward replicas: the policy is its own unsharded judge (Resources.started)
-    own_judge = shares_weights(mcfg, res.tp)
-    limits = [("policy_replicas", 1), ("reward_replicas", 0 if own_judge else 1), ("aligners", 1)]
-    limits += [(f, 0) for f in ("policy_gpus_per_replica", "reward_gpus", "policy_cpus", "reward_cpus",
-                                "aligner_cpus")]
-    errors += [f"{res.flag(f)} must be >= {least}" for f, least in limits if getattr(res, f) < least]
     gpus, flag = res.policy_gpus_per_replica, res.flag("policy_gpus_per_replica")
     if cuda and gpus == 0:
         errors.append(f"--device cuda but {flag} 0: the policy would get no GPU from Ray, so no CUDA device "
@@ -129,6 +121,7 @@ def make_plan(pol: ModelInfo, rm: ModelInfo, res: Resources, gcfg: GGROConfig, m
         mcfg = mcfg.in_one_process()    # the fill the run's one process gets
     p = Plan(pol, rm, res.started(mcfg), gcfg, mcfg, prompt_tokens)
     p.errors, p.warns = validate(pol, rm, p.res, gcfg, mcfg, prompt_tokens)
+    p.errors[:0] = res.problems()      # the flags as given (started: no reward actors for a self-judge)
     if p.errors:
         return p
     p.est, p.cluster = p.fits(), find()
