@@ -1,4 +1,5 @@
-"""The one process that holds model weights, in batch and in Serve: `ModelWorker`.
+"""The process that holds model weights on Ray, in batch and in Serve: `ModelWorker` (one process, --local,
+holds them in its `ggro.engine.Engine`, loaded the same way: `load_policy`, `load_reward`).
 
 A worker has one or both roles:
     policy  a `ggro.policy.SegmentDecoder` (decode, release); for tp > 1 one tensor-parallel rank of it
