@@ -26,8 +26,8 @@ class Engine:
       in this process   `Engine.load`: --local, bench, eval;
       Ray actors        `Engine.remote(mcfg, context, reward=pool)`, its policy a replica set per call
                         (pipeline/batch/ray_align.py);
-      Serve handles     `Engine.remote(mcfg, context)` at the ingress, `over(handles)` per search loop
-                        (pipeline/serve/hub.py).
+      Serve handles     the ingress's Engine (its ModelSet, no backends: pipeline/serve/app.py), run
+                        `over(handles)` by each search loop (pipeline/serve/hub.py).
     Batch calls `align(rows)`; Serve encodes with `prompt`, and its loops `hold` rows and run `search`."""
     models: ModelSet
     policy: Policy | None

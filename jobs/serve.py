@@ -66,10 +66,9 @@ def settings_from_args(args: argparse.Namespace):
     checks = [(args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
               (args.max_queue >= 1, "--max-queue must be >= 1"),
               (args.request_timeout > 0, "--request-timeout must be > 0")]
-    checks += [(False, wrong) for wrong in res.problems()]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
+    wrong = [msg for ok, msg in checks if not ok] + res.problems()
+    if wrong:
+        raise ConfigError(wrong[0])
     return ServeSettings(gcfg=gcfg, mcfg=mcfg, model_name=args.model_name, api_key=key,
                          max_tokens_limit=args.max_tokens_limit, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, resources=res)
