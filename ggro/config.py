@@ -23,10 +23,12 @@ DEFAULT_RUBRIC = (
 
 
 # The shipped guide = head + JUDGE_WEIGHT x (the backbone asked whether the response is good: logit Yes - logit No).
-# The head alone knows refusals (86 % of held-out in-family pairs) but not helpfulness or truth (60 % out of
-# family); the judge alone the reverse (49 %, 72 %). The weight maximises in-family validation + out-of-family
-# accuracy together (docs/reward-model.md); the held-out split was not used to choose it.
-JUDGE_WEIGHT = 1.5
+# The head alone knows refusals (86 % of held-out in-family pairs) but not helpfulness or truth (49 % out of
+# family since it learned the policy's own refusals); the judge alone the reverse (49 %, 72 %). At 3 the guide
+# is 65.8 % out of family (1.5: 63.7 %) and recovers more prefilled prompts (docs/reward-model.md); the weight
+# is the smallest that brings the out-of-family set to 65 % (so that figure is optimistic), chosen before the
+# probes were run at it.
+JUDGE_WEIGHT = 3.0
 GUIDE_HEAD = "data/guide_head.safetensors"   # the shipped head, inside the ggro package
 
 

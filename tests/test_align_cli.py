@@ -147,15 +147,20 @@ def test_bad_flags_and_config_are_rejected(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_model_end_to_end(tmp_path):
-    """The README's main command, on the embedded SmolLM2, on two short prompts (a real subprocess)."""
+    """The README's main command, on the embedded SmolLM2, on two short prompts (a real subprocess), as a fresh
+    machine's first run: the embedded GGUF is converted into an empty cache on the way."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "align", "--local", "--output", str(out),
                            "--limit", "2", "--max-new-tokens", "6", "--num-refinements", "2"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "GGRO_THREADS": "2"})
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "GGRO_THREADS": "2", "GGRO_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = read_output(out)
     assert table.num_rows == 2
     assert all(r and r.strip() for r in table.column("response").to_pylist())
     assert set(table.column("policy").to_pylist()) == {"default"}
     assert "2 out (2 ok, 0 error) / 2 in [OK]" in proc.stdout
-    assert "Loading weights" not in proc.stderr     # quiet by default: only ggro's own progress
+    assert (tmp_path / "cache").is_dir()
+    # quiet by default: only ggro's own progress (not transformers' bars, nor DeepSpeed's import-time warning)
+    for noise in ("Loading weights", "de-quantizing", "Setting accelerator"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]

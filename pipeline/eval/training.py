@@ -18,28 +18,39 @@ class HeadFit:
     truncated_weight: float = 0.35   # weight of the pairs cut at guide.TRUNCATIONS against whole responses
     batch_size: int = 16             # sequences per feature forward
     answer_tokens: int = 40          # default pairs: tokens of the base model's own answers
+    rollout_tokens: int = 32         # default pairs: tokens of the policy's rollouts (rollout-* kinds)
+    rollout_k: int = 6               # ... one per top-k first token
 
 
-def base_answers(model, tok, rows: list[dict], max_tokens: int, batch: int) -> dict[str, str]:
-    """The base model's greedy answer to each prompt row (cached: the default data is rebuilt often)."""
+def policy_rollouts(model, tok, rows: list[dict], max_tokens: int, batch: int, k: int = 0) -> dict[str, list[str]]:
+    """What the policy writes for each prompt row (after the row's `prefill`, if any), as text after it: its
+    greedy response first, then, with `k`, one greedy rollout after each other of its top-`k` first tokens (what
+    lookahead GGRO can reach at a prefilled prompt's first point). Cached: the default data is rebuilt often."""
     from ggro import models
-    from ggro.chat import chat_ids
+    from ggro.chat import chat_ids, text_ids
     from ggro.policy import SegmentDecoder
     from ggro.seam import SegmentRequest
     from tqdm import tqdm
-    key = hashlib.sha256(json.dumps([str(model.config._name_or_path), max_tokens,
-                                     [(r["id"], r["prompt"]) for r in rows]]).encode()).hexdigest()[:16]
-    cache = models.cache_dir() / f"answers-{key}.json"
+    key = hashlib.sha256(json.dumps([str(model.config._name_or_path), max_tokens, k,
+                                     [(r["id"], r["prompt"], r.get("prefill")) for r in rows]]).encode()).hexdigest()[:16]
+    cache = models.cache_dir() / f"rollouts-{key}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     dec = SegmentDecoder(model, models.eos_ids(tok, model), max_cached=batch)
+    text = lambda seg: tok.decode(seg.tokens, skip_special_tokens=True)   # noqa: E731
     out = {}
-    for s in tqdm(range(0, len(rows), batch), desc="base answers", unit="batch", file=sys.stderr):
+    for s in tqdm(range(0, len(rows), batch), desc="policy rollouts", unit="batch", file=sys.stderr):
         chunk = rows[s:s + batch]
-        reqs = [SegmentRequest(r["id"], chat_ids(tok, [{"role": "user", "content": r["prompt"]}],
-                                                 add_generation_prompt=True), max_tokens) for r in chunk]
-        for r, seg in zip(chunk, dec.decode(reqs)):
-            out[r["id"]] = tok.decode(seg.tokens, skip_special_tokens=True)
+        xs = [chat_ids(tok, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
+              + text_ids(tok, r.get("prefill") or "") for r in chunk]
+        greedy = dec.decode([SegmentRequest(r["id"], x, max_tokens, top_k=k) for r, x in zip(chunk, xs)])
+        # the alternatives share their row's seq_id: one cached prefix per prompt
+        alt = [(r["id"], SegmentRequest(r["id"], x, max_tokens, forced=c)) for r, x, g in zip(chunk, xs, greedy)
+               for c in (g.candidates or []) if g.tokens[:1] != [c]]
+        for r, g in zip(chunk, greedy):
+            out[r["id"]] = [text(g)]
+        for (rid, _), seg in zip(alt, dec.decode([q for _, q in alt])):
+            out[rid].append(text(seg))
         dec.release([r["id"] for r in chunk])
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out))
@@ -73,7 +84,9 @@ def default_pairs_file(model, tok, out: Path, hs: HeadFit) -> Path:
     """No --input: build the default preference pairs (the base model answers the prompts) into OUT/pairs.jsonl
     (raises pipeline.eval.sources.MissingData when the wheels that hold the data are not installed)."""
     from pipeline.eval.prefs import default_pairs
-    pairs = default_pairs(lambda rows: base_answers(model, tok, rows, hs.answer_tokens, hs.batch_size))
+    pairs = default_pairs(
+        lambda rows: {i: v[0] for i, v in policy_rollouts(model, tok, rows, hs.answer_tokens, hs.batch_size).items()},
+        lambda rows: policy_rollouts(model, tok, rows, hs.rollout_tokens, hs.batch_size, hs.rollout_k))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pairs.jsonl"
     path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
