@@ -213,8 +213,8 @@ def save_classifier(causal_model, tokenizer, weight: torch.Tensor, out: Path) ->
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     clf.config.pad_token_id = tokenizer.pad_token_id
-    out.mkdir(parents=True, exist_ok=True)
-    clf.save_pretrained(out)
+    from .models import save_weights      # not save_pretrained: see save_weights
+    save_weights(clf, out)
     tokenizer.save_pretrained(out)
 
 

@@ -58,8 +58,9 @@ def save_weights(model, out: Path) -> None:
     name; the config's tie_word_embeddings ties it again on load."""
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]     # as save_pretrained records it
     model.config.save_pretrained(out)
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:      # a classifier has none
         model.generation_config.save_pretrained(out)
     seen, state = set(), {}
     for name, t in model.state_dict().items():

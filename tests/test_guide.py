@@ -262,6 +262,24 @@ def test_train_reward_bad_input_is_a_clear_error(tiny_models, tmp_path, capsys):
     assert e.value.code == 1 and "same text" in err and "no usable pairs" in err
 
 
+def test_train_reward_is_quiet_by_default(tiny_models, tmp_path):
+    """A real subprocess, as a user runs it: only ggro's own progress on stderr, not transformers' loading bars
+    nor DeepSpeed's import-time warning (save_pretrained imported it); the classifier it writes loads."""
+    import os
+    import subprocess
+    import sys
+    from transformers import AutoModelForSequenceClassification
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs(20, False)))
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "train-reward", "--input", str(tmp_path / "p.jsonl"),
+                           "--base", tiny_models["policy"], "--output", str(tmp_path / "rm")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "GGRO_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for noise in ("Loading weights", "Setting accelerator"):
+        assert noise not in proc.stderr, proc.stderr[-2000:]
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert type(clf).__name__.endswith("ForSequenceClassification") and clf.config.num_labels == 1
+
+
 def test_pair_split_is_by_prompt():
     from ggro.guide import split_of
     groups = [f"prompt {i}" for i in range(2000)]
