@@ -27,8 +27,9 @@ def policy_rollouts(model, tok, rows: list[dict], max_tokens: int, batch: int, k
     greedy response first, then, with `k`, one greedy rollout after each other of its top-`k` first tokens (what
     lookahead GGRO can reach at a prefilled prompt's first point). Cached: the default data is rebuilt often."""
     from ggro import models
-    from ggro.chat import chat_ids, text_ids
+    from ggro.config import context_window
     from ggro.policy import SegmentDecoder
+    from ggro.rows import InputRow, encode
     from ggro.seam import SegmentRequest
     from tqdm import tqdm
     key = hashlib.sha256(json.dumps([str(model.config._name_or_path), max_tokens, k,
@@ -41,8 +42,8 @@ def policy_rollouts(model, tok, rows: list[dict], max_tokens: int, batch: int, k
     out = {}
     for s in tqdm(range(0, len(rows), batch), desc="policy rollouts", unit="batch", file=sys.stderr):
         chunk = rows[s:s + batch]
-        xs = [chat_ids(tok, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
-              + text_ids(tok, r.get("prefill") or "") for r in chunk]
+        xs = [encode(InputRow(r["id"], [{"role": "user", "content": r["prompt"]}], prefill=r.get("prefill") or ""),
+                     tok, "chat", max_tokens, context_window(model.config)).ids for r in chunk]
         greedy = dec.decode([SegmentRequest(r["id"], x, max_tokens, top_k=k) for r, x in zip(chunk, xs)])
         # the alternatives share their row's seq_id: one cached prefix per prompt
         alt = [(r["id"], SegmentRequest(r["id"], x, max_tokens, forced=c)) for r, x, g in zip(chunk, xs, greedy)
