@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .chat import chat_ids, text_ids
+from .hf_folder import save_weights
 from .config import GUIDE_HEAD
 
 # Response token counts at which a pair is also compared (both sides cut at the same length).
@@ -213,8 +214,7 @@ def save_classifier(causal_model, tokenizer, weight: torch.Tensor, out: Path) ->
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     clf.config.pad_token_id = tokenizer.pad_token_id
-    from .models import save_weights      # not save_pretrained: see save_weights
-    save_weights(clf, out)
+    save_weights(clf, out)      # not save_pretrained: see save_weights
     tokenizer.save_pretrained(out)
 
 

@@ -49,7 +49,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     setup_logging(args)     # before transformers loads: its loading bars only at --log-level DEBUG (jobs/logs.py)
     from ggro import guide, models
-    from ggro.models import ModelLoadError
     from pipeline.eval.sources import MissingData
     if args.input and not Path(args.input).exists():
         fail(f"--input {args.input}: no such file or folder")
@@ -60,7 +59,7 @@ def run(args) -> int:
     try:
         tok = models.load_tokenizer(args.base)
         model = models.load_model(args.base, "causal", args.dtype, args.device)
-    except ModelLoadError as e:
+    except models.ModelLoadError as e:
         fail(str(e), 1)
     hs = HeadFit(l2=args.l2, truncated_weight=args.truncated_weight, batch_size=args.batch_size,
                  answer_tokens=args.answer_tokens)
