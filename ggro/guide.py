@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from .chat import chat_ids, text_ids
-from .hf_folder import save_weights
 from .config import GUIDE_HEAD
+from .hf_folder import save_weights
 
 # Response token counts at which a pair is also compared (both sides cut at the same length).
 TRUNCATIONS = (8, 24)

@@ -4,6 +4,9 @@ default policy's weights."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -265,9 +268,6 @@ def test_train_reward_bad_input_is_a_clear_error(tiny_models, tmp_path, capsys):
 def test_train_reward_is_quiet_by_default(tiny_models, tmp_path):
     """A real subprocess, as a user runs it: only ggro's own progress on stderr, not transformers' loading bars
     nor DeepSpeed's import-time warning (save_pretrained imported it); the classifier it writes loads."""
-    import os
-    import subprocess
-    import sys
     from transformers import AutoModelForSequenceClassification
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs(20, False)))
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "train-reward", "--input", str(tmp_path / "p.jsonl"),

@@ -39,11 +39,11 @@ def policy_rollouts(model, tok, rows: list[dict], max_tokens: int, batch: int, k
         return json.loads(cache.read_text())
     dec = SegmentDecoder(model, models.eos_ids(tok, model), max_cached=batch)
     text = lambda seg: tok.decode(seg.tokens, skip_special_tokens=True)   # noqa: E731
-    out = {}
+    out, context = {}, context_window(model.config)
     for s in tqdm(range(0, len(rows), batch), desc="policy rollouts", unit="batch", file=sys.stderr):
         chunk = rows[s:s + batch]
         xs = [encode(InputRow(r["id"], [{"role": "user", "content": r["prompt"]}], prefill=r.get("prefill") or ""),
-                     tok, "chat", max_tokens, context_window(model.config)).ids for r in chunk]
+                     tok, "chat", max_tokens, context).ids for r in chunk]
         greedy = dec.decode([SegmentRequest(r["id"], x, max_tokens, top_k=k) for r, x in zip(chunk, xs)])
         # the alternatives share their row's seq_id: one cached prefix per prompt
         alt = [(r["id"], SegmentRequest(r["id"], x, max_tokens, forced=c)) for r, x, g in zip(chunk, xs, greedy)
