@@ -164,6 +164,21 @@ class PrefixCache:
             forks.append(fork)
             del forks[:-self.MAX_FORKS]
 
+    def peek(self, key: str, ids: list[int]) -> Prefix | None:
+        """The keys and values of `ids` if a decoder already ran them: the entry, or any offered fork that starts
+        with `ids` (cut to them). Changes nothing: the sequence's other forks stay on offer (a reward model scores
+        every sample or rollout of one prompt from its own fork)."""
+        with self._lock:
+            have = self._entries.get(key)
+            if have is not None and have.ids == ids:
+                return have
+            for f in self._forks.get(key, ()):
+                n = len(ids) - len(f.base.ids)
+                if 0 <= n <= len(f.new) and f.base.ids == ids[:len(f.base.ids)] and f.new[:n] == ids[len(f.base.ids):]:
+                    return Prefix(list(ids), [(torch.cat([k0, k[:, :n]], 1), torch.cat([v0, v[:, :n]], 1))
+                                              for (k0, v0), (k, v) in zip(f.base.kv, f.kv)], None)
+            return None
+
     def get(self, keyed: list[tuple[str, list[int]]]) -> list[Prefix]:
         """The cached prefix of each (key, ids), extending or (re)building caches in one batched call."""
         with self._lock:

@@ -106,20 +106,28 @@ class RewardModel:
         # nothing past its cached prefix (an empty segment) runs uncached.
         queries = [replace(q, seq_id=None, prefix_len=0) if q.seq_id is not None and q.prefix_len >= len(q.tokens)
                    else q for q in queries]
+        known: list[Prefix | None] = [None] * len(queries)
+        for i, q in enumerate(queries):   # a response the policy just decoded on this backbone: read from its fork
+            if q.position is None and q.seq_id is not None and len(q.tokens) - 1 > q.prefix_len:
+                known[i] = self.prefixes.peek(q.seq_id, q.tokens[:-1])
+                if known[i] is not None:
+                    queries[i] = replace(q, prefix_len=len(q.tokens) - 1)
         rest = [len(self.rm_tokens(q.tokens)) - (q.prefix_len if q.seq_id is not None else 0) for q in queries]
         out: list[RewardResult | None] = [None] * len(queries)
         for group in same_length_groups(list(range(len(queries))), rest, self.ragged):
             grad = any(queries[i].position is not None for i in group)
             for chunk in grad_chunks(group, [rest[i] for i in group], self.grad_tokens) if grad else [group]:
-                for i, r in zip(chunk, self._score([queries[i] for i in chunk])):
+                for i, r in zip(chunk, self._score([queries[i] for i in chunk], [known[i] for i in chunk])):
                     out[i] = r
         return out
 
-    def _score(self, queries: list[RewardQuery]) -> list[RewardResult]:
+    def _score(self, queries: list[RewardQuery], known: list[Prefix | None]) -> list[RewardResult]:
         dev = self.device
-        cached = [(q.seq_id, q.tokens[:q.prefix_len]) for q in queries if q.seq_id is not None and q.prefix_len]
+        cached = [(q.seq_id, q.tokens[:q.prefix_len]) for q, k in zip(queries, known)
+                  if k is None and q.seq_id is not None and q.prefix_len]
         got = iter(self.prefixes.get(cached)) if cached else iter(())
-        pasts = [next(got) if q.seq_id is not None and q.prefix_len else None for q in queries]
+        pasts = [k if k is not None else next(got) if q.seq_id is not None and q.prefix_len else None
+                 for q, k in zip(queries, known)]
         read = [self.rm_tokens(q.tokens) for q in queries]
         rests = [z[len(p.ids) if p else 0:] for z, p in zip(read, pasts)]
         past_lens = [len(p.ids) if p else 0 for p in pasts]

@@ -192,7 +192,7 @@ def test_grad_calls_cut_into_chunks_score_the_same(setup):
     whole = rm.score(qs)
     calls = []
     rm.grad_tokens, score = 1, rm._score
-    rm._score = lambda group: calls.append(len(group)) or score(group)
+    rm._score = lambda group, known: calls.append(len(group)) or score(group, known)
     try:
         cut = rm.score(qs)
     finally:
@@ -286,6 +286,33 @@ def test_reward_on_the_policys_backbone_shares_its_prefix_cache(setup, kind, ove
     seg = dec.decode([SegmentRequest("q", prompts[0].ids, 4)])[0]
     dec.prefixes.forward = None          # the prefix the RM asks for is the one the policy just decoded from
     rm.score([RewardQuery(prompts[0].ids + seg.tokens, seq_id="q", prefix_len=len(prompts[0].ids))])
+
+
+@pytest.mark.parametrize("kind", ["classifier", "judge"])
+def test_a_decoded_response_is_scored_from_its_fork(setup, kind):
+    """A reward on the policy's backbone scores the responses the policy just decoded under one id (best-of-n's
+    samples, lookahead's rollouts) from the decoder's forks of them: no prefill, a pass over each response's last
+    token (and a judge's question) only, and the rewards a reward model with a cache of its own gives."""
+    from ggro import guide
+    from ggro.seam import Sampling
+    tok, policy, _ = setup
+    x = prompts_of(tok, ["the number of people who call"])[0].ids
+    dec = SegmentDecoder(policy, [tok.eos_token_id])
+    w = torch.randn(policy.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = guide.with_head(policy, w) if kind == "classifier" else policy
+    make = lambda **kw: RewardModel(model, tok, kind, rubric="is it good ? Yes or No",  # noqa: E731
+                                    eos_ids=[tok.eos_token_id], **kw)
+    rm = make(prefixes=dec.prefixes)
+    samples = dec.decode([SegmentRequest("s", x, 8, sampling=Sampling(1.0, 1.0, seed)) for seed in range(4)])
+    assert len({tuple(s.tokens) for s in samples}) > 1 and all(len(s.tokens) > 1 for s in samples)
+    dec.prefixes.forward = None                      # any prefill would fail: every sample comes from its fork
+    widths = []
+    rm._reward = lambda embeds, *a, f=rm._reward: widths.append(embeds.shape[1]) or f(embeds, *a)
+    got = rm.score([RewardQuery(x + s.tokens, seq_id="s", prefix_len=len(x)) for s in samples])
+    assert widths and max(widths) <= 1 + len(rm.suffix)
+    want = make().score([RewardQuery(x + s.tokens, seq_id="t", prefix_len=len(x)) for s in samples])
+    assert [g.reward for g in got] == pytest.approx([v.reward for v in want], rel=1e-6, abs=1e-9)
+    assert dec.prefixes.peek("s", x + samples[0].tokens[:-1]) is not None     # peeking took no fork away
 
 
 @pytest.mark.parametrize("bad", [dict(min_segment_tokens=1), dict(num_refinements=0), dict(method="beam"),
