@@ -96,4 +96,11 @@ def test_metric_functions():
     assert not M.is_refusal("x" * 300 + " I cannot")                # only the opening counts
     wr = M.win_rate({"a": 1.0, "b": 1.0, "c": None}, {"a": 0.0, "b": 1.0, "c": 2.0, "d": 0.0})
     assert (wr.wins, wr.ties, wr.losses, wr.rate) == (1, 1, 0, 0.75)
+    # the same response scored in two batch shapes differs by rounding: still a tie
+    same = M.same_responses([{"id": "a", "response": "x"}, {"id": "b", "response": "y"},
+                             {"id": "c", "response": "z", "error": "boom"}],
+                            [{"id": "a", "response": "x"}, {"id": "b", "response": "w"}, {"id": "c", "response": "z"}])
+    assert same == {"a"}
+    wr = M.win_rate({"a": 1.0 + 3e-5, "b": 2.0}, {"a": 1.0, "b": 1.0}, same)
+    assert (wr.wins, wr.ties, wr.losses) == (1, 1, 0)
     assert math.isnan(M.win_rate({}, {}).rate) and math.isnan(M.coverage([], 0))

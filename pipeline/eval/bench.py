@@ -64,8 +64,8 @@ def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Pat
         ok = [x for x in recs if x["error"] is None]
         by_id = {x["id"]: x["reward"] for x in ok}
         if greedy is None:
-            greedy = by_id
-        wr = M.win_rate(by_id, greedy)
+            greedy = (by_id, ok)
+        wr = M.win_rate(by_id, greedy[0], M.same_responses(ok, greedy[1]))
         results.append({
             "method": label, "prompts": len(recs), "errors": len(recs) - len(ok), "wall_s": r["wall_s"],
             "prompts_per_s": len(recs) / r["wall_s"] if r["wall_s"] else math.nan,
@@ -92,7 +92,8 @@ def method_rows(engine, rows, gcfg, s: dict, batch_size: int, log, save_dir: Pat
 def second_opinions(engine, rows, results: list[dict], log, judge=None) -> None:
     """Score every response with `judge` (None: the policy as a yes/no judge), a reward that did not guide the
     search: per method its mean (`judge_reward`), each prompt's score (`judge`, by id), and the share of
-    prompts where it agrees with the guide on whether the method beat greedy (`judge_agreement`)."""
+    prompts where it agrees with the guide on whether the method beat greedy (`judge_agreement`; a prompt where
+    the method gave greedy's response, or either scores a tie, is left out)."""
     from pipeline.eval import metrics as M
     judge = judge if judge is not None else policy_judge(engine)
     log("bench: second opinion (a judge that did not guide the search) on every response ...")
@@ -102,8 +103,9 @@ def second_opinions(engine, rows, results: list[dict], log, judge=None) -> None:
         r["judge_reward"] = M.mean(r["judge"].values())
     base = results[0]
     for r in results:
+        same = M.same_responses(r["records"], base["records"])      # a tie, whatever the rounding of its scores
         agree = [(r["guide"][i] > base["guide"][i]) == (r["judge"][i] > base["judge"][i])
-                 for i in r["guide"] if i in base["guide"] and r["guide"][i] != base["guide"][i]
+                 for i in r["guide"] if i in base["guide"] and i not in same and r["guide"][i] != base["guide"][i]
                  and r["judge"][i] != base["judge"][i]]
         r["judge_agreement"] = sum(agree) / len(agree) if agree else math.nan
 

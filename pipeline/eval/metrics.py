@@ -4,7 +4,9 @@ Definitions (the report and docs/performance.md cite these):
 
 * **Paired win rate** of method A against baseline B: over the ids both methods answered without an
   error and with a reward, A wins a pair when its reward is higher, loses when lower, and a tie
-  (exactly equal rewards, e.g. both methods produced the same response) counts as half a win:
+  (both methods produced the same response, or exactly equal rewards) counts as half a win: one
+  response scored in two batches of different shapes can differ by float rounding, which must not
+  make it a win or a loss (``same_responses``);
   ``win_rate = (wins + 0.5 * ties) / pairs``. 0.5 means "no better than the baseline".
 * **Coverage at threshold t**: the share of a method's prompts whose reward is >= t. Rows with an
   error or no reward count as not covered (the denominator is every row of the method).
@@ -29,7 +31,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
 REFUSAL_WINDOW = 200
 REFUSAL_PHRASES = (
@@ -61,14 +63,24 @@ def _ok(r) -> bool:
     return r is not None and not (isinstance(r, float) and math.isnan(r))
 
 
-def win_rate(method: Mapping[str, float | None], baseline: Mapping[str, float | None]) -> WinRate:
-    """Paired win rate of `method` over `baseline`, both {id: reward}; see the module doc."""
+def same_responses(rows: Iterable[Mapping], baseline: Iterable[Mapping]) -> set:
+    """Ids whose response is the same text in both row sets (neither an error row)."""
+    base = {r["id"]: r.get("response") for r in baseline if r.get("error") is None}
+    return {r["id"] for r in rows if r.get("error") is None and r["id"] in base and r.get("response") == base[r["id"]]}
+
+
+def win_rate(method: Mapping[str, float | None], baseline: Mapping[str, float | None],
+             same: Collection = ()) -> WinRate:
+    """Paired win rate of `method` over `baseline`, both {id: reward}; ids in `same` (the same response as the
+    baseline's: `same_responses`) are ties whatever their rewards' rounding; see the module doc."""
     wins = ties = losses = 0
     for i, r in method.items():
         b = baseline.get(i)
         if not (_ok(r) and _ok(b)):
             continue
-        if r > b:
+        if i in same:
+            ties += 1
+        elif r > b:
             wins += 1
         elif r < b:
             losses += 1

@@ -67,7 +67,7 @@ def summarize(methods: list[MethodRows], baseline: MethodRows, threshold: float)
     for m in methods:
         ok = [r for r in m.rows if r.get("error") is None]
         rewards = [r["reward"] for r in ok if r["reward"] is not None]
-        wr = M.win_rate(m.rewards_by_id(), base)
+        wr = M.win_rate(m.rewards_by_id(), base, M.same_responses(m.rows, baseline.rows))
         tasks = M.task_metrics(m.rows)
         out.append({
             "label": m.label, "method": m.method, "rows": len(m.rows), "errors": len(m.rows) - len(ok),
@@ -286,7 +286,7 @@ def write_report(methods: list[MethodRows], out_dir: str | Path, baseline: Metho
           f"\nBaseline for the paired win rate: **{baseline.label}**. Coverage threshold: reward ≥ {threshold:g}.\n",
           "## Summary\n", markdown_table(summary, SUMMARY_COLUMNS), "",
           "- *win rate*: over prompt ids both methods answered, share where this method's reward is higher; "
-          "a tie (equal rewards) counts half. 50% means no better than the baseline.",
+          "a tie (the same response, or equal rewards) counts half. 50% means no better than the baseline.",
           "- *coverage*: share of the method's rows (errors included, as failures) with reward ≥ the threshold.",
           "- *latency/prompt*: the rows' `elapsed_s` (time from a prompt entering the batch to its response "
           "finishing). Prompts run batched, so latencies overlap: this is not throughput; use `ggro bench` for "
