@@ -126,9 +126,12 @@ class Fork:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     last: torch.Tensor | None
 
-    def prefix(self) -> Prefix:
-        return Prefix(self.base.ids + self.new, [(torch.cat([k0, k], 1), torch.cat([v0, v], 1))
-                                                 for (k0, v0), (k, v) in zip(self.base.kv, self.kv)], self.last)
+    def prefix(self, n: int | None = None) -> Prefix:
+        """`base` plus the first `n` new tokens (all by default); `last` only belongs to all of them."""
+        n = len(self.new) if n is None else n
+        return Prefix(self.base.ids + self.new[:n], [(torch.cat([k0, k[:, :n]], 1), torch.cat([v0, v[:, :n]], 1))
+                                                     for (k0, v0), (k, v) in zip(self.base.kv, self.kv)],
+                      self.last if n == len(self.new) else None)
 
 
 class PrefixCache:
@@ -143,6 +146,9 @@ class PrefixCache:
     sequence finds its keys and values there instead of running the model over the segment again."""
 
     MAX_FORKS = 16      # per sequence: the refinements of one segment (a search asks for one of them next)
+    # Set by a reward model that reads this cache (one on the policy's backbone): it scores a finished segment
+    # from its fork, so decoders then offer finished segments too, not only those a search extends.
+    scores_from_forks = False
 
     def __init__(self, forward: Forward, device, max_entries: int = 64, pad_id: int = 0, ragged: bool = True):
         self.forward, self.device, self.max_entries, self.pad_id = forward, device, max_entries, pad_id
@@ -175,8 +181,7 @@ class PrefixCache:
             for f in self._forks.get(key, ()):
                 n = len(ids) - len(f.base.ids)
                 if 0 <= n <= len(f.new) and f.base.ids == ids[:len(f.base.ids)] and f.new[:n] == ids[len(f.base.ids):]:
-                    return Prefix(list(ids), [(torch.cat([k0, k[:, :n]], 1), torch.cat([v0, v[:, :n]], 1))
-                                              for (k0, v0), (k, v) in zip(f.base.kv, f.kv)], None)
+                    return f.prefix(n)
             return None
 
     def get(self, keyed: list[tuple[str, list[int]]]) -> list[Prefix]:

@@ -122,8 +122,8 @@ class SegmentDecoder:
         """Offer the segments that just ended to the prefix cache, as far as they were fed (all of an entropy
         stop's kept tokens; all but the last of the others): the search accepts one of each segment's refinements
         and its next request extends the prefix without a forward over it, and a reward model on this backbone
-        scores a finished segment from its fork (`PrefixCache.peek`), running only its last token (and a judge's
-        question)."""
+        (`PrefixCache.scores_from_forks`) scores a finished segment from its fork (`PrefixCache.peek`), running
+        only its last token (and a judge's question)."""
         idx = torch.tensor([i for i, _, _ in forked], device=self.device)
         kv = [(layer.keys[idx, :, P:P + j], layer.values[idx, :, P:P + j]) for layer in cache.layers]
         for r, (i, b, toks) in enumerate(forked):
@@ -192,7 +192,8 @@ class SegmentDecoder:
                     continue
                 toks = emitted[b][:-1] if stop == "entropy" else emitted[b]
                 results[b] = SegmentResult(toks, stop, row[ENT], candidates[b], len(emitted[b]))
-                if len(emitted[b]) > 1:     # every token but the last was fed: its keys and values are cached
+                # every token but the last was fed: its keys and values are cached
+                if len(emitted[b]) > 1 and (stop == "entropy" or self.prefixes.scores_from_forks):
                     forked.append((i, b, emitted[b][:-1]))
             if forked:
                 self._offer(requests, prefixes, cache, logits, P, j, forked)

@@ -65,6 +65,8 @@ class RewardModel:
         self.base = getattr(model, model.base_model_prefix)
         self.ragged = not eager_attention(model)
         self.prefixes = prefixes or PrefixCache(self._prefill, self.device, max_cached, ragged=self.ragged)
+        if prefixes is not None:            # the policy decoder's cache: it keeps what it decodes for us
+            prefixes.scores_from_forks = True
         self.suffix, self.eos = [], set(eos_ids)
         self.head = getattr(model, "score", None) if kind == "classifier" else None   # Llama, Qwen, Mistral, Gemma...
         if kind == "judge":

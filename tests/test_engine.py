@@ -313,6 +313,8 @@ def test_a_decoded_response_is_scored_from_its_fork(setup, kind):
     want = make().score([RewardQuery(x + s.tokens, seq_id="t", prefix_len=len(x)) for s in samples])
     assert [g.reward for g in got] == pytest.approx([v.reward for v in want], rel=1e-6, abs=1e-9)
     assert dec.prefixes.peek("s", x + samples[0].tokens[:-1]) is not None     # peeking took no fork away
+    plain = SegmentDecoder(policy, [tok.eos_token_id])          # no reward model reads its cache
+    assert plain.decode([SegmentRequest("p", x, 8)])[0].stop != "entropy" and "p" not in plain.prefixes._forks
 
 
 @pytest.mark.parametrize("bad", [dict(min_segment_tokens=1), dict(num_refinements=0), dict(method="beam"),
