@@ -51,10 +51,16 @@ def main(eval_dir: Path, judge_spec: str, kind: str = "classifier") -> None:
                         "reward_calls": sum(r["reward_calls"] or 0 for r in recs),
                         "mean_nudges": float("nan"), "win_rate_vs_greedy": float("nan")})
     print(f"judge: {judge_spec} ({kind}) on {eval_dir}")
+    B.second_opinions(engine, rows, results, lambda m: print(m, file=sys.stderr), judge)    # every response once
     probes = sorted({E.probe_of(r) for r in results[0]["records"]})
     for probe in [None] + probes if len(probes) > 1 else [None]:     # all prompts, then each probe set
-        part = [{**res, "records": [r for r in res["records"] if probe in (None, E.probe_of(r))]} for res in results]
-        B.second_opinions(engine, rows, part, lambda m: print(m, file=sys.stderr), judge)
+        part = []
+        for res in results:
+            recs = [r for r in res["records"] if probe in (None, E.probe_of(r))]
+            ids = {r["id"] for r in recs}
+            part.append({**res, "records": recs, **{k: {i: v for i, v in res[k].items() if i in ids}
+                                                    for k in ("judge", "guide")}})
+        B.judge_agreement(part)
         head, body = E.table_rows(E.summarize(part), judged=True)
         keep = [i for i, h in enumerate(head) if h == "method" or h.startswith(("judge", "guide gain", "refusal",
                                                                                  "over-refusal"))]

@@ -101,6 +101,13 @@ def second_opinions(engine, rows, results: list[dict], log, judge=None) -> None:
         r["judge"] = judge_scores(engine, rows, r["records"], judge)
         r["guide"] = {rec["id"]: rec["reward"] for rec in r["records"] if rec["id"] in r["judge"]}
         r["judge_reward"] = M.mean(r["judge"].values())
+    judge_agreement(results)
+
+
+def judge_agreement(results: list[dict]) -> None:
+    """Each method's `judge_agreement` with the guide on whether it beat greedy (`results[0]`), from its records
+    and its `guide` and `judge` scores by id (see second_opinions)."""
+    from pipeline.eval import metrics as M
     base = results[0]
     for r in results:
         same = M.same_responses(r["records"], base["records"])      # a tie, whatever the rounding of its scores
