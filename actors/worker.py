@@ -64,7 +64,8 @@ def _shard(model, mcfg: ModelConfig, rank: int, tp: int, master_addr: str, maste
                       # CPU shm all-reduce runs on uninitialized buffers and segfaults
                       LOCAL_SIZE=str(tp))
     import deepspeed
-    backend = "nccl" if mcfg.device.startswith("cuda") else "gloo"
+    # GGRO_DIST_BACKEND=gloo: two ranks on one GPU (benchmarks/gpu_tp2.py), where NCCL refuses to run
+    backend = os.environ.get("GGRO_DIST_BACKEND") or ("nccl" if mcfg.device.startswith("cuda") else "gloo")
     deepspeed.init_distributed(dist_backend=backend, rank=rank, world_size=tp)
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, replace_with_kernel_inject=False,
                                       dtype=models.DTYPES[mcfg.dtype])

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check (docs/gpu.md): install Ray from carried wheels, run the `gpu`-marked tests, then the
-# methods benchmark at Llama-3.2-1B's shape, on the random and the peaked policy; every output lands in one
-# folder. Ends within 7 minutes (tests 100 s, benchmark 270 s, plus the wheel install), so two runs and
-# their machine starts fit 15 minutes of device time (measured before the peaked variant: tests 73 s,
-# one variant's benchmark ~150 s at 3 repeats; two variants at 2 repeats are about as long as that was).
+# The GPU check (docs/gpu.md): install Ray and DeepSpeed from carried wheels, run the `gpu`-marked tests,
+# DeepSpeed's AutoTP at tp=2 on the one GPU (benchmarks/gpu_tp2.py), then the methods benchmark at
+# Llama-3.2-1B's shape, on the random and the peaked policy; every output lands in one folder. Its steps are
+# capped at 100 + 90 + 270 s (plus the wheel install); measured before tp2 and the peaked variant: tests
+# 73 s, one variant's benchmark ~150 s at 3 repeats (two variants at 2 repeats are about as long), so two
+# runs and their machine starts fit 15 minutes of device time. tp2's time on a GPU is not measured yet.
 #
-#   bash benchmarks/gpu_check.sh [all|tests|bench]     # into $OUT if set, else ./out-gpu/
-#   BENCH_ARGS="--tiny --device cpu" bash benchmarks/gpu_check.sh    # the same steps on a CPU machine
+#   bash benchmarks/gpu_check.sh [all|tests|tp2|bench]     # into $OUT if set, else ./out-gpu/
+#   BENCH_ARGS="--tiny --device cpu" TP2_DEVICE=cpu bash benchmarks/gpu_check.sh    # the same steps on a CPU
 #
 # Wheels: bash benchmarks/gpu_wheels.sh fills .whl/ here; the device command carries it. Without them
 # (or if Ray does not import) the Ray tests skip and the rest runs; the summary says so.
@@ -29,10 +30,12 @@ t0=$SECONDS
 } 2>&1 | tee "$out/env.txt"
 
 ray="yes (preinstalled)"
-if ! $py -c "import ray" 2>/dev/null; then
+if ! $py -c "import ray, deepspeed" 2>/dev/null; then
     if ls .whl/ray-*.whl >/dev/null 2>&1; then
         # --target + PYTHONPATH: the machine's own packages stay as they are; Ray's workers inherit PYTHONPATH
         $py -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        PYTHONPATH="/tmp/site:$PYTHONPATH" $py -c "import deepspeed; print('deepspeed', deepspeed.__version__)" 2>&1 \
+            | grep -v WARNING | tee -a "$out/env.txt"
         if PYTHONPATH="/tmp/site:$PYTHONPATH" $py -c "import ray; print('ray', ray.__version__, ray.__file__)" 2>&1 \
                 | tee -a "$out/env.txt"; then
             export PYTHONPATH="/tmp/site:$PYTHONPATH"
@@ -48,9 +51,21 @@ note "ray: $ray$([[ $ray == NO* ]] && echo '; running the non-Ray GPU parts only
 
 tests_rc=-
 if [[ $what == all || $what == tests ]]; then
-    timeout 100 $py -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
-    tests_rc=$?
+    # (the tp=2 test is the tp2 step below, run as the script itself)
+    timeout 100 $py -m pytest -m gpu -k "not deepspeed_tp2" -v -rs -p no:cacheprovider tests/test_gpu.py 2>&1 \
+        | tee "$out/gpu_tests.log"
+    tests_rc=${PIPESTATUS[0]}
     note "gpu tests: exit $tests_rc ($(tail -1 "$out/gpu_tests.log"))"
+fi
+
+tp2_rc=-
+if [[ $what == all || $what == tp2 ]]; then
+    # two DeepSpeed AutoTP ranks on the one GPU over gloo vs the plain policy, fp32 (NCCL needs two GPUs)
+    timeout 90 $py benchmarks/gpu_tp2.py --device ${TP2_DEVICE:-cuda} --json "$out/gpu_tp2.json" \
+        >"$out/gpu_tp2.md" 2>"$out/gpu_tp2.log"
+    tp2_rc=$?
+    [[ $tp2_rc == 0 ]] || tail -n 30 "$out/gpu_tp2.log"
+    note "deepspeed tp=2 on one device: exit $tp2_rc ($(tail -1 "$out/gpu_tp2.md"))"
 fi
 
 bench_rc=-
@@ -64,4 +79,4 @@ if [[ $what == all || $what == bench ]]; then
 fi
 
 note "done in $((SECONDS - t0)) s; outputs in $out"
-[[ $tests_rc == - || $tests_rc == 0 ]] && [[ $bench_rc == - || $bench_rc == 0 ]]
+[[ $tests_rc == - || $tests_rc == 0 ]] && [[ $tp2_rc == - || $tp2_rc == 0 ]] && [[ $bench_rc == - || $bench_rc == 0 ]]

@@ -8,8 +8,10 @@
 # and reaches no package registry. Everything that travels there (work tree + wheels) must stay under
 # 64 MiB, and Ray's wheel is 75.6 MiB: 30.7 MiB of it is ray/jars/ray_dist.jar, the Java workers,
 # which Python never loads. So Ray's wheel is repacked without ray/jars/ (its RECORD too): 45 MiB.
-# Not carried: deepspeed (only tp > 1, which needs 2 GPUs; PyPI has only its sdist), gguf (only the
-# embedded default model), transformers (the machine's 5.17 runs the GPU tests; see docs/gpu.md).
+# DeepSpeed (for benchmarks/gpu_tp2.py: AutoTP at tp=2 on the one GPU) has only an sdist on PyPI: built here
+# into a pure-Python wheel (DS_BUILD_OPS=0, no compiled ops), with the needs the machine lacks.
+# Not carried: gguf (only the embedded default model), transformers (the machine's 5.17 runs the GPU tests;
+# see docs/gpu.md).
 set -euo pipefail
 dest=${1:-.whl}
 pyver=${PYVER:-3.12}
@@ -20,6 +22,12 @@ rm -f "$dest"/*.whl            # one version of each: two of one package stop th
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest" \
     ray==2.60.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==0.30.0
+# DeepSpeed's needs missing there (psutil, numpy, tqdm, msgpack, packaging are there): pure-Python but pydantic-core
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$dest" \
+    einops==0.8.2 hjson==3.1.0 ninja==1.13.2 py-cpuinfo==9.0.0 pydantic==2.13.4 pydantic-core==2.46.4 \
+    annotated-types==0.7.0 typing-inspection==0.4.2
+DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation deepspeed==0.19.8 -w "$dest"
 full=$(ls "$dest"/ray-*.whl)
 python3 - "$full" <<'EOF'
 import os, sys, zipfile

@@ -4,7 +4,8 @@
   stops, forced nudges, top-k candidates, prefix-cache extension, seeded sampling);
 - reward scores (reward + input-gradient candidate scores) CPU vs GPU;
 - a tp=1 policy replica on CUDA inside a Ray actor (Ray's CUDA_VISIBLE_DEVICES), a reward actor on its
-  own GPU, and tp=2 over NCCL when there are two GPUs;
+  own GPU, and tp=2 over NCCL when there are two GPUs; on one GPU, DeepSpeed's AutoTP at tp=2 over gloo
+  (benchmarks/gpu_tp2.py: the sharding and its all-reduces on CUDA, without NCCL);
 - the GGRO search end to end on CUDA (fp32 and bf16);
 - the throughput benchmark (benchmarks/gpu_throughput.py, random-weight Llama-3.2-1B shape).
 The CPU smoke tests of both benchmarks (tiny shapes) run everywhere, so the GPU check
@@ -30,6 +31,7 @@ from ggro.seam import RewardQuery, Sampling, SegmentRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "gpu_throughput.py"
+TP2 = ROOT / "benchmarks" / "gpu_tp2.py"
 METHODS_BENCH = ROOT / "benchmarks" / "gpu_methods.py"
 PROMPTS = ["how do you make water ?", "what is the time", "write a long word", "I like people",
            "tell me about the first day", "can you find my water", "a", "go now"]
@@ -302,3 +304,18 @@ def test_benchmark_llama_1b_on_gpu(tmp_path):
     for r in res["rows"]:
         assert r["decode_tok_s"] > 0 and r["policy_peak_gib"] > 2.0
     print(table)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu), pytest.param("cpu", marks=pytest.mark.slow)])
+def test_deepspeed_tp2_on_one_device_matches_the_plain_policy(tmp_path, device):
+    """benchmarks/gpu_tp2.py: two DeepSpeed AutoTP ranks (actors.worker.ModelWorker, as Ray runs them) on one
+    device over gloo decode the same greedy tokens as the unsharded policy, fp32. On the CPU it keeps the
+    script from rotting between lent GPUs."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "tp2.json"
+    proc = subprocess.run([sys.executable, str(TP2), "--device", device, "--json", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert (row["rows"], row["equal_rows"], row["first_difference"]) == (8, 8, None)
+    assert "| 8/8 |" in proc.stdout
