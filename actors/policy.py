@@ -16,7 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.worker import ModelWorker, check_roles, threads_for
-from ggro.config import ModelConfig, check_tp_dtype
+from ggro.config import ModelConfig, check_tp
 from ggro.seam import SegmentRequest, SegmentResult
 from actors.resources import ClusterTooSmall
 
@@ -62,7 +62,7 @@ def launch_policy_replica(mcfg: ModelConfig, tp: int = 1, gpus_per_rank: float =
     tp == 1 ranks restart on failure (their only state is a prefix cache, rebuilt on demand) and Ray
     retries their calls; a tp > 1 world cannot be rejoined by a single restarted rank.
     """
-    check_tp_dtype(tp, mcfg.dtype)
+    check_tp(tp, mcfg)
     check_roles(roles, tp)
     name = name or f"ggro-policy-{uuid.uuid4().hex[:8]}"    # its ranks are the named actors NAME-rank<i>
     bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}

@@ -117,7 +117,7 @@ class ModelWorker:
         if self.tp > 1 and self.decoder is None:
             from ggro.engine import decoder
             self.model = _shard(self.model, self.mcfg, self.rank, self.tp, master_addr, master_port)
-            self.decoder = decoder(self.model, self.models, self.max_cached)
+            self.decoder = decoder(self.model, self.models, self.max_cached, self.mcfg.compile)
         return self.context
 
     def decode(self, requests: list[SegmentRequest]) -> list[SegmentResult] | None:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check (docs/gpu.md): install Ray and DeepSpeed from carried wheels, run the `gpu`-marked tests,
 # DeepSpeed's AutoTP at tp=2 on the one GPU (benchmarks/gpu_tp2.py), then the methods benchmark at
-# Llama-3.2-1B's shape, on the random and the peaked policy; every output lands in one folder. Its steps are
-# capped at 100 + 90 + 270 s (plus the wheel install); measured before tp2 and the peaked variant: tests
-# 73 s, one variant's benchmark ~150 s at 3 repeats (two variants at 2 repeats are about as long), so two
-# runs and their machine starts fit 15 minutes of device time. tp2's time on a GPU is not measured yet.
+# Llama-3.2-1B's shape, on the random and the peaked policy, and the `--compile` decoder (CUDA graphs) beside
+# the eager one; every output lands in one folder. Its steps are capped at 150 + 90 + 270 + 180 s (plus the
+# wheel install: ~12 minutes at worst); measured before tp2, compiled and the peaked variant: tests 73 s, one
+# variant's benchmark ~150 s at 3 repeats. So a second run within 15 minutes of device time should take only
+# the steps that failed. tp2's and compiled's times on a GPU are not measured yet.
 #
-#   bash benchmarks/gpu_check.sh [all|tests|tp2|bench]     # into $OUT if set, else ./out-gpu/
+#   bash benchmarks/gpu_check.sh [all|tests|tp2|bench|compiled]     # into $OUT if set, else ./out-gpu/
 #   BENCH_ARGS="--tiny --device cpu" TP2_DEVICE=cpu bash benchmarks/gpu_check.sh    # the same steps on a CPU
 #
 # Wheels: bash benchmarks/gpu_wheels.sh fills .whl/ here; the device command carries it. Without them
@@ -52,7 +53,7 @@ note "ray: $ray$([[ $ray == NO* ]] && echo '; running the non-Ray GPU parts only
 tests_rc=-
 if [[ $what == all || $what == tests ]]; then
     # (the tp=2 test is the tp2 step below, run as the script itself)
-    timeout 100 $py -m pytest -m gpu -k "not deepspeed_tp2" -v -rs -p no:cacheprovider tests/test_gpu.py 2>&1 \
+    timeout 150 $py -m pytest -m gpu -k "not deepspeed_tp2" -v -rs -p no:cacheprovider tests/test_gpu.py 2>&1 \
         | tee "$out/gpu_tests.log"
     tests_rc=${PIPESTATUS[0]}
     note "gpu tests: exit $tests_rc ($(tail -1 "$out/gpu_tests.log"))"
@@ -71,12 +72,24 @@ fi
 bench_rc=-
 if [[ $what == all || $what == bench ]]; then
     # the Markdown table on stdout; progress and errors on stderr, into gpu_methods.log
-    timeout 270 $py benchmarks/gpu_methods.py --repeats 2 ${BENCH_ARGS:-} --json "$out/gpu_methods.json" --csv "$out/gpu_methods.csv" \
+    # the eager methods (the compiled decoder is the next step: its compiles must not eat this step's time)
+    timeout 270 $py benchmarks/gpu_methods.py --repeats 2 --methods hf-generate,decoder,greedy,best-of-4,ggro,lookahead \
+        ${BENCH_ARGS:-} --json "$out/gpu_methods.json" --csv "$out/gpu_methods.csv" \
         2>"$out/gpu_methods.log" | tee "$out/gpu_methods.md"
     bench_rc=$?
     [[ $bench_rc == 0 ]] || tail -n 30 "$out/gpu_methods.log"
     note "benchmark: exit $bench_rc (table: gpu_methods.md)"
 fi
 
+compiled_rc=-
+if [[ $what == all || $what == compiled ]]; then
+    # --compile's decoder (CUDA graphs) beside the eager one and HF generate, on the random 1B policy
+    timeout 180 $py benchmarks/gpu_methods.py --repeats 3 --methods hf-generate,decoder,compiled --variants random \
+        ${BENCH_ARGS:-} --json "$out/gpu_compiled.json" 2>"$out/gpu_compiled.log" | tee "$out/gpu_compiled.md"
+    compiled_rc=$?
+    [[ $compiled_rc == 0 ]] || tail -n 30 "$out/gpu_compiled.log"
+    note "compiled decoder: exit $compiled_rc (table: gpu_compiled.md)"
+fi
+
 note "done in $((SECONDS - t0)) s; outputs in $out"
-[[ $tests_rc == - || $tests_rc == 0 ]] && [[ $tp2_rc == - || $tp2_rc == 0 ]] && [[ $bench_rc == - || $bench_rc == 0 ]]
+for rc in $tests_rc $tp2_rc $bench_rc $compiled_rc; do [[ $rc == - || $rc == 0 ]] || exit 1; done

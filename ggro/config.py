@@ -250,6 +250,10 @@ class ModelConfig:
     batch_size: int = knob(8, "prompts advanced together per round [8]", hashed="never")
     cohorts: int = knob(1, "--local GGRO: split the batch into this many threads whose policy and reward calls "
                         "overlap (same outputs; each gets cores / cohorts torch threads) [1]", hashed="never")
+    compile: bool = knob(False, "decode over persistent key/value slabs with the model's step compiled whole "
+                         "(torch.compile, fullgraph), on CUDA captured as CUDA graphs, one per batch bucket. Same "
+                         "tokens; pays where kernel launches dominate (a GPU at small batch), costs a compile per "
+                         "bucket [off: eager]", hashed="never")
     fill: int | None = knob(   # None: 1, except in one CPU process (--local, bench), where it is LOCAL_FILL
         None, "GGRO admits prompts until a decode call carries batch-size x fill rows (best-of-fill's at the same "
         "batch size; 1: batch-size prompts). Same outputs, fewer rounds [8 on a CPU in one process (--local, "
@@ -357,11 +361,14 @@ def cached_prefixes(mcfg: ModelConfig, shared: bool = False) -> int:
 
 
 
-def check_tp_dtype(tp: int, dtype: str) -> None:
-    """DeepSpeed's tensor parallelism (tp > 1) has no float64 kernels: say so before any actor starts."""
-    if tp > 1 and dtype not in ("float32", "bfloat16", "float16"):
+def check_tp(tp: int, mcfg: ModelConfig) -> None:
+    """What DeepSpeed's tensor parallelism (tp > 1) does not run: say so before any actor starts."""
+    if tp > 1 and mcfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--tp {tp} shards the policy with DeepSpeed, which runs float32, bfloat16 or float16, "
-                          f"not --dtype {dtype}: pick one of those or --tp 1")
+                          f"not --dtype {mcfg.dtype}: pick one of those or --tp 1")
+    if tp > 1 and mcfg.compile:
+        raise ConfigError(f"--compile runs with --tp 1 only: a --tp {tp} step's DeepSpeed all-reduce is not "
+                          "compiled or tested in one graph")
 
 
 # What the hash leaves out, from the fields' own `hashed` (see `knob`)

@@ -118,12 +118,17 @@ def load_policy(mcfg: ModelConfig, ms: ModelSet, max_cached: int, on_host: bool 
     its decoder (`decoder`) once sharded, so no GPU holds more than its shard (decoder None)."""
     model = models.load_model(mcfg.policy, "causal", mcfg.dtype, "cpu" if on_host else mcfg.device,
                               **mcfg.source(mcfg.policy))
-    return model, None if on_host else decoder(model, ms, max_cached)
+    return model, None if on_host else decoder(model, ms, max_cached, mcfg.compile)
 
 
-def decoder(model, ms: ModelSet, max_cached: int) -> SegmentDecoder:
-    """The batched, cached segment decoder over a policy `model` (whole or one tp rank's shard)."""
-    return SegmentDecoder(model, ms.eos_ids(model), max_cached=max_cached, tokenizer=ms.tokenizer)
+def decoder(model, ms: ModelSet, max_cached: int, compiled: bool = False) -> SegmentDecoder:
+    """The batched, cached segment decoder over a policy `model` (whole or one tp rank's shard); `compiled`
+    (ModelConfig.compile): static slabs and a compiled step, captured as CUDA graphs on a GPU."""
+    options = None
+    if compiled:
+        options = {"mode": "reduce-overhead"} if next(model.parameters()).device.type == "cuda" else {}
+    return SegmentDecoder(model, ms.eos_ids(model), max_cached=max_cached, tokenizer=ms.tokenizer,
+                          static=compiled, compile_options=options)
 
 
 def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool = True,

@@ -79,6 +79,42 @@ def left_pad_kv(prefixes: list[Prefix], length: int, room: int = 0) -> DynamicCa
     return cache
 
 
+class Slab:
+    """One persistent key/value buffer per layer, [rows, heads, length, dim], reused by every decode call of one
+    (rows, length) bucket, with its attention mask [rows, length]: a compiled or captured decode step (a CUDA
+    graph) then reads and writes the same addresses every call, where `left_pad_kv` allocates a cache per call.
+    Its layers are transformers' StaticLayer, whose write column is a device tensor (no host read per step);
+    every step attends over all `length` columns, masked where a row has nothing."""
+
+    def __init__(self, config, rows: int, length: int):
+        from transformers import StaticCache
+        self.rows, self.length = rows, length
+        self.cache = StaticCache(config=config, max_cache_len=length)
+        self.mask: torch.Tensor | None = None
+
+    def load(self, prefixes: list[Prefix], length: int) -> tuple[DynamicCache, torch.Tensor]:
+        """The prefixes right-aligned at column `length` (rows past len(prefixes) hold nothing): the cache and
+        mask for the call. The next step writes column `length`."""
+        layers = self.cache.layers
+        if self.mask is None:      # shapes, dtype and device from the first prefix (all of them share them)
+            for layer, (k, v) in zip(layers, prefixes[0].kv):
+                layer.lazy_initialization(k.new_zeros(self.rows, k.shape[0], 1, k.shape[2]),
+                                          v.new_zeros(self.rows, v.shape[0], 1, v.shape[2]))
+            self.mask = torch.zeros(self.rows, self.length, dtype=torch.long, device=prefixes[0].kv[0][0].device)
+            # the step writes its column in place: a CUDA graph may mutate only inputs at fixed addresses
+            torch._dynamo.mark_static_address(self.mask)
+        self.mask.zero_()
+        for b, p in enumerate(prefixes):
+            n = len(p.ids)
+            self.mask[b, length - n:length] = 1
+            for layer, (k, v) in zip(layers, p.kv):
+                layer.keys[b, :, length - n:length] = k
+                layer.values[b, :, length - n:length] = v
+        for layer in layers:
+            layer.cumulative_length.fill_(length)
+        return self.cache, self.mask
+
+
 def same_length_groups(items: list, lengths: list[int], ragged: bool) -> list[list]:
     """`items` in one group (ragged) or grouped by length, in first-seen order; no group when there are none."""
     if not items:

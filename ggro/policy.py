@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from .kvcache import Fork, PrefixCache, eager_attention, left_pad_kv
+from .kvcache import Fork, PrefixCache, Slab, eager_attention, left_pad_kv
 from .seam import SegmentRequest, SegmentResult
 from .step import CODE, ENT, STOP_NAMES, TOKEN, TOPK, RowState, decode_step, entropy  # noqa: F401 (entropy: re-exported)
 
@@ -59,11 +59,26 @@ class SegmentDecoder:
     """Decodes one segment for each request of a batch (ALGORITHM.md "One segment")."""
 
     def __init__(self, model, eos_ids: list[int], max_cached: int = 64, pad_id: int = 0, tokenizer=None,
-                 step=decode_step):
+                 step=decode_step, static: bool = False, compile_options: dict | None = None):
+        """`static`: decode over persistent key/value slabs (kvcache.Slab) with every shape fixed for the whole
+        call (a finished row stays in the batch, unread), so the model's step compiles whole; `compile_options`:
+        torch.compile's, for that step (on CUDA {"mode": "reduce-overhead"} captures it as CUDA graphs, one per
+        slab bucket). Same tokens as the default, which allocates each call's cache and drops finished rows:
+        cheaper where launches do not dominate (a CPU)."""
         self.model = model
         # decode_step, or a compiled / captured form of it (torch.compile(decode_step, fullgraph=True)):
         # eager by default, since compiling pays only where launches dominate (a GPU at small batch)
         self.step = step
+        self.static = static
+        self._slabs: dict[tuple[int, int], Slab] = {}
+        self._slab_lock = threading.Lock()   # one call at a time uses the slabs (cohorts call from two threads)
+        self._model_step = self._static_step
+        if compile_options is not None:
+            # one compiled step per slab bucket (rows x length): a long run meets more than dynamo's default 8
+            import torch._dynamo
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._model_step = torch.compile(self._static_step, **{"fullgraph": True, "dynamic": False,
+                                                                    **compile_options})
         self.eos = set(eos_ids)
         self.tokenizer = tokenizer      # only requests with stop strings need it
         self.device = next(model.parameters()).device
@@ -107,8 +122,9 @@ class SegmentDecoder:
     @staticmethod
     def _draw(requests, rows, gens, logits, j) -> torch.Tensor:
         """The seeded sample of each sampling row at offset j as a [len(rows)] tensor on the logits' device,
-        -1 for the rest. A row whose forced token is due draws nothing, so its generator does not advance."""
-        draw = [i for i, b in enumerate(rows) if requests[b].sampling is not None
+        -1 for the rest (and for a static call's finished rows, None). A row whose forced token is due draws
+        nothing, so its generator does not advance."""
+        draw = [i for i, b in enumerate(rows) if b is not None and requests[b].sampling is not None
                 and not (requests[b].forced is not None and j == requests[b].insert_at)]
         toks = [-1] * len(rows)
         if draw:
@@ -130,56 +146,95 @@ class SegmentDecoder:
             self.prefixes.offer(requests[b].seq_id, Fork(prefixes[b], list(toks), [(k[r], v[r]) for k, v in kv],
                                                           logits[i].clone()))
 
+    # -- static decoding (persistent slabs, fixed shapes) ----------------------------------------
+    SLAB_STEP = 128      # slab lengths are multiples of this: few shapes, so few compiled or captured steps
+    MAX_SLABS = 8        # buckets kept (least recently used dropped)
+
+    def _slab(self, rows: int, length: int) -> Slab:
+        key = (rows, -(-length // self.SLAB_STEP) * self.SLAB_STEP)
+        slab = self._slabs.pop(key, None) or Slab(self.model.config, *key)
+        self._slabs[key] = slab
+        while len(self._slabs) > self.MAX_SLABS:
+            self._slabs.pop(next(iter(self._slabs)))
+        return slab
+
+    def _static_step(self, feed, mask, pos, cache) -> torch.Tensor:
+        """One token per row over a slab: its column joins the mask, the model writes its keys and values there."""
+        mask.index_fill_(1, cache.layers[0].cumulative_length.view(1), 1)
+        out = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=pos[:, None],
+                         past_key_values=cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def _narrow(self, keep: list[int], rows: list, cache, tensors: list) -> tuple[list, list]:
+        """The batch cut to the rows at `keep`: a static call keeps its shapes and only forgets the others."""
+        if self.static:
+            live = set(keep)
+            return [b if i in live else None for i, b in enumerate(rows)], tensors
+        sel = torch.tensor(keep, device=self.device)
+        cache.batch_select_indices(sel)
+        return [rows[i] for i in keep], [t[sel] for t in tensors]
+
     # -- decoding -------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, requests: list[SegmentRequest]) -> list[SegmentResult]:
         if not requests:
             return []
+        if self.static:
+            with self._slab_lock:
+                return self._decode(requests)
+        return self._decode(requests)
+
+    def _decode(self, requests: list[SegmentRequest]) -> list[SegmentResult]:
         prefixes = self.prefixes.get([(r.seq_id, r.prefix) for r in requests])
         B = len(requests)
         P = max(len(p.ids) for p in prefixes)
         dev = self.device
-        cache = left_pad_kv(prefixes, P, room=max(r.max_tokens for r in requests))
-        mask = torch.zeros(B, P, dtype=torch.long, device=dev)
-        for b, p in enumerate(prefixes):
-            mask[b, P - len(p.ids):] = 1
-        next_pos = torch.tensor([len(p.ids) for p in prefixes], device=dev)
-        logits = torch.stack([p.last for p in prefixes])
+        room = max(r.max_tokens for r in requests)
+        rows = list(range(B))   # request index of each live batch row
+        if self.static:         # rows in a power-of-two bucket: the extra ones hold nothing and are never read
+            rows += [None] * ((1 << (B - 1).bit_length()) - B)
+            cache, mask = self._slab(len(rows), P + room).load(prefixes, P)
+        else:
+            cache = left_pad_kv(prefixes, P, room=room)
+            mask = torch.zeros(B, P, dtype=torch.long, device=dev)
+            for b, p in enumerate(prefixes):
+                mask[b, P - len(p.ids):] = 1
+        spare = len(rows) - B
+        next_pos = torch.tensor([len(p.ids) for p in prefixes] + [P] * spare, device=dev)
+        logits = torch.stack([p.last for p in prefixes] + [prefixes[0].last] * spare)
         gens = [torch.Generator().manual_seed(r.sampling.seed) if r.sampling else None for r in requests]
-        state = RowState.of(requests, dev)
+        state = RowState.of(requests + requests[:1] * spare, dev)
         eos = torch.tensor(sorted(self.eos), dtype=torch.long, device=dev)
-        no_override = torch.full((B,), -1, dtype=torch.long, device=dev)
+        no_override = torch.full((len(rows),), -1, dtype=torch.long, device=dev)
         jt = torch.zeros((), dtype=torch.long, device=dev)     # j on the device, so the step reads no host int
 
         emitted: list[list[int]] = [[] for _ in range(B)]
         results: list[SegmentResult | None] = [None] * B
         candidates: list[list[int] | None] = [None] * B
-        rows = list(range(B))   # request index of each live batch row
         j = 0
         while rows:
             gone = self._cancelled_now()
-            if gone and any(requests[b].seq_id in gone for b in rows):
+            if gone and any(b is not None and requests[b].seq_id in gone for b in rows):
                 for b in rows:
-                    if requests[b].seq_id in gone:
+                    if b is not None and requests[b].seq_id in gone:
                         results[b] = SegmentResult(emitted[b], "cancelled", math.nan, candidates[b], len(emitted[b]))
-                keep = [i for i, b in enumerate(rows) if requests[b].seq_id not in gone]
+                keep = [i for i, b in enumerate(rows) if b is not None and requests[b].seq_id not in gone]
                 if not keep:
                     break
-                sel = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(sel)
-                mask, next_pos, logits, state = mask[sel], next_pos[sel], logits[sel], state.select(sel)
-                rows = [rows[i] for i in keep]
+                rows, (mask, next_pos, logits, state) = self._narrow(keep, rows, cache, [mask, next_pos, logits, state])
             n = len(rows)
-            want = {i for i, b in enumerate(rows) if j == requests[b].insert_at and requests[b].top_k}
+            want = {i for i, b in enumerate(rows) if b is not None and j == requests[b].insert_at and requests[b].top_k}
             k = min(max(requests[rows[i]].top_k for i in want), logits.shape[-1]) if want else 0
             override = self._draw(requests, rows, gens, logits, j) if any(
-                requests[b].sampling is not None for b in rows) else no_override[:n]
+                b is not None and requests[b].sampling is not None for b in rows) else no_override[:n]
             # the one host sync of the step: token, stop code, entropy (and the top-k ids when due) per row
             packed_dev = self.step(logits, jt, state.forced, state.insert_at, state.min_segment_tokens,
                                     state.max_tokens, state.threshold, eos, override, k)
             packed = packed_dev.tolist()
             keep, forked = [], []
             for i, b in enumerate(rows):
+                if b is None:           # a static call's finished row
+                    continue
                 r, row = requests[b], packed[i]
                 if i in want:
                     candidates[b] = [int(t) for t in row[TOPK:TOPK + min(r.top_k, k)]]
@@ -200,16 +255,16 @@ class SegmentDecoder:
             if not keep:
                 break
             feed = packed_dev[:, TOKEN].long()
-            if len(keep) < n:
-                sel = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(sel)
-                mask, next_pos, feed, state = mask[sel], next_pos[sel], feed[sel], state.select(sel)
-                rows = [rows[i] for i in keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            out = self.model(input_ids=feed[:, None], attention_mask=mask,
-                             position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1]
+            if len(keep) < sum(b is not None for b in rows):
+                rows, (mask, next_pos, feed, state) = self._narrow(keep, rows, cache, [mask, next_pos, feed, state])
+            if self.static:
+                logits = self._model_step(feed, mask, next_pos, cache)
+            else:
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                out = self.model(input_ids=feed[:, None], attention_mask=mask,
+                                 position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits[:, -1]
             next_pos = next_pos + 1
             jt = jt + 1
             j += 1

@@ -45,7 +45,8 @@ class RowState:
                    col([r.max_tokens for r in requests]),
                    col([r.entropy_threshold for r in requests], torch.float64))
 
-    def select(self, sel: torch.Tensor) -> RowState:
+    def __getitem__(self, sel: torch.Tensor) -> RowState:
+        """The rows at `sel` (an index tensor), like a tensor's."""
         return RowState(self.forced[sel], self.insert_at[sel], self.min_segment_tokens[sel],
                         self.max_tokens[sel], self.threshold[sel])
 

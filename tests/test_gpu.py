@@ -7,6 +7,7 @@
   own GPU, and tp=2 over NCCL when there are two GPUs; on one GPU, DeepSpeed's AutoTP at tp=2 over gloo
   (benchmarks/gpu_tp2.py: the sharding and its all-reduces on CUDA, without NCCL);
 - the GGRO search end to end on CUDA (fp32 and bf16);
+- `--compile`: the static decoder captured as CUDA graphs decodes what the eager one does;
 - the throughput benchmark (benchmarks/gpu_throughput.py, random-weight Llama-3.2-1B shape).
 The CPU smoke tests of both benchmarks (tiny shapes) run everywhere, so the GPU check
 (benchmarks/gpu_check.sh, docs/gpu.md) cannot rot; its methods benchmark (benchmarks/gpu_methods.py)
@@ -102,6 +103,21 @@ def test_identical_tokens_cpu_vs_gpu_fp32(tiny_models):
     nxt = extended(reqs, want)
     assert nxt
     assert_same_segments(cuda.decode(nxt), cpu.decode(nxt))
+
+
+@gpu
+def test_captured_static_decoder_decodes_what_eager_does_on_cuda(tiny_models):
+    """`--compile` on CUDA: persistent slabs, the model's step compiled whole and captured as CUDA graphs
+    (mode reduce-overhead); the same fp32 segments as the eager CUDA decoder, on two calls (graphs replayed)."""
+    tok = models.load_tokenizer(tiny_models["policy"])
+    eager = decoder(tiny_models["policy"], "cuda")
+    captured = SegmentDecoder(eager.model, eager.eos, static=True, compile_options={"mode": "reduce-overhead"})
+    for tag in ("c1", "c2"):
+        reqs = requests(tok, tag)
+        want = eager.decode(reqs)
+        assert_same_segments(captured.decode(reqs), want)
+        nxt = extended(reqs, want)
+        assert_same_segments(captured.decode(nxt), eager.decode(nxt))
 
 
 @gpu

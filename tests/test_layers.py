@@ -19,7 +19,7 @@ MAX_JOBS_SHARE = 0.15
 # checked against docs/algorithm.md and the reference, and a split would pass a dozen loop variables around.
 CORE_LOOPS = {
     "ggro/faithful.py:ggro": "the GGRO search loop: admit, decode a segment, score, refine, retire",
-    "ggro/policy.py:SegmentDecoder.decode": "the decode loop: prefill, one token per step, cache bookkeeping",
+    "ggro/policy.py:SegmentDecoder._decode": "the decode loop: prefill, one token per step, cache bookkeeping",
 }
 # Known exceptions, each with why it is not fixed today. Keep this short; remove an entry when it is fixed.
 LONG_FILES = {

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ggro.config import ConfigError, GGROConfig, ModelConfig, check_tp_dtype
+from ggro.config import ConfigError, GGROConfig, ModelConfig, check_tp
 from pipeline.plan.clusters import Cluster
 from actors.resources import Resources
 from pipeline.plan.sizing import (CONTEXT_OVERHEAD_GIB, DTYPE_BYTES, GiB, Estimate, Group, ModelInfo, estimate, fmt_gib,
@@ -47,7 +47,7 @@ def resource_errors(res: Resources, mcfg: ModelConfig) -> tuple[list[str], list[
     errors, warns = [], []
     cuda = mcfg.device.startswith("cuda")
     try:
-        check_tp_dtype(res.tp, mcfg.dtype)
+        check_tp(res.tp, mcfg)
     except ConfigError as e:
         errors.append(str(e))
     gpus, flag = res.policy_gpus_per_replica, res.flag("policy_gpus_per_replica")
