@@ -148,7 +148,7 @@ class SegmentDecoder:
 
     # -- static decoding (persistent slabs, fixed shapes) ----------------------------------------
     SLAB_STEP = 128      # slab lengths are multiples of this: few shapes, so few compiled or captured steps
-    MAX_SLABS = 8        # buckets kept (least recently used dropped)
+    MAX_SLABS = 8        # buckets kept, least recently used dropped (a new slab recompiles): rows x length K/V each
 
     def _slab(self, rows: int, length: int) -> Slab:
         key = (rows, -(-length // self.SLAB_STEP) * self.SLAB_STEP)
