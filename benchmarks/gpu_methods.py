@@ -247,6 +247,7 @@ def fmt(v) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a tiny shape instead of Llama-3.2-1B's (CPU smoke test)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the models' shape [llama-1b; tiny with --tiny]")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="[bfloat16 on cuda, float32 on the CPU]")
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
     if os.environ.get("GGRO_THREADS"):
         torch.set_num_threads(int(os.environ["GGRO_THREADS"]))
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
-    preset = "tiny" if a.tiny else "llama-1b"
+    preset = a.preset or ("tiny" if a.tiny else "llama-1b")
     sizes = [int(s) for s in a.batch_sizes.split(",")]
     methods = a.methods.split(",") if a.methods else list(METHODS) + [COMPILED] * a.device.startswith("cuda")
     if set(methods) - set(METHODS + (COMPILED,)):
