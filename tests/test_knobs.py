@@ -21,7 +21,8 @@ def test_the_config_hash_of_existing_outputs_is_unchanged():
     g = GGROConfig(method="best-of-n", n=3, max_refined_segments=2, trace=True)
     m = ModelConfig(policy="p", revision="r1", trust_remote_code=True, batch_size=3, cohorts=2, fill=4)
     assert config_hash(g, m) == "190a3b81d86d"
-    assert NOT_HASHED == ("batch_size", "cohorts", "fill")
+    assert config_hash(g, dataclasses.replace(m, compile=True)) == "190a3b81d86d"   # same tokens: same outputs
+    assert NOT_HASHED == ("batch_size", "cohorts", "compile", "fill")
     assert HASHED_WHEN_SET == {"max_refined_segments": None, "revision": None, "reward_revision": None,
                                "trust_remote_code": False}
 
