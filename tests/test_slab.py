@@ -4,7 +4,8 @@ fixed shapes for a whole decode call, so the model's step compiles whole (and is
 - every search mode over a static decoder matches the oracle, as the default decoder does, with a reward model
   that reads the decoder's forks (the judge on the policy's backbone) and one with its own cache;
 - segments equal the default decoder's for every request kind (greedy, entropy stops, forced tokens, top-k,
-  seeded sampling, cache extension), with row buckets padded and slabs reused across calls;
+  seeded sampling, cache extension), with row buckets padded and slabs reused across calls; a cancelled row
+  stays in the batch, unread;
 - the whole model step compiles with `torch.compile(fullgraph=True)` on the CPU and decodes the same tokens;
 - `--compile` reaches the decoder, and a tensor-parallel policy refuses it before any actor starts.
 """
@@ -115,6 +116,31 @@ def test_static_segments_equal_the_default_decoders(tiny):
     assert same_segments(decode_twice(dec, requests(tok, "again")),
                          decode_twice(SegmentDecoder(policy, [tok.eos_token_id], max_cached=64), requests(tok, "again")))
     assert {id(s) for s in dec._slabs.values()} == slabs       # the same buckets: the same slabs, reused
+
+
+def test_a_cancelled_row_ends_in_a_static_call_and_the_others_decode_as_alone(tiny):
+    """A static call keeps its shapes: the cancelled row stays in the batch, unread, and ends "cancelled" with the
+    tokens it had; the others decode what they decode alone (the cancel lands from a forward hook, so the step
+    is known)."""
+    tok, policy = tiny
+    x, y = (p.ids for p in prompts_of(tok, ["the number of people who call", "I like people"]))
+    alone = {k: SegmentDecoder(policy, [tok.eos_token_id]).decode([SegmentRequest(k, ids, 8)])[0]
+             for k, ids in (("a", x), ("b", y))}
+    dec = static_decoder(policy, tok)
+    rows = []
+
+    def hook(module, args, kwargs, out):
+        rows.append(kwargs["input_ids"].shape[0])
+        if len(rows) == 3:
+            dec.cancel(["b"])
+    handle = policy.register_forward_hook(hook, with_kwargs=True)
+    try:
+        got = dec.decode([SegmentRequest("a", x, 8), SegmentRequest("b", y, 8)])
+    finally:
+        handle.remove()
+    assert same_segments([[got[0]]], [[alone["a"]]])
+    assert got[1].stop == "cancelled" and got[1].tokens == alone["b"].tokens[:len(got[1].tokens)]
+    assert 0 < len(got[1].tokens) < 8 and set(rows) == {2}      # every forward, after the cancel too, has both rows
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
