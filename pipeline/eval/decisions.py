@@ -15,6 +15,8 @@ import json
 from html import escape
 from pathlib import Path
 
+from pipeline.eval.metrics import refusal_phrase
+
 ACCEPTED = "#39d353"        # the accepted continuation (tests look for this colour in a screenshot)
 NUDGED = "#c6f6d5"          # a segment whose accepted continuation came from a nudge
 UNCERTAIN = "#ffb020"       # the uncertain token that starts a segment
@@ -161,6 +163,9 @@ def _column(label: str, rec: dict | None, tokenizer, base: bool) -> str:
     reward = rec.get("reward")
     meta = (f"reward {reward:.3f}" if isinstance(reward, (int, float)) else "no reward") + \
         f" · nudges {rec.get('num_nudges') or 0} · segments {rec.get('num_segments') or 0}"
+    phrase = refusal_phrase(rec.get("response"))
+    if phrase:      # what the keyword rule counted as a refusal, so a reader can check it
+        meta += f" · refusal by the rule: \u201c{phrase}\u201d"
     return (f'<div class="col{" base" if base else ""}" data-method="{escape(label)}"><h2>{escape(label)}</h2>'
             f'<div class="meta">{escape(meta)}</div>{_response_html(rec, tokenizer)}'
             f'{_decisions_html(rec, tokenizer)}</div>')

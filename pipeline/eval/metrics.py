@@ -127,11 +127,17 @@ def gsm8k_correct(response: str | None, reference) -> bool:
     return got is not None and want is not None and math.isclose(got, want, rel_tol=0, abs_tol=1e-6)
 
 
-def is_refusal(response: str | None) -> bool:
+def refusal_phrase(response: str | None) -> str | None:
+    """The first of REFUSAL_PHRASES in the response's first REFUSAL_WINDOW characters (what makes it a refusal by
+    the rule; the decisions page shows it, so a reader can check the rule's hits), or None."""
     if not response:
-        return False
+        return None
     head = response[:REFUSAL_WINDOW].lower().replace("\u2019", "'").replace("\u2018", "'")
-    return any(p in head for p in REFUSAL_PHRASES)
+    return next((p for p in REFUSAL_PHRASES if p in head), None)
+
+
+def is_refusal(response: str | None) -> bool:
+    return refusal_phrase(response) is not None
 
 
 def metadata_of(row: Mapping) -> dict:
