@@ -252,8 +252,8 @@ class ModelConfig:
                         "overlap (same outputs; each gets cores / cohorts torch threads) [1]", hashed="never")
     compile: bool = knob(False, "decode over persistent key/value slabs with the model's step compiled whole "
                          "(torch.compile, fullgraph), on CUDA captured as CUDA graphs, one per batch bucket. Same "
-                         "tokens; pays where kernel launches dominate (a GPU at small batch), costs a compile per "
-                         "bucket [off: eager]", hashed="never")
+                         "outputs up to compiled kernels' rounding; pays where kernel launches dominate (a GPU at "
+                         "small batch), costs a compile per bucket [off: eager]", hashed="never")
     fill: int | None = knob(   # None: 1, except in one CPU process (--local, bench), where it is LOCAL_FILL
         None, "GGRO admits prompts until a decode call carries batch-size x fill rows (best-of-fill's at the same "
         "batch size; 1: batch-size prompts). Same outputs, fewer rounds [8 on a CPU in one process (--local, "
