@@ -63,8 +63,8 @@ class SegmentDecoder:
         """`static`: decode over persistent key/value slabs (kvcache.Slab) with every shape fixed for the whole
         call (a finished row stays in the batch, unread), so the model's step compiles whole; `compile_options`:
         torch.compile's, for that step (on CUDA {"mode": "reduce-overhead"} captures it as CUDA graphs, one per
-        slab bucket). Same tokens as the default, which allocates each call's cache and drops finished rows:
-        cheaper where launches do not dominate (a CPU)."""
+        slab bucket). Same tokens as the default (compiled: up to its kernels' rounding), which allocates each
+        call's cache and drops finished rows: cheaper where launches do not dominate (a CPU)."""
         self.model = model
         # decode_step, or a compiled / captured form of it (torch.compile(decode_step, fullgraph=True)):
         # eager by default, since compiling pays only where launches dominate (a GPU at small batch)
