@@ -49,21 +49,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_throughput import PRESETS, build, no_device, peak_gib, reset_peak, sync  # noqa: E402
 
 from ggro.config import GGROConfig  # noqa: E402
-from ggro.policy import SegmentDecoder  # noqa: E402
+from ggro.policy import SegmentDecoder, compile_options  # noqa: E402
 from ggro.reward import RewardModel  # noqa: E402
 from ggro.search import Prompt, run  # noqa: E402
 from ggro.seam import SegmentRequest  # noqa: E402
 
 METHODS = ("hf-generate", "decoder", "greedy", "best-of-4", "ggro", "lookahead")
 COMPILED = "compiled"
+ALL_METHODS = METHODS + (COMPILED,)
 _compiled: dict[int, SegmentDecoder] = {}      # one compiled decoder per policy: its graphs are reused
 
 
 def compiled_decoder(policy) -> SegmentDecoder:
     if id(policy) not in _compiled:
-        cuda = next(policy.parameters()).device.type == "cuda"
-        _compiled[id(policy)] = SegmentDecoder(policy, eos_ids=[], static=True,
-                                               compile_options={"mode": "reduce-overhead"} if cuda else {})
+        _compiled[id(policy)] = SegmentDecoder(policy, eos_ids=[], static=True, compile_options=compile_options(policy))
     return _compiled[id(policy)]
 # docs/performance.md, 24 held-out prompts on the default model and guide: faithful GGRO S=4 took 8.3x
 # greedy's wall time on the CPU.
@@ -256,7 +255,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32, help="32: the CPU figure's setting [%(default)s]")
     p.add_argument("--refinements", type=int, default=4, help="GGRO's S [%(default)s]")
     p.add_argument("--entropy-threshold", type=float, default=1.5)
-    p.add_argument("--methods", help=f"a comma list of {', '.join(METHODS + (COMPILED,))} [all; {COMPILED} "
+    p.add_argument("--methods", help=f"a comma list of {', '.join(ALL_METHODS)} [all; {COMPILED} "
                    "on CUDA only]")
     p.add_argument("--variants", default="random,peaked", help="policies: random weights, and/or peaked "
                    "(logits scaled to the embedded model's uncertainty, see above) [%(default)s]")
@@ -276,9 +275,9 @@ def main(argv=None) -> int:
     preset = a.preset or ("tiny" if a.tiny else "llama-1b")
     sizes = [int(s) for s in a.batch_sizes.split(",")]
     methods = a.methods.split(",") if a.methods else list(METHODS) + [COMPILED] * a.device.startswith("cuda")
-    if set(methods) - set(METHODS + (COMPILED,)):
-        print(f"--methods: unknown {sorted(set(methods) - set(METHODS + (COMPILED,)))}; known: "
-              f"{', '.join(METHODS + (COMPILED,))}", file=sys.stderr)
+    if set(methods) - set(ALL_METHODS):
+        print(f"--methods: unknown {sorted(set(methods) - set(ALL_METHODS))}; known: {', '.join(ALL_METHODS)}",
+              file=sys.stderr)
         return 2
     cfg = GGROConfig(max_new_tokens=a.new_tokens, num_refinements=a.refinements,
                      entropy_threshold=a.entropy_threshold, n=4)

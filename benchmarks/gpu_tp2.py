@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import queue
-import socket
 import sys
 import tempfile
 import time
@@ -66,12 +65,6 @@ def _rank(rank: int, port: int, mcfg, n: int, new_tokens: int, results) -> None:
     tokens, wall = _decode(w, _requests(w.tok, n, new_tokens), mcfg.device)
     if rank == 0:
         results.put((tokens, wall))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(results, procs, limit_s: float = 600):
@@ -127,7 +120,7 @@ def main(argv=None) -> int:
 def _compare(mcfg, args, table) -> int:
     import torch
     import torch.multiprocessing as mp
-    from actors.worker import ModelWorker
+    from actors.worker import ModelWorker, _free_port as free_port
     t0 = time.perf_counter()
     plain = ModelWorker(mcfg, ("policy",), threads=1)
     want, plain_wall = _decode(plain, _requests(plain.tok, args.prompts, args.new_tokens), args.device)
@@ -136,7 +129,7 @@ def _compare(mcfg, args, table) -> int:
         torch.cuda.empty_cache()
     ctx = mp.get_context("spawn")            # CUDA cannot be re-initialized in a forked child
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, port, mcfg, args.prompts, args.new_tokens, results)) for r in (0, 1)]
     for p in procs:
         p.start()

@@ -9,7 +9,7 @@ from . import guide, models
 from .config import (DEFAULT_RUBRIC, JUDGE_WEIGHT, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
                      config_hash)
 from .modelset import ANY_REWARD, ModelSet
-from .policy import SegmentDecoder
+from .policy import SegmentDecoder, compile_options
 from .retokenize import Retokenized, vocab_refusal
 from .reward import HeadAndJudge, RewardModel
 from .rows import InputRow, encode
@@ -124,11 +124,8 @@ def load_policy(mcfg: ModelConfig, ms: ModelSet, max_cached: int, on_host: bool 
 def decoder(model, ms: ModelSet, max_cached: int, compiled: bool = False) -> SegmentDecoder:
     """The batched, cached segment decoder over a policy `model` (whole or one tp rank's shard); `compiled`
     (ModelConfig.compile): static slabs and a compiled step, captured as CUDA graphs on a GPU."""
-    options = None
-    if compiled:
-        options = {"mode": "reduce-overhead"} if next(model.parameters()).device.type == "cuda" else {}
     return SegmentDecoder(model, ms.eos_ids(model), max_cached=max_cached, tokenizer=ms.tokenizer,
-                          static=compiled, compile_options=options)
+                          static=compiled, compile_options=compile_options(model) if compiled else None)
 
 
 def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool = True,

@@ -57,6 +57,16 @@ class BufferLayer(DynamicLayer):
         self._views()
 
 
+def right_align(k: torch.Tensor, v: torch.Tensor, prefixes: list[Prefix], li: int, length: int) -> None:
+    """Copy each prefix's layer-`li` keys and values into its row of `k`, `v` [rows, heads, columns, dim], ending
+    at column `length` (row b is prefixes[b]; columns before a prefix are left as they are)."""
+    for b, p in enumerate(prefixes):
+        n = len(p.ids)
+        if n:
+            k[b, :, length - n:length] = p.kv[li][0]
+            v[b, :, length - n:length] = p.kv[li][1]
+
+
 def left_pad_kv(prefixes: list[Prefix], length: int, room: int = 0) -> DynamicCache:
     """Stack per-sequence caches into one [batch, heads, length, dim] cache, right-aligned; with `room`, the
     buffers hold that many more positions so decoding appends in place (no autograd through them)."""
@@ -65,11 +75,7 @@ def left_pad_kv(prefixes: list[Prefix], length: int, room: int = 0) -> DynamicCa
         k0, v0 = prefixes[0].kv[li]
         k = k0.new_zeros(len(prefixes), k0.shape[0], length + room, k0.shape[2])
         v = v0.new_zeros(len(prefixes), v0.shape[0], length + room, v0.shape[2])
-        for b, p in enumerate(prefixes):
-            n = len(p.ids)
-            if n:
-                k[b, :, length - n:length] = p.kv[li][0]
-                v[b, :, length - n:length] = p.kv[li][1]
+        right_align(k, v, prefixes, li, length)
         layers.append(BufferLayer(k, v, length) if room else DynamicLayer())
         if not room:   # set directly: DynamicCache(ddp_cache_data=...) would copy each tensor once more
             layers[-1].lazy_initialization(k, v)
@@ -105,12 +111,9 @@ class Slab:
             torch._dynamo.mark_static_address(self.mask)
         self.mask.zero_()
         for b, p in enumerate(prefixes):
-            n = len(p.ids)
-            self.mask[b, length - n:length] = 1
-            for layer, (k, v) in zip(layers, p.kv):
-                layer.keys[b, :, length - n:length] = k
-                layer.values[b, :, length - n:length] = v
-        for layer in layers:
+            self.mask[b, length - len(p.ids):length] = 1
+        for li, layer in enumerate(layers):
+            right_align(layer.keys, layer.values, prefixes, li, length)
             layer.cumulative_length.fill_(length)
         return self.cache, self.mask
 

@@ -55,6 +55,12 @@ def sample_tokens(logits: torch.Tensor, temperature: list[float], top_p: list[fl
     return out
 
 
+def compile_options(model) -> dict:
+    """torch.compile's options for a static decoder's step (`--compile`): captured as CUDA graphs on a GPU, where
+    kernel launches bound a step; inductor's defaults elsewhere."""
+    return {"mode": "reduce-overhead"} if next(model.parameters()).device.type == "cuda" else {}
+
+
 class SegmentDecoder:
     """Decodes one segment for each request of a batch (ALGORITHM.md "One segment")."""
 
