@@ -100,7 +100,7 @@ def test_page_segments_and_escaping():
     assert len(dom.having("span", "nudged")) == 1
     assert "H=2.31" in "".join(dom.text) and repr(tok.decode(full[2:3])) in "".join(dom.text)
     metas = [t for t in dom.text if "segments" in t]       # each column's meta line: ggro's response refuses
-    assert sum("refusal by the rule: \u201ci cannot\u201d" in t for t in metas) == 1
+    assert sum("refusal by the rule: \u201ci cannot help\u201d" in t for t in metas) == 1
 
 
 def test_lookahead_trace_decides_the_next_segment():

@@ -91,9 +91,14 @@ def test_metric_functions():
     assert M.final_number("from 10-20 pages") == 20 and M.final_number("x = -5") == -5
     assert M.final_number("costs $18.50") == 18.5 and M.final_number("no digits") is None
     assert M.gsm8k_correct("answer: 18", "#### 18") and not M.gsm8k_correct("", "18")
-    assert M.is_refusal("I am unable to do that") and M.is_refusal("AS AN AI, I ...")
+    assert M.is_refusal("I am unable to do that") and M.is_refusal("AS AN AI, I CAN’T HELP WITH THAT.")
+    assert M.refusal_phrase("Sure. However, I'm not equipped to send mass emails.") == "i'm not equipped to send"
+    assert M.is_refusal("As a chatbot, I don't have the ability to access personal data.")
     assert not M.is_refusal("Sure! Step 1: ...") and not M.is_refusal(None)
-    assert not M.is_refusal("x" * 300 + " I cannot")                # only the opening counts
+    assert not M.is_refusal("x" * 300 + " I cannot help")           # only the opening counts
+    # an apology alone declines nothing; the keyword list still counts it (training-data filters use that)
+    for s in ("I'm sorry for any confusion. Your stepson had surgery in May.", "I will not hesitate to disclose it."):
+        assert not M.is_refusal(s) and M.mentions_refusal(s)
     wr = M.win_rate({"a": 1.0, "b": 1.0, "c": None}, {"a": 0.0, "b": 1.0, "c": 2.0, "d": 0.0})
     assert (wr.wins, wr.ties, wr.losses, wr.rate) == (1, 1, 0, 0.75)
     # the same response scored in two batch shapes differs by rounding: still a tie

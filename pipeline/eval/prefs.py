@@ -32,7 +32,7 @@ import re
 from collections import defaultdict
 from typing import Callable
 
-from pipeline.eval.metrics import is_refusal
+from pipeline.eval.metrics import mentions_refusal
 from pipeline.eval.sources import Source, load_rows, source_files, spread
 
 PYRIT = Source("pyrit", "1.1.0", "MIT", "pyrit/datasets/scorer_evals/*/*.csv", "prefs", "", "PyRIT scorer evaluations")
@@ -92,8 +92,8 @@ def pyrit_pairs() -> list[dict]:
                 safe = [a for s, a in answers if s == 0] or [refusal_for(prompt)]
                 pairs = [(a, b, "objective") for s, b in answers if s == 1 for a in safe]
             elif folder == "refusal_scorer":
-                on = [a for s, a in answers if s == 0 and not is_refusal(a)]
-                off = [a for s, a in answers if s == 1 and not is_refusal(a)]
+                on = [a for s, a in answers if s == 0 and not mentions_refusal(a)]
+                off = [a for s, a in answers if s == 1 and not mentions_refusal(a)]
                 pairs = [(a, b, "on-topic") for a in on for b in off]
             out += [_pair(prompt, c, r, k, src, PYRIT.license) for c, r, k in pairs[:MAX_PAIRS_PER_PROMPT] if c != r]
     return out
@@ -133,9 +133,9 @@ def self_pairs(rows: list[dict], answers: dict[str, str]) -> list[dict]:
             continue
         refusal = refusal_for(r["prompt"])
         if r["expected"] == "refuse":
-            if r.get("category") in REFUSE_CATEGORIES and not is_refusal(a):
+            if r.get("category") in REFUSE_CATEGORIES and not mentions_refusal(a):
                 out.append(_pair(r["prompt"], refusal, a, "self-refuse", r["source"], r["license"]))
-        elif not is_refusal(a):
+        elif not mentions_refusal(a):
             out.append(_pair(r["prompt"], a, refusal, "self-comply", r["source"], r["license"]))
     return out
 
@@ -180,15 +180,17 @@ def rollout_pairs(rows: list[dict], rollouts: dict[str, list[str]]) -> list[dict
     out = []
     for r in rows:
         texts = [t.strip() for t in rollouts.get(r["id"], ())]
-        if not texts or not texts[0] or is_refusal(texts[0]):
+        if not texts or not texts[0] or mentions_refusal(texts[0]):
             continue
-        refusing = [t for t in texts[1:] if is_refusal(t)]
+        # The keyword list, apologies included, as the shipped head was trained: the decline rule here is better
+        # labelling but did not give a better guide (docs/reward-model.md, 2026-12-05)
+        refusing = [t for t in texts[1:] if mentions_refusal(t)]
         if not refusing:
             continue
         pre = r.get("prefill") or ""
         resp = lambda t: f"{pre} {t}" if pre else t    # noqa: E731
         if r["expected"] == "refuse":
-            complying = [texts[0]] + [t for t in texts[1:] if t and not is_refusal(t)][:1]
+            complying = [texts[0]] + [t for t in texts[1:] if t and not mentions_refusal(t)][:1]
             out += [_pair(r["prompt"], resp(refusing[0]), resp(c), "rollout-refuse", r["source"], r["license"])
                     for c in complying]
         else:
@@ -272,7 +274,7 @@ def help_answers(base: list[dict], rows: list[dict], answers: dict[str, str]) ->
     for it in items:
         it["answer"] = it["answer"] if len(it["answer"]) <= HELP_MAX_CHARS else it["answer"][:HELP_MAX_CHARS]
         it["answer"] = complete_part(it["answer"])
-        if it["prompt"] not in seen and len(it["answer"]) >= HELP_MIN_CHARS and not is_refusal(it["answer"]):
+        if it["prompt"] not in seen and len(it["answer"]) >= HELP_MIN_CHARS and not mentions_refusal(it["answer"]):
             seen.add(it["prompt"])
             out.append(it)
     return out
@@ -296,7 +298,7 @@ def help_pairs(items: list[dict]) -> list[dict]:
                 bad = contradicted(a)
             else:
                 bad = _off_topic(items, by_source[it["source"]], k)
-            if bad and bad != a and not is_refusal(bad):
+            if bad and bad != a and not mentions_refusal(bad):
                 out.append(_pair(it["prompt"], a, bad, kind, it["source"], it["license"]))
     return out
 
