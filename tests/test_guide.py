@@ -62,6 +62,10 @@ def test_out_of_family_pairs():
     assert all(len(p["chosen"]) < len(p["rejected"]) for p in by("repetitive"))
     assert all(len(p["chosen"]) > len(p["rejected"]) for p in by("truncated"))
     assert all(abs(len(p["chosen"]) - len(p["rejected"])) <= 2 for p in by("wrong-number"))
+    # `ggro eval --pairs oof --limit N` takes N a kind; the whole set, as docs/reward-model.md measures it
+    whole = Counter(p["kind"] for p in oof_pairs(10**6))
+    assert whole == {"preferred": 154, "factual": 326, **{k: 100 for k in ("wrong-number", "truncated", "repetitive",
+                                                                          "off-topic")}}
 
 
 def test_help_degradations():
