@@ -52,6 +52,25 @@ def _set_threads(threads: float | None) -> None:
         torch.set_num_threads(max(1, int(round(threads))))
 
 
+def shm_buffer(rank: int, master_addr: str, master_port: int) -> str:
+    """The /dev/shm file DeepSpeed's CPU all-reduce creates for `rank` of the world at master_addr:port
+    (shm_initialize in its csrc/cpu/comm/shm.cpp: `deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`)."""
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+
+
+def _unlink_shm_buffer(rank: int, master_addr: str, master_port: int) -> None:
+    """Remove this rank's all-reduce buffer name once every rank has mapped every buffer.
+
+    DeepSpeed never unlinks it, and our ranks end by ray.kill: each tp > 1 start on a CPU host left ~66 MB a
+    rank in /dev/shm (RAM) for good. A mapping outlives its name, so the world keeps its buffers; the barrier
+    makes sure no rank still waits to open ours. On CUDA no rank has the file, so none waits at the barrier."""
+    import torch.distributed as dist
+    path = shm_buffer(rank, master_addr, master_port)
+    if os.path.exists(path):
+        dist.barrier()
+        os.unlink(path)
+
+
 def _shard(model, mcfg: ModelConfig, rank: int, tp: int, master_addr: str, master_port: int):
     """Join the replica's torch.distributed world and keep this rank's DeepSpeed AutoTP shard of `model`."""
     from ggro import models
@@ -67,6 +86,7 @@ def _shard(model, mcfg: ModelConfig, rank: int, tp: int, master_addr: str, maste
     # GGRO_DIST_BACKEND=gloo: two ranks on one GPU (benchmarks/gpu_tp2.py), where NCCL refuses to run
     backend = os.environ.get("GGRO_DIST_BACKEND") or ("nccl" if mcfg.device.startswith("cuda") else "gloo")
     deepspeed.init_distributed(dist_backend=backend, rank=rank, world_size=tp)
+    _unlink_shm_buffer(rank, master_addr, master_port)
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": tp}, replace_with_kernel_inject=False,
                                       dtype=models.DTYPES[mcfg.dtype])
     engine.module.requires_grad_(False)
