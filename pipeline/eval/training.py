@@ -1,5 +1,5 @@
-"""Training the guide (a Bradley-Terry head on a frozen backbone's last-token features) from preference
-pairs: the default pairs' base answers, the features, the fit with early stopping, the held-out, left-one-
+"""Training the guide (a Bradley-Terry head, linear or a small MLP, on a frozen backbone's last-token features)
+from preference pairs: the default pairs' base answers, the features, the fit with early stopping, the held-out, left-one-
 family-out and out-of-family accuracies. `ggro train-reward` (jobs/train_reward.py) parses the flags into a
 HeadFit and calls these; `ggro eval --pairs` reads pairs with `read_pairs`."""
 from __future__ import annotations
@@ -20,6 +20,8 @@ class HeadFit:
     answer_tokens: int = 40          # default pairs: tokens of the base model's own answers
     rollout_tokens: int = 32         # default pairs: tokens of the policy's rollouts (rollout-* kinds)
     rollout_k: int = 6               # ... one per top-k first token
+    hidden: int = 0                  # 0: a linear head; N: MLPs of N hidden units (ggro.guide.mlp_head) ...
+    fits: int = 1                    # ... this many, from their own seeds, averaged into one
 
 
 def policy_rollouts(model, tok, rows: list[dict], max_tokens: int, batch: int, k: int = 0) -> dict[str, list[str]]:
@@ -111,7 +113,7 @@ def features(model, examples, hs: HeadFit, desc: str = "features"):
 
 
 def fit_head(model, examples, split: list[str], hs: HeadFit):
-    """Fit the head on the train split; returns (w, fit, report split, {tag: (accuracy, n)} on whole responses,
+    """Fit the head on the train split; returns (head, fit, report split, {tag: (accuracy, n)} on whole responses,
     (accuracy, n) on responses cut at guide.TRUNCATIONS, {tag: (accuracy, n)} left one family out)."""
     import torch
     from ggro import guide
@@ -119,7 +121,7 @@ def fit_head(model, examples, split: list[str], hs: HeadFit):
     rows_in = lambda name: torch.tensor([split[i] == name for i in owner.tolist()])  # noqa: E731
     tr, va = rows_in("train"), rows_in("val") & full
     weights = torch.where(full, 1.0, hs.truncated_weight)
-    w, fit = guide.train_head(c[tr], r[tr], c[va], r[va], weights[tr], l2=hs.l2)
+    w, fit = guide.train_head(c[tr], r[tr], c[va], r[va], weights[tr], l2=hs.l2, hidden=hs.hidden, fits=hs.fits)
     report_split = "test" if "test" in split else "val"
     acc = {}
     for tag in ["all"] + sorted({e.tag for e in examples}):
@@ -145,7 +147,7 @@ def leave_one_out(c, r, tags, full, tr, va, weights, examples, hs: HeadFit) -> d
     for k, name in enumerate(names):
         other = tags != k
         w, _ = guide.train_head(c[tr & other], r[tr & other], c[va & other], r[va & other], weights[tr & other],
-                                l2=hs.l2)
+                                l2=hs.l2, hidden=hs.hidden, fits=hs.fits)
         test = ~other & full
         out[name] = (guide.accuracy(w, c[test], r[test]), int(test.sum()))
     return out
