@@ -16,8 +16,9 @@ def test_the_config_hash_of_existing_outputs_is_unchanged():
     lists; resume compares this hash. The first, the all-defaults config, changed on purpose on 2026-12-03
     (it was e18150f2e636): it now hashes the shipped guide itself, which was retrained and blended with the
     judge that day, so an output of the old guide does not resume as if nothing had changed. It changed again on
-    2026-12-04 (it was 6556f1314a18) when the guide was retrained on the policy's rollouts with judge weight 3."""
-    assert config_hash(GGROConfig(), ModelConfig()) == "04c4ec59d92d"
+    2026-12-04 (it was 6556f1314a18) when the guide was retrained on the policy's rollouts with judge weight 3, and
+    on 2026-12-05 (it was 04c4ec59d92d) when the shipped head became an MLP."""
+    assert config_hash(GGROConfig(), ModelConfig()) == "66b46a70c6b0"
     g = GGROConfig(method="best-of-n", n=3, max_refined_segments=2, trace=True)
     m = ModelConfig(policy="p", revision="r1", trust_remote_code=True, batch_size=3, cohorts=2, fill=4)
     assert config_hash(g, m) == "190a3b81d86d"
