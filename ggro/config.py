@@ -30,6 +30,7 @@ DEFAULT_RUBRIC = (
 # probes were run at it.
 JUDGE_WEIGHT = 3.0
 GUIDE_HEAD = "data/guide_head.safetensors"   # the shipped head, inside the ggro package
+HEAD_FILE = "guide_head.safetensors"   # beside a causal LM's files: a guide folder with an MLP head (ggro.guide.save_classifier)
 
 
 def shipped_guide_id() -> str:

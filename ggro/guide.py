@@ -3,8 +3,8 @@
 r(z) = head(h(z)), where h(z) is the backbone's final hidden state (after its last norm) at the last token
 of z = chat(prompt) + response. A linear head, w . h(z), is exactly what a Hugging Face
 `*ForSequenceClassification` computes with a `score` layer of one output and no bias, so it is saved as such
-a model folder and guides GGRO as `--reward DIR --reward-kind classifier`. The shipped head is a small MLP
-(several fits averaged into one), saved as a head file (`save_head`) that the shipped guide loads.
+a model folder and guides GGRO as `--reward DIR --reward-kind classifier`. An MLP head (several fits averaged
+into one; the shipped head is one) is saved beside its base model's files and loads the same way.
 
 The backbone never trains: features are computed once (batched, cached on disk) and the head is fitted on
 them, P(chosen > rejected) = sigmoid(head(h_c) - head(h_r)). GGRO scores partial responses while it
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .chat import chat_ids, text_ids
-from .config import GUIDE_HEAD
+from .config import GUIDE_HEAD, HEAD_FILE
 from .hf_folder import save_weights
 
 # Response token counts at which a pair is also compared (both sides cut at the same length).
@@ -295,15 +295,18 @@ def load_head(path: Path) -> torch.nn.Module:
 
 
 def save_classifier(causal_model, tokenizer, head: torch.nn.Module | torch.Tensor, out: Path) -> None:
-    """A standard `*ForSequenceClassification` folder (weights, config with num_labels=1, tokenizer). Only a
-    linear head is a standard classifier's `score`: an MLP head is saved as a head file (save_head)."""
-    if not isinstance(as_head(head), torch.nn.Linear):
-        raise ValueError("only a linear head fits a standard *ForSequenceClassification folder")
-    clf = with_head(causal_model, head)
+    """A folder that `--reward OUT --reward-kind classifier` loads. A linear head: a standard
+    `*ForSequenceClassification` (weights, config with num_labels=1, tokenizer). An MLP head, which no standard
+    score layer holds: the base causal LM's folder plus HEAD_FILE, which ggro.models.load_model puts together."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    clf.config.pad_token_id = tokenizer.pad_token_id
-    save_weights(clf, out)      # not save_pretrained: see save_weights
+    if isinstance(as_head(head), torch.nn.Linear):
+        clf = with_head(causal_model, head)
+        clf.config.pad_token_id = tokenizer.pad_token_id
+        save_weights(clf, out)      # not save_pretrained: see save_weights
+    else:
+        save_weights(causal_model, out)
+        save_head(head, out / HEAD_FILE, {"base": str(getattr(causal_model.config, "_name_or_path", ""))})
     tokenizer.save_pretrained(out)
 
 

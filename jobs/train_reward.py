@@ -8,7 +8,7 @@ Parquet, a file or a folder; `ggro dpo` output works as is). Without --input, th
 from licensed data in installed wheels plus the base model's own answers (pipeline/eval/prefs.py) and written
 to OUTPUT/pairs.jsonl. A bad pair is reported with its row and skipped. The backbone stays frozen;
 its last-token features are computed once (cached) and a Bradley-Terry head is fitted (linear, or with
---hidden small MLPs averaged over --fits seeds: a head file only, not a standard classifier folder), with early
+--hidden small MLPs averaged over --fits seeds), with early
 stopping on a validation split made by prompt and accuracy reported on a held-out split by prompt, and,
 where the pairs hold several kinds (`kind`/`source`), left one family out: a head trained without a whole
 kind, tested on it. --oof adds the accuracy on an out-of-family validation set (pipeline/eval/prefs.py).
@@ -34,7 +34,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-head", help="also write the head alone to this file (safetensors: a few KB linear, "
                    "~0.4 MB the shipped MLP)")
     p.add_argument("--hidden", type=int, default=0, help="0: a linear head, saved as a standard classifier "
-                   "folder; N: MLP heads of N hidden units (needs --save-head: no standard folder holds one)")
+                   "folder; N: MLP heads of N hidden units, saved beside the base model's files (loads the same way)")
     p.add_argument("--fits", type=int, default=1, help="with --hidden: MLPs fitted from this many seeds, averaged "
                    "into one head")
     p.add_argument("--l2", type=float, default=0.03, help="L2 penalty on the standardised head weights")
@@ -62,9 +62,6 @@ def run(args) -> int:
         fail("--heldout and --val must be shares in [0, 1) that leave some prompts to train on")
     if args.hidden < 0 or args.fits < 1:
         fail("--hidden must be >= 0 and --fits >= 1")
-    if args.hidden and not args.save_head:
-        fail("--hidden N makes an MLP head, which no standard *ForSequenceClassification folder holds: "
-             "name its file with --save-head")
     torch_threads()
     out = Path(args.output)
     try:
@@ -100,9 +97,7 @@ def run(args) -> int:
             "accuracy": {k: v[0] for k, v in acc.items()}, "accuracy_truncated": trunc_acc, "fit": fit,
             "leave_one_family_out": {k: v[0] for k, v in lofo.items()},
             "out_of_family": {k: v[0] for k, v in oof.items()}}
-    if not args.hidden:
-        guide.save_classifier(model, tok, w, out)
-    out.mkdir(parents=True, exist_ok=True)
+    guide.save_classifier(model, tok, w, out)
     (out / "report.json").write_text(json.dumps(meta, indent=2))
     if args.save_head:
         guide.save_head(w, Path(args.save_head), {"base": args.base, "accuracy": meta["accuracy"]})
@@ -124,11 +119,8 @@ def _print_report(args, meta: dict, out: Path, acc: dict, trunc_acc, n_trunc: in
     if oof:
         print("out-of-family validation set (sources never trained on):\n"
               + report_table(oof).replace("held-out accuracy", "accuracy"))
-    if args.hidden:
-        print(f"wrote {args.save_head} (an MLP head) and {out / 'report.json'}")
-    else:
-        print(f"wrote {out} (load with --reward {out} --reward-kind classifier)"
-              + (f" and {args.save_head}" if args.save_head else ""))
+    print(f"wrote {out} (load with --reward {out} --reward-kind classifier)"
+          + (f" and {args.save_head}" if args.save_head else ""))
 
 
 def main(argv=None) -> int:

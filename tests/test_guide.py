@@ -97,33 +97,38 @@ def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
                  "--max-new-tokens", "6"]) == 0
 
 
-def test_train_reward_mlp_head(tiny_models, tmp_path, capsys):
-    """--hidden N --fits K: K MLPs averaged into one head file (no standard classifier folder holds it), which
-    loads as one MLP of K x N units, orders the training pairs, and scores as the shipped guide's head would."""
+def test_train_reward_mlp_head(tiny_models, tmp_path):
+    """--hidden N --fits K: K MLPs averaged into one head of K x N units, which no standard score layer holds: the
+    folder is the base causal LM plus the head file, and it loads, plans and guides GGRO as a classifier."""
     from ggro import guide, models
+    from ggro.config import HEAD_FILE
     src = tmp_path / "p.jsonl"
     rows = pairs(40, False)
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out, head = tmp_path / "rm", tmp_path / "head.safetensors"
-    with pytest.raises(SystemExit) as e:
-        main(["train-reward", "--input", str(src), "--base", tiny_models["policy"], "--output", str(out), "--hidden", "4"])
-    assert e.value.code == 2 and "--save-head" in capsys.readouterr().err
+    out = tmp_path / "rm"
     assert main(["train-reward", "--input", str(src), "--base", tiny_models["policy"], "--output", str(out),
-                 "--hidden", "4", "--fits", "2", "--save-head", str(head)]) == 0
+                 "--hidden", "4", "--fits", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["hidden"] == 4 and len(report["fit"]["val_accuracy"]) == 2
-    assert not (out / "config.json").exists()       # no classifier folder
-    mlp = guide.load_head(head)
+    mlp = guide.load_head(out / HEAD_FILE)
     assert isinstance(mlp, torch.nn.Sequential) and mlp[0].out_features == 8
     base = models.load_model(tiny_models["policy"])
     c, r, _ = guide.pair_features(base.model, [guide.parse_pair(p, models.load_tokenizer(tiny_models["policy"]))
                                                for p in rows])
     assert guide.accuracy(mlp, c, r) > 0.5
-    clf = guide.with_head(base, mlp)        # the head as a classifier's score, on the shared backbone
+    from pipeline.plan.sizing import model_info
+    info = model_info(str(out))                          # the planner's check, without loading weights
+    assert info.classifier and info.num_labels == 1
+    clf = models.load_model(str(out), "classifier")     # the base + the head, as --reward OUT loads it
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         h = base.model(input_ids=ids).last_hidden_state[0, -1]
         assert float(clf(input_ids=ids).logits[0, 0]) == pytest.approx(float(mlp(h)[0]), rel=1e-4, abs=1e-5)
+    assert main(["align", "--local", "--input", str(src), "--limit", "2", "--output", str(tmp_path / "aligned"),
+                 "--policy", tiny_models["policy"], "--reward", str(out), "--reward-kind", "classifier",
+                 "--max-new-tokens", "6"]) == 0
+    got = pq.read_table(tmp_path / "aligned").to_pylist()
+    assert len(got) == 2 and all(r["error"] is None and r["reward"] is not None for r in got)
 
 
 def test_averaged_mlps_are_one_mlp():

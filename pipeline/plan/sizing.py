@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ggro.config import (DEFAULT_NAME, GRAD_TOKENS, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig,
+from ggro.config import (DEFAULT_NAME, GRAD_TOKENS, HEAD_FILE, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig,
                          ModelLoadError, cache_dir, cached_prefixes, context_window, locate)
 
 GiB = 1024 ** 3
@@ -167,6 +167,8 @@ def folder_info(folder: Path, spec: str) -> ModelInfo:
         params, src = params_from_config(cfg), "config.json shapes"
     has_weights = counted is not None or any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
     archs = cfg.get("architectures") or []
+    if (folder / HEAD_FILE).is_file():     # a causal LM + an MLP guide head: a one-label classifier when loaded
+        return ModelInfo(spec, params, src, **shapes, classifier=True, num_labels=1, missing_weights=not has_weights)
     return ModelInfo(spec, params, src, **shapes,
                      classifier=any("SequenceClassification" in a for a in archs) if archs else None,
                      num_labels=cfg.get("num_labels") or (len(cfg["id2label"]) if cfg.get("id2label") else None),
