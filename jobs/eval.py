@@ -177,7 +177,7 @@ def run_pairs(args, mcfg, out: Path) -> int:
     elif not Path(path).exists():
         fail(f"--pairs {path}: no such file or folder")
     engine = load_engine(mcfg, {"scaling_batches": [1]}, args.threads)
-    examples, errors = read_pairs(str(path), engine.tokenizer)
+    examples, errors, _ = read_pairs(str(path), engine.tokenizer)
     for e in errors[:10]:
         print(f"skipped {e}", file=sys.stderr)
     if not examples:

@@ -28,7 +28,8 @@ from pipeline.eval.training import HeadFit, default_pairs_file, fit_head, out_of
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", help="preference pairs (JSONL/Parquet file or folder) [the default pairs]")
-    p.add_argument("--output", required=True, help="folder for the *ForSequenceClassification model and report.json")
+    p.add_argument("--output", required=True, help="folder for the model, report.json and heldout.jsonl (the "
+                   "held-out pairs: `ggro eval --pairs OUTPUT/heldout.jsonl`)")
     p.add_argument("--base", default="default", help="frozen causal LM whose features the head reads "
                    "(same forms as --policy); GGRO needs it to share the policy's vocabulary")
     p.add_argument("--save-head", help="also write the head alone to this file (safetensors: a few KB linear, "
@@ -75,7 +76,7 @@ def run(args) -> int:
         pairs_path = args.input or default_pairs_file(model, tok, out, hs)
     except MissingData as e:
         fail(str(e), 1)
-    examples, errors = read_pairs(str(pairs_path), tok)
+    examples, errors, rows = read_pairs(str(pairs_path), tok)
     for e in errors[:10]:
         print(f"skipped {e}", file=sys.stderr)
     if len(errors) > 10:
@@ -99,6 +100,9 @@ def run(args) -> int:
             "out_of_family": {k: v[0] for k, v in oof.items()}}
     guide.save_classifier(model, tok, w, out)
     (out / "report.json").write_text(json.dumps(meta, indent=2))
+    # the report split's pairs as read: `ggro eval --pairs OUT/heldout.jsonl` scores the whole guide on them
+    (out / "heldout.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                                               for r, s in zip(rows, split) if s == report_split), encoding="utf-8")
     if args.save_head:
         guide.save_head(w, Path(args.save_head), {"base": args.base, "accuracy": meta["accuracy"]})
     _print_report(args, meta, out, acc, trunc_acc, n_trunc, lofo, oof)

@@ -60,6 +60,9 @@ def test_train_reward_round_trip(tiny_models, tmp_path, capsys):
     assert "a.jsonl:line-33: line 33 is not valid JSON" in cap.err
     report = json.loads((out / "report.json").read_text())
     assert report["examples"] == 60 and report["skipped"] == 3
+    held = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert len(held) == report["split_counts"]["test"] and {h["source"] for h in held} <= {"plain", "conv"}
+    assert all(guide.split_of(guide.prompt_group(guide._messages(h["prompt"])), 0.3, 0.2) == "test" for h in held)
     assert sum(report["split_counts"].values()) == 60 and report["split_counts"]["train"] > 0
     assert set(report["accuracy"]) >= {"all"} and "held-out accuracy" in cap.out
     # each family (source) left out in turn: trained on the other, tested on it

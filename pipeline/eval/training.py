@@ -60,11 +60,12 @@ def policy_rollouts(model, tok, rows: list[dict], max_tokens: int, batch: int, k
     return out
 
 
-def read_pairs(path: str, tok) -> tuple[list, list[str]]:
-    """(examples, errors): every bad row is named with its place and reason."""
+def read_pairs(path: str, tok) -> tuple[list, list[str], list[dict]]:
+    """(examples, errors, rows): every bad row is named with its place and reason; `rows` are the good rows as
+    read, one per example."""
     from ggro.guide import parse_pair
     from ggro.rows import InputRow, read_rows
-    examples, errors = [], []
+    examples, errors, rows = [], [], []
     for item in read_rows(path, parse=lambda obj, where: (where, obj)):
         if isinstance(item, InputRow):          # a line that is not valid UTF-8 or JSON
             errors.append(f"{item.id}: {item.error}")
@@ -72,9 +73,10 @@ def read_pairs(path: str, tok) -> tuple[list, list[str]]:
         where, obj = item
         try:
             examples.append(parse_pair(obj, tok))
+            rows.append(obj)
         except ValueError as e:
             errors.append(f"{where}: {e}")
-    return examples, errors
+    return examples, errors, rows
 
 
 def report_table(acc: dict[str, tuple[float, int]]) -> str:
