@@ -130,31 +130,48 @@ def train_head(dc: torch.Tensor, dr: torch.Tensor, vc: torch.Tensor, vr: torch.T
     wt = _row_weights(weights, len(x))
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr)
-    # Validation loss turned up within tens of epochs on the default data and stopping there cost accuracy;
-    # accuracy keeps improving for longer. (A bias would cancel in every pair, so there is none.)
-    best = (-1.0, w.detach().clone(), 0)
-    for epoch in range(epochs):
+
+    def step():
         opt.zero_grad()
         loss = (wt * torch.nn.functional.softplus(-(x @ w))).mean() + l2 * (w * w).sum()
         loss.backward()
         opt.step()
-        if epoch % 10 == 9:
+        return loss
+
+    # (A bias would cancel in every pair, so there is none.)
+    acc, best, best_epoch, ran = _early_stopped(
+        step, lambda: float(((vx @ w) > 0).double().mean()) if len(vx) else None, lambda: w.detach().clone(),
+        epochs, patience, every=10)
+    return linear_head((best / scale).float()), {"val_accuracy": acc, "best_epoch": best_epoch, "epochs_run": ran}
+
+
+def _early_stopped(step, val_accuracy, snapshot, epochs: int, patience: int, every: int = 1):
+    """Run `step()` (one optimiser step, returning its loss) up to `epochs` times; every `every` epochs score
+    `val_accuracy()` (-loss where it gives None: no validation rows), keep the best `snapshot()`, and stop
+    `patience` epochs after the best. Returns (best accuracy, its snapshot, its epoch, epochs run).
+
+    Accuracy, not loss: validation loss turned up within tens of epochs on the default data and stopping there
+    cost accuracy; accuracy keeps improving for longer."""
+    best = (-1.0, snapshot(), 0)
+    for epoch in range(epochs):
+        loss = step()
+        if epoch % every == every - 1:
             with torch.no_grad():
-                acc = float(((vx @ w) > 0).double().mean()) if len(vx) else -float(loss)
+                acc = val_accuracy()
+            acc = -float(loss) if acc is None else acc
             if acc > best[0]:
-                best = (acc, w.detach().clone(), epoch + 1)
+                best = (acc, snapshot(), epoch + 1)
             elif epoch + 1 - best[2] >= patience:
                 break
-    head = linear_head((best[1] / scale).float())
-    return head, {"val_accuracy": best[0], "best_epoch": best[2], "epochs_run": epoch + 1}
+    return (*best, epoch + 1)
 
 
 def _row_weights(weights: torch.Tensor | None, n: int) -> torch.Tensor:
     return torch.ones(n, dtype=torch.float64) if weights is None else weights.double() / weights.double().mean()
 
 
-def mlp_head(dc, dr, vc, vr, weights, hidden: int = 32, fits: int = 5, epochs: int = 1500, patience: int = 200,
-             lr: float = 3e-3, weight_decay: float = 1e-2) -> tuple[torch.nn.Sequential, dict]:
+def mlp_head(dc, dr, vc, vr, weights, hidden: int, fits: int, epochs: int, patience: int, lr: float = 3e-3,
+             weight_decay: float = 1e-2) -> tuple[torch.nn.Sequential, dict]:
     """`fits` MLPs Linear(d, hidden) - GELU - Linear(hidden, 1), full-batch AdamW on the Bradley-Terry loss, each
     kept at its best validation accuracy; returned as ONE MLP of fits x hidden units that outputs their mean.
 
@@ -171,22 +188,21 @@ def mlp_head(dc, dr, vc, vr, weights, hidden: int = 32, fits: int = 5, epochs: i
             net = _mlp(dc.shape[1], hidden)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         margin = lambda a, b: (net(a) - net(b)).squeeze(-1)   # noqa: E731
-        best = (-1.0, None, 0)
-        for epoch in range(epochs):
+
+        def step():
             opt.zero_grad()
             loss = (torch.nn.functional.softplus(-margin(x_c, x_r)) * wt).mean()
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                acc = float((margin(v_c, v_r) > 0).float().mean()) if len(v_c) else -float(loss)
-            if acc > best[0]:
-                best = (acc, {k: t.clone() for k, t in net.state_dict().items()}, epoch + 1)
-            elif epoch + 1 - best[2] >= patience:
-                break
-        net.load_state_dict(best[1])
+            return loss
+
+        acc, state, best_epoch, _ = _early_stopped(
+            step, lambda: float((margin(v_c, v_r) > 0).float().mean()) if len(v_c) else None,
+            lambda: {k: t.clone() for k, t in net.state_dict().items()}, epochs, patience)
+        net.load_state_dict(state)
         nets.append(net)
-        fit["val_accuracy"].append(best[0])
-        fit["best_epoch"].append(best[2])
+        fit["val_accuracy"].append(acc)
+        fit["best_epoch"].append(best_epoch)
     return average_mlps(nets, mu, sd), fit
 
 

@@ -134,8 +134,13 @@ def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: 
         from .guide import shipped_guide
         return shipped_guide(load_model(spec, "causal", dtype, device))
     if kind == "classifier" and (head := _head_file(spec)) is not None:   # a causal LM + an MLP head beside it
+        from safetensors import SafetensorError
         from .guide import load_head, with_head
-        return with_head(load_model(spec, "causal", dtype, device, revision, trust_remote_code), load_head(head))
+        try:
+            score = load_head(head)
+        except (OSError, ValueError, SafetensorError) as e:
+            raise ModelLoadError(f"could not load the guide head {head}: {e}") from None
+        return with_head(load_model(spec, "causal", dtype, device, revision, trust_remote_code), score)
     where, kw = resolve(spec, revision, trust_remote_code)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     try:

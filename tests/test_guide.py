@@ -132,6 +132,9 @@ def test_train_reward_mlp_head(tiny_models, tmp_path):
                  "--max-new-tokens", "6"]) == 0
     got = pq.read_table(tmp_path / "aligned").to_pylist()
     assert len(got) == 2 and all(r["error"] is None and r["reward"] is not None for r in got)
+    (out / HEAD_FILE).write_bytes(b"not a head")      # a damaged head: a clear error, not a traceback
+    with pytest.raises(models.ModelLoadError, match="could not load the guide head"):
+        models.load_model(str(out), "classifier")
 
 
 def test_averaged_mlps_are_one_mlp():

@@ -180,12 +180,12 @@ def rollout_pairs(rows: list[dict], rollouts: dict[str, list[str]]) -> list[dict
     greedy's and over the first other complying rollout. Where it is wrong (a benign prompt) and greedy complies:
     greedy's over the first refusing rollout. The prefill is part of both responses. A prompt whose rollouts all
     refuse or all comply gives no pair."""
+    # the refusing side must decline (an apology alone teaches apologies); the complying side must not even
+    # look like a refusal
+    maybe = lambda t: is_refusal(t) or mentions_refusal(t)    # noqa: E731
     out = []
     for r in rows:
         texts = [t.strip() for t in rollouts.get(r["id"], ())]
-        # the refusing side must decline (an apology alone teaches apologies); the complying side must not even
-        # look like a refusal
-        maybe = lambda t: is_refusal(t) or mentions_refusal(t)    # noqa: E731
         if not texts or not texts[0] or maybe(texts[0]):
             continue
         refusing = [t for t in texts[1:] if is_refusal(t)]

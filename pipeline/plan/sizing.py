@@ -167,12 +167,11 @@ def folder_info(folder: Path, spec: str) -> ModelInfo:
         params, src = params_from_config(cfg), "config.json shapes"
     has_weights = counted is not None or any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
     archs = cfg.get("architectures") or []
-    if (folder / HEAD_FILE).is_file():     # a causal LM + an MLP guide head: a one-label classifier when loaded
-        return ModelInfo(spec, params, src, **shapes, classifier=True, num_labels=1, missing_weights=not has_weights)
-    return ModelInfo(spec, params, src, **shapes,
-                     classifier=any("SequenceClassification" in a for a in archs) if archs else None,
-                     num_labels=cfg.get("num_labels") or (len(cfg["id2label"]) if cfg.get("id2label") else None),
-                     missing_weights=not has_weights)
+    classifier = any("SequenceClassification" in a for a in archs) if archs else None
+    num_labels = cfg.get("num_labels") or (len(cfg["id2label"]) if cfg.get("id2label") else None)
+    head = (folder / HEAD_FILE).is_file()     # a causal LM + an MLP guide head: a one-label classifier when loaded
+    return ModelInfo(spec, params, src, **shapes, classifier=True if head else classifier,
+                     num_labels=1 if head else num_labels, missing_weights=not has_weights)
 
 
 def model_info(spec: str) -> ModelInfo:
