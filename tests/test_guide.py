@@ -132,9 +132,16 @@ def test_train_reward_mlp_head(tiny_models, tmp_path):
                  "--max-new-tokens", "6"]) == 0
     got = pq.read_table(tmp_path / "aligned").to_pylist()
     assert len(got) == 2 and all(r["error"] is None and r["reward"] is not None for r in got)
+    # a head trained on another backbone (another hidden size): caught by the planner and before any weights load
+    guide.save_head(guide._mlp(mlp[0].in_features + 1, 2), out / HEAD_FILE, {})
+    for check in (model_info, lambda s: models.load_model(s, "classifier")):
+        with pytest.raises(models.ModelLoadError, match=f"reads {mlp[0].in_features + 1} features"):
+            check(str(out))
     (out / HEAD_FILE).write_bytes(b"not a head")      # a damaged head: a clear error, not a traceback
     with pytest.raises(models.ModelLoadError, match="could not load the guide head"):
         models.load_model(str(out), "classifier")
+    with pytest.raises(models.ModelLoadError, match="not a readable safetensors file"):
+        model_info(str(out))
 
 
 def test_averaged_mlps_are_one_mlp():

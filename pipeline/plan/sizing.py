@@ -120,15 +120,30 @@ def safetensors_params(folder: Path) -> int | None:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    total = 0
-    for f in files:
-        with open(f, "rb") as fh:
+    return sum(math.prod(t["shape"]) for f in files for t in safetensors_shapes(f).values())
+
+
+def safetensors_shapes(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensors (name -> dtype, shape, offsets) from its JSON header: no tensor data read."""
+    try:
+        with open(path, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
+            if n > path.stat().st_size - 8:      # a damaged file's first bytes: never allocate what they say
+                raise ValueError(f"its header claims {n} bytes")
             header = json.loads(fh.read(n))
-        for name, t in header.items():
-            if name != "__metadata__":
-                total += math.prod(t["shape"])
-    return total
+    except (OSError, ValueError, struct.error) as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def head_inputs(path: Path) -> int:
+    """How many features a guide head file (ggro.guide.save_head: `score.weight` or `score.0.weight`) reads."""
+    shapes = safetensors_shapes(path)
+    first = shapes.get("score.weight") or shapes.get("score.0.weight")
+    if first is None:
+        raise ModelLoadError(f"{path}: not a guide head (tensors {sorted(shapes)})")
+    return first["shape"][-1]
 
 
 def gguf_info(path: Path) -> ModelInfo:
@@ -170,6 +185,9 @@ def folder_info(folder: Path, spec: str) -> ModelInfo:
     classifier = any("SequenceClassification" in a for a in archs) if archs else None
     num_labels = cfg.get("num_labels") or (len(cfg["id2label"]) if cfg.get("id2label") else None)
     head = (folder / HEAD_FILE).is_file()     # a causal LM + an MLP guide head: a one-label classifier when loaded
+    if head and shapes and (width := head_inputs(folder / HEAD_FILE)) != shapes["hidden"]:
+        raise ModelLoadError(f"{spec}: its guide head {HEAD_FILE} reads {width} features, but the model's hidden "
+                             f"size is {shapes['hidden']}: the head was trained on another backbone")
     return ModelInfo(spec, params, src, **shapes, classifier=True if head else classifier,
                      num_labels=1 if head else num_labels, missing_weights=not has_weights)
 
