@@ -389,6 +389,25 @@ def test_dry_run_rejects_inconsistent_config(tiny_models, capsys, no_weights):
     assert rc == 2 and "not found" in out
 
 
+@pytest.mark.parametrize("config, weights, says", [
+    ('[1, 2]', None, "holds a list, not a JSON object"),
+    ('{"hidden_size": "big", "num_attention_heads": 2, "num_hidden_layers": 2}', None, "hidden is 'big'"),
+    ('{"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, "vocab_size": "x"}', None, "vocab is 'x'"),
+    ('{"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": "n"}', None,
+     "context window is not an integer"),
+    ('{"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}', b"", "not a readable safetensors"),
+    ('{"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}', b"\xff" * 16, "header claims"),
+])
+def test_dry_run_broken_model_folder_is_a_clear_error(tmp_path, capsys, no_weights, config, weights, says):
+    """A broken or hostile config.json or safetensors header: exit 2 with what is wrong, never a traceback (nor a
+    MemoryError from a header length read off garbage)."""
+    (tmp_path / "config.json").write_text(config)
+    if weights is not None:
+        (tmp_path / "model.safetensors").write_bytes(weights)
+    rc, out = _run(["align", "--dry-run", "--policy", str(tmp_path), "--cluster-gpus", "0"], capsys)
+    assert rc == 2 and says in out and "Traceback" not in out, out
+
+
 def test_dry_run_needs_no_output_and_writes_nothing(tiny_models, tmp_path, capsys, no_weights):
     out_dir = tmp_path / "out"
     rc, out = _run(["align", "--dry-run", "--policy", tiny_models["policy"], "--output", str(out_dir),

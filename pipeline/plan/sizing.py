@@ -76,12 +76,20 @@ def shapes_from_config(cfg: dict) -> dict:
     layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
     if not (hidden and heads and layers):
         return {}
-    return dict(layers=layers, hidden=hidden, heads=heads,
-                kv_heads=_first(cfg, "num_key_value_heads", "num_kv_heads", default=heads),
-                head_dim=_first(cfg, "head_dim", default=hidden // heads),
-                intermediate=_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
-                vocab=_first(cfg, "vocab_size", default=0),
-                context=context_window(cfg))
+    shapes = dict(layers=layers, hidden=hidden, heads=heads,
+                  kv_heads=_first(cfg, "num_key_value_heads", "num_kv_heads", default=heads),
+                  head_dim=_first(cfg, "head_dim", default=None),
+                  intermediate=_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=None),
+                  vocab=_first(cfg, "vocab_size", default=0))
+    for name, v in shapes.items():      # a hostile or broken config.json: a clear error, not a TypeError later
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (name != "vocab")):
+            raise ConfigError(f"config.json: its {name} is {v!r}, not a positive integer")
+    shapes["head_dim"] = shapes["head_dim"] or hidden // heads
+    shapes["intermediate"] = shapes["intermediate"] or 4 * hidden
+    try:
+        return {**shapes, "context": context_window(cfg)}
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.json: its context window is not an integer ({e})") from None
 
 
 def params_from_config(cfg: dict) -> int:
@@ -174,6 +182,8 @@ def folder_info(folder: Path, spec: str) -> ModelInfo:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{cfg_path}: unreadable config.json ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_path}: config.json holds a {type(cfg).__name__}, not a JSON object")
     shapes = shapes_from_config(cfg)
     counted = safetensors_params(folder)
     if counted is not None:
