@@ -46,7 +46,8 @@ def parse_row(obj, where: str) -> InputRow:
     rid = str(rid) if rid is not None and rid != "" else content_id(
         {"prompt": prompt, "messages": messages, "prefill": prefill})
     meta = {k: v for k, v in obj.items() if k not in ("id", "prompt", "messages", "prefill")}
-    row = InputRow(id=rid, prefill=prefill or "", metadata=meta)
+    # an error row carries only what the output schema can hold: a non-string prefill is the error, not its value
+    row = InputRow(id=rid, prefill=prefill if isinstance(prefill, str) else "", metadata=meta)
 
     def bad(msg):
         row.error = msg

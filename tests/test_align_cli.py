@@ -36,10 +36,17 @@ def test_bad_rows_are_reported_and_nothing_disappears(tmp_path, tiny_models, cap
         json.dumps({"id": "good-2", "messages": [{"role": "user", "content": "what is the time"}],
                     "answer": "42"}).encode(),
         json.dumps({"id": "good-1", "prompt": "a duplicate id"}).encode(),
+        # values of the wrong type become error rows; none of them may reach (and break) the Parquet write
+        json.dumps({"id": "int-prefill", "prompt": "hi", "prefill": 7}).encode(),
+        json.dumps({"id": "list-prefill", "prompt": "hi", "prefill": ["a"]}).encode(),
+        json.dumps({"id": "int-prompt", "prompt": 5}).encode(),
+        json.dumps({"id": "dict-messages", "messages": {"role": "user", "content": "hi"}}).encode(),
+        json.dumps({"id": "image", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
+        json.dumps({"id": 5, "prompt": "a number for an id"}).encode(),
     ]
     src.write_bytes(b"\n".join(lines) + b"\n")
     code, out = align(tmp_path, tiny_models, src)
-    assert code == 3   # the output is complete, but 7 of 9 rows failed: more than --max-error-fraction 0.1
+    assert code == 3   # the output is complete, but 12 of 15 rows failed: more than --max-error-fraction 0.1
     rows = {r["id"]: r for r in read_output(out).to_pylist()}
     assert len(rows) == len(lines)
     assert rows["good-1"]["error"] is None and rows["good-1"]["response"] is not None
@@ -51,10 +58,15 @@ def test_bad_rows_are_reported_and_nothing_disappears(tmp_path, tiny_models, cap
     assert "context window of 256" in rows["too-long"]["error"]
     assert "messages[0]" in rows["bad-msg"]["error"]
     assert "duplicate id" in rows["good-1#dup2"]["error"]
+    assert all("`prefill` must be a string" in rows[k]["error"] and rows[k]["prefill"] == ""
+               for k in ("int-prefill", "list-prefill"))
+    assert "`prompt` must be a string" in rows["int-prompt"]["error"]
+    assert "`messages` must be" in rows["dict-messages"]["error"] and "messages[0]" in rows["image"]["error"]
+    assert rows["5"]["error"] is None and rows["5"]["response"] is not None      # an id is kept as text
     captured = capsys.readouterr()
-    assert "9 out (2 ok, 7 error) / 9 in [OK]" in captured.out
+    assert "15 out (3 ok, 12 error) / 15 in [OK]" in captured.out
     assert "too-long: prompt is 30" in captured.err   # errors are listed with id and reason
-    assert "7 of 9 rows are error rows" in captured.err
+    assert "12 of 15 rows are error rows" in captured.err
     assert align(tmp_path, tiny_models, src, "--max-error-fraction", "0.8")[0] == 0   # resumed: nothing to do
 
 
