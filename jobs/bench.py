@@ -24,11 +24,10 @@ import datetime as dt
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from ggro.config import SEARCH_MODES
 from jobs import logs
-from jobs.common import module_main
+from jobs.common import made_dir, module_main
 from jobs.logs import add_log_args
 
 QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], modes=[("faithful", None, None)], budgets=[None],
@@ -125,8 +124,7 @@ def run(args) -> int:
     gcfg, mcfg, s = resolve_methods(args, "bench", "--best-of-n and --refinements lists", settings, trace=False)
     args.limit = s["limit"]
     rows = read_input(args.input or example_prompts(), args.limit)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = made_dir(args.output)
     log = logs.log.info        # progress on stderr through the `ggro` logger (--log-level WARNING hides it)
     t0 = time.perf_counter()
     engine = load_engine(mcfg, s, args.threads)

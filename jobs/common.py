@@ -242,6 +242,17 @@ def fail(msg: str, code: int = 2):
     raise SystemExit(code)
 
 
+def made_dir(path, flag: str = "--output"):
+    """`path` as a folder that exists now (made with its parents), or exit 1 saying why it cannot be: checked
+    before any model loads, so no run's work is lost at its end to an unwritable path."""
+    from pathlib import Path
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot create the folder ({e.strerror or e})", 1)
+    return Path(path)
+
+
 def run_command(run, args: argparse.Namespace) -> int:
     """Run one command; a JobFailed from below jobs/ (pipeline.batch.job) becomes `ggro: error:` and its exit code."""
     from pipeline.batch.job import JobFailed

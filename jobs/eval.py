@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jobs import logs
 from jobs.bench import _ints, _modes
-from jobs.common import module_main
+from jobs.common import made_dir, module_main
 from jobs.logs import add_log_args
 from pipeline.eval.evaluate import PREFILL_ATTACK, PROBES
 
@@ -129,8 +129,7 @@ def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         fail("--limit must be >= 1")
     gcfg, mcfg, s = resolve_methods(args, "eval", "--best-of-n and --modes", settings, trace=True)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = made_dir(args.output)
     if args.pairs:
         return run_pairs(args, mcfg, out)
     rows = probe_input(args, s, out)

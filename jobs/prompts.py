@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import module_main
+from jobs.common import made_dir, module_main
 from pipeline.eval.sources import GSM8K_INSTRUCTION, SOURCES, MissingData, select
 
 
@@ -47,11 +47,11 @@ def run(args) -> int:
                       None if args.no_instruction else GSM8K_INSTRUCTION)
     except MissingData as e:
         fail(str(e), 1)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    out = made_dir(Path(args.output).parent) / Path(args.output).name
+    try:
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    except OSError as e:
+        fail(f"--output {out}: cannot write it ({e.strerror or e})", 1)
     src = SOURCES[args.source]
     print(f"wrote {len(rows)} {args.source} prompts to {out} (from {src.dist}, {src.license})", file=sys.stderr)
     return 0

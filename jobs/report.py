@@ -39,7 +39,10 @@ def run(args) -> int:
         base = pick_baseline(methods, args.baseline)
     except ValueError as e:
         fail(str(e))
-    res = write_report(methods, args.output, base, args.threshold, args.reward_unit)
+    try:
+        res = write_report(methods, args.output, base, args.threshold, args.reward_unit)
+    except OSError as e:
+        fail(f"--output {args.output}: cannot write the report there ({e.strerror or e})", 1)
     print(markdown_table(res["summary"], SUMMARY_COLUMNS))
     if any(s["_task_n"] for s in res["summary"]):
         print()

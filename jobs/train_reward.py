@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from ggro.threads import torch_threads
-from jobs.common import fail, module_main
+from jobs.common import fail, made_dir, module_main
 from jobs.logs import add_log_args, setup_logging
 from pipeline.eval.training import HeadFit, default_pairs_file, fit_head, out_of_family, read_pairs, report_table
 
@@ -63,8 +63,10 @@ def run(args) -> int:
         fail("--heldout and --val must be shares in [0, 1) that leave some prompts to train on")
     if args.hidden < 0 or args.fits < 1:
         fail("--hidden must be >= 0 and --fits >= 1")
+    out = made_dir(args.output)
+    if args.save_head:
+        made_dir(Path(args.save_head).parent, "--save-head")
     torch_threads()
-    out = Path(args.output)
     try:
         tok = models.load_tokenizer(args.base)
         model = models.load_model(args.base, "causal", args.dtype, args.device)

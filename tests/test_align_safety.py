@@ -182,6 +182,18 @@ def test_unusable_input_or_output_fails_before_models_load(tmp_path, case, capsy
         assert not (out / ".ggro.lock").exists() and read_manifest(out)["status"] == "failed"
 
 
+@pytest.mark.parametrize("argv", [["eval", "--quick", "--policy"], ["bench", "--quick", "--policy"],
+                                  ["train-reward", "--base"]])
+def test_the_other_commands_check_their_output_before_models_load(argv, tmp_path, capsys):
+    """--output under a file: exit 1 naming the path, before the (missing) model is looked for: no mkdir
+    traceback, and no run's work lost at its end."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main([*argv, str(tmp_path / "no-model"), "--output", str(tmp_path / "afile" / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"{tmp_path / 'afile' / 'out'}: cannot create the folder" in err, err
+
+
 def test_folder_input_names_skipped_files_and_reads_json_arrays(tmp_path, tiny_models, capsys):
     d = tmp_path / "in"
     d.mkdir()

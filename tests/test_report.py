@@ -86,6 +86,17 @@ def test_report_baseline_and_labels(outputs, tmp_path, capsys):
         main(["report", "--input", str(tmp_path / "empty"), "--output", str(out)])
 
 
+def test_report_input_or_output_it_cannot_use(outputs, tmp_path, capsys):
+    """A file where an output folder belongs, or a report folder that cannot be made: exit with what is wrong, not
+    pyarrow's or mkdir's traceback."""
+    part = next((outputs / "greedy").rglob("*.parquet"))
+    for args, says in ((["--input", str(part), "--output", str(tmp_path / "r")], "not a `ggro align` output folder"),
+                       (["--input", str(outputs / "greedy"), "--output", str(part / "r")], "cannot write the report")):
+        with pytest.raises(SystemExit) as e:
+            main(["report", *args])
+        assert e.value.code and says in capsys.readouterr().err
+
+
 def test_metric_functions():
     assert M.final_number("so the total is 2,280.") == 2280
     assert M.final_number("from 10-20 pages") == 20 and M.final_number("x = -5") == -5

@@ -32,8 +32,12 @@ def load_methods(dirs: list[str], labels: list[str] | None = None) -> list[Metho
     name when two inputs share a method (e.g. ggro runs with different S)."""
     from pipeline.batch.output import read_output
     groups = []
+    import pyarrow as pa
     for d in dirs:
-        table = read_output(d)
+        try:
+            table = read_output(d)
+        except (OSError, pa.ArrowException) as e:   # a file, or Parquet that is not an align output
+            raise ValueError(f"{d}: not a `ggro align` output folder ({e.__class__.__name__}: {e})") from None
         by_method: dict[str, list] = {}
         for row in table.to_pylist():
             by_method.setdefault(row["method"] or "?", []).append(row)
