@@ -158,7 +158,7 @@ def _early_stopped(step, val_accuracy, snapshot, epochs: int, patience: int, eve
         if epoch % every == every - 1:
             with torch.no_grad():
                 acc = val_accuracy()
-            acc = -float(loss) if acc is None else acc
+            acc = -float(loss.detach()) if acc is None else acc
             if acc > best[0]:
                 best = (acc, snapshot(), epoch + 1)
             elif epoch + 1 - best[2] >= patience:

@@ -115,7 +115,11 @@ def _print_report(args, meta: dict, out: Path, acc: dict, trunc_acc, n_trunc: in
     from ggro import guide
     split = meta["report_split"]
     print(f"pairs: {meta['examples']} used, {meta['skipped']} skipped; pairs per split {meta['split_counts']}")
-    print(f"{split} split, pairwise accuracy (whole responses):\n{report_table(acc)}")
+    if not meta["split_counts"][split]:
+        print(f"no pairs in the {split} split ({meta['examples']} pairs in all): this head's accuracy is unmeasured; "
+              "give pairs of more prompts (the split is by prompt)", file=sys.stderr)
+    else:
+        print(f"{split} split, pairwise accuracy (whole responses):\n{report_table(acc)}")
     if trunc_acc is not None:
         print(f"{split} split, pairs cut at {'/'.join(map(str, guide.TRUNCATIONS))} response tokens: "
               f"{trunc_acc:.1%} ({n_trunc})")
