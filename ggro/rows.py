@@ -141,16 +141,32 @@ def check_parquet(filesystem, path: str) -> None:
         raise InputError(f"--input {path} is not a readable Parquet file: {e}") from None
 
 
-def iter_lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Lines (split on \\n, the \\n kept) of a binary stream that has only `read` (pyarrow input streams)."""
-    rest = b""
+MAX_LINE_BYTES = 64 << 20     # a JSON Lines row longer than this is an error row, not a driver out of memory
+
+
+class LongLine(int):
+    """What iter_lines yields for a line over its limit (the line's length in bytes; its bytes are dropped)."""
+
+
+def iter_lines(stream, chunk: int = 1 << 20, limit: int | None = None) -> Iterator[bytes | LongLine]:
+    """Lines (split on \\n, the \\n kept) of a binary stream that has only `read` (pyarrow input streams).
+    A line longer than `limit` bytes comes as a LongLine instead: a file with no newlines (a binary file named
+    .jsonl) is read in bounded memory, in linear time."""
+    parts, size = [], 0          # the line so far, in pieces: no quadratic re-joining of a long line
     while data := stream.read(chunk):
-        lines = (rest + data).split(b"\n")
-        rest = lines.pop()
-        for line in lines:
-            yield line + b"\n"
-    if rest:
-        yield rest
+        *whole, tail = data.split(b"\n")
+        for piece in whole:
+            if limit is not None and size + len(piece) > limit:
+                yield LongLine(size + len(piece) + 1)
+            else:
+                yield b"".join(parts) + piece + b"\n"
+            parts, size = [], 0
+        size += len(tail)
+        parts = [] if limit is not None and size > limit else parts + [tail]
+    if size and (limit is None or size <= limit):
+        yield b"".join(parts)
+    elif size:
+        yield LongLine(size)
 
 
 def file_rows(stream, name: str, kind: str, batch_rows: int = 4096, parse=None) -> Iterator[tuple[int, InputRow]]:
@@ -177,8 +193,13 @@ def file_rows(stream, name: str, kind: str, batch_rows: int = 4096, parse=None) 
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"--input file {name} is not a readable Parquet file: {e}") from None
         return
-    lines = iter_lines(stream)
+    # a .json file may be one JSON array, read whole; a .jsonl file's lines are capped
+    lines = iter_lines(stream, limit=None if name.lower().endswith(".json") else MAX_LINE_BYTES)
     for n, raw in enumerate(lines, 1):
+        if isinstance(raw, LongLine):
+            yield n, InputRow(id=f"{name}:line-{n}", error=f"line {n} is {int(raw):,} bytes, over the "
+                                                             f"{MAX_LINE_BYTES:,} a row may take")
+            continue
         if n == 1 and raw.startswith(BOM):
             raw = raw[len(BOM):]
         if n == 1 and name.lower().endswith(".json") and raw.lstrip().startswith(b"["):

@@ -70,6 +70,20 @@ def test_corrupt_parquet_and_bad_json_array_are_clear_errors(tmp_path):
         list(read_rows(arr))
 
 
+def test_an_over_long_line_is_an_error_row_read_in_bounded_memory(tmp_path, monkeypatch):
+    """A JSON Lines line over MAX_LINE_BYTES (a binary file named .jsonl has no newlines: the whole file was one
+    line, joined in memory) is an error row naming its size; the rows around it are read as usual."""
+    import ggro.rows
+    monkeypatch.setattr(ggro.rows, "MAX_LINE_BYTES", 1000)
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(b'{"id": "a", "prompt": "hi"}\n' + b"\x00" * 5000 + b'\n{"id": "b", "prompt": "there"}\n'
+                  + b"x" * 3000)
+    rows = list(read_rows(f))
+    assert [r.id for r in rows] == ["a", "in.jsonl:line-2", "b", "in.jsonl:line-4"]
+    assert rows[1].error == "line 2 is 5,001 bytes, over the 1,000 a row may take" and rows[3].error.startswith(
+        "line 4 is 3,000 bytes") and rows[0].error is None and rows[2].error is None
+
+
 def test_aligner_blocks_are_whole_calls_and_feed_every_aligner():
     from pipeline.batch.ray_align import BLOCKS_PER_ALIGNER, MAX_CALLS_PER_BLOCK, aligner_block_rows
     for todo in (1, 50, 1_000, 20_000, 500_000):
