@@ -185,7 +185,7 @@ class GGROConfig:
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.num_refinements >= 1, "num_refinements must be >= 1"),
             (self.top_k >= 1, "top_k must be >= 1"),
-            (self.nudge_temperature > 0, "nudge_temperature must be > 0"),
+            (0 < self.nudge_temperature < math.inf, "nudge_temperature must be a number > 0"),
             (self.selection in ("greedy", "sample"), "selection must be 'greedy' or 'sample'"),
             (self.scoring in ("faithful", "taylor"), "scoring must be 'faithful' or 'taylor'"),
             # a high-entropy stop drops its token: with 1 a segment could be empty and never advance
@@ -196,7 +196,7 @@ class GGROConfig:
             (self.min_segment_tokens >= 2, "min_segment_tokens must be >= 2"),
             (self.initial_insertion_offset >= 0, "initial_insertion_offset must be >= 0"),
             (self.n >= 1, "n must be >= 1"),
-            (self.temperature > 0, "temperature must be > 0 (use --method greedy for greedy decoding)"),
+            (0 < self.temperature < math.inf, "temperature must be a number > 0 (use --method greedy for greedy decoding)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (not math.isnan(self.entropy_threshold), "entropy_threshold must be a number"),
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 
 import pytest
 import yaml
@@ -216,3 +217,15 @@ def test_fill_admits_prompts_until_a_decode_call_is_as_full_as_best_of_n():
     assert config_hash(g, m) == config_hash(g, ModelConfig(batch_size=8))
     with pytest.raises(Exception, match="fill"):
         ModelConfig(fill=0)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("temperature", math.inf, "temperature must be a number > 0"), ("temperature", math.nan, "temperature must be"),
+    ("nudge_temperature", math.inf, "nudge_temperature must be a number > 0"), ("top_p", math.nan, "top_p must be"),
+    ("entropy_threshold", math.nan, "entropy_threshold must be a number")])
+def test_non_finite_search_settings_are_refused(field, value, words):
+    """An infinite temperature made every sampling logit 0 (or NaN beside a -inf logit) and an infinite nudge
+    temperature every proposal a tie: refused like any other bad value."""
+    from ggro.config import ConfigError, GGROConfig
+    with pytest.raises(ConfigError, match=words):
+        GGROConfig(**{field: value})
