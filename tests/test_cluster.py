@@ -397,6 +397,8 @@ def test_dry_run_rejects_inconsistent_config(tiny_models, capsys, no_weights):
      "context window is not an integer"),
     ('{"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}', b"", "not a readable safetensors"),
     ('{"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}', b"\xff" * 16, "header claims"),
+    ('{"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}', b"\x02" + b"\x00" * 7 + b"[]",
+     "its header is a list"),
 ])
 def test_dry_run_broken_model_folder_is_a_clear_error(tmp_path, capsys, no_weights, config, weights, says):
     """A broken or hostile config.json or safetensors header: exit 2 with what is wrong, never a traceback (nor a

@@ -139,9 +139,14 @@ def safetensors_shapes(path: Path) -> dict[str, dict]:
             if n > path.stat().st_size - 8:      # a damaged file's first bytes: never allocate what they say
                 raise ValueError(f"its header claims {n} bytes")
             header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a {type(header).__name__}")
+        header.pop("__metadata__", None)
+        if not all(isinstance(t, dict) and isinstance(t.get("shape"), list)
+                   and all(isinstance(d, int) and d >= 0 for d in t["shape"]) for t in header.values()):
+            raise ValueError("a tensor in its header has no shape")
     except (OSError, ValueError, struct.error) as e:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
     return header
 
 
