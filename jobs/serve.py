@@ -11,6 +11,7 @@ API key from GGRO_API_KEY), which is what a RayService `import_path: jobs.serve:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -117,6 +118,24 @@ def check_vocabulary(settings) -> None:
         fail(why, 1)
 
 
+def check_port(host: str, port: int) -> None:
+    """Exit 1 before Ray starts when host:port cannot be bound here (in use, or not this machine's address):
+    Serve's proxy would otherwise die in its readiness check, after the cluster came up, with an opaque error."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        fail(f"--host {host}: cannot resolve it ({e})", 1)
+    family, kind, _, _, addr = infos[0]
+    with socket.socket(family, kind) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds: TIME_WAIT does not count
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            fail(f"cannot listen on {host}:{port} ({e.strerror or e}): another server holds the port, or the host "
+                 "is not an address of this machine; pick another with --port / --host", 1)
+
+
 def run(args) -> int:
     setup_logging(args)
     try:
@@ -127,17 +146,29 @@ def run(args) -> int:
         from jobs.plan import dry_run
         return dry_run(args, settings.gcfg, settings.mcfg, settings.resources)
     check_vocabulary(settings)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):     # Serve's proxy will listen on this machine
+        check_port(args.host, args.port)
     from ray import serve
     from pipeline.batch.ray_align import connect
     from actors.resources import ClusterUnreachable
     from pipeline.serve.app import build_app
+    from ray.exceptions import RayError
     try:   # align's connect: an unreachable or token-auth cluster is a clear message, not Ray's traceback
         ray = connect(args.address, log_to_driver=log_to_driver(args))
     except ClusterUnreachable as e:
         fail(str(e), 1)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    log.info("ggro serve: loading %s ...", settings.mcfg.policy)
-    serve.run(build_app(settings), name="ggro", route_prefix="/")
+    try:   # a proxy or replica that does not come up: what failed and what to check, not Ray's traceback
+        serve.start(http_options={"host": args.host, "port": args.port})
+        log.info("ggro serve: loading %s ...", settings.mcfg.policy)
+        serve.run(build_app(settings), name="ggro", route_prefix="/")
+    except (RuntimeError, RayError) as e:
+        with contextlib.suppress(Exception):      # what did come up goes down; its own errors add nothing
+            serve.shutdown()
+        ray.shutdown()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        fail(f"Ray Serve did not start ({e.__class__.__name__}: {first}). Check that {args.host}:{args.port} is "
+             "free on the node that runs the HTTP proxy, and the replicas' logs (ray logs / the dashboard); an "
+             "overloaded machine can also miss Serve's start-up deadlines", 1)
     url = f"http://{args.host}:{args.port}"
     log.info("ggro serve: ready at %s/v1 (model %r%s); Ctrl-C to stop", url, settings.model_name,
              ", API key required" if settings.api_key else "")

@@ -182,6 +182,8 @@ def test_concurrent_requests_with_different_settings(client):
 BAD = [
     (b"{not json", 400, "invalid_json"),
     (b"[1, 2]", 400, "invalid_json"),
+    (b"[" * 100000 + b"]" * 100000, 400, "invalid_json"),           # json.loads' RecursionError was a 500
+    (b'{"model": "tiny", "n": 1' + b"0" * 5000 + b"}", 400, "invalid_json"),   # beyond int's 4300 digits: a 500
     ({"model": "tiny", "messages": "hi"}, 400, "invalid_type"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "invalid_type"),
     ({"model": "tiny", "messages": []}, 400, "invalid_value"),
@@ -515,6 +517,25 @@ def test_serve_refuses_a_reward_model_of_another_vocabulary_for_ggro(tiny_models
     assert e.value.code == 1 and "one shared vocabulary" in err and "pass --method best-of-n or --method greedy" in err
     with pytest.raises(RayStarted):
         main(flags + ["--method", "greedy"])
+
+
+def test_serve_says_when_its_port_is_taken(tiny_models, capsys, monkeypatch):
+    """A port another server holds: exit 1 with what to change, before Ray starts (Serve's proxy would die in its
+    readiness check with an opaque ActorDiedError after the cluster came up)."""
+    from jobs.serve import main
+
+    def start(*a, **kw):
+        raise RayStarted
+    monkeypatch.setattr("pipeline.batch.ray_align.connect", start)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with pytest.raises(SystemExit) as e:
+            main(["--policy", tiny_models["policy"], "--port", str(held.getsockname()[1])])
+    assert e.value.code == 1 and "pick another with --port" in capsys.readouterr().err
+    with pytest.raises(RayStarted):          # the port free again: on to Ray
+        main(["--policy", tiny_models["policy"], "--port", str(free_port())])
 
 
 def test_serve_says_why_it_cannot_reach_the_cluster(tiny_models, tmp_path):

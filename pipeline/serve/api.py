@@ -104,8 +104,9 @@ def parse_json(raw: bytes) -> dict:
         raise ApiError(400, "request body is empty: send a JSON object", code="invalid_json")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    # ValueError: an integer over Python's 4300 digits; RecursionError: arrays or objects nested thousands deep
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
