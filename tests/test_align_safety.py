@@ -182,6 +182,23 @@ def test_unusable_input_or_output_fails_before_models_load(tmp_path, case, capsy
         assert not (out / ".ggro.lock").exists() and read_manifest(out)["status"] == "failed"
 
 
+def test_a_damaged_part_file_is_named_and_its_rows_come_back(tmp_path, tiny_models, capsys):
+    """A part file cut after ggro wrote it (an interrupted copy or sync of the folder): the rerun said nothing
+    useful (pyarrow's traceback); now it names the part and the fix, and after the fix every row is there once."""
+    inp, out = write_jsonl(tmp_path / "in.jsonl", PROMPTS), tmp_path / "out"
+    assert main(flags(tiny_models, inp, out)) == 0
+    parts = sorted(out.glob("part-*.parquet"))
+    assert parts
+    parts[0].write_bytes(parts[0].read_bytes()[:200])
+    with pytest.raises(SystemExit) as e:
+        main(flags(tiny_models, inp, out))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"{parts[0]} is damaged" in err and "Move it out" in err and "Traceback" not in err
+    parts[0].rename(tmp_path / parts[0].name)
+    assert main(flags(tiny_models, inp, out)) == 0
+    assert sorted(read_output(out).column("id").to_pylist()) == ["a", "b"]
+
+
 @pytest.mark.parametrize("argv", [["eval", "--quick", "--policy"], ["bench", "--quick", "--policy"],
                                   ["train-reward", "--base"]])
 def test_the_other_commands_check_their_output_before_models_load(argv, tmp_path, capsys):

@@ -190,8 +190,14 @@ def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Tab
 
 
 def _read_part(fs, f: str, columns: list[str]) -> pa.Table:
-    have = pq.read_schema(f, filesystem=fs).names
-    t = pq.read_table(f, filesystem=fs, columns=[c for c in columns if c in have])
+    """One part file's `columns` (the one reader of parts: resume, summaries, reports). A part damaged after ggro
+    wrote it (parts are written whole, then renamed: a cut copy or sync of the folder) is an OutputError naming it."""
+    try:
+        have = pq.read_schema(f, filesystem=fs).names
+        t = pq.read_table(f, filesystem=fs, columns=[c for c in columns if c in have])
+    except pa.ArrowInvalid as e:
+        raise OutputError(f"{f} is damaged ({e}): ggro cannot tell which rows it held. Move it out of the output "
+                          "folder and rerun the same command: the rows it held are aligned again") from None
     for c in columns:          # parts written before a column existed (e.g. finish_reason) read as null
         if c not in have:
             t = t.append_column(OUTPUT_SCHEMA.field(c), pa.nulls(t.num_rows, OUTPUT_SCHEMA.field(c).type))

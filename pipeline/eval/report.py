@@ -33,9 +33,12 @@ def load_methods(dirs: list[str], labels: list[str] | None = None) -> list[Metho
     from pipeline.batch.output import read_output
     groups = []
     import pyarrow as pa
+    from pipeline.batch.output import OutputError
     for d in dirs:
         try:
             table = read_output(d)
+        except OutputError as e:                      # a damaged part file
+            raise ValueError(str(e)) from None
         except (OSError, pa.ArrowException) as e:   # a file, or Parquet that is not an align output
             raise ValueError(f"{d}: not a `ggro align` output folder ({e.__class__.__name__}: {e})") from None
         by_method: dict[str, list] = {}
