@@ -80,6 +80,15 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
     lock = OutputLock(out).acquire()                 # stale: taken over
     assert lock.holder()["token"] == lock.token
     lock.release()
+    # killed but not yet reaped (a zombie: `kill -9` and an immediate rerun): its pid still answers kill(0)
+    from pipeline.batch.lock import _proc_start
+    zombie = subprocess.Popen(["true"])
+    while open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)
+    (out / ".ggro.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": zombie.pid,
+                                                "proc_start": _proc_start(zombie.pid), "started": "x"}))
+    OutputLock(out).acquire().release()
+    zombie.wait()
     # another host: stale only once its holder stopped refreshing the file for stale_after_s
     (out / ".ggro.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
     with pytest.raises(OutputLocked, match="host elsewhere"):

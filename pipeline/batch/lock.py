@@ -19,13 +19,21 @@ from pipeline.batch.output import LOCK, OutputError, OutputLocked, output_fs
 EMPTY_STALE_S = 10.0
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the holder."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (Linux): [0] the state, [19] the start time in clock ticks
+    since boot."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields if len(fields) > 19 else None
     except (OSError, IndexError):
         return None
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time, to tell a reused pid from the holder."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat else None
 
 
 def _alive(pid: int, proc_start: str | None) -> bool:
@@ -35,7 +43,10 @@ def _alive(pid: int, proc_start: str | None) -> bool:
         return False
     except PermissionError:
         pass
-    return proc_start is None or _proc_start(pid) in (None, proc_start)
+    stat = _proc_stat(pid)
+    if stat and stat[0] in ("Z", "X"):     # killed, not yet reaped by its parent: it holds nothing
+        return False
+    return proc_start is None or stat is None or stat[19] == proc_start
 
 
 class OutputLock:
