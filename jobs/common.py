@@ -260,10 +260,17 @@ def run_command(run, args: argparse.Namespace) -> int:
         return run(args) or 0
     except JobFailed as e:
         fail(str(e), e.code)
+    except KeyboardInterrupt:     # Ctrl-C: a line, not the traceback of whatever kernel was running
+        out = getattr(args, "output", None)
+        kept = (f"; what {out} holds is whole (rerun the same command to resume)"
+                if out and getattr(args, "command", None) in ("align", "dpo") else "")
+        print(f"\nggro: interrupted{kept}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def module_main(module: str, doc: str | None, add_args, run, argv=None) -> int:
     """`python -m jobs.<name>` (what `ray job submit` runs): the same flags and behaviour as `ggro <name>`."""
     p = Parser(prog=f"python -m {module}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_args(p)
+    p.set_defaults(command=module.rsplit(".", 1)[-1])
     return run_command(run, p.parse_args(argv))

@@ -199,6 +199,36 @@ def test_a_damaged_part_file_is_named_and_its_rows_come_back(tmp_path, tiny_mode
     assert sorted(read_output(out).column("id").to_pylist()) == ["a", "b"]
 
 
+def test_ctrl_c_is_a_line_and_the_rerun_resumes(tmp_path, tiny_models):
+    """SIGINT mid-run: exit 130 with one line saying the output is whole (not a torch kernel's traceback), and
+    the same command finishes the job."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    n = 2000
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": f"p{i}", "prompt": f"tell me about {i}"} for i in range(n)])
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "jobs.align", *flags(tiny_models, inp, out, "--max-new-tokens", "24")[1:]]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, env={**os.environ, "GGRO_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    err = bytearray()
+    reader = threading.Thread(target=lambda: [err.extend(c) for c in iter(lambda: proc.stderr.read1(4096), b"")])
+    reader.start()
+    deadline = time.time() + 120         # interrupt once rows are being aligned (the bar has moved)
+    while not re.search(rb"[1-9][0-9]*/%d \[" % n, err) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join()
+    text = err.decode()
+    assert proc.returncode == 130 and "ggro: interrupted; what" in text and "Traceback" not in text, text[-3000:]
+    assert main(flags(tiny_models, inp, out, "--max-new-tokens", "24")) == 0
+    assert sorted(read_output(out).column("id").to_pylist()) == sorted(f"p{i}" for i in range(n))
+
+
 @pytest.mark.parametrize("argv", [["eval", "--quick", "--policy"], ["bench", "--quick", "--policy"],
                                   ["train-reward", "--base"]])
 def test_the_other_commands_check_their_output_before_models_load(argv, tmp_path, capsys):
