@@ -253,19 +253,37 @@ def made_dir(path, flag: str = "--output"):
     return Path(path)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`ray job stop`, a pod's shutdown, `timeout`), raised like Ctrl-C so the run unwinds: its manifest
+    says it failed and its output lock is released, instead of the process vanishing mid-step."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
 def run_command(run, args: argparse.Namespace) -> int:
-    """Run one command; a JobFailed from below jobs/ (pipeline.batch.job) becomes `ggro: error:` and its exit code."""
+    """Run one command; a JobFailed from below jobs/ (pipeline.batch.job) becomes `ggro: error:` and its exit code;
+    Ctrl-C and SIGTERM one line and 130 / 143."""
+    import signal
+    import threading
     from pipeline.batch.job import JobFailed
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         return run(args) or 0
     except JobFailed as e:
         fail(str(e), e.code)
-    except KeyboardInterrupt:     # Ctrl-C: a line, not the traceback of whatever kernel was running
+    except KeyboardInterrupt as e:     # a line, not the traceback of whatever kernel was running
         out = getattr(args, "output", None)
         kept = (f"; what {out} holds is whole (rerun the same command to resume)"
                 if out and getattr(args, "command", None) in ("align", "dpo") else "")
-        print(f"\nggro: interrupted{kept}", file=sys.stderr)
-        raise SystemExit(130) from None
+        term = isinstance(e, Terminated)
+        print(f"\nggro: {'terminated (SIGTERM)' if term else 'interrupted'}{kept}", file=sys.stderr)
+        raise SystemExit(143 if term else 130) from None
+    finally:
+        if main:       # a caller's own handler (pytest's, a notebook's) comes back
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 def module_main(module: str, doc: str | None, add_args, run, argv=None) -> int:

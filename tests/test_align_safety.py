@@ -199,9 +199,10 @@ def test_a_damaged_part_file_is_named_and_its_rows_come_back(tmp_path, tiny_mode
     assert sorted(read_output(out).column("id").to_pylist()) == ["a", "b"]
 
 
-def test_ctrl_c_is_a_line_and_the_rerun_resumes(tmp_path, tiny_models):
-    """SIGINT mid-run: exit 130 with one line saying the output is whole (not a torch kernel's traceback), and
-    the same command finishes the job."""
+@pytest.mark.parametrize("sig, code, says", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_is_a_line_and_the_rerun_resumes(tmp_path, tiny_models, sig, code, says):
+    """SIGINT or SIGTERM mid-run: one line saying the output is whole (not a torch kernel's traceback; SIGTERM
+    killed the process mid-step, lock and all), and the same command finishes the job."""
     import re
     import signal
     import subprocess
@@ -220,11 +221,12 @@ def test_ctrl_c_is_a_line_and_the_rerun_resumes(tmp_path, tiny_models):
     deadline = time.time() + 120         # interrupt once rows are being aligned (the bar has moved)
     while not re.search(rb"[1-9][0-9]*/%d \[" % n, err) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     proc.wait(timeout=120)
     reader.join()
     text = err.decode()
-    assert proc.returncode == 130 and "ggro: interrupted; what" in text and "Traceback" not in text, text[-3000:]
+    assert proc.returncode == code and f"ggro: {says}; what" in text and "Traceback" not in text, text[-3000:]
+    assert not (out / ".ggro.lock").exists() and read_manifest(out)["status"] == "failed"
     assert main(flags(tiny_models, inp, out, "--max-new-tokens", "24")) == 0
     assert sorted(read_output(out).column("id").to_pylist()) == sorted(f"p{i}" for i in range(n))
 
