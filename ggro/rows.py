@@ -162,7 +162,10 @@ def iter_lines(stream, chunk: int = 1 << 20, limit: int | None = None) -> Iterat
                 yield b"".join(parts) + piece + b"\n"
             parts, size = [], 0
         size += len(tail)
-        parts = [] if limit is not None and size > limit else parts + [tail]
+        if limit is not None and size > limit:
+            parts = []           # over the limit: its bytes are dropped, only its length counts
+        else:
+            parts.append(tail)
     if size and (limit is None or size <= limit):
         yield b"".join(parts)
     elif size:

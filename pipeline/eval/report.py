@@ -30,10 +30,9 @@ class MethodRows:
 def load_methods(dirs: list[str], labels: list[str] | None = None) -> list[MethodRows]:
     """One MethodRows per (input folder, method). Default labels: the method name, or the folder's
     name when two inputs share a method (e.g. ggro runs with different S)."""
-    from pipeline.batch.output import read_output
-    groups = []
     import pyarrow as pa
-    from pipeline.batch.output import OutputError
+    from pipeline.batch.output import OutputError, read_output
+    groups = []
     for d in dirs:
         try:
             table = read_output(d)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ggro.hf_folder import check_head, safetensors_shapes
 from ggro.config import (DEFAULT_NAME, GRAD_TOKENS, HEAD_FILE, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig,
                          ModelLoadError, cache_dir, cached_prefixes, context_window, locate)
 
@@ -131,34 +131,6 @@ def safetensors_params(folder: Path) -> int | None:
     return sum(math.prod(t["shape"]) for f in files for t in safetensors_shapes(f).values())
 
 
-def safetensors_shapes(path: Path) -> dict[str, dict]:
-    """A safetensors file's tensors (name -> dtype, shape, offsets) from its JSON header: no tensor data read."""
-    try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > path.stat().st_size - 8:      # a damaged file's first bytes: never allocate what they say
-                raise ValueError(f"its header claims {n} bytes")
-            header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError(f"its header is a {type(header).__name__}")
-        header.pop("__metadata__", None)
-        if not all(isinstance(t, dict) and isinstance(t.get("shape"), list)
-                   and all(isinstance(d, int) and d >= 0 for d in t["shape"]) for t in header.values()):
-            raise ValueError("a tensor in its header has no shape")
-    except (OSError, ValueError, struct.error) as e:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
-    return header
-
-
-def head_inputs(path: Path) -> int:
-    """How many features a guide head file (ggro.guide.save_head: `score.weight` or `score.0.weight`) reads."""
-    shapes = safetensors_shapes(path)
-    first = shapes.get("score.weight") or shapes.get("score.0.weight")
-    if first is None:
-        raise ModelLoadError(f"{path}: not a guide head (tensors {sorted(shapes)})")
-    return first["shape"][-1]
-
-
 def gguf_info(path: Path) -> ModelInfo:
     try:
         from gguf import GGUFReader
@@ -200,9 +172,8 @@ def folder_info(folder: Path, spec: str) -> ModelInfo:
     classifier = any("SequenceClassification" in a for a in archs) if archs else None
     num_labels = cfg.get("num_labels") or (len(cfg["id2label"]) if cfg.get("id2label") else None)
     head = (folder / HEAD_FILE).is_file()     # a causal LM + an MLP guide head: a one-label classifier when loaded
-    if head and shapes and (width := head_inputs(folder / HEAD_FILE)) != shapes["hidden"]:
-        raise ModelLoadError(f"{spec}: its guide head {HEAD_FILE} reads {width} features, but the model's hidden "
-                             f"size is {shapes['hidden']}: the head was trained on another backbone")
+    if head and shapes:
+        check_head(spec, folder / HEAD_FILE, shapes["hidden"])
     return ModelInfo(spec, params, src, **shapes, classifier=True if head else classifier,
                      num_labels=1 if head else num_labels, missing_weights=not has_weights)
 
