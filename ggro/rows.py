@@ -34,7 +34,8 @@ class InputRow:
 
 
 def content_id(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    # default=str: a Parquet row's values need not be JSON types (bytes that are not UTF-8, a timestamp)
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
 
 
 def parse_row(obj, where: str) -> InputRow:
@@ -148,6 +149,17 @@ class LongLine(int):
     """What iter_lines yields for a line over its limit (the line's length in bytes; its bytes are dropped)."""
 
 
+def _utf8(value):
+    """Parquet written without string annotations (Spark, Hive) holds text as binary: read it as the text it is
+    (an id would otherwise become "b'...'"); bytes that are not UTF-8 stay bytes, which parse_row refuses."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return value
+
+
 def iter_lines(stream, chunk: int = 1 << 20, limit: int | None = None) -> Iterator[bytes | LongLine]:
     """Lines (split on \\n, the \\n kept) of a binary stream that has only `read` (pyarrow input streams).
     A line longer than `limit` bytes comes as a LongLine instead: a file with no newlines (a binary file named
@@ -192,7 +204,7 @@ def file_rows(stream, name: str, kind: str, batch_rows: int = 4096, parse=None) 
             for batch in pf.iter_batches(batch_size=batch_rows):
                 for obj in batch.to_pylist():
                     n += 1
-                    yield n, parse({k: v for k, v in obj.items() if v is not None}, f"{name}:row-{n}")
+                    yield n, parse({k: _utf8(v) for k, v in obj.items() if v is not None}, f"{name}:row-{n}")
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"--input file {name} is not a readable Parquet file: {e}") from None
         return

@@ -59,6 +59,22 @@ def test_a_copys_generated_id_never_collides_with_a_real_one():
     assert out == ["d1", "d1#dup2.3", "d1#dup2", "d1#dup2#dup2", "d1#dup3.2", "d1#dup2.2", "d1#dup3", "d1#dup4"]
 
 
+def test_binary_parquet_columns_are_read_as_text(tmp_path):
+    """Spark and Hive may write text as unannotated binary: valid UTF-8 is the text it holds (ids stay ids);
+    bytes that are not UTF-8 are an error row, with or without an id of their own, and never stop the read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    f = tmp_path / "spark.parquet"
+    pq.write_table(pa.table({"id": pa.array([b"a", b"b", None], pa.binary()),
+                             "prompt": pa.array([b"caf\xc3\xa9 ?", b"\xff\xfe", b"\xff"], pa.binary()),
+                             "extra": pa.array([b"x", b"\xff", b"y"], pa.binary())}), f)
+    rows = list(read_rows(f))
+    assert [r.id for r in rows[:2]] == ["a", "b"] and rows[0].error is None and rows[0].prompt == "caf\u00e9 ?"
+    assert rows[0].metadata == {"extra": "x"}
+    assert all("`prompt` must be a string, got bytes" in r.error for r in rows[1:])
+    assert len(rows[2].id) == 16 and rows[2].id == list(read_rows(f))[2].id   # a content id, stable
+
+
 def test_corrupt_parquet_and_bad_json_array_are_clear_errors(tmp_path):
     bad = tmp_path / "x.parquet"
     bad.write_bytes(b"PAR1 not really")
