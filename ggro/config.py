@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +24,8 @@ DEFAULT_RUBRIC = (
 
 
 # The shipped guide = head + JUDGE_WEIGHT x (the backbone asked whether the response is good: logit Yes - logit No).
-# The head alone knows refusals (86 % of held-out in-family pairs) but not helpfulness or truth (49 % out of
-# family since it learned the policy's own refusals); the judge alone the reverse (49 %, 72 %). At 3 the guide
-# is 65.8 % out of family (1.5: 63.7 %) and recovers more prefilled prompts (docs/reward-model.md); the weight
-# is the smallest that brings the out-of-family set to 65 % (so that figure is optimistic), chosen before the
-# probes were run at it.
+# The head knows refusals but not helpfulness or truth, the judge the reverse; 3 is the smallest weight that brought
+# the out-of-family set to 65 % (chosen before the probes ran at it; the figures are in docs/reward-model.md).
 JUDGE_WEIGHT = 3.0
 GUIDE_HEAD = "data/guide_head.safetensors"   # the shipped head, inside the ggro package
 HEAD_FILE = "guide_head.safetensors"   # beside a causal LM's files: a guide folder with an MLP head (ggro.guide.save_classifier)
@@ -188,17 +186,17 @@ class GGROConfig:
             (0 < self.nudge_temperature < math.inf, "nudge_temperature must be a number > 0"),
             (self.selection in ("greedy", "sample"), "selection must be 'greedy' or 'sample'"),
             (self.scoring in ("faithful", "taylor"), "scoring must be 'faithful' or 'taylor'"),
-            # a high-entropy stop drops its token: with 1 a segment could be empty and never advance
             (self.search_mode in SEARCH_MODES, f"search_mode must be one of {SEARCH_MODES}"),
             (not math.isnan(self.adaptive_margin), "adaptive_margin must be a number"),
             (self.max_refined_segments is None or self.max_refined_segments >= 1,
              "max_refined_segments must be >= 1 (use method 'greedy' for no refinement)"),
+            # a high-entropy stop drops its token: with 1 a segment could be empty and never advance
             (self.min_segment_tokens >= 2, "min_segment_tokens must be >= 2"),
             (self.initial_insertion_offset >= 0, "initial_insertion_offset must be >= 0"),
             (self.n >= 1, "n must be >= 1"),
             (0 < self.temperature < math.inf, "temperature must be a number > 0 (use --method greedy for greedy decoding)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (not math.isnan(self.entropy_threshold), "entropy_threshold must be a number"),
+            (self.entropy_threshold >= 0, "entropy_threshold must be a number >= 0 (0: every token is uncertain)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -271,6 +269,8 @@ class ModelConfig:
             raise ConfigError("batch_size must be >= 1")
         if self.dtype not in DTYPE_NAMES + ("auto",):
             raise ConfigError(f"dtype must be one of {DTYPE_NAMES + ('auto',)}, got {self.dtype!r}")
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if not 1 <= self.cohorts <= self.batch_size:
             raise ConfigError("cohorts must be between 1 and batch_size")
         if self.fill is not None and self.fill < 1:

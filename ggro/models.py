@@ -130,8 +130,27 @@ def hardware() -> tuple[bool, bool]:
 
 
 def here(mcfg: ModelConfig) -> ModelConfig:
-    """`mcfg` with `auto` dtype and device resolved for this process's hardware."""
-    return mcfg.resolved(*hardware())
+    """`mcfg` with `auto` dtype and device resolved for this process's hardware, which must have that device."""
+    mcfg = mcfg.resolved(*hardware())
+    check_device(mcfg.device)
+    return mcfg
+
+
+def check_device(device: str) -> None:
+    """A GPU this process does not see is a ModelLoadError naming it, before any weights load (torch's own
+    message is an AssertionError deep in the first `.to`)."""
+    if not device.startswith("cuda"):
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(device.partition(":")[2] or 0) < n:
+        return
+    seen = f"{n} CUDA device{'s' * (n != 1)}" if n else "no CUDA device"
+    if not torch.version.cuda:
+        seen += f" (torch {torch.__version__} is built without CUDA)"
+    elif "CUDA_VISIBLE_DEVICES" in os.environ:
+        seen += f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})"
+    raise ModelLoadError(f"--device {device}: this process sees {seen}; pass --device cpu, or auto to take a GPU "
+                         "where there is one")
 
 
 def _head_file(spec: str) -> Path | None:
@@ -144,6 +163,7 @@ def load_model(spec: str, kind: str = "causal", dtype: str = "float32", device: 
                revision: str | None = None, trust_remote_code: bool = False):
     """A frozen eval-mode model: kind 'causal' (policy, judge) or 'classifier' (scalar RM)."""
     dtype, device = resolve_auto(dtype, device, *hardware())
+    check_device(device)
     if spec == "default" and kind == "classifier":   # the shipped guide: the default backbone + a trained head
         from .guide import shipped_guide
         return shipped_guide(load_model(spec, "causal", dtype, device))

@@ -64,7 +64,8 @@ def settings_from_args(args: argparse.Namespace):
     key = args.api_key or os.environ.get(ENV_KEY) or None
     res = resources_from_args(args, "serve", aligners=1, aligner_cpus=SERVE_INGRESS_CPUS, io_cpus=0)
     mcfg = plan_auto(mcfg, res)
-    checks = [(args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
+    checks = [(0 < args.port < 65536, "--port must be between 1 and 65535"),
+              (args.max_tokens_limit >= 1, "--max-tokens-limit must be >= 1"),
               (args.max_queue >= 1, "--max-queue must be >= 1"),
               (args.request_timeout > 0, "--request-timeout must be > 0")]
     wrong = [msg for ok, msg in checks if not ok] + res.problems()

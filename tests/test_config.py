@@ -42,6 +42,8 @@ def non_default(a: argparse.Action):
     if a.type is float:
         v = base / 2 if base else 0.25          # halving keeps top_p in (0, 1] and temperatures > 0
         return v, v
+    if a.dest == "device":                      # a device name has a form (checked; not loaded here)
+        return "cuda:1", "cuda:1"
     if a.type in (None, str):
         return f"yaml-{a.dest}", f"yaml-{a.dest}"
     if a.dest == "modes":                       # bench's comma-separated search modes
@@ -222,10 +224,30 @@ def test_fill_admits_prompts_until_a_decode_call_is_as_full_as_best_of_n():
 @pytest.mark.parametrize("field, value, words", [
     ("temperature", math.inf, "temperature must be a number > 0"), ("temperature", math.nan, "temperature must be"),
     ("nudge_temperature", math.inf, "nudge_temperature must be a number > 0"), ("top_p", math.nan, "top_p must be"),
-    ("entropy_threshold", math.nan, "entropy_threshold must be a number")])
+    ("entropy_threshold", math.nan, "entropy_threshold must be a number"),
+    ("entropy_threshold", -1.0, "entropy_threshold must be a number >= 0")])
 def test_non_finite_search_settings_are_refused(field, value, words):
     """An infinite temperature made every sampling logit 0 (or NaN beside a -inf logit) and an infinite nudge
     temperature every proposal a tie: refused like any other bad value."""
     from ggro.config import ConfigError, GGROConfig
     with pytest.raises(ConfigError, match=words):
         GGROConfig(**{field: value})
+
+
+def test_a_device_or_port_that_cannot_be_is_refused_before_any_model_loads():
+    """`--device foo` was torch's RuntimeError and `--device cuda` without a GPU an AssertionError, both from the
+    first weights' `.to`; `ggro serve --port 99999` started Ray before failing in its proxy."""
+    import torch
+    from ggro.config import ConfigError, ModelLoadError
+    from ggro.models import here
+    from jobs.serve import parse, settings_from_args
+    for bad in ("foo", "cuda:x", "gpu", ""):
+        with pytest.raises(ConfigError, match="device must be cpu, cuda, cuda:N or auto"):
+            ModelConfig(device=bad)
+    assert here(ModelConfig(device="auto")).device == ("cuda" if torch.cuda.is_available() else "cpu")
+    missing = f"cuda:{torch.cuda.device_count()}"            # one past the last GPU this process sees
+    with pytest.raises(ModelLoadError, match=f"--device {missing}: this process sees .*pass --device cpu"):
+        here(ModelConfig(device=missing))
+    for port in ("0", "99999"):
+        with pytest.raises(ConfigError, match="--port must be between 1 and 65535"):
+            settings_from_args(parse(["--port", port]))
