@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 from ggro.config import ConfigError
 from jobs import align
@@ -53,6 +54,8 @@ def run(args) -> int:
     if args.method not in (None, "ggro"):
         fail("--method is the chosen side and must be ggro; pick the baseline with --rejected-method")
     min_margin = DEFAULT_MIN_MARGIN if args.min_margin is None else args.min_margin
+    if not math.isfinite(min_margin):   # NaN compares false: every pair would pass, whatever its margin
+        fail(f"--min-margin must be a finite reward difference, got {min_margin}")
     try:
         prepare_output(out)
         lock = OutputLock(out).acquire()

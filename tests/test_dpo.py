@@ -5,6 +5,7 @@ import json
 import random
 
 import pyarrow.parquet as pq
+import pytest
 
 from ggro.schema import to_table
 from pipeline.batch.dpo import DPO_SCHEMA, build_pairs
@@ -100,6 +101,11 @@ def test_dpo_local_one_pass_and_join(tiny_models, tmp_path, capsys):
                  "--rejected", str(tmp_path / "dpo" / "__aligned-greedy"), "--min-margin", "1e9"]) == 0
     assert pq.read_table(tmp_path / "join" / "pairs.parquet").num_rows == 0
     assert "pairs: 0 of 3 rows" in capsys.readouterr().out
+    # a margin that is no number would let every pair through (NaN compares false): refused, nothing written
+    with pytest.raises(SystemExit, match="2"):
+        main(["--output", str(tmp_path / "nan"), "--chosen", str(tmp_path / "dpo" / "__aligned-ggro"),
+              "--rejected", str(tmp_path / "dpo" / "__aligned-greedy"), "--min-margin", "nan"])
+    assert not (tmp_path / "nan").exists() and "--min-margin must be a finite" in capsys.readouterr().err
 
 
 def test_large_joins_run_in_hash_buckets(tmp_path):
