@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -63,6 +64,11 @@ def run(args) -> int:
         fail("--heldout and --val must be shares in [0, 1) that leave some prompts to train on")
     if args.hidden < 0 or args.fits < 1:
         fail("--hidden must be >= 0 and --fits >= 1")
+    # NaN compares false: a NaN penalty or weight trained a head of nothing and wrote it as if it were one
+    if not (0 <= args.l2 < math.inf and 0 <= args.truncated_weight < math.inf):
+        fail("--l2 and --truncated-weight must be numbers >= 0")
+    if args.batch_size < 1 or args.answer_tokens < 1:
+        fail("--batch-size and --answer-tokens must be >= 1")
     out = made_dir(args.output)
     if args.save_head:
         made_dir(Path(args.save_head).parent, "--save-head")
