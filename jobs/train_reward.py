@@ -54,10 +54,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_log_args(p, ray=False)
 
 
-def run(args) -> int:
-    setup_logging(args)     # before transformers loads: its loading bars only at --log-level DEBUG (jobs/logs.py)
-    from ggro import guide, models
-    from pipeline.eval.sources import MissingData
+def check_args(args) -> None:
+    """Exit 2 on flags that cannot work, before the output folder or any model."""
     if args.input and not Path(args.input).exists():
         fail(f"--input {args.input}: no such file or folder")
     if not 0 <= args.heldout < 1 or not 0 <= args.val < 1 or args.heldout + args.val >= 1:
@@ -69,6 +67,13 @@ def run(args) -> int:
         fail("--l2 and --truncated-weight must be numbers >= 0")
     if args.batch_size < 1 or args.answer_tokens < 1:
         fail("--batch-size and --answer-tokens must be >= 1")
+
+
+def run(args) -> int:
+    setup_logging(args)     # before transformers loads: its loading bars only at --log-level DEBUG (jobs/logs.py)
+    from ggro import guide, models
+    from pipeline.eval.sources import MissingData
+    check_args(args)
     out = made_dir(args.output)
     if args.save_head:
         made_dir(Path(args.save_head).parent, "--save-head")
