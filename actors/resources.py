@@ -6,6 +6,7 @@ Ray; actors.cluster places it. The field defaults here are the flags' defaults (
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -113,10 +114,12 @@ class Resources:
             return []
         out = [f"{self.flag(f)} must be >= 1" for f in ("tp", "policy_replicas", "reward_replicas", "aligners")
                if getattr(self, f) < 1]
+        # as ranges: NaN compares false (a NaN share reached the cluster check as "needs nan CPUs"), inf never fits
         out += [f"{self.flag(f)} must be >= 0" for f in ("policy_gpus_per_replica", "reward_gpus")
-                if getattr(self, f) < 0]
+                if not 0 <= getattr(self, f) < math.inf]
         return out + [f"{self.flag(f)} must be > 0 (every actor needs an explicit CPU share; fractions such as 0.5 "
-                      "are fine)" for f in ("policy_cpus", "reward_cpus", "aligner_cpus") if getattr(self, f) <= 0]
+                      "are fine)" for f in ("policy_cpus", "reward_cpus", "aligner_cpus")
+                      if not 0 < getattr(self, f) < math.inf]
 
     def check(self, available: dict, what: str = "available") -> None:
         """Fail fast (ClusterTooSmall) instead of leaving actors pending forever."""

@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from ggro.config import SEARCH_MODES
 from jobs import logs
-from jobs.common import made_dir, module_main
+from jobs.common import at_least, made_dir, module_main
 from jobs.logs import add_log_args
 
 QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], modes=[("faithful", None, None)], budgets=[None],
@@ -79,7 +79,7 @@ def _budgets(s: str) -> list[int | None]:
 def add_args(p: argparse.ArgumentParser) -> None:
     from jobs.common import add_engine_args
     p.add_argument("--input", help="prompt file (JSONL/Parquet) [the bundled example prompts]")
-    p.add_argument("--limit", type=int, help="only the first N prompts [quick: 2; else all]")
+    p.add_argument("--limit", type=at_least(1), help="only the first N prompts [quick: 2; else all]")
     p.add_argument("--output", default="bench", help="folder for bench.csv and the plots")
     p.add_argument("--quick", action="store_true",
                    help=f"small settings that finish in minutes on a CPU: {QUICK}; explicit flags still win")
@@ -93,16 +93,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--second-opinion", action="store_true",
                    help="also score every response with the policy as a yes/no judge (a reward that did not "
                         "guide the search) and report how often it agrees with the guide against greedy")
-    p.add_argument("--oracle-prompts", type=int, help="prompts timed against the reference oracle, 0 to skip "
+    p.add_argument("--oracle-prompts", type=at_least(0), help="prompts timed against the reference oracle, 0 to skip "
                    "[quick: 1; else 3]")
-    p.add_argument("--oracle-max-new-tokens", type=int, help="max new tokens in the oracle comparison "
+    p.add_argument("--oracle-max-new-tokens", type=at_least(1), help="max new tokens in the oracle comparison "
                    "(the oracle re-runs the whole prefix per token) [quick: 8; else 32]")
-    p.add_argument("--oracle-refinements", type=int, default=2, help="S in the oracle comparison")
+    p.add_argument("--oracle-refinements", type=at_least(1), default=2, help="S in the oracle comparison")
     p.add_argument("--scaling-batches", type=_ints, default=[1, 4, 16], help="batch sizes for the scaling run")
-    p.add_argument("--scaling-prompts", type=int, help="prompts in the scaling run, 0 to skip [16]")
-    p.add_argument("--scaling-max-new-tokens", type=int, help="max new tokens in the scaling run [quick: 8; else 32]")
-    p.add_argument("--scaling-refinements", type=int, default=2, help="S in the scaling run")
-    p.add_argument("--threads", type=int, help="torch CPU threads (sets GGRO_THREADS) [all cores]; on a shared, "
+    p.add_argument("--scaling-prompts", type=at_least(0), help="prompts in the scaling run, 0 to skip [16]")
+    p.add_argument("--scaling-max-new-tokens", type=at_least(1), help="max new tokens in the scaling run [quick: 8; else 32]")
+    p.add_argument("--scaling-refinements", type=at_least(1), default=2, help="S in the scaling run")
+    p.add_argument("--threads", type=at_least(1), help="torch CPU threads (sets GGRO_THREADS) [all cores]; on a shared, "
                    "busy machine 1 thread can be many times faster than oversubscribed cores")
     add_engine_args(p)
     add_log_args(p, ray=False)     # bench runs in this process: no Ray workers' logs to keep off

@@ -237,6 +237,21 @@ def resolve_args(args: argparse.Namespace) -> tuple[GGROConfig, ModelConfig, dic
         raise ConfigError(str(e)) from None
 
 
+def at_least(lo: int):
+    """An argparse type (and --config value check): an integer >= `lo`, for counts and sizes a 0 or a negative
+    number would otherwise turn into "all" or "none" without a word."""
+    def parse(value) -> int:
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value!r}")
+        return v
+    parse.lo = lo
+    return parse
+
+
 def fail(msg: str, code: int = 2):
     print(f"ggro: error: {msg}", file=sys.stderr)
     raise SystemExit(code)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jobs import logs
 from jobs.bench import _ints, _modes
-from jobs.common import made_dir, module_main
+from jobs.common import at_least, made_dir, module_main
 from jobs.logs import add_log_args
 from pipeline.eval.evaluate import PREFILL_ATTACK, PROBES
 
@@ -64,7 +64,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-reward-kind", choices=("classifier", "judge"),
                    help="[classifier with --judge-reward, else judge]")
     j.add_argument("--judge-rubric", help="the judge's yes/no question (judge kind) [the default rubric]")
-    p.add_argument("--threads", type=int, help="torch CPU threads (sets GGRO_THREADS) [all cores]")
+    p.add_argument("--threads", type=at_least(1), help="torch CPU threads (sets GGRO_THREADS) [all cores]")
     add_engine_args(p)
     add_log_args(p, ray=False)
 

@@ -514,6 +514,8 @@ def test_dry_run_replica_minimums_are_the_modes_own(tiny_models, capsys, no_weig
     serve = dataclasses.replace(res, mode="serve", reward_replicas=0, policy_cpus=0.5, reward_cpus=0.5,
                                 aligner_cpus=0.1)
     assert serve.problems() == ["--reward-replicas must be >= 1"]
+    odd = dataclasses.replace(serve, reward_replicas=1, policy_cpus=float("nan"), reward_gpus=float("inf"))
+    assert [p.split(" must")[0] for p in odd.problems()] == ["--reward-gpus", "--policy-cpus"]   # NaN compares false
     # serve rejects --policy-replicas < 1 itself; the planner, called past that check, must agree with it
     from jobs.plan import dry_run
     from jobs.serve import settings_from_args

@@ -37,7 +37,7 @@ def non_default(a: argparse.Action):
     if a.choices:
         v = next(c for c in reversed(list(a.choices)) if c != base)
         return v, v
-    if a.type is int:
+    if a.type is int or hasattr(a.type, "lo"):         # jobs.common.at_least: an int with a floor
         return (base or 0) + 3, (base or 0) + 3
     if a.type is float:
         v = base / 2 if base else 0.25          # halving keeps top_p in (0, 1] and temperatures > 0
@@ -251,3 +251,12 @@ def test_a_device_or_port_that_cannot_be_is_refused_before_any_model_loads():
     for port in ("0", "99999"):
         with pytest.raises(ConfigError, match="--port must be between 1 and 65535"):
             settings_from_args(parse(["--port", port]))
+
+
+@pytest.mark.parametrize("argv", [["bench", "--threads", "0"], ["bench", "--limit", "0"], ["bench", "--oracle-prompts", "-1"],
+                                  ["eval", "--threads", "-2"]])
+def test_counts_below_their_floor_are_flag_errors(argv, capsys):
+    """`ggro bench --limit 0` ran every prompt and `--threads 0` all cores, without a word."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2 and f"argument {argv[1]}: expected an integer >=" in capsys.readouterr().err
