@@ -13,8 +13,8 @@ import argparse
 
 from actors.resources import Resources, plan_auto
 from ggro.config import ConfigError
-from jobs.common import add_engine_args, add_resource_args, example_prompts, fail, resolve_args, module_main, \
-    resources_from_args
+from jobs.common import add_engine_args, add_resource_args, at_least, example_prompts, fail, positive, resolve_args, \
+    module_main, resources_from_args
 from jobs.logs import add_log_args, log_to_driver, setup_logging
 from jobs.plan import add_plan_args, dry_run
 from pipeline.batch.job import (DEFAULT_IN_FLIGHT, DEFAULT_MAX_ERROR_FRACTION, DEFAULT_RAY_TIMEOUT_S,
@@ -45,9 +45,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: "
                    "$RAY_ADDRESS, else start a local Ray instance")
     add_resource_args(g)
-    g.add_argument("--in-flight", type=int, default=DEFAULT_IN_FLIGHT,
+    g.add_argument("--in-flight", type=at_least(1), default=DEFAULT_IN_FLIGHT,
                    help="sub-batches each aligner keeps in flight (overlaps policy and reward work)")
-    g.add_argument("--ray-timeout", type=float, default=DEFAULT_RAY_TIMEOUT_S,
+    g.add_argument("--ray-timeout", type=positive, default=DEFAULT_RAY_TIMEOUT_S,
                    help="seconds to wait for placement groups before failing with a clear message")
 
 

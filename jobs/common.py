@@ -252,6 +252,17 @@ def at_least(lo: int):
     return parse
 
 
+def positive(value) -> float:
+    """An argparse type: a finite number > 0 (seconds, GiB, CPUs); NaN would pass every `<` check after it."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value!r}")
+    return v
+
+
 def fail(msg: str, code: int = 2):
     print(f"ggro: error: {msg}", file=sys.stderr)
     raise SystemExit(code)

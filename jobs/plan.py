@@ -14,6 +14,7 @@ import sys
 from ggro.config import ConfigError, GGROConfig, ModelConfig, ModelLoadError
 from pipeline.plan.clusters import ASSUMED_GPU_GIB, ClusterQuery
 from actors.resources import Resources
+from jobs.common import at_least, positive
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -21,16 +22,16 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dry-run", action="store_true", default=False,
                    help="validate the configuration and models' metadata (no weights are loaded), print the "
                         "resource plan and whether the cluster fits it, then exit (0 fits, 1 does not)")
-    g.add_argument("--cluster-gpus", type=int, help="plan for a described cluster with this many GPUs "
+    g.add_argument("--cluster-gpus", type=at_least(0), help="plan for a described cluster with this many GPUs "
                    "instead of the connected one (--address / RAY_ADDRESS) or this machine")
-    g.add_argument("--cluster-cpus", type=float, help="CPUs of the described cluster [8 per GPU, at least 8]")
-    g.add_argument("--gpus-per-node", type=int, help="GPUs per node of the described cluster; a policy "
+    g.add_argument("--cluster-cpus", type=positive, help="CPUs of the described cluster [8 per GPU, at least 8]")
+    g.add_argument("--gpus-per-node", type=at_least(1), help="GPUs per node of the described cluster; a policy "
                    "replica's tp ranks must share one node [all GPUs on one node]")
-    g.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GiB [from the connected cluster's "
+    g.add_argument("--gpu-memory-gb", type=positive, help="memory per GPU in GiB [from the connected cluster's "
                    f"accelerator type, else {ASSUMED_GPU_GIB}]")
-    g.add_argument("--cluster-memory-gb", type=float, help="host RAM of the cluster in GiB, checked for "
+    g.add_argument("--cluster-memory-gb", type=positive, help="host RAM of the cluster in GiB, checked for "
                    "actors that run on CPU [the connected cluster's; unchecked for a described one]")
-    g.add_argument("--plan-prompt-tokens", type=int, default=512,
+    g.add_argument("--plan-prompt-tokens", type=at_least(1), default=512,
                    help="typical prompt length in tokens, for the KV-cache and activation estimates")
 
 

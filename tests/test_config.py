@@ -39,7 +39,7 @@ def non_default(a: argparse.Action):
         return v, v
     if a.type is int or hasattr(a.type, "lo"):         # jobs.common.at_least: an int with a floor
         return (base or 0) + 3, (base or 0) + 3
-    if a.type is float:
+    if a.type is float or getattr(a.type, "__name__", "") == "positive":
         v = base / 2 if base else 0.25          # halving keeps top_p in (0, 1] and temperatures > 0
         return v, v
     if a.dest == "device":                      # a device name has a form (checked; not loaded here)
@@ -254,9 +254,12 @@ def test_a_device_or_port_that_cannot_be_is_refused_before_any_model_loads():
 
 
 @pytest.mark.parametrize("argv", [["bench", "--threads", "0"], ["bench", "--limit", "0"], ["bench", "--oracle-prompts", "-1"],
-                                  ["eval", "--threads", "-2"]])
+                                  ["eval", "--threads", "-2"], ["align", "--in-flight", "0"],
+                                  ["align", "--plan-prompt-tokens", "0"], ["align", "--ray-timeout", "nan"],
+                                  ["serve", "--gpu-memory-gb", "-1"]])
 def test_counts_below_their_floor_are_flag_errors(argv, capsys):
-    """`ggro bench --limit 0` ran every prompt and `--threads 0` all cores, without a word."""
+    """`ggro bench --limit 0` ran every prompt, `--threads 0` all cores and `align --in-flight 0` the default, without a
+    word; a NaN timeout or GPU memory passed every check after it."""
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)
-    assert e.value.code == 2 and f"argument {argv[1]}: expected an integer >=" in capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {argv[1]}: expected a" in capsys.readouterr().err
