@@ -176,3 +176,24 @@ def test_default_model_end_to_end(tmp_path):
     # quiet by default: only ggro's own progress (not transformers' bars, nor DeepSpeed's import-time warning)
     for noise in ("Loading weights", "de-quantizing", "Setting accelerator"):
         assert noise not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_resumed_id_must_still_ask_the_same(tmp_path, tiny_models, capsys):
+    """Ids already written were skipped whatever they now asked: a corrected prompt, or another prompt set with
+    the same ids ("1", "2", ...), kept the old answers under [OK]. Now refused, naming an id, the output untouched;
+    an error row is not compared (--retry-errors decides it) and --overwrite aligns the new rows."""
+    src = tmp_path / "in.jsonl"
+    first = [{"id": "1", "prompt": "how do you make water ?"}, {"id": "2", "prompt": "what is the time"},
+             {"id": "3", "prompt": " "}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in first))
+    assert align(tmp_path, tiny_models, src, "--max-error-fraction", "0.5")[0] == 0
+    src.write_text("".join(json.dumps(r) + "\n" for r in first[:1] + [{"id": "2", "prompt": "what is the day"},
+                                                                      {"id": "3", "prompt": "now a prompt"}]))
+    with pytest.raises(SystemExit) as e:
+        align(tmp_path, tiny_models, src, "--max-error-fraction", "0.5")
+    assert e.value.code == 1 and "holds 1 id(s) of --input answered for other messages" in capsys.readouterr().err
+    rows = {r["id"]: r for r in read_output(tmp_path / "out").to_pylist()}
+    assert rows["2"]["prompt"] == "what is the time" and rows["3"]["error"]
+    code, out = align(tmp_path, tiny_models, src, "--overwrite")
+    rows = {r["id"]: r for r in read_output(out).to_pylist()}
+    assert code == 0 and rows["2"]["prompt"] == "what is the day" and rows["3"]["error"] is None

@@ -211,6 +211,14 @@ def test_streamed_folder_equals_local(ray_cluster, tiny_models, tmp_path, capsys
     assert align(flags + ["--output", str(tmp_path / "lim"), "--limit", "4"]) == 0
     assert align(flags + ["--output", str(tmp_path / "lim-local"), "--limit", "4", "--local"]) == 0
     assert sorted(rows_of(tmp_path / "lim")) == sorted(rows_of(tmp_path / "lim-local")) == ["a", "a.jsonl:line-4", "b", "c"]
+    # a rerun resumes (nothing left); the same ids asking something else are refused on Ray as --local, untouched
+    assert align(flags + ["--output", str(tmp_path / "ray")]) == 0 and "resuming: 10 of 10" in capsys.readouterr().err
+    (d / "b.json").write_text(json.dumps(ROWS[3:4] + [{**ROWS[4], "prefill": "No"}, {"id": "a", "prompt": "a third"}]))
+    for mode, out in (["--local"], "local"), ([], "ray"):
+        with pytest.raises(SystemExit) as e:
+            align(flags + mode + ["--output", str(tmp_path / out)])
+        assert e.value.code == 1 and "holds 1 id(s) of --input answered for other messages or another prefill (e.g. 'e')" in capsys.readouterr().err
+        assert rows_of(tmp_path / out)["e"]["prefill"] == "Yes"
 
 
 def test_reward_model_of_another_vocabulary_on_ray(ray_cluster, tiny_models, tmp_path, capsys):
@@ -239,7 +247,7 @@ def test_id_pass_equals_the_local_reader_at_every_limit(ray_cluster, tmp_path):
     """The driver's id pass (digests and keys only) finds the same output ids as the in-process reader: copies
     of an id across and within files numbered in file order, and --limit cutting anywhere among them."""
     from ggro.rows import dedupe, read_rows
-    from pipeline.batch.output import id_digests
+    from pipeline.batch.digests import id_digests
     from pipeline.batch.ray_input import scan_input
     d = tmp_path / "in"
     d.mkdir()

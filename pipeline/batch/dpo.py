@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from ggro.schema import MESSAGE, OUTPUT_SCHEMA
-from pipeline.batch.output import PAIRS_RE, _read_part, child, id_digests, output_fs, part_files, read_output, write_file, write_part
+from pipeline.batch.digests import id_digests
+from pipeline.batch.output import PAIRS_RE, _read_part, child, output_fs, part_files, read_output, write_file, write_part
 
 DPO_SCHEMA = pa.schema([
     ("id", pa.string()),

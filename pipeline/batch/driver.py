@@ -27,8 +27,9 @@ from ggro.threads import torch_threads
 from pipeline.batch.job import AlignJob, JobFailed
 from pipeline.batch.lock import OutputLock
 from pipeline.batch.manifest import now, versions, write_manifest
-from pipeline.batch.output import (OutputError, Summary, check_output, clear_output, contains, disk_full,
-                                   drop_error_rows, id_digests, output_index, prepare_output, write_part)
+from pipeline.batch.digests import contains, content_digests, id_digests
+from pipeline.batch.output import (OutputConflict, OutputError, Summary, check_output, clear_output, disk_full,
+                                   drop_error_rows, output_index, part_files, prepare_output, write_part)
 
 log = logging.getLogger("ggro")   # the driver's progress: jobs.logs sets its level and handler
 
@@ -52,10 +53,21 @@ class Prompts:
     skipped: list = field(default_factory=list)
     rows: list | None = None      # --local: every InputRow
     plan: object = None           # Ray: pipeline.batch.ray_input.InputPlan (the rows stay in storage)
+    contents: np.ndarray | None = None   # content_digests in `ids`' order (Ray: only when resuming)
 
     @classmethod
     def of_rows(cls, rows: list, skipped: list) -> "Prompts":
-        return cls(len(rows), np.unique(id_digests([r.id for r in rows])), skipped, rows=rows)
+        ids = id_digests([r.id for r in rows])      # unique: read_input names later copies id#dupK
+        order = np.argsort(ids)
+        contents = content_digests([r.messages for r in rows], [r.prefill for r in rows])
+        return cls(len(rows), ids[order], skipped, rows=rows, contents=contents[order])
+
+    def name(self, digest: bytes) -> str:
+        """The id with this digest (for a message: a second pass over the input on Ray)."""
+        if self.rows is not None:
+            return next(r.id for r in self.rows if id_digests([r.id])[0] == digest)
+        from pipeline.batch.ray_input import id_strings
+        return id_strings(self.plan, np.array([digest], dtype="S16"))[digest]
 
     def mask(self, ids: list[str]) -> np.ndarray:
         """Which of these output ids belong to this input."""
@@ -119,7 +131,9 @@ def _load_engine(m, gradient: bool = True):
     return Engine.load(m, gradient)
 
 
-def read_prompts(job: AlignJob) -> Prompts:
+def read_prompts(job: AlignJob, contents: bool = True) -> Prompts:
+    """The input as the driver needs it; `contents`: on Ray, also every row's content_digests (16 B a row, so only
+    for a resumed output, where they are checked)."""
     if job.local:
         skipped: list = []
         prompts = Prompts.of_rows(read_input(job.input, job.limit, skipped), skipped)
@@ -128,12 +142,12 @@ def read_prompts(job: AlignJob) -> Prompts:
         from pipeline.batch.ray_input import scan_input
         connect(job.address, log_to_driver=job.log_to_driver)
         try:
-            plan = scan_input(job.input, job.limit)
+            plan = scan_input(job.input, job.limit, contents)
         except FileNotFoundError:
             raise JobFailed(f"--input {job.input}: no such file or folder") from None
         except InputError as e:
             raise JobFailed(str(e)) from None
-        prompts = Prompts(plan.count, plan.ids, plan.skipped, plan=plan)
+        prompts = Prompts(plan.count, plan.ids, plan.skipped, plan=plan, contents=plan.contents)
     for name in prompts.skipped:
         log.warning("ggro: skipped %s in --input (not .jsonl, .json or .parquet, or a hidden/_ name)", name)
     if prompts.count == 0:
@@ -175,7 +189,7 @@ def run_job(job: AlignJob, aligners: Aligners | None = None) -> int:
                 log.info("--overwrite: deleted %d file(s) ggro wrote in %s", n, job.output)
         info = manifest(job, run_id, started)
         write_manifest(job.output, info)
-        prompts = read_prompts(job)
+        prompts = read_prompts(job, contents=bool(part_files(job.output)))
         ntodo = align_todo(job, prompts, aligners)
         summary = Summary.of_output(job.output, prompts.ids, time.perf_counter() - t0)
         info.update(status="finished", ended=now(), rows={
@@ -209,6 +223,7 @@ def align_todo(job: AlignJob, prompts: Prompts, aligners: Aligners) -> int:
         removed = drop_error_rows(job.output, prompts.mask)
         log.info("--retry-errors: %d error row(s) removed from %s; aligning those ids again", removed, job.output)
         index = output_index(job.output, config_hash(job.gcfg, job.mcfg))
+    refuse_changed(job, prompts, index)
     if job.local:
         done = contains(index.done, id_digests([r.id for r in prompts.rows]))
         todo = [r for r, d in zip(prompts.rows, done) if not d]
@@ -221,6 +236,19 @@ def align_todo(job: AlignJob, prompts: Prompts, aligners: Aligners) -> int:
     if ntodo:
         aligners.align(todo, job)
     return ntodo
+
+
+def refuse_changed(job: AlignJob, prompts: Prompts, index) -> None:
+    """An id the output holds answered for other messages or another prefill would be skipped as done, and the
+    output would keep an answer to a question the input no longer asks: refused, naming one such id."""
+    if prompts.contents is None:
+        return
+    changed = prompts.ids[index.changed(prompts.ids, prompts.contents)]
+    if len(changed):
+        raise OutputConflict(
+            f"{job.output} holds {len(changed)} id(s) of --input answered for other messages or another prefill "
+            f"(e.g. {prompts.name(changed[0])!r}): the input changed since that run, or another input shares its "
+            "ids. Pass a new --output folder, or --overwrite to align every row again")
 
 
 def report(job: AlignJob, summary: Summary, rows_in: int) -> int:

@@ -18,7 +18,6 @@ need (never responses); ids are kept as 16-byte digests (16 B per output row in 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from ggro.schema import OUTPUT_SCHEMA, to_table
+from pipeline.batch.digests import NO_DIGEST, content_digests, id_digests, lookup
 
 
 class OutputError(RuntimeError):
@@ -204,63 +204,52 @@ def _read_part(fs, f: str, columns: list[str]) -> pa.Table:
     return t.select(columns)
 
 
-def id_digests(ids, chunk: int = 1 << 16) -> np.ndarray:
-    """16-byte digests of ids (a list or pyarrow array of str), as a numpy 'S16' array: 16 B per id,
-    whatever the id's length, with no practical chance of two ids colliding. Arrow arrays are hashed a
-    chunk at a time, so no Python object per id outlives its chunk."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    n = len(ids)
-    out = np.empty(n, dtype="S16")
-    for s in range(0, n, chunk):
-        part = ids.slice(s, chunk).to_pylist() if isinstance(ids, pa.Array) else ids[s:s + chunk]
-        out[s:s + len(part)] = [hashlib.blake2b(i.encode(), digest_size=16).digest() for i in part]
-    return out
-
-
-def lookup(sorted_digests: np.ndarray, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(position in `sorted_digests` (sorted, as from np.sort), found) of each of `digests`."""
-    if len(sorted_digests) == 0 or len(digests) == 0:
-        return np.zeros(len(digests), dtype=np.int64), np.zeros(len(digests), dtype=bool)
-    i = np.searchsorted(sorted_digests, digests).clip(0, len(sorted_digests) - 1)
-    return i, sorted_digests[i] == digests
-
-
-def contains(sorted_digests: np.ndarray, digests: np.ndarray) -> np.ndarray:
-    """Boolean mask: which of `digests` are in `sorted_digests` (sorted, as from np.sort)."""
-    return lookup(sorted_digests, digests)[1]
-
-
 @dataclass
 class OutputIndex:
-    """The ids in an output folder, read from its `id`, `error` and `config_hash` columns only."""
+    """The ids in an output folder, read from its `id`, `error`, `config_hash`, `messages` and `prefill` columns."""
     done: np.ndarray                 # sorted digests of every id written
     errors: np.ndarray               # sorted digests of the ids whose row is an error
     rows: int
     duplicates: int                  # rows whose id another row already has (0 unless something broke)
     hashes: set = field(default_factory=set)
+    contents: np.ndarray | None = None     # content_digests of `done`'s rows, in its order (NO_DIGEST: an error row)
+
+    def changed(self, ids: np.ndarray, contents: np.ndarray) -> np.ndarray:
+        """Which of these ids (digests, with their rows' content_digests) the output holds answered for other
+        messages or another prefill: the input changed since that run, or another input shares its ids."""
+        at, found = lookup(self.done, ids)
+        if self.contents is None or not found.any():
+            return np.zeros(len(ids), dtype=bool)
+        theirs = self.contents[at]
+        return found & (theirs != NO_DIGEST) & (theirs != contents)
 
 
 def output_index(out_dir: str | Path, config_hash: str | None = None) -> OutputIndex:
-    """Ids already written (resume), reading one part at a time and only three small columns. With
-    `config_hash`, rows of another configuration are an OutputConflict."""
+    """Ids already written (resume) and what each row asked, reading one part at a time and only the columns that
+    say so. With `config_hash`, rows of another configuration are an OutputConflict."""
     fs, _ = output_fs(out_dir)
-    done, errors, hashes, rows = [], [], set(), 0
+    done, errors, contents, hashes, rows = [], [], [], set(), 0
     for f in part_files(out_dir):
-        t = _read_part(fs, f, ["id", "error", "config_hash"])
+        t = _read_part(fs, f, ["id", "error", "config_hash", "messages", "prefill"])
         d = id_digests(t.column("id"))
         done.append(d)
-        errors.append(d[np.array(t.column("error").is_valid().to_pylist(), dtype=bool)])
+        bad = np.array(t.column("error").is_valid().to_pylist(), dtype=bool)
+        errors.append(d[bad])
+        c = content_digests(t.column("messages").to_pylist(), t.column("prefill").to_pylist())
+        c[bad] = NO_DIGEST
+        contents.append(c)
         hashes |= set(t.column("config_hash").unique().to_pylist()) - {None}
         rows += t.num_rows
     if config_hash is not None and hashes - {config_hash}:
         raise OutputConflict(
             f"{out_dir} already holds rows of another configuration (config hash {sorted(hashes - {config_hash})[0]}, "
             f"this run is {config_hash}); pass a new --output folder or --overwrite")
-    done = np.sort(np.concatenate(done)) if done else np.array([], dtype="S16")
+    done = np.concatenate(done) if done else np.array([], dtype="S16")
+    order = np.argsort(done, kind="stable")
+    done, contents = done[order], (np.concatenate(contents) if contents else done)[order]
     dups = int(np.count_nonzero(done[1:] == done[:-1])) if len(done) > 1 else 0
     return OutputIndex(done, np.sort(np.concatenate(errors)) if errors else np.array([], dtype="S16"),
-                       rows, dups, hashes)
+                       rows, dups, hashes, contents)
 
 
 def done_ids(out_dir: str | Path, config_hash: str) -> set[str]:

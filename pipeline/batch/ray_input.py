@@ -18,7 +18,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from pipeline.batch.output import contains, id_digests
+from pipeline.batch.digests import contains, content_digests, id_digests
 
 ROW_SCHEMA = pa.schema([
     ("id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
@@ -90,6 +90,7 @@ class InputPlan:
         self.dup_keys, self.dup_names = dup_keys, dup_names   # sorted keys of the 2nd.. copies of an id, their ids
         self.done = np.array([], dtype="S16")
         self.todo = count             # rows left to align (count_todo)
+        self.contents = None          # content_digests in `ids`' order, when the scan was asked for them
 
     def dataset(self):
         """The input rows (KEYED_SCHEMA), one read task per file, streamed in blocks of READ_BLOCK_ROWS."""
@@ -107,9 +108,17 @@ def _ids_and_keys(batch: pa.Table) -> pa.Table:
     return batch.select(["id", "key"])
 
 
-def scan_input(uri: str, limit: int | None = None) -> InputPlan:
+def _ids_keys_and_contents(batch: pa.Table) -> pa.Table:
+    """A resumed run's id pass also carries what each row asks (content_digests), computed in the read task."""
+    c = content_digests(batch.column("messages").to_pylist(), batch.column("prefill").to_pylist())
+    # tolist() drops a digest's trailing zero bytes and the driver's S16 array pads them back: the same 16 bytes
+    return batch.select(["id", "key"]).append_column("content", pa.array(c.tolist(), pa.binary()))
+
+
+def scan_input(uri: str, limit: int | None = None, contents: bool = False) -> InputPlan:
     """List the input files (naming the skipped ones), check Parquet footers, then stream ids and order
-    keys back once to count rows, apply --limit and find duplicate ids (see the module docstring)."""
+    keys back once to count rows, apply --limit and find duplicate ids (see the module docstring). With
+    `contents`, also each row's content_digests (16 B a row more), in `plan.ids`' order: a resume checks them."""
     from ggro.rows import check_parquet, input_fs, input_kind, list_inputs
 
     filesystem, path = input_fs(uri)
@@ -121,7 +130,7 @@ def scan_input(uri: str, limit: int | None = None) -> InputPlan:
                      np.array([], dtype=np.int64), np.array([], dtype=object))
     if not files:
         return plan
-    digests, keys = _scan(plan)
+    digests, keys, content = _scan(plan, contents)
     if not len(keys):
         return plan
     # Peak ~40 B a row (the 24 held + one sorted copy of the digests): only rows of repeated ids (rare) are
@@ -134,11 +143,15 @@ def scan_input(uri: str, limit: int | None = None) -> InputPlan:
     if limit is not None and limit < len(keys):   # cut after naming, as --local does: the same ids at any limit
         plan.cutoff = int(np.partition(keys, limit - 1)[limit - 1])   # keys are unique: the limit-th smallest
         keep = keys <= plan.cutoff
-        digests = digests[keep]
-        keys = keys[keep]
+        digests, keys = digests[keep], keys[keep]
+        content = content[keep] if content is not None else None
         keep = plan.dup_keys <= plan.cutoff
         plan.dup_keys, plan.dup_names = plan.dup_keys[keep], plan.dup_names[keep]
-    plan.count, plan.ids = len(keys), np.sort(digests)
+    if content is None:
+        plan.count, plan.ids = len(keys), np.sort(digests)
+    else:
+        order = np.argsort(digests)
+        plan.count, plan.ids, plan.contents = len(keys), digests[order], content[order]
     return plan
 
 
@@ -146,7 +159,7 @@ def _name_copies(plan, digests, keys, ids, repeated) -> None:
     """Rename the 2nd, 3rd.. copies of each `repeated` id in `digests` (in place) and record them in `plan`,
     named in file order against every input id (`ids`, sorted): the --local reader's rule (ggro.rows.dedupe)."""
     from ggro.rows import dup_id
-    names = _id_strings(plan, repeated)
+    names = id_strings(plan, repeated)
     at = np.flatnonzero(contains(repeated, digests))           # every copy of a repeated id
     at = at[np.lexsort((keys[at], digests[at]))]                # one id's copies together, in key order
     same = np.r_[False, digests[at][1:] == digests[at][:-1]]
@@ -164,30 +177,33 @@ def _name_copies(plan, digests, keys, ids, repeated) -> None:
     plan.dup_keys, plan.dup_names = keys[dups], np.array(new, dtype=object)
 
 
-def _id_batches(plan):
-    """The input's (id, key) batches, read by Ray Data's read tasks; our InputError surfaces as itself."""
+def _id_batches(plan, contents: bool = False):
+    """The input's (id, key[, content]) batches, read by Ray Data's read tasks; our InputError surfaces as itself."""
     try:
-        yield from plan.dataset().map_batches(_ids_and_keys, batch_format="pyarrow", num_cpus=READ_CPUS).iter_batches(
+        yield from plan.dataset().map_batches(_ids_keys_and_contents if contents else _ids_and_keys,
+                                              batch_format="pyarrow", num_cpus=READ_CPUS).iter_batches(
             batch_size=None, batch_format="pyarrow")
     except Exception as e:   # a read task failed: a corrupt file's InputError, not Ray's wrapper
         raise input_error(e) from None
 
 
-def _scan(plan) -> tuple[np.ndarray, np.ndarray]:
+def _scan(plan, contents: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Every row's id digest and order key: 24 bytes a row in the driver, whatever the ids' length (joined one
-    array at a time, so the peak is 40 B a row, not 48)."""
-    digests, keys = [], []
-    for b in _id_batches(plan):
+    array at a time, so the peak is 40 B a row, not 48); with `contents`, also its content digest (16 B more)."""
+    digests, keys, content = [], [], []
+    for b in _id_batches(plan, contents):
         digests.append(id_digests(b.column("id")))
         keys.append(b.column("key").to_numpy())
+        if contents:
+            content.append(np.array(b.column("content").to_pylist(), dtype="S16"))   # S16 re-pads the bytes
     if not keys:
-        return np.array([], dtype="S16"), np.array([], dtype=np.int64)
+        return np.array([], dtype="S16"), np.array([], dtype=np.int64), None
     d = np.concatenate(digests)
     digests.clear()
-    return d, np.concatenate(keys)
+    return d, np.concatenate(keys), np.concatenate(content) if contents else None
 
 
-def _id_strings(plan, wanted: np.ndarray) -> dict:
+def id_strings(plan, wanted: np.ndarray) -> dict:
     """{digest: id} for the `wanted` digests (sorted; ids that repeat: rare), from a second pass over the input."""
     out = {}
     for b in _id_batches(plan):
