@@ -37,6 +37,19 @@ def test_build_pairs_margin_errors_missing():
     assert (d["chosen_method"], d["rejected_method"]) == ("ggro", "greedy")
 
 
+
+def test_join_drops_ids_whose_two_rows_ask_different_things():
+    """Join mode over outputs of two inputs that share ids paired answers to different questions (or to one
+    question under two prefills) as if they were a preference: dropped and counted."""
+    other = rec("b", "greedy", 0.0)
+    other["messages"] = [{"role": "user", "content": "another question"}]
+    chosen = to_table([rec("a", "ggro", 2.0), rec("b", "ggro", 2.0), rec("c", "ggro", 2.0, prefill="Sure.")])
+    rejected = to_table([rec("a", "greedy", 0.0), other, rec("c", "greedy", 0.0, prefill="No.")])
+    pairs, stats = build_pairs(chosen, rejected)
+    assert pairs.column("id").to_pylist() == ["a"] and (stats.pairs, stats.mismatched) == (1, 2)
+    assert "2 whose rejected row answers another prompt or prefill" in stats.render()
+
+
 def test_default_margin_drops_ties_identical_texts_and_truncated():
     chosen = to_table([rec("tie", "ggro", 1.0), rec("same", "ggro", 2.0, response="same words"),
                        rec("cut", "ggro", 3.0, finish="length"), rec("rcut", "ggro", 3.0), rec("ok", "ggro", 1.5)])

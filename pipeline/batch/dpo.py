@@ -53,6 +53,7 @@ class PairStats:
     below_margin: int = 0
     identical: int = 0     # chosen and rejected texts are the same: no preference to learn
     truncated: int = 0     # either side was cut at max_new_tokens
+    mismatched: int = 0    # the two rows of an id ask different things (join mode over outputs of other inputs)
 
     def __add__(self, other: "PairStats") -> "PairStats":
         return PairStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -60,7 +61,9 @@ class PairStats:
     def render(self) -> str:
         return (f"pairs: {self.pairs} of {self.rows} rows (dropped: {self.below_margin} below margin, "
                 f"{self.identical} identical, {self.truncated} cut at the token limit, "
-                f"{self.errors} with an error or no reward, {self.missing} without a rejected row)")
+                f"{self.errors} with an error or no reward, {self.missing} without a rejected row"
+                + (f", {self.mismatched} whose rejected row answers another prompt or prefill" if self.mismatched else "")
+                + ")")
 
 
 def pair_hash(chosen_hash: str | None, rejected_hash: str | None) -> str:
@@ -80,6 +83,9 @@ def build_pairs(chosen: pa.Table, rejected: pa.Table, min_margin: float = DEFAUL
         r = rej.get(c["id"])
         if r is None:
             stats.missing += 1
+            continue
+        if c["messages"] != r["messages"] or (c["prefill"] or "") != (r["prefill"] or ""):
+            stats.mismatched += 1     # a pair of answers to two questions teaches nothing, or the wrong thing
             continue
         if c["error"] or r["error"] or c["reward"] is None or r["reward"] is None:
             stats.errors += 1
