@@ -97,6 +97,16 @@ def test_report_input_or_output_it_cannot_use(outputs, tmp_path, capsys):
         assert e.value.code and says in capsys.readouterr().err
 
 
+def test_outputs_of_two_prompt_sets_are_not_compared(outputs, tmp_path, capsys):
+    """Two runs whose ids name different prompts were compared row by row (win rates, greedy's response beside)."""
+    recs = [record(i, "best-of-n", v) for i, v in GREEDY.items()]
+    recs[1]["messages"] = [{"role": "user", "content": "another prompt"}]
+    write_part(tmp_path / "other", recs)
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--input", str(outputs / "greedy"), str(tmp_path / "other"), "--output", str(tmp_path / "r")])
+    assert e.value.code == 2 and "hold id 'b' for different prompts" in capsys.readouterr().err
+
+
 def test_metric_functions():
     assert M.final_number("so the total is 2,280.") == 2280
     assert M.final_number("from 10-20 pages") == 20 and M.final_number("x = -5") == -5

@@ -46,6 +46,7 @@ def load_methods(dirs: list[str], labels: list[str] | None = None) -> list[Metho
         if not by_method:
             raise ValueError(f"{d}: no align output rows (expected Parquet part files from `ggro align`)")
         groups.extend((d, m, rows) for m, rows in by_method.items())
+    _same_prompts(groups)
     if labels:
         if len(labels) != len(groups):
             raise ValueError(f"--labels gives {len(labels)} names for {len(groups)} method groups")
@@ -56,6 +57,20 @@ def load_methods(dirs: list[str], labels: list[str] | None = None) -> list[Metho
     if len(set(names)) != len(names):
         raise ValueError(f"labels are not unique: {names}; pass --labels")
     return [MethodRows(n, m, d, rows) for n, (d, m, rows) in zip(names, groups)]
+
+
+def _same_prompts(groups: list[tuple]) -> None:
+    """Outputs compared row by row must answer the same prompts under the same ids: two prompt sets numbering their
+    rows 1, 2, ... would be compared answer against unrelated answer."""
+    asked: dict = {}
+    for d, _, rows in groups:
+        for r in rows:
+            if r.get("error") is None:
+                key = (repr(r["messages"]), r["prefill"] or "")
+                first = asked.setdefault(r["id"], (d, key))
+                if first[1] != key:
+                    raise ValueError(f"{d} and {first[0]} hold id {r['id']!r} for different prompts (or prefills): "
+                                     "compare outputs of one prompt set")
 
 
 def pick_baseline(methods: list[MethodRows], wanted: str | None) -> MethodRows:
