@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,13 +49,30 @@ def run(args) -> int:
     except MissingData as e:
         fail(str(e), 1)
     out = made_dir(Path(args.output).parent) / Path(args.output).name
-    try:
-        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    if out.is_file() and not written_here(out):
+        fail(f"--output {out} exists and is not a prompt set `ggro prompts` wrote: pick another path, or move it "
+             "away first (ggro never replaces a file it did not write)", 1)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:       # whole or not at all: a failed write leaves the old file as it was
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, out)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         fail(f"--output {out}: cannot write it ({e.strerror or e})", 1)
     src = SOURCES[args.source]
     print(f"wrote {len(rows)} {args.source} prompts to {out} (from {src.dist}, {src.license})", file=sys.stderr)
     return 0
+
+
+def written_here(path: Path) -> bool:
+    """Whether `path` looks like this command's output (its first row carries the id, prompt, source and license
+    every row it writes has), so that rerunning it may replace the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            row = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(row, dict) and {"id", "prompt", "source", "license"} <= row.keys()
 
 
 def main(argv=None) -> int:

@@ -170,6 +170,18 @@ def test_train_reward_bad_input_is_a_clear_error(tiny_models, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:      # refused before the output or any model: a NaN head was written
             main(["train-reward", "--input", str(bad), "--output", str(tmp_path / "n"), flag, value])
         assert e.value.code == 2 and flag in capsys.readouterr().err and not (tmp_path / "n").exists()
+    # a model folder (or any folder of other files) as --output, a file of yours as --save-head: left as they are
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "mine.bin").write_text("mine")
+    for flags, says in ((["--output", str(model)], "holds files ggro did not write (config.json)"),
+                        (["--output", str(tmp_path / "n"), "--save-head", str(tmp_path / "mine.bin")],
+                         "is not a head ggro saved")):
+        with pytest.raises(SystemExit) as e:
+            main(["train-reward", "--input", str(bad), *flags])
+        assert e.value.code == 1 and says in capsys.readouterr().err
+    assert (model / "config.json").read_text() == "{}" and (tmp_path / "mine.bin").read_text() == "mine"
 
 
 def test_train_reward_is_quiet_by_default(tiny_models, tmp_path):

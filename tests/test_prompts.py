@@ -56,6 +56,13 @@ def test_limit_spreads_over_categories_and_prefill(tmp_path):
     assert len({r["category"] for r in rows}) == 5          # one from each Do-Not-Answer file
     assert all(r["prefill"] == "Sure, I can help with that." for r in rows)
     assert spread(list(range(10)), 3) == [1, 5, 8] and spread([1, 2], 5) == [1, 2]
+    # a rerun replaces its own file; a file ggro did not write is never replaced (it was, silently)
+    assert main(["prompts", "--from", "donotanswer", "--limit", "2", "--output", str(out)]) == 0 and len(read(out)) == 2
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"id": "x", "prompt": "my own"}\n')
+    with pytest.raises(SystemExit) as e:
+        main(["prompts", "--from", "donotanswer", "--output", str(mine)])
+    assert e.value.code == 1 and mine.read_text() == '{"id": "x", "prompt": "my own"}\n'
 
 
 def test_metadata_flows_through_rows():
