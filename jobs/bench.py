@@ -124,7 +124,7 @@ def run(args) -> int:
     gcfg, mcfg, s = resolve_methods(args, "bench", "--best-of-n and --refinements lists", settings, trace=False)
     args.limit = s["limit"]
     rows = read_input(args.input or example_prompts(), args.limit)
-    out = made_dir(args.output)
+    out = made_dir(args.output, own=("bench*", "align"))
     log = logs.log.info        # progress on stderr through the `ggro` logger (--log-level WARNING hides it)
     t0 = time.perf_counter()
     engine = load_engine(mcfg, s, args.threads)

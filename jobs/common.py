@@ -268,10 +268,19 @@ def fail(msg: str, code: int = 2):
     raise SystemExit(code)
 
 
-def made_dir(path, flag: str = "--output"):
+def made_dir(path, flag: str = "--output", own: tuple[str, ...] | None = None):
     """`path` as a folder that exists now (made with its parents), or exit 1 saying why it cannot be: checked
-    before any model loads, so no run's work is lost at its end to an unwritable path."""
+    before any model loads, so no run's work is lost at its end to an unwritable path. `own`: the names (glob
+    patterns) the command writes there; a folder holding anything else is refused, since ggro never replaces a
+    file it did not write (hidden files such as .DS_Store are let be)."""
+    from fnmatch import fnmatch
     from pathlib import Path
+    if own is not None and Path(path).is_dir():
+        foreign = sorted(p.name for p in Path(path).iterdir()
+                         if not p.name.startswith(".") and not any(fnmatch(p.name, o) for o in own))
+        if foreign:
+            fail(f"{flag} {path} holds files this command does not write ({', '.join(foreign[:4])}"
+                 f"{', ...' if len(foreign) > 4 else ''}): pick a new or empty folder", 1)
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -129,7 +129,7 @@ def run(args) -> int:
     if args.limit is not None and args.limit < 1:
         fail("--limit must be >= 1")
     gcfg, mcfg, s = resolve_methods(args, "eval", "--best-of-n and --modes", settings, trace=True)
-    out = made_dir(args.output)
+    out = made_dir(args.output, own=("eval.*", "probes.jsonl", "align", "*pairs*"))
     if args.pairs:
         return run_pairs(args, mcfg, out)
     rows = probe_input(args, s, out)

@@ -32,13 +32,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from jobs.common import fail
+    from jobs.common import fail, made_dir
     from pipeline.eval.report import load_methods, markdown_table, pick_baseline, write_report, SUMMARY_COLUMNS, TASK_COLUMNS
     try:
         methods = load_methods(args.input, args.labels)
         base = pick_baseline(methods, args.baseline)
     except ValueError as e:
         fail(str(e))
+    made_dir(args.output, own=("report.md", "report.html", "summary.csv", "*.png"))
     try:
         res = write_report(methods, args.output, base, args.threshold, args.reward_unit)
     except OSError as e:

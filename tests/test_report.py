@@ -87,11 +87,13 @@ def test_report_baseline_and_labels(outputs, tmp_path, capsys):
 
 
 def test_report_input_or_output_it_cannot_use(outputs, tmp_path, capsys):
-    """A file where an output folder belongs, or a report folder that cannot be made: exit with what is wrong, not
-    pyarrow's or mkdir's traceback."""
+    """A file where an output folder belongs, a report folder that cannot be made, or one holding other files: exit
+    with what is wrong, not pyarrow's or mkdir's traceback, and nothing of the user's replaced."""
     part = next((outputs / "greedy").rglob("*.parquet"))
     for args, says in ((["--input", str(part), "--output", str(tmp_path / "r")], "not a `ggro align` output folder"),
-                       (["--input", str(outputs / "greedy"), "--output", str(part / "r")], "cannot write the report")):
+                       (["--input", str(outputs / "greedy"), "--output", str(part / "r")], "cannot create the folder"),
+                       # a folder of other files: ggro never replaces what it did not write
+                       (["--input", str(outputs / "greedy"), "--output", str(outputs)], "holds files this command does not write (ggro, greedy)")):
         with pytest.raises(SystemExit) as e:
             main(["report", *args])
         assert e.value.code and says in capsys.readouterr().err
