@@ -100,12 +100,14 @@ def load_judge(engine, mcfg, args):
     from ggro.engine import load_reward
     from jobs.common import fail
     from pipeline.eval.bench import policy_judge
-    if not args.judge_reward:
-        judge = policy_judge(engine), f"the policy {mcfg.policy} as a yes/no judge"
-        parts = replace(mcfg, reward=mcfg.policy, reward_kind="judge", rubric=DEFAULT_RUBRIC).reward_parts
+    rubric = args.judge_rubric or DEFAULT_RUBRIC
+    if not args.judge_reward:       # --judge-rubric was ignored here: the policy judge always asked the default
+        judge = policy_judge(engine, rubric), f"the policy {mcfg.policy} as a yes/no judge" + (
+            f" asked {rubric!r}" if args.judge_rubric else "")
+        parts = replace(mcfg, reward=mcfg.policy, reward_kind="judge", rubric=rubric).reward_parts
     else:
         kind = args.judge_reward_kind or "classifier"
-        jcfg = replace(mcfg, reward=args.judge_reward, reward_kind=kind, rubric=args.judge_rubric or DEFAULT_RUBRIC)
+        jcfg = replace(mcfg, reward=args.judge_reward, reward_kind=kind, rubric=rubric)
         try:
             judge = (load_reward(models.here(jcfg), engine.tokenizer, engine.policy.model, gradient=False),
                      f"{args.judge_reward} ({kind})")

@@ -81,6 +81,12 @@ def test_eval_says_when_its_judge_is_part_of_the_guide(tiny_models, tmp_path, ca
                  "--output", str(tmp_path / "ev")]) == 0
     cap = capsys.readouterr()
     assert "not independent of the search" in cap.err and "not an independent judge" in cap.out
+    # --judge-rubric asks the policy judge that question (it was ignored without --judge-reward): other scores
+    assert main(["eval", "--pairs", str(pairs), "--policy", tiny_models["policy"], "--reward-kind", "judge",
+                 "--judge-rubric", "Is it short? Answer Yes or No.", "--output", str(tmp_path / "ev2")]) == 0
+    assert "asked 'Is it short? Answer Yes or No.'" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / d / "pair_scores.jsonl").read_text()) for d in ("ev", "ev2"))
+    assert a["guide_chosen"] == b["guide_chosen"] and a["judge_chosen"] != b["judge_chosen"]
 
 
 def test_eval_quick_oof_pairs(tiny_models, tmp_path):

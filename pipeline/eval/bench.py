@@ -117,11 +117,11 @@ def judge_agreement(results: list[dict]) -> None:
         r["judge_agreement"] = sum(agree) / len(agree) if agree else math.nan
 
 
-def policy_judge(engine):
-    """The policy as a yes/no judge of the responses (the default rubric), on its own weights."""
+def policy_judge(engine, rubric: str | None = None):
+    """The policy as a yes/no judge of the responses (`rubric`, else the default one), on its own weights."""
     from ggro.config import DEFAULT_RUBRIC
     from ggro.reward import RewardModel
-    return RewardModel(engine.policy.model, engine.tokenizer, "judge", DEFAULT_RUBRIC, engine.policy.eos)
+    return RewardModel(engine.policy.model, engine.tokenizer, "judge", rubric or DEFAULT_RUBRIC, engine.policy.eos)
 
 
 def judge_scores(engine, rows, records: list[dict], judge, chunk: int = 8) -> dict[str, float]:
