@@ -328,7 +328,7 @@ class ModelConfig:
         """What the reward is made of, as (kind, model[, rubric]) entries: a judge that shares an entry with the
         guide is not independent of it (`ggro eval`)."""
         if self.uses_shipped_guide:
-            return frozenset({("head", "default"), ("judge", "default", DEFAULT_RUBRIC)})
+            return frozenset({("head", "default"), ("judge", "default", self.rubric)})
         if self.reward_kind == "judge":
             return frozenset({("judge", self.reward_model, self.rubric)})
         return frozenset({("classifier", self.reward_model)})

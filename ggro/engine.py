@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from . import guide, models
-from .config import (DEFAULT_RUBRIC, JUDGE_WEIGHT, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
+from .config import (JUDGE_WEIGHT, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
                      config_hash)
 from .modelset import ANY_REWARD, ModelSet
 from .policy import SegmentDecoder, compile_options
@@ -148,7 +148,7 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
                                                                **mcfg.source(spec))
         eos = models.eos_ids(tok, causal)
         head = guide.head_layer(causal, guide.load_head(guide.shipped_head()))
-        rm = HeadAndJudge(causal, tok, head, JUDGE_WEIGHT, DEFAULT_RUBRIC, eos, cached,
+        rm = HeadAndJudge(causal, tok, head, JUDGE_WEIGHT, mcfg.rubric, eos, cached,
                           prefixes=prefixes if shared else None)    # x + y read from the policy's cache
         return ms.reward_seam(rm) if policy_ids else rm
     # past the shipped guide, sharing the policy's weights means the policy judging itself

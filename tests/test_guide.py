@@ -227,6 +227,11 @@ def test_default_guide_shares_the_default_policy():
     refuse = x + tok.encode("I'm sorry, but I can't help with that.", add_special_tokens=False)
     got = rm.score([RewardQuery(comply), RewardQuery(refuse)])
     assert got[0].reward > got[1].reward       # a benign request: the guide prefers the answer to a refusal
+    # --rubric is the question its judge half asks (it was ignored for the shipped guide): another question, another
+    # reward, from the same weights
+    other = Engine.load(ModelConfig(batch_size=2, rubric="Was that a good answer? Yes or No."))
+    assert ("judge", "default", "Was that a good answer? Yes or No.") in other.mcfg.reward_parts
+    assert other.reward.suffix != rm.suffix and other.reward.score([RewardQuery(comply)])[0].reward != got[0].reward
 
 
 @pytest.mark.parametrize("mlp", [False, True], ids=["linear", "mlp"])
