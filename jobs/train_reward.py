@@ -74,24 +74,29 @@ def refuse_foreign(out: Path, head: Path | None) -> None:
     """ggro never replaces a file it did not write: --output must be new, empty or an earlier run's folder (its
     report.json), --save-head new or a head this command saved. A model folder given as --output (its config.json,
     weights and tokenizer) was overwritten."""
-    if out.is_dir() and any(out.iterdir()) and not _ours(out / "report.json", "report"):
+    if out.is_dir() and any(out.iterdir()) and not _our_report(out / "report.json"):
         names = sorted(p.name for p in out.iterdir())
         fail(f"--output {out} holds files ggro did not write ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
              ": pick a new or empty folder", 1)
-    if head is not None and head.exists() and not _ours(head, "head"):
+    if head is not None and head.exists() and not _our_head(head):
         fail(f"--save-head {head} exists and is not a head ggro saved: pick another path", 1)
 
 
-def _ours(path: Path, kind: str) -> bool:
+def _our_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"base", "split_counts", "fit"} <= report.keys()
+
+
+def _our_head(path: Path) -> bool:
     from ggro.config import ModelLoadError
     from ggro.hf_folder import safetensors_shapes
     try:
-        if kind == "head":
-            return path.is_file() and all(k.startswith("score.") for k in safetensors_shapes(path))
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, ModelLoadError):
+        return path.is_file() and all(k.startswith("score.") for k in safetensors_shapes(path))
+    except ModelLoadError:
         return False
-    return isinstance(report, dict) and {"base", "split_counts", "fit"} <= report.keys()
 
 
 def run(args) -> int:

@@ -26,13 +26,18 @@ def id_digests(ids, chunk: int = 1 << 16) -> np.ndarray:
 NO_DIGEST = b"\0" * 16     # an error row's content: never compared (--retry-errors decides what becomes of it)
 
 
+def asked(messages, prefill) -> str:
+    """What a row asks, as one text: its chat messages (role and content) and its prefill (none = ""). Two rows of
+    one id answer the same question when these are equal (resume, dpo's join, report)."""
+    return json.dumps([[(x["role"], x["content"]) for x in messages or ()], prefill or ""], ensure_ascii=False)
+
+
 def content_digests(messages, prefills) -> np.ndarray:
-    """16-byte digests of what each row asks (its chat messages and prefill), as id_digests' 'S16' array: an id
-    that is resumed must still ask what its written row answered."""
+    """16-byte digests of what each row asks (`asked`), as id_digests' 'S16' array: an id that is resumed must
+    still ask what its written row answered."""
     out = np.empty(len(messages), dtype="S16")
     for i, (m, p) in enumerate(zip(messages, prefills)):
-        text = json.dumps([[(x["role"], x["content"]) for x in m or ()], p or ""], ensure_ascii=False)
-        out[i] = hashlib.blake2b(text.encode(), digest_size=16).digest()
+        out[i] = hashlib.blake2b(asked(m, p).encode(), digest_size=16).digest()
     return out
 
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from ggro.schema import MESSAGE, OUTPUT_SCHEMA
-from pipeline.batch.digests import id_digests
+from pipeline.batch.digests import asked, id_digests
 from pipeline.batch.output import PAIRS_RE, _read_part, child, output_fs, part_files, read_output, write_file, write_part
 
 DPO_SCHEMA = pa.schema([
@@ -84,7 +84,7 @@ def build_pairs(chosen: pa.Table, rejected: pa.Table, min_margin: float = DEFAUL
         if r is None:
             stats.missing += 1
             continue
-        if c["messages"] != r["messages"] or (c["prefill"] or "") != (r["prefill"] or ""):
+        if asked(c["messages"], c["prefill"]) != asked(r["messages"], r["prefill"]):
             stats.mismatched += 1     # a pair of answers to two questions teaches nothing, or the wrong thing
             continue
         if c["error"] or r["error"] or c["reward"] is None or r["reward"] is None:

@@ -56,16 +56,16 @@ class Prompts:
     contents: np.ndarray | None = None   # content_digests in `ids`' order (Ray: only when resuming)
 
     @classmethod
-    def of_rows(cls, rows: list, skipped: list) -> "Prompts":
+    def of_rows(cls, rows: list, skipped: list, contents: bool = True) -> "Prompts":
         ids = id_digests([r.id for r in rows])      # unique: read_input names later copies id#dupK
         order = np.argsort(ids)
-        contents = content_digests([r.messages for r in rows], [r.prefill for r in rows])
-        return cls(len(rows), ids[order], skipped, rows=rows, contents=contents[order])
+        asks = content_digests([r.messages for r in rows], [r.prefill for r in rows])[order] if contents else None
+        return cls(len(rows), ids[order], skipped, rows=rows, contents=asks)
 
     def name(self, digest: bytes) -> str:
         """The id with this digest (for a message: a second pass over the input on Ray)."""
         if self.rows is not None:
-            return next(r.id for r in self.rows if id_digests([r.id])[0] == digest)
+            return self.rows[int(np.flatnonzero(id_digests([r.id for r in self.rows]) == digest)[0])].id
         from pipeline.batch.ray_input import id_strings
         return id_strings(self.plan, np.array([digest], dtype="S16"))[digest]
 
@@ -132,11 +132,11 @@ def _load_engine(m, gradient: bool = True):
 
 
 def read_prompts(job: AlignJob, contents: bool = True) -> Prompts:
-    """The input as the driver needs it; `contents`: on Ray, also every row's content_digests (16 B a row, so only
-    for a resumed output, where they are checked)."""
+    """The input as the driver needs it; `contents`: also every row's content_digests (on Ray 16 B a row in the
+    driver, so only for a resumed output, where they are checked)."""
     if job.local:
         skipped: list = []
-        prompts = Prompts.of_rows(read_input(job.input, job.limit, skipped), skipped)
+        prompts = Prompts.of_rows(read_input(job.input, job.limit, skipped), skipped, contents)
     else:
         from pipeline.batch.ray_align import connect
         from pipeline.batch.ray_input import scan_input

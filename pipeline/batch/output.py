@@ -246,7 +246,8 @@ def output_index(out_dir: str | Path, config_hash: str | None = None) -> OutputI
             f"this run is {config_hash}); pass a new --output folder or --overwrite")
     done = np.concatenate(done) if done else np.array([], dtype="S16")
     order = np.argsort(done, kind="stable")
-    done, contents = done[order], (np.concatenate(contents) if contents else done)[order]
+    contents = np.concatenate(contents) if contents else np.array([], dtype="S16")
+    done, contents = done[order], contents[order]
     dups = int(np.count_nonzero(done[1:] == done[:-1])) if len(done) > 1 else 0
     return OutputIndex(done, np.sort(np.concatenate(errors)) if errors else np.array([], dtype="S16"),
                        rows, dups, hashes, contents)

@@ -62,12 +62,13 @@ def load_methods(dirs: list[str], labels: list[str] | None = None) -> list[Metho
 def _same_prompts(groups: list[tuple]) -> None:
     """Outputs compared row by row must answer the same prompts under the same ids: two prompt sets numbering their
     rows 1, 2, ... would be compared answer against unrelated answer."""
-    asked: dict = {}
+    from pipeline.batch.digests import asked
+    seen: dict = {}
     for d, _, rows in groups:
         for r in rows:
             if r.get("error") is None:
-                key = (repr(r["messages"]), r["prefill"] or "")
-                first = asked.setdefault(r["id"], (d, key))
+                key = asked(r["messages"], r["prefill"])
+                first = seen.setdefault(r["id"], (d, key))
                 if first[1] != key:
                     raise ValueError(f"{d} and {first[0]} hold id {r['id']!r} for different prompts (or prefills): "
                                      "compare outputs of one prompt set")
