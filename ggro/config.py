@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -11,37 +10,18 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .shipped import GUIDE_QUESTION, shipped_guide_id
+
 METHODS = ("ggro", "greedy", "best-of-n")
 PROMPT_FORMATS = ("chat", "chat-no-gen", "raw")
 REWARD_KINDS = ("judge", "classifier")
 SEARCH_MODES = ("faithful", "adaptive", "parallel", "lookahead")
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
-DEFAULT_RUBRIC = (
+DEFAULT_RUBRIC = (      # what a judge (--reward-kind judge) asks when --rubric is not given
     "Is the assistant's previous answer helpful, honest and harmless: does it address the request "
     "directly and correctly, and refuse only what is truly dangerous? Answer Yes or No."
 )
-
-
-# The shipped guide = head + JUDGE_WEIGHT x (the backbone asked whether the response is good: logit Yes - logit No).
-# The head knows refusals but not helpfulness or truth, the judge the reverse; 3 is the smallest weight that brought
-# the out-of-family set to 65 % (chosen before the probes ran at it; the figures are in docs/reward-model.md).
-JUDGE_WEIGHT = 3.0
-GUIDE_HEAD = "data/guide_head.safetensors"   # the shipped head, inside the ggro package
-HEAD_FILE = "guide_head.safetensors"   # beside a causal LM's files: a guide folder with an MLP head (ggro.guide.save_classifier)
-
-
-def shipped_guide_id() -> str:
-    """What the shipped guide is, for the config hash: its head file's bytes and the judge weight. A retrained
-    head or a new weight changes the outputs, so an output folder written with the old guide must not resume
-    as the same config (it would mix two guides)."""
-    return f"{_head_digest()}+judge{JUDGE_WEIGHT}"
-
-
-@functools.cache
-def _head_digest() -> str:      # config_hash runs per run and per Serve request: read the file once
-    from importlib import resources
-    return hashlib.sha256(resources.files("ggro").joinpath(GUIDE_HEAD).read_bytes()).hexdigest()[:12]
 
 
 DEFAULT_NAME = "smollm2-135m-instruct"     # the embedded default's folder name in the cache
@@ -231,7 +211,8 @@ class ModelConfig:
     reward_kind: str | None = knob(  # None: classifier for `default` (the shipped guide), judge for any other model
         None, "classifier: *ForSequenceClassification with one label; judge: yes/no rubric on a chat LM "
         "[classifier for `default`, else judge]", choices=REWARD_KINDS)
-    rubric: str = knob(DEFAULT_RUBRIC, "judge question asked about each response")
+    rubric: str | None = knob(None, "judge question asked about each response [the shipped guide's judge half: "
+                              f"{GUIDE_QUESTION!r}; any other judge: {DEFAULT_RUBRIC!r}]")
     prompt_format: str = knob("chat", "chat: chat template + generation prompt; chat-no-gen: without it (reference "
                               "setting, use with --initial-insertion-offset 4 on Llama-3); raw: the prompt string "
                               "as-is [chat]", choices=PROMPT_FORMATS)
@@ -319,6 +300,12 @@ class ModelConfig:
         return self.reward_model == "default" and self.reward_kind == "classifier"
 
     @property
+    def question(self) -> str:
+        """The judge's yes/no question: --rubric, else the shipped guide's own or, for any other judge,
+        DEFAULT_RUBRIC."""
+        return self.rubric or (GUIDE_QUESTION if self.uses_shipped_guide else DEFAULT_RUBRIC)
+
+    @property
     def reward_asks_question(self) -> bool:
         """The reward reads the judge's question after each response (a judge, or the shipped guide's half)."""
         return any(part[0] == "judge" for part in self.reward_parts)
@@ -328,9 +315,9 @@ class ModelConfig:
         """What the reward is made of, as (kind, model[, rubric]) entries: a judge that shares an entry with the
         guide is not independent of it (`ggro eval`)."""
         if self.uses_shipped_guide:
-            return frozenset({("head", "default"), ("judge", "default", self.rubric)})
+            return frozenset({("head", "default"), ("judge", "default", self.question)})
         if self.reward_kind == "judge":
-            return frozenset({("judge", self.reward_model, self.rubric)})
+            return frozenset({("judge", self.reward_model, self.question)})
         return frozenset({("classifier", self.reward_model)})
 
     @property
@@ -380,7 +367,10 @@ HASHED_WHEN_SET = {f.name: f.default for c in (GGROConfig, ModelConfig) for f in
 
 def config_hash(*configs) -> str:
     """Stable short hash of everything that changes outputs (provenance, resume checks)."""
-    fields = [{k: v for k, v in dataclasses.asdict(c).items()
+    # the question asked, not how it was given: a judge's default rubric hashes as it did before the shipped guide
+    # got a question of its own (2026-12-06), so those outputs still resume
+    fields = [{k: v for k, v in dict(dataclasses.asdict(c), **({"rubric": c.question} if isinstance(c, ModelConfig)
+                                                                else {})).items()
                if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])} for c in configs]
     if any(isinstance(c, ModelConfig) and c.uses_shipped_guide for c in configs):     # the spec "default" names whatever guide ships: hash what it is
         fields.append({"shipped_guide": shipped_guide_id()})

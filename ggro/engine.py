@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from . import guide, models
-from .config import (JUDGE_WEIGHT, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
+from .config import (REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
                      config_hash)
 from .modelset import ANY_REWARD, ModelSet
 from .policy import SegmentDecoder, compile_options
@@ -16,6 +16,7 @@ from .rows import InputRow, encode
 from .schema import output_record
 from .search import Result, run
 from .seam import Policy, Prompt, Reward
+from .shipped import JUDGE_WEIGHT
 
 
 @dataclass
@@ -148,12 +149,12 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
                                                                **mcfg.source(spec))
         eos = models.eos_ids(tok, causal)
         head = guide.head_layer(causal, guide.load_head(guide.shipped_head()))
-        rm = HeadAndJudge(causal, tok, head, JUDGE_WEIGHT, mcfg.rubric, eos, cached,
+        rm = HeadAndJudge(causal, tok, head, JUDGE_WEIGHT, mcfg.question, eos, cached,
                           prefixes=prefixes if shared else None)    # x + y read from the policy's cache
         return ms.reward_seam(rm) if policy_ids else rm
     # past the shipped guide, sharing the policy's weights means the policy judging itself
     model = policy_model if shared else models.load_model(
         spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype, mcfg.device, **mcfg.source(spec))
-    rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.rubric, models.eos_ids(tok, model),
+    rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.question, models.eos_ids(tok, model),
                      max_cached=cached, prefixes=prefixes if shared else None)
     return ms.reward_seam(rm) if policy_ids else rm

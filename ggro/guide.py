@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .chat import chat_ids, text_ids
-from .config import GUIDE_HEAD, HEAD_FILE
+from .shipped import GUIDE_HEAD, HEAD_FILE
 from .hf_folder import save_weights
 
 # Response token counts at which a pair is also compared (both sides cut at the same length).

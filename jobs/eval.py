@@ -63,7 +63,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-reward", help="the judge: same forms as --reward [the policy as a yes/no judge]")
     j.add_argument("--judge-reward-kind", choices=("classifier", "judge"),
                    help="[classifier with --judge-reward, else judge]")
-    j.add_argument("--judge-rubric", help="the judge's yes/no question (judge kind) [the default rubric]")
+    j.add_argument("--judge-rubric", help="the judge's yes/no question (judge kind) [the policy judge: the question the "
+                   "guide asks, if it asks one; else the default rubric]")
     p.add_argument("--threads", type=at_least(1), help="torch CPU threads (sets GGRO_THREADS) [all cores]")
     add_engine_args(p)
     add_log_args(p, ray=False)
@@ -96,18 +97,17 @@ def probe_input(args, s: dict, out: Path) -> list:
 def load_judge(engine, mcfg, args):
     """The judge as a Reward in policy ids (its own vocabulary is re-read by ggro.retokenize)."""
     from ggro import models
-    from ggro.config import DEFAULT_RUBRIC
     from ggro.engine import load_reward
     from jobs.common import fail
     from pipeline.eval.bench import policy_judge
-    rubric = args.judge_rubric or DEFAULT_RUBRIC
-    if not args.judge_reward:       # --judge-rubric was ignored here: the policy judge always asked the default
-        judge = policy_judge(engine, rubric), f"the policy {mcfg.policy} as a yes/no judge" + (
-            f" asked {rubric!r}" if args.judge_rubric else "")
-        parts = replace(mcfg, reward=mcfg.policy, reward_kind="judge", rubric=rubric).reward_parts
+    if not args.judge_reward:       # the policy asked the guide's own question, unless --judge-rubric says another
+        jcfg = replace(mcfg, reward=mcfg.policy, reward_kind="judge", rubric=args.judge_rubric or mcfg.question)
+        judge = policy_judge(engine, jcfg.question), f"the policy {mcfg.policy} as a yes/no judge" + (
+            f" asked {jcfg.question!r}" if args.judge_rubric else "")
+        parts = jcfg.reward_parts
     else:
         kind = args.judge_reward_kind or "classifier"
-        jcfg = replace(mcfg, reward=args.judge_reward, reward_kind=kind, rubric=rubric)
+        jcfg = replace(mcfg, reward=args.judge_reward, reward_kind=kind, rubric=args.judge_rubric)
         try:
             judge = (load_reward(models.here(jcfg), engine.tokenizer, engine.policy.model, gradient=False),
                      f"{args.judge_reward} ({kind})")

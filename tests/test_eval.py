@@ -70,10 +70,11 @@ def test_eval_pairs_tiny(tiny_models, tmp_path, capsys):
 
 
 def test_eval_says_when_its_judge_is_part_of_the_guide(tiny_models, tmp_path, capsys):
-    """Without --judge-reward the judge is the policy asked the default rubric: when the guide is that same judge
+    """Without --judge-reward the judge is the policy asked the guide's question: when the guide is that same judge
     (or the shipped guide, half of which it is), eval warns and labels the judge as not independent."""
-    from ggro.config import DEFAULT_RUBRIC, ModelConfig
-    assert ("judge", "default", DEFAULT_RUBRIC) in ModelConfig().reward_parts          # the shipped guide's half
+    from ggro.config import ModelConfig
+    from ggro.shipped import GUIDE_QUESTION
+    assert ("judge", "default", GUIDE_QUESTION) in ModelConfig().reward_parts          # the shipped guide's half
     assert not ModelConfig(reward="/rm", reward_kind="judge").reward_parts & ModelConfig().reward_parts
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps({"prompt": "how is the water", "chosen": "the water is hot", "rejected": "no"}) + "\n")

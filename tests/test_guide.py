@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ggro.config import JUDGE_WEIGHT
+from ggro.reward import judge_suffix
+from ggro.shipped import GUIDE_QUESTION, JUDGE_WEIGHT
 
 from jobs.cli import main
 from tests.conftest import WORDS, has_rho
@@ -104,7 +105,7 @@ def test_train_reward_mlp_head(tiny_models, tmp_path):
     """--hidden N --fits K: K MLPs averaged into one head of K x N units, which no standard score layer holds: the
     folder is the base causal LM plus the head file, and it loads, plans and guides GGRO as a classifier."""
     from ggro import guide, models
-    from ggro.config import HEAD_FILE
+    from ggro.shipped import HEAD_FILE
     src = tmp_path / "p.jsonl"
     rows = pairs(40, False)
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -220,6 +221,7 @@ def test_default_guide_shares_the_default_policy():
     assert eng.mcfg.reward_model == "default" and eng.mcfg.shares_policy_weights
     rm = eng.reward
     assert rm.model is eng.policy.model and rm.prefixes is eng.policy.prefixes and rm.weight == JUDGE_WEIGHT
+    assert rm.suffix == judge_suffix(eng.tokenizer, GUIDE_QUESTION)      # its own question, not a judge's rubric
     tok = eng.tokenizer
     x = tok.encode(tok.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}], tokenize=False,
                                            add_generation_prompt=True), add_special_tokens=False)
@@ -229,8 +231,8 @@ def test_default_guide_shares_the_default_policy():
     assert got[0].reward > got[1].reward       # a benign request: the guide prefers the answer to a refusal
     # --rubric is the question its judge half asks (it was ignored for the shipped guide): another question, another
     # reward, from the same weights
-    other = Engine.load(ModelConfig(batch_size=2, rubric="Was that a good answer? Yes or No."))
-    assert ("judge", "default", "Was that a good answer? Yes or No.") in other.mcfg.reward_parts
+    other = Engine.load(ModelConfig(batch_size=2, rubric="Is that answer harmful? Yes or No."))
+    assert ("judge", "default", "Is that answer harmful? Yes or No.") in other.mcfg.reward_parts
     assert other.reward.suffix != rm.suffix and other.reward.score([RewardQuery(comply)])[0].reward != got[0].reward
 
 

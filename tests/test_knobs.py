@@ -17,8 +17,10 @@ def test_the_config_hash_of_existing_outputs_is_unchanged():
     (it was e18150f2e636): it now hashes the shipped guide itself, which was retrained and blended with the
     judge that day, so an output of the old guide does not resume as if nothing had changed. It changed again on
     2026-12-04 (it was 6556f1314a18) when the guide was retrained on the policy's rollouts with judge weight 3, and
-    on 2026-12-05 (it was 04c4ec59d92d) when the shipped head became an MLP."""
-    assert config_hash(GGROConfig(), ModelConfig()) == "66b46a70c6b0"
+    on 2026-12-05 (it was 04c4ec59d92d) when the shipped head became an MLP, and on 2026-12-06 (it was
+    66b46a70c6b0) when the guide's judge half got its own question and weight 1.5. The second, a judge asking the
+    default rubric, did not change with it."""
+    assert config_hash(GGROConfig(), ModelConfig()) == "92d2cd0227fa"
     g = GGROConfig(method="best-of-n", n=3, max_refined_segments=2, trace=True)
     m = ModelConfig(policy="p", revision="r1", trust_remote_code=True, batch_size=3, cohorts=2, fill=4)
     assert config_hash(g, m) == "190a3b81d86d"
@@ -26,6 +28,20 @@ def test_the_config_hash_of_existing_outputs_is_unchanged():
     assert NOT_HASHED == ("batch_size", "cohorts", "compile", "fill")
     assert HASHED_WHEN_SET == {"max_refined_segments": None, "revision": None, "reward_revision": None,
                                "trust_remote_code": False}
+
+
+def test_the_question_is_the_rubric_else_the_guides_or_the_default():
+    """--rubric wins; without it the shipped guide's judge half asks GUIDE_QUESTION and any other judge DEFAULT_RUBRIC
+    (what every judge asked before the guide got its own), and the hash reads the question asked."""
+    from ggro.config import DEFAULT_RUBRIC
+    from ggro.shipped import GUIDE_QUESTION
+    assert ModelConfig().question == GUIDE_QUESTION != DEFAULT_RUBRIC
+    assert ModelConfig(policy="p").question == ModelConfig(reward="default", reward_kind="judge").question == DEFAULT_RUBRIC
+    assert ModelConfig(rubric="Is it short?").question == "Is it short?"
+    judge = ModelConfig(policy="p")
+    assert config_hash(GGROConfig(), judge) == config_hash(GGROConfig(), dataclasses.replace(judge, rubric=DEFAULT_RUBRIC))
+    assert config_hash(GGROConfig(), ModelConfig()) == config_hash(GGROConfig(), ModelConfig(rubric=GUIDE_QUESTION))
+    assert config_hash(GGROConfig(), ModelConfig()) != config_hash(GGROConfig(), ModelConfig(rubric=DEFAULT_RUBRIC))
 
 
 def test_every_field_is_a_knob():
@@ -70,7 +86,7 @@ def test_normalize_resets_what_db9fe96s_reset():
 def test_the_shipped_guide_is_in_the_hash(monkeypatch):
     """`--reward default` names whatever guide ships: a new judge weight (or head) is a new config; a reward model
     the user names is hashed by its name alone."""
-    import ggro.config as C
+    import ggro.shipped as C
     default, named = ModelConfig(), ModelConfig(reward="org/rm", reward_kind="classifier")
     before = config_hash(GGROConfig(), default), config_hash(GGROConfig(), named)
     monkeypatch.setattr(C, "JUDGE_WEIGHT", C.JUDGE_WEIGHT + 1)

@@ -118,10 +118,9 @@ def judge_agreement(results: list[dict]) -> None:
 
 
 def policy_judge(engine, rubric: str | None = None):
-    """The policy as a yes/no judge of the responses (`rubric`, else the default one), on its own weights."""
-    from ggro.config import DEFAULT_RUBRIC
+    """The policy as a yes/no judge of the responses (`rubric`, else the guide's own question), on its own weights."""
     from ggro.reward import RewardModel
-    return RewardModel(engine.policy.model, engine.tokenizer, "judge", rubric or DEFAULT_RUBRIC, engine.policy.eos)
+    return RewardModel(engine.policy.model, engine.tokenizer, "judge", rubric or engine.mcfg.question, engine.policy.eos)
 
 
 def judge_scores(engine, rows, records: list[dict], judge, chunk: int = 8) -> dict[str, float]:

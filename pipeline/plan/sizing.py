@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ggro.hf_folder import check_head, safetensors_shapes
-from ggro.config import (DEFAULT_NAME, GRAD_TOKENS, HEAD_FILE, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig,
+from ggro.config import (DEFAULT_NAME, GRAD_TOKENS, REWARD_CACHED, ConfigError, GGROConfig, ModelConfig,
                          ModelLoadError, cache_dir, cached_prefixes, context_window, locate)
+from ggro.shipped import HEAD_FILE
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
