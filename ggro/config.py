@@ -365,13 +365,19 @@ HASHED_WHEN_SET = {f.name: f.default for c in (GGROConfig, ModelConfig) for f in
                    if f.metadata["hashed"] == "when_set"}
 
 
+def _hashed_fields(c) -> dict:
+    values = dataclasses.asdict(c)
+    if isinstance(c, ModelConfig):
+        # the question asked, not how it was given: a judge's default rubric hashes as it did before the shipped
+        # guide got a question of its own (2026-12-06), so those outputs still resume
+        values["rubric"] = c.question
+    return {k: v for k, v in values.items()
+            if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
+
+
 def config_hash(*configs) -> str:
     """Stable short hash of everything that changes outputs (provenance, resume checks)."""
-    # the question asked, not how it was given: a judge's default rubric hashes as it did before the shipped guide
-    # got a question of its own (2026-12-06), so those outputs still resume
-    fields = [{k: v for k, v in dict(dataclasses.asdict(c), **({"rubric": c.question} if isinstance(c, ModelConfig)
-                                                                else {})).items()
-               if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])} for c in configs]
+    fields = [_hashed_fields(c) for c in configs]
     if any(isinstance(c, ModelConfig) and c.uses_shipped_guide for c in configs):     # the spec "default" names whatever guide ships: hash what it is
         fields.append({"shipped_guide": shipped_guide_id()})
     blob = json.dumps(fields, sort_keys=True, default=str)
