@@ -18,9 +18,10 @@ def test_the_config_hash_of_existing_outputs_is_unchanged():
     judge that day, so an output of the old guide does not resume as if nothing had changed. It changed again on
     2026-12-04 (it was 6556f1314a18) when the guide was retrained on the policy's rollouts with judge weight 3, and
     on 2026-12-05 (it was 04c4ec59d92d) when the shipped head became an MLP, and on 2026-12-06 (it was
-    66b46a70c6b0) when the guide's judge half got its own question and weight 1.5. The second, a judge asking the
-    default rubric, did not change with it."""
-    assert config_hash(GGROConfig(), ModelConfig()) == "92d2cd0227fa"
+    66b46a70c6b0) when the guide's judge half got its own question and weight 1.5, and again that day (it was
+    92d2cd0227fa) when the head was retrained with every complying rollout in its rollout-refuse pairs. The
+    second, a judge asking the default rubric, did not change with it."""
+    assert config_hash(GGROConfig(), ModelConfig()) == "9a5b1ae7c3d6"
     g = GGROConfig(method="best-of-n", n=3, max_refined_segments=2, trace=True)
     m = ModelConfig(policy="p", revision="r1", trust_remote_code=True, batch_size=3, cohorts=2, fill=4)
     assert config_hash(g, m) == "190a3b81d86d"

