@@ -256,6 +256,8 @@ class ModelConfig:
             raise ConfigError("cohorts must be between 1 and batch_size")
         if self.fill is not None and self.fill < 1:
             raise ConfigError("fill must be >= 1")
+        if self.rubric is not None and not self.rubric.strip():   # "" silently asked the default question
+            raise ConfigError("rubric must not be empty: leave --rubric out for the default question")
 
     def decode_rows(self, gcfg: GGROConfig) -> int:
         """The most rows one decode call carries. Best-of-n and greedy: batch_size prompts' samples. GGRO admits

@@ -252,6 +252,13 @@ def at_least(lo: int):
     return parse
 
 
+def nonblank(value) -> str:
+    """An argparse type: text with a word in it (a question, a name); "" would fall back to a default unseen."""
+    if not str(value).strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty string, got {value!r}")
+    return str(value)
+
+
 def positive(value) -> float:
     """An argparse type: a finite number > 0 (seconds, GiB, CPUs); NaN would pass every `<` check after it."""
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jobs import logs
 from jobs.bench import _ints, _modes
-from jobs.common import at_least, made_dir, module_main
+from jobs.common import at_least, made_dir, module_main, nonblank
 from jobs.logs import add_log_args
 from pipeline.eval.evaluate import PREFILL_ATTACK, PROBES
 
@@ -63,7 +63,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-reward", help="the judge: same forms as --reward [the policy as a yes/no judge]")
     j.add_argument("--judge-reward-kind", choices=("classifier", "judge"),
                    help="[classifier with --judge-reward, else judge]")
-    j.add_argument("--judge-rubric", help="the judge's yes/no question (judge kind) [the policy judge: the question the "
+    j.add_argument("--judge-rubric", type=nonblank, help="the judge's yes/no question (judge kind) [the policy judge: the question the "
                    "guide asks, if it asks one; else the default rubric]")
     p.add_argument("--threads", type=at_least(1), help="torch CPU threads (sets GGRO_THREADS) [all cores]")
     add_engine_args(p)

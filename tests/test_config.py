@@ -221,6 +221,14 @@ def test_fill_admits_prompts_until_a_decode_call_is_as_full_as_best_of_n():
         ModelConfig(fill=0)
 
 
+def test_an_empty_judge_question_is_refused():
+    """`--rubric ""` used to ask the default question without a word."""
+    from ggro.config import ConfigError
+    for blank in ("", "  "):
+        with pytest.raises(ConfigError, match="rubric must not be empty"):
+            ModelConfig(rubric=blank)
+
+
 @pytest.mark.parametrize("field, value, words", [
     ("temperature", math.inf, "temperature must be a number > 0"), ("temperature", math.nan, "temperature must be"),
     ("nudge_temperature", math.inf, "nudge_temperature must be a number > 0"), ("top_p", math.nan, "top_p must be"),
@@ -256,10 +264,10 @@ def test_a_device_or_port_that_cannot_be_is_refused_before_any_model_loads():
 @pytest.mark.parametrize("argv", [["bench", "--threads", "0"], ["bench", "--limit", "0"], ["bench", "--oracle-prompts", "-1"],
                                   ["eval", "--threads", "-2"], ["align", "--in-flight", "0"],
                                   ["align", "--plan-prompt-tokens", "0"], ["align", "--ray-timeout", "nan"],
-                                  ["serve", "--gpu-memory-gb", "-1"]])
+                                  ["serve", "--gpu-memory-gb", "-1"], ["eval", "--judge-rubric", " "]])
 def test_counts_below_their_floor_are_flag_errors(argv, capsys):
-    """`ggro bench --limit 0` ran every prompt, `--threads 0` all cores and `align --in-flight 0` the default, without a
-    word; a NaN timeout or GPU memory passed every check after it."""
+    """`ggro bench --limit 0` ran every prompt, `--threads 0` all cores, `align --in-flight 0` the default and
+    `eval --judge-rubric ""` the guide's question, without a word; a NaN timeout or GPU memory passed every check."""
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)
     assert e.value.code == 2 and f"argument {argv[1]}: expected a" in capsys.readouterr().err
