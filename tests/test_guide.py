@@ -167,7 +167,8 @@ def test_train_reward_bad_input_is_a_clear_error(tiny_models, tmp_path, capsys):
         main(["train-reward", "--input", str(bad), "--base", tiny_models["policy"], "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "same text" in err and "no usable pairs" in err
-    for flag, value in [("--l2", "nan"), ("--l2", "-1"), ("--truncated-weight", "inf"), ("--batch-size", "0")]:
+    for flag, value in [("--l2", "nan"), ("--l2", "-1"), ("--truncated-weight", "inf"), ("--batch-size", "0"),
+                        ("--rollout-tokens", "0")]:
         with pytest.raises(SystemExit) as e:      # refused before the output or any model: a NaN head was written
             main(["train-reward", "--input", str(bad), "--output", str(tmp_path / "n"), flag, value])
         assert e.value.code == 2 and flag in capsys.readouterr().err and not (tmp_path / "n").exists()
