@@ -17,19 +17,21 @@ def example_prompts() -> str:
     return str(resources.files("jobs") / "data" / "example_prompts.jsonl")
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, defaults: dict[str, str] | None = None) -> None:
     """Model and search flags, one per field of ModelConfig and GGROConfig, from the field's own metadata
     (ggro.config `knob`: help, choices; the type from its annotation). Defaults are None so a YAML value is only
-    overridden by a given flag; the default a help text shows is the field's own."""
+    overridden by a given flag; the default a help text shows is the field's own, or what `defaults` says for a
+    command that sets its own (bench and eval: `max_new_tokens`)."""
+    defaults = defaults or {}
     for title, cls in (("models", ModelConfig), ("search", GGROConfig)):
         group = p.add_argument_group(title)
         for f in knobs(cls):
             flag, typ = "--" + f.name.replace("_", "-"), knob_type(f)
+            text = f.metadata["help"].format(default=defaults[f.name]) if f.name in defaults else knob_help(f)
             if typ is bool:
-                group.add_argument(flag, action="store_true", default=None, help=knob_help(f))
+                group.add_argument(flag, action="store_true", default=None, help=text)
             else:
-                group.add_argument(flag, type=None if typ is str else typ, choices=f.metadata["choices"],
-                                   help=knob_help(f))
+                group.add_argument(flag, type=None if typ is str else typ, choices=f.metadata["choices"], help=text)
     p.add_argument("--config", help="YAML file whose keys mirror these flags (dashes or underscores); flags win")
 
 # `ggro serve`'s old names for the resources, from the knobs' `old_flag`: hidden, still accepted

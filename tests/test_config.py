@@ -221,6 +221,14 @@ def test_fill_admits_prompts_until_a_decode_call_is_as_full_as_best_of_n():
         ModelConfig(fill=0)
 
 
+def test_bench_and_eval_help_shows_their_own_token_default(capsys):
+    """Both set max_new_tokens themselves (64; --quick 16); their help said the knob's 128."""
+    for cmd in ("bench", "eval"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([cmd, "--help"])
+        assert "--max-new-tokens MAX_NEW_TOKENS [quick: 16; else 64]" in " ".join(capsys.readouterr().out.split())
+
+
 def test_an_empty_judge_question_is_refused():
     """`--rubric ""` used to ask the default question without a word."""
     from ggro.config import ConfigError
