@@ -132,6 +132,16 @@ def test_a_chunked_body_past_the_limit_is_refused_while_it_arrives(app):
     assert sent < total and sent * len(chunk) < 4 * MAX_BODY_BYTES, sent   # refused while it arrived
 
 
+def test_the_openai_client_gets_the_413_for_a_body_over_the_limit(app):
+    """The server answers before it reads a declared-length body: the official client, still sending, must read
+    the 413 in OpenAI's shape, not a connection reset (which it would retry and report as a connection error)."""
+    client = openai.OpenAI(base_url=app + "/v1", api_key="x", max_retries=0, timeout=60)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a " * (12 << 20)}],
+                                       max_tokens=2)
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large", e.value.body
+
+
 def replica_pid(app_name: str, deployment: str) -> int:
     from ray import serve
     handle = serve.get_deployment_handle(deployment, app_name)
