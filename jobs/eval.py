@@ -49,9 +49,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"small settings that finish in minutes on a CPU: {QUICK}; explicit flags still win")
     p.add_argument("--probes", type=_probes, default=list(PROBES),
                    help=f"probe sets, comma-separated: {', '.join(PROBES)}")
-    p.add_argument("--limit", type=int, help="held-out prompts per probe set, evenly spaced over it (so --limit 48 is not the first 48 of --limit "
-                   "96; with --input: prompts in all; with "
-                   "--pairs oof: pairs per kind, 40 unless given or --quick, at most 100 for most kinds) [quick: 2; else 48]")
+    p.add_argument("--limit", type=int, help="held-out prompts per probe set, evenly spaced over it (--limit 48 is "
+                   "not the first 48 of --limit 96; with --input: prompts in all; with --pairs oof: pairs per kind, 40 "
+                   "unless given or --quick, at most 100 for most kinds) [quick: 2; else 48]")
     p.add_argument("--input", help="your own prompt file (JSONL/Parquet) instead of the probe sets; rows with "
                    "`expected` (refuse | comply) or `reference_answer` get the task metrics")
     p.add_argument("--pairs", metavar="FILE|oof", help="score preference pairs instead of running the methods: "
@@ -64,8 +64,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-reward", help="the judge: same forms as --reward [the policy as a yes/no judge]")
     j.add_argument("--judge-reward-kind", choices=("classifier", "judge"),
                    help="[classifier with --judge-reward, else judge]")
-    j.add_argument("--judge-rubric", type=nonblank, help="the judge's yes/no question (judge kind) [the policy judge: the question the "
-                   "guide asks, if it asks one; else the default rubric]")
+    j.add_argument("--judge-rubric", type=nonblank, help="the judge's yes/no question (judge kind) [the policy judge: "
+                   "the question the guide asks, if it asks one; else the default rubric]")
     p.add_argument("--threads", type=at_least(1), help="torch CPU threads (sets GGRO_THREADS) [all cores]")
     add_engine_args(p, {"max_new_tokens": f"quick: {QUICK['max_new_tokens']}; else {FULL['max_new_tokens']}"})
     add_log_args(p, ray=False)
