@@ -27,7 +27,7 @@ from dataclasses import replace
 
 from ggro.config import SEARCH_MODES
 from jobs import logs
-from jobs.common import at_least, made_dir, module_main
+from jobs.common import at_least, made_dir, module_main, positive_ints
 from jobs.logs import add_log_args
 
 QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], modes=[("faithful", None, None)], budgets=[None],
@@ -35,16 +35,6 @@ QUICK = dict(limit=2, max_new_tokens=16, best_of_n=[2, 4], refinements=[2, 4], m
 FULL = dict(limit=None, max_new_tokens=64, best_of_n=[2, 4, 8], refinements=[2, 4, 8], modes=[(m, None, None) for m in SEARCH_MODES],
             budgets=[None],
             oracle_prompts=3, oracle_max_new_tokens=32, scaling_prompts=16, scaling_max_new_tokens=32)
-
-
-def _ints(s: str) -> list[int]:
-    try:
-        vals = [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {s!r}")
-    return vals
 
 
 def _modes(s: str) -> list[tuple]:
@@ -83,8 +73,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="bench", help="folder for bench.csv and the plots")
     p.add_argument("--quick", action="store_true",
                    help=f"small settings that finish in minutes on a CPU: {QUICK}; explicit flags still win")
-    p.add_argument("--best-of-n", type=_ints, help="N values for best-of-n [quick: 2,4; else 2,4,8]")
-    p.add_argument("--refinements", type=_ints, help="S values for GGRO [quick: 2,4; else 2,4,8]")
+    p.add_argument("--best-of-n", type=positive_ints, help="N values for best-of-n [quick: 2,4; else 2,4,8]")
+    p.add_argument("--refinements", type=positive_ints, help="S values for GGRO [quick: 2,4; else 2,4,8]")
     p.add_argument("--modes", type=_modes, help=f"GGRO search modes timed at each S and B, comma-separated "
                    f"({', '.join(SEARCH_MODES)}); `mode:S` or `mode:S:B` times that one setting (e.g. "
                    f"faithful,lookahead:8:1) [quick: faithful; else all]")
@@ -98,7 +88,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oracle-max-new-tokens", type=at_least(1), help="max new tokens in the oracle comparison "
                    "(the oracle re-runs the whole prefix per token) [quick: 8; else 32]")
     p.add_argument("--oracle-refinements", type=at_least(1), default=2, help="S in the oracle comparison")
-    p.add_argument("--scaling-batches", type=_ints, default=[1, 4, 16], help="batch sizes for the scaling run")
+    p.add_argument("--scaling-batches", type=positive_ints, default=[1, 4, 16], help="batch sizes for the scaling run")
     p.add_argument("--scaling-prompts", type=at_least(0), help="prompts in the scaling run, 0 to skip [16]")
     p.add_argument("--scaling-max-new-tokens", type=at_least(1), help="max new tokens in the scaling run [quick: 8; else 32]")
     p.add_argument("--scaling-refinements", type=at_least(1), default=2, help="S in the scaling run")

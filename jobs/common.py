@@ -262,6 +262,17 @@ def nonblank(value) -> str:
     return str(value)
 
 
+def positive_ints(s: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1 ("2,4,8": best-of-n sizes, batch sizes, rollout lengths)."""
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {s!r}")
+    return vals
+
+
 def positive(value) -> float:
     """An argparse type: a finite number > 0 (seconds, GiB, CPUs); NaN would pass every `<` check after it."""
     try:

@@ -26,8 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from jobs import logs
-from jobs.bench import _ints, _modes
-from jobs.common import at_least, made_dir, module_main, nonblank
+from jobs.bench import _modes
+from jobs.common import at_least, made_dir, module_main, nonblank, positive_ints
 from jobs.logs import add_log_args
 from pipeline.eval.evaluate import PREFILL_ATTACK, PROBES
 
@@ -57,7 +57,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", metavar="FILE|oof", help="score preference pairs instead of running the methods: "
                    "the guide's and the judge's pairwise accuracy per kind ('oof': the out-of-family set)")
     p.add_argument("--prefill-attack", default=PREFILL_ATTACK, help="the forced opening of the `prefill` probes")
-    p.add_argument("--best-of-n", type=_ints, help="N values for best-of-n [quick: 2; else 4]")
+    p.add_argument("--best-of-n", type=positive_ints, help="N values for best-of-n [quick: 2; else 4]")
     p.add_argument("--modes", type=_modes, help="GGRO settings, `mode:S` or `mode:S:B`, comma-separated "
                    "[quick: faithful:2,lookahead:2:1; else faithful:4,lookahead:8:1]")
     j = p.add_argument_group("judge (a reward model that did not guide the search)")

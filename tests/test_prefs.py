@@ -133,6 +133,11 @@ def test_rollout_pairs_rank_the_policys_own_refusals():
     assert {p["chosen"] for p in got[:3]} == {"Sure, I can help with that. However, I can't help with that"}
     assert [p["rejected"] for p in got[:3]] == [f"{pre} First, find a weak spot", f"{pre} Just push", f"{pre} Try a knife"]
     assert got[3]["chosen"] == "Use kill -9 PID" and mentions_refusal(got[3]["rejected"])
+    # rollouts at a second length give their own pairs; those that ended early give the same pairs again: kept once
+    longer = {**rollouts, "h": [" First, find a weak spot and wait", " Just push", " However, I can't help with that"]}
+    both = rollout_pairs(rows, rollouts, longer)
+    assert both[:4] == got and [(p["chosen"], p["rejected"]) for p in both[4:]] == [
+        (f"{pre} However, I can't help with that", f"{pre} First, find a weak spot and wait")]
 
 
 def test_wrong_number_pairs():

@@ -144,15 +144,15 @@ def self_pairs(rows: list[dict], answers: dict[str, str]) -> list[dict]:
 
 
 def default_pairs(answer: Callable[[list[dict]], dict[str, str]],
-                  rollouts: Callable[[list[dict]], dict[str, list[str]]]) -> list[dict]:
+                  rollouts: Callable[[list[dict]], list[dict[str, list[str]]]]) -> list[dict]:
     """All default pairs; `answer(rows)` returns the policy's response text for each prompt row id, `rollouts(rows)`
-    its greedy response and its rollouts after its other top-k first tokens (text after the row's prefill)."""
+    its greedy response and its rollouts after its other top-k first tokens (after the row's prefill) per length."""
     rows = self_prompts()
     answers = answer(rows)
     base = pyrit_pairs() + rho_refusal_pairs()
     more = rollout_prompts()
     return (base + self_pairs(rows, answers) + help_pairs(help_answers(base, rows, answers)) + wrong_number_pairs()
-            + rollout_pairs(more, rollouts(more)))
+            + rollout_pairs(more, *rollouts(more)))
 
 
 # -- the policy's own rollouts: what a search can reach, ranked ----------------------------------------------
@@ -173,8 +173,9 @@ def rollout_prompts() -> list[dict]:
             for name, limit in ROLLOUT_PROMPTS.items() for r in spread(load_rows(name), limit)]
 
 
-def rollout_pairs(rows: list[dict], rollouts: dict[str, list[str]]) -> list[dict]:
-    """rows: from rollout_prompts(); rollouts: per row id, the policy's greedy text first, then its other rollouts.
+def rollout_pairs(rows: list[dict], *rollouts: dict[str, list[str]]) -> list[dict]:
+    """rows: from rollout_prompts(); rollouts: per row id, the policy's greedy text first, then its other rollouts;
+    one such dict per rollout length, each giving its pairs (kept once where rollouts that ended early repeat them).
 
     Where a refusal is right (a prefilled harmful prompt) and greedy complies: the first refusing rollout over
     greedy's and over every other complying rollout (a search keeps the best of several: the refusal must beat
@@ -184,9 +185,8 @@ def rollout_pairs(rows: list[dict], rollouts: dict[str, list[str]]) -> list[dict
     # the refusing side must decline (an apology alone teaches apologies); the complying side must not even
     # look like a refusal
     maybe = lambda t: is_refusal(t) or mentions_refusal(t)    # noqa: E731
-    out = []
-    for r in rows:
-        texts = [t.strip() for t in rollouts.get(r["id"], ())]
+    out = {}
+    for r, texts in ((r, [t.strip() for t in at.get(r["id"], ())]) for at in rollouts for r in rows):
         if not texts or not texts[0] or maybe(texts[0]):
             continue
         refusing = [t for t in texts[1:] if is_refusal(t)]
@@ -196,11 +196,12 @@ def rollout_pairs(rows: list[dict], rollouts: dict[str, list[str]]) -> list[dict
         resp = lambda t: f"{pre} {t}" if pre else t    # noqa: E731
         if r["expected"] == "refuse":
             complying = [texts[0]] + [t for t in texts[1:] if t and not maybe(t)]
-            out += [_pair(r["prompt"], resp(refusing[0]), resp(c), "rollout-refuse", r["source"], r["license"])
-                    for c in complying]
+            new = [_pair(r["prompt"], resp(refusing[0]), resp(c), "rollout-refuse", r["source"], r["license"])
+                   for c in complying]
         else:
-            out.append(_pair(r["prompt"], resp(texts[0]), resp(refusing[0]), "rollout-comply", r["source"], r["license"]))
-    return out
+            new = [_pair(r["prompt"], resp(texts[0]), resp(refusing[0]), "rollout-comply", r["source"], r["license"])]
+        out.update({(p["prompt"], p["chosen"], p["rejected"]): p for p in new})
+    return list(out.values())
 
 
 # -- helpfulness: a complete, on-topic answer over a degraded version of itself ---------------------------

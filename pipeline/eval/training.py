@@ -18,7 +18,7 @@ class HeadFit:
     truncated_weight: float = 0.35   # weight of the pairs cut at guide.TRUNCATIONS against whole responses
     batch_size: int = 16             # sequences per feature forward
     answer_tokens: int = 40          # default pairs: tokens of the base model's own answers
-    rollout_tokens: int = 32         # default pairs: tokens of the policy's rollouts (rollout-* kinds)
+    rollout_tokens: tuple[int, ...] = (32,)  # default pairs: tokens of the policy's rollouts (rollout-* kinds), pairs at each
     rollout_k: int = 6               # ... one per top-k first token
     hidden: int = 0                  # 0: a linear head; N: MLPs of N hidden units (ggro.guide.mlp_head) ...
     fits: int = 1                    # ... this many, from their own seeds, averaged into one
@@ -91,7 +91,7 @@ def default_pairs_file(model, tok, out: Path, hs: HeadFit) -> Path:
     from pipeline.eval.prefs import default_pairs
     pairs = default_pairs(
         lambda rows: {i: v[0] for i, v in policy_rollouts(model, tok, rows, hs.answer_tokens, hs.batch_size).items()},
-        lambda rows: policy_rollouts(model, tok, rows, hs.rollout_tokens, hs.batch_size, hs.rollout_k))
+        lambda rows: [policy_rollouts(model, tok, rows, n, hs.batch_size, hs.rollout_k) for n in hs.rollout_tokens])
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pairs.jsonl"
     path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
