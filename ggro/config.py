@@ -338,6 +338,10 @@ REWARD_CACHED = 64              # a reward model's cache holds at least this man
 # of at most this many (ggro.reward.grad_chunks), so its activation memory is bounded whatever the fill; the
 # planner sizes the reward's backward with it. A CPU is compute-bound well below it, so the cut costs no speed.
 GRAD_TOKENS = 2048
+# What one more forward call costs, in padded tokens, by device type: rows of different lengths go into separate
+# calls where that saves more padding (ggro.kvcache.call_groups). CPU: SmolLM2-135M, fp32, a call ~0.1 s, a token
+# ~1.6 ms (docs/performance.md); on a GPU a call's launches cost thousands of tokens (a guess, unmeasured).
+CALL_TOKENS = {"cpu": 64, "cuda": 4096}
 
 
 def cached_prefixes(mcfg: ModelConfig, shared: bool = False) -> int:

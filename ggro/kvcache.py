@@ -7,6 +7,7 @@ wrong result.
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from .config import CALL_TOKENS
 
 
 @dataclass
@@ -118,16 +121,33 @@ class Slab:
         return self.cache, self.mask
 
 
-def same_length_groups(items: list, lengths: list[int], ragged: bool) -> list[list]:
-    """`items` in one group (ragged) or grouped by length, in first-seen order; no group when there are none."""
+def call_groups(items: list, lengths: list[int], ragged: bool, call_tokens: int) -> list[list]:
+    """`items` cut into forward calls, each padded to its longest length. With `ragged` False (eager attention,
+    where padding may not be a query row) one call per length; else the cut of the length-sorted items that runs
+    the fewest padded tokens plus `call_tokens` for each call, so one long prompt no longer pads every short one
+    to its length. No group when there are none."""
     if not items:
         return []
-    if ragged:
-        return [items]
     groups: dict[int, list] = {}
     for item, n in zip(items, lengths):
         groups.setdefault(n, []).append(item)
-    return list(groups.values())
+    if not ragged:
+        return list(groups.values())
+    sizes = sorted(groups)        # cut only between lengths: a call of the distinct lengths i..j-1 pads to sizes[j-1]
+    rows = [0]
+    for n in sizes:
+        rows.append(rows[-1] + len(groups[n]))
+    cost, cut = [0] + [math.inf] * len(sizes), [0] * (len(sizes) + 1)
+    for j in range(1, len(sizes) + 1):
+        for i in range(j):
+            c = cost[i] + call_tokens + (rows[j] - rows[i]) * sizes[j - 1]
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    out, j = [], len(sizes)
+    while j:
+        out.append([item for n in sizes[cut[j]:j] for item in groups[n]])
+        j = cut[j]
+    return out[::-1]
 
 
 def chunk_layout(past_lens: list[int], new_lens: list[int], device):
@@ -192,6 +212,7 @@ class PrefixCache:
     def __init__(self, forward: Forward, device, max_entries: int = 64, pad_id: int = 0, ragged: bool = True):
         self.forward, self.device, self.max_entries, self.pad_id = forward, device, max_entries, pad_id
         self.ragged = ragged
+        self.call_tokens = CALL_TOKENS.get(torch.device(device).type, CALL_TOKENS["cuda"])
         self._entries: OrderedDict[str, Prefix] = OrderedDict()
         self._forks: dict[str, list[Fork]] = {}
         self._lock = threading.Lock()
@@ -246,7 +267,7 @@ class PrefixCache:
                 todo[key] = (have, ids[len(have.ids):])
             else:
                 todo[key] = (None, list(ids))
-        for keys in same_length_groups(list(todo), [len(todo[k][1]) for k in todo], self.ragged):
+        for keys in call_groups(list(todo), [len(todo[k][1]) for k in todo], self.ragged, self.call_tokens):
             for key, p in zip(keys, self._extend([todo[k] for k in keys])):
                 self._entries[key] = p
                 self._entries.move_to_end(key)

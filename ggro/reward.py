@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from .config import GRAD_TOKENS
-from .kvcache import Prefix, PrefixCache, chunk_layout, eager_attention, left_pad_kv, same_length_groups
+from .kvcache import Prefix, PrefixCache, chunk_layout, eager_attention, left_pad_kv, call_groups
 from .seam import RewardQuery, RewardResult
 
 
@@ -116,7 +116,7 @@ class RewardModel:
                     queries[i] = replace(q, prefix_len=len(q.tokens) - 1)
         rest = [len(self.rm_tokens(q.tokens)) - (q.prefix_len if q.seq_id is not None else 0) for q in queries]
         out: list[RewardResult | None] = [None] * len(queries)
-        for group in same_length_groups(list(range(len(queries))), rest, self.ragged):
+        for group in call_groups(list(range(len(queries))), rest, self.ragged, self.prefixes.call_tokens):
             grad = any(queries[i].position is not None for i in group)
             for chunk in grad_chunks(group, [rest[i] for i in group], self.grad_tokens) if grad else [group]:
                 for i, r in zip(chunk, self._score([queries[i] for i in chunk], [known[i] for i in chunk])):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ggro import models
-from ggro.config import GRAD_TOKENS, ConfigError, GGROConfig
+from ggro.config import CALL_TOKENS, GRAD_TOKENS, ConfigError, GGROConfig
+from ggro.kvcache import call_groups
 from ggro.policy import SegmentDecoder
 from ggro.reference import ReferenceReward, reference_baseline, reference_ggro, reference_lookahead
 from ggro.reward import RewardModel, grad_chunks
@@ -202,6 +203,39 @@ def test_grad_calls_cut_into_chunks_score_the_same(setup):
         assert b.reward == pytest.approx(a.reward, rel=1e-10)
         assert (a.scores is None and b.scores is None) or b.scores == pytest.approx(a.scores, rel=1e-8, abs=1e-12)
     assert grad_chunks(list("abcde"), [3, 3, 5, 1, 1], 10) == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_rows_of_different_lengths_run_in_separate_calls(setup):
+    """Prefills and reward calls cut rows by length where that saves more padded tokens than a call costs
+    (ggro.kvcache.call_groups): every row once, a long prompt alone, and the same results as one padded call."""
+    assert call_groups(list("abcdef"), [5, 5, 6, 40, 41, 5], True, 8) == [["a", "b", "f", "c"], ["d", "e"]]
+    assert call_groups(list("abcdef"), [5, 5, 6, 40, 41, 5], True, 10**6) == [list("abfcde")]
+    assert call_groups(list("abc"), [3, 4, 3], False, 10**6) == [["a", "c"], ["b"]]    # eager: one length a call
+    assert call_groups([], [], True, 8) == []
+    tok, policy, rewards = setup
+    prompts = prompts_of(tok, PROMPTS)
+    prompts[2] = Prompt("long", prompts[2].ids * 4)          # one prompt four times as long as the others
+    cfg = GGROConfig(max_new_tokens=12, num_refinements=3, entropy_threshold=2.3)
+    rm = rewards["judge"]
+    got = {}
+    for each in (0, 10**6):            # 0: a call per length; 10**6: one padded call, as before
+        dec = SegmentDecoder(policy, [tok.eos_token_id], max_cached=8)
+        dec.prefixes.call_tokens = rm.prefixes.call_tokens = each
+        calls = []
+        forward = dec.prefixes.forward
+        dec.prefixes.forward = lambda *a: calls.append(tuple(a[0].shape)) or forward(*a)
+        try:
+            got[each] = {r.id: r for r in run(prompts, dec, rm, cfg, 7)}
+        finally:
+            rm.prefixes.call_tokens = CALL_TOKENS["cpu"]
+        lengths = sorted({len(p.ids) for p in prompts})
+        first = calls[:len(lengths) if each == 0 else 1]           # the prompts' prefill
+        assert sum(rows for rows, _ in first) == len(prompts)
+        assert sorted(n for _, n in first) == (lengths if each == 0 else [lengths[-1]])
+    ref = ReferenceReward.of(rm)
+    for p in prompts:
+        assert_same(got[0][p.id], got[10**6][p.id])
+        assert_same(got[0][p.id], reference_ggro(p.id, p.ids, policy, ref, cfg, [tok.eos_token_id]))
 
 
 def test_segment_decoder_cache_reuse_is_exact(setup):
