@@ -28,7 +28,8 @@ def main(path: str, long: int = 0) -> None:
         seqs.append(("long", (seqs[0][1] * (long // len(seqs[0][1]) + 1))[:long]))
     cache = engine.policy.prefixes
     lengths = [len(ids) for _, ids in seqs]
-    print(f"{len(seqs)} prompts, {sum(lengths)} tokens (longest {max(lengths)}), {torch.get_num_threads()} torch threads")
+    print(f"{len(seqs)} prompts, {sum(lengths)} tokens (longest {max(lengths)}), "
+          f"{torch.get_num_threads()} torch threads")
     print("| prefill | calls | padded tokens | wall (s), median of 3 |\n|---|---:|---:|---:|")
     for name, per_call in (("one padded call", 10**12), (f"cut by length ({CALL_TOKENS['cpu']} tokens a call)",
                                                           CALL_TOKENS["cpu"]), ("one call a prompt", 0)):

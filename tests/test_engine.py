@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ggro import models
-from ggro.config import CALL_TOKENS, GRAD_TOKENS, ConfigError, GGROConfig
+from ggro.config import GRAD_TOKENS, ConfigError, GGROConfig
 from ggro.kvcache import call_groups
 from ggro.policy import SegmentDecoder
 from ggro.reference import ReferenceReward, reference_baseline, reference_ggro, reference_lookahead
@@ -217,7 +217,7 @@ def test_rows_of_different_lengths_run_in_separate_calls(setup):
     prompts[2] = Prompt("long", prompts[2].ids * 4)          # one prompt four times as long as the others
     cfg = GGROConfig(max_new_tokens=12, num_refinements=3, entropy_threshold=2.3)
     rm = rewards["judge"]
-    got = {}
+    got, shared = {}, rm.prefixes.call_tokens
     for each in (0, 10**6):            # 0: a call per length; 10**6: one padded call, as before
         dec = SegmentDecoder(policy, [tok.eos_token_id], max_cached=8)
         dec.prefixes.call_tokens = rm.prefixes.call_tokens = each
@@ -227,7 +227,7 @@ def test_rows_of_different_lengths_run_in_separate_calls(setup):
         try:
             got[each] = {r.id: r for r in run(prompts, dec, rm, cfg, 7)}
         finally:
-            rm.prefixes.call_tokens = CALL_TOKENS["cpu"]
+            rm.prefixes.call_tokens = shared      # the module's reward model, as it was
         lengths = sorted({len(p.ids) for p in prompts})
         first = calls[:len(lengths) if each == 0 else 1]           # the prompts' prefill
         assert sum(rows for rows, _ in first) == len(prompts)
