@@ -140,7 +140,7 @@ class GGROConfig:
                         applies="ggro")
     search_mode: str = knob(
         "faithful", "faithful: the reference's serial refinements; adaptive: stop a segment when a nudge does "
-        "not raise the reward by --adaptive-margin or would repeat a refinement; parallel: decode "
+        "not raise the reward by --adaptive-margin; parallel: decode "
         "the S-1 best nudges of the first gradient in one round; lookahead: at each uncertain point, decode the "
         "greedy and the S-1 best nudged continuations to the end and keep the best-scored complete "
         "response (use with --max-refined-segments) [faithful]", choices=SEARCH_MODES, request=True, applies="ggro")

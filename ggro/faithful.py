@@ -20,8 +20,9 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
          batch_size: int = 8, withdrawn: Callable[[str], bool] | None = None) -> Iterator[Result]:
     """GGRO over `prompts`, yielding each Result as soon as its prompt finishes.
 
-    search_mode `faithful` refines serially (ALGORITHM.md); `adaptive` also stops a segment when a nudge
-    fails to raise the reward by `adaptive_margin` or would repeat an earlier refinement; `parallel` decodes
+    search_mode `faithful` refines serially (ALGORITHM.md; a nudge that would repeat an earlier refinement ends
+    the segment without being decoded); `adaptive` also stops a segment when a nudge fails to raise the reward
+    by `adaptive_margin`; `parallel` decodes
     the S-1 best nudges of the first gradient together in one round and scores them in one call. With
     `max_refined_segments` B, any mode refines the first B segments only and decodes the rest greedily.
     `withdrawn` (optional) drops prompts between rounds, see rounds.withdraw.
@@ -113,8 +114,10 @@ def _next(a: Active, s, r, idx: int, more: bool, cfg: GGROConfig) -> bool:
     if cfg.search_mode == "adaptive" and idx > 0 and gain < cfg.adaptive_margin:
         return False      # this nudge did not pay: stop refining the segment
     nudge = propose(r.scores, s.candidates, current, cfg, a.gen)
-    if cfg.search_mode == "adaptive" and nudge in seg.at_q():
-        return False      # it would decode an earlier refinement again (a sure repeat): skip it
+    if nudge in seg.at_q():
+        # forced where an earlier refinement already has it, from the same prefix, the greedy decode repeats that
+        # refinement token for token, and the loop stops at a repeat: stop here without decoding it
+        return False
     seg.pending = [nudge]
     return True
 

@@ -98,10 +98,10 @@ def reference_ggro(prompt_id: str, x: list[int], model, reward: ReferenceReward,
             batch, forced = forced, []
             for nudge in batch:
                 s, stop, base, emitted = decode_segment(model, x + y, len(x), cfg, eos, nudge, insert_at)
+                if s in seen:
+                    break     # converged; not counted: the engine sees a repeat coming and does not decode it
                 res.refinements += 1
                 res.policy_tokens += emitted
-                if s in seen:
-                    break
                 seen.append(s)
                 # parallel mode takes one gradient, of the first refinement, and decodes its S-1 best nudges
                 grad_ok = i == 0 if cfg.search_mode == "parallel" else True
@@ -124,8 +124,6 @@ def reference_ggro(prompt_id: str, x: list[int], model, reward: ReferenceReward,
                     nudge = int(cands[torch.multinomial(torch.softmax(scores, 0), 1, generator=gen)])
                 else:
                     nudge = int(cands[torch.argmax(scores)])
-                if cfg.search_mode == "adaptive" and nudge in {t[insert_at] for t in seen if insert_at < len(t)}:
-                    break     # a sure repeat of an earlier refinement: not decoded
                 forced = [nudge]
         s, r, i, stop = best
         res.tokens = y + s
