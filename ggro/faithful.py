@@ -22,10 +22,9 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
 
     search_mode `faithful` refines serially (ALGORITHM.md; a nudge that would repeat an earlier refinement ends
     the segment without being decoded); `adaptive` also stops a segment when a nudge fails to raise the reward
-    by `adaptive_margin`; `parallel` decodes
-    the S-1 best nudges of the first gradient together in one round and scores them in one call. With
-    `max_refined_segments` B, any mode refines the first B segments only and decodes the rest greedily.
-    `withdrawn` (optional) drops prompts between rounds, see rounds.withdraw.
+    by `adaptive_margin`; `parallel` decodes the S-1 best nudges of the first gradient together in one round
+    and scores them in one call. With `max_refined_segments` B, any mode refines the first B segments only and
+    decodes the rest greedily. `withdrawn` (optional) drops prompts between rounds, see rounds.withdraw.
     """
     pending = iter(prompts)
     active: list[Active] = []
@@ -54,7 +53,7 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
             a.res.refinements += 1
             a.res.policy_tokens += s.decoded
             seg = a.seg
-            if tuple(s.tokens) in seg.seen:       # a repeat: the search has converged
+            if tuple(s.tokens) in seg.seen:       # a repeat (_next ends a segment before one): converged
                 if a not in closing:
                     closing.append(a)
                 continue
