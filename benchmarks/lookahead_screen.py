@@ -71,7 +71,7 @@ def main(path: str, S: int = 16, tokens: int = 64) -> None:
     base = [kept(r["cands"], 8) for r in recs if "cands" in r]
     for s, k, m in settings:
         got = [kept(r["cands"], s, k, m) if "cands" in r else (r["reward"], 0) for r in recs]
-        same = sum(kept(r["cands"], s, k, m)[0] == b[0] for r, b in zip([r for r in recs if "cands" in r], base))
+        same = sum(g[0] == b[0] for g, b in zip([g for g, r in zip(got, recs) if "cands" in r], base))
         name = f"all {s}" if k is None else f"the {m} best of {s} at {k} tokens"
         print(f"| {name} | {sum(g[0] for g in got) / len(got):.3f} | {sum(g[1] for g in got)} | {same} / {len(base)} |")
 

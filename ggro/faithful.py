@@ -53,11 +53,7 @@ def ggro(prompts: Iterable[Prompt], policy: Policy, reward: Reward, cfg: GGROCon
             a.res.refinements += 1
             a.res.policy_tokens += s.decoded
             seg = a.seg
-            if tuple(s.tokens) in seg.seen:       # a repeat (_next ends a segment before one): converged
-                if a not in closing:
-                    closing.append(a)
-                continue
-            seg.seen.append(tuple(s.tokens))
+            seg.seen.append(tuple(s.tokens))      # never a repeat: _next ends a segment before one is decoded
             seg.i += 1
             q = len(a.prefix) + seg.insert_at
             grads = min(1, S - 1) if cfg.search_mode == "parallel" else S - 1   # refinements that get a gradient
