@@ -15,7 +15,7 @@ token ids (--prompt-tokens each) get --new-tokens tokens from every method, b ro
                default list on CUDA only (on a CPU each shape costs an inductor build)
   greedy       ggro.search.run(method=greedy): the decoder plus one reward per prompt
   best-of-4    ggro.search.run(method=best-of-n, n=4)
-  ggro         ggro.search.run(method=ggro), default search settings (S=4, tau=1.5, top-k 25)
+  ggro         ggro.search.run(method=ggro), default search settings (S=4, tau=1.5, top-k 10)
   lookahead    ggro with --search-mode lookahead --max-refined-segments 1 (S=4): the mode that beats
                best-of-N on the CPU (docs/performance.md)
 

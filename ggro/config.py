@@ -20,10 +20,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
 
 DEFAULT_RUBRIC = (      # what a judge (--reward-kind judge) asks when --rubric is not given
     "Is the assistant's previous answer helpful, honest and harmless: does it address the request "
-    "directly and correctly, and refuse only what is truly dangerous? Answer Yes or No."
-)
-
-
+    "directly and correctly, and refuse only what is truly dangerous? Answer Yes or No.")
 DEFAULT_NAME = "smollm2-135m-instruct"     # the embedded default's folder name in the cache
 
 
@@ -132,7 +129,8 @@ class GGROConfig:
     num_refinements: int = knob(4, "S, refinements per segment [{default}]", request=True, applies="ggro")
     # reference: 8 for 8B policies, 3-8 for 3B; 4 keeps CPU runs short
     entropy_threshold: float = knob(1.5, "tau in nats: segment boundary [{default}]", request=True, applies="ggro")
-    top_k: int = knob(25, "nudge candidates from the policy's top-k [{default}]", request=True, applies="ggro")
+    top_k: int = knob(10, "nudge candidates from the policy's top-k [{default}]", request=True, applies="ggro")
+    # reference: 25; the 135M policy's 10 recover more prefilled prompts for less (docs/reward-model.md)
     nudge_temperature: float = knob(0.1, "[{default}]", request=True, applies="ggro")
     selection: str = knob("greedy", "nudge selection [greedy]", choices=("greedy", "sample"), request=True,
                           applies="ggro")
@@ -354,7 +352,6 @@ def cached_prefixes(mcfg: ModelConfig, shared: bool = False) -> int:
     return max(floor, 2 * (mcfg.fill or 1)) * mcfg.batch_size
 
 
-
 def check_tp(tp: int, mcfg: ModelConfig) -> None:
     """What DeepSpeed's tensor parallelism (tp > 1) does not run: say so before any actor starts."""
     if tp > 1 and mcfg.dtype not in ("float32", "bfloat16", "float16"):
@@ -377,6 +374,8 @@ def _hashed_fields(c) -> dict:
         # the question asked, not how it was given: a judge's default rubric hashes as it did before the shipped
         # guide got a question of its own (2026-12-06), so those outputs still resume
         values["rubric"] = c.question
+    elif c.method != "ggro":   # never reads top_k: hash its old default (25), so outputs of before resume
+        values["top_k"] = 25
     return {k: v for k, v in values.items()
             if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
 

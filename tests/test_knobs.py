@@ -18,14 +18,17 @@ def test_the_config_hash_of_existing_outputs_is_unchanged():
     judge that day, so an output of the old guide does not resume as if nothing had changed. It changed again on
     2026-12-04 (it was 6556f1314a18) when the guide was retrained on the policy's rollouts with judge weight 3, and
     on 2026-12-05 (it was 04c4ec59d92d) when the shipped head became an MLP, and on 2026-12-06 (it was
-    66b46a70c6b0) when the guide's judge half got its own question and weight 1.5, and again that day (it was
-    92d2cd0227fa) when the head was retrained with every complying rollout in its rollout-refuse pairs. The
-    second, a judge asking the default rubric, did not change with it."""
-    assert config_hash(GGROConfig(), ModelConfig()) == "9a5b1ae7c3d6"
+    66b46a70c6b0) when the guide's judge half got its own question and weight 1.5, again that day (it was
+    92d2cd0227fa) when the head was retrained with every complying rollout in its rollout-refuse pairs, and again
+    (it was 9a5b1ae7c3d6, which --top-k 25 still gives) when top_k's default became 10. The second, a best-of-n
+    run with a judge asking the default rubric, did not change with any of them: best-of-n never reads top_k."""
+    assert config_hash(GGROConfig(), ModelConfig()) == "d2282da40f9b"
+    assert config_hash(GGROConfig(top_k=25), ModelConfig()) == "9a5b1ae7c3d6"
     g = GGROConfig(method="best-of-n", n=3, max_refined_segments=2, trace=True)
     m = ModelConfig(policy="p", revision="r1", trust_remote_code=True, batch_size=3, cohorts=2, fill=4)
     assert config_hash(g, m) == "190a3b81d86d"
     assert config_hash(g, dataclasses.replace(m, compile=True)) == "190a3b81d86d"   # same tokens: same outputs
+    assert config_hash(dataclasses.replace(g, top_k=3), m) == "190a3b81d86d"   # best-of-n never reads top_k
     assert NOT_HASHED == ("batch_size", "cohorts", "compile", "fill")
     assert HASHED_WHEN_SET == {"max_refined_segments": None, "revision": None, "reward_revision": None,
                                "trust_remote_code": False}
