@@ -374,7 +374,7 @@ def _hashed_fields(c) -> dict:
         # the question asked, not how it was given: a judge's default rubric hashes as it did before the shipped
         # guide got a question of its own (2026-12-06), so those outputs still resume
         values["rubric"] = c.question
-    elif c.method != "ggro":   # never reads top_k: hash its old default (25), so outputs of before resume
+    elif c.method != "ggro":   # (a GGROConfig) never reads top_k: hash its old default 25, so outputs of before resume
         values["top_k"] = 25
     return {k: v for k, v in values.items()
             if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
