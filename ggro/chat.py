@@ -10,7 +10,10 @@ goes through `chat_ids` or `encode_spans`.
 """
 from __future__ import annotations
 
+import copy
 import re
+import threading
+import weakref
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -21,7 +24,33 @@ def special_ids(tokenizer) -> set[int]:
 
 def text_ids(tokenizer, text: str) -> list[int]:
     """A user's text alone (a prefill, a response) as ids: special-token text stays text."""
-    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
+    if not text:
+        return []
+    if not getattr(tokenizer, "is_fast", False):     # a slow tokenizer takes the setting per call
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    return _plain(tokenizer).encode(text, add_special_tokens=False)
+
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLAIN_LOCK = threading.Lock()
+
+
+def _plain(tokenizer):
+    """`tokenizer`'s twin that reads special-token text as text, made once per tokenizer.
+
+    A fast tokenizer keeps `split_special_tokens` as one flag on its Rust backend, which every call sets to its
+    own setting before encoding: calls from two threads with different settings flip it under each other. In
+    Serve's ingress (requests are encoded in threads) a prompt then lost its template's control tokens, or a
+    user's text gained some. So no tokenizer object is ever called with both settings: the original never
+    splits, its twin always does."""
+    with _PLAIN_LOCK:
+        twin = _PLAIN.get(tokenizer)
+        if twin is None:
+            twin = copy.deepcopy(tokenizer)
+            twin.split_special_tokens = True
+            twin.backend_tokenizer.encode_special_tokens = True
+            _PLAIN[tokenizer] = twin
+        return twin
 
 
 def chat_ids(tokenizer, messages: list[dict], **template_kw) -> list[int]:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import torch
 
+from .chat import encode_spans, render, text_ids
 from .config import GRAD_TOKENS
 from .kvcache import Prefix, PrefixCache, chunk_layout, eager_attention, left_pad_kv, call_groups
 from .seam import RewardQuery, RewardResult
@@ -35,7 +36,6 @@ def judge_suffix(tokenizer, rubric: str) -> list[int]:
 
     Rendered by the tokenizer's own chat template: the text after a placeholder assistant reply.
     """
-    from .chat import encode_spans, render
     msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "\x00ANSWER\x00"},
             {"role": "user", "content": rubric}]
     text, spans = render(tokenizer, msgs, add_generation_prompt=True)
@@ -46,7 +46,7 @@ def judge_suffix(tokenizer, rubric: str) -> list[int]:
 
 
 def first_token(tokenizer, word: str) -> int:
-    return tokenizer.encode(word, add_special_tokens=False, split_special_tokens=True)[0]
+    return text_ids(tokenizer, word)[0]
 
 
 class RewardModel:
