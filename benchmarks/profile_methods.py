@@ -1,7 +1,9 @@
 """Where a method's CPU time goes: faithful GGRO vs best-of-8 (or lookahead) on a few prompts, the wall split
 by part (exclusive times, by wrapping the engine's functions in this process), with call counts.
 
-    GGRO_THREADS=1 python benchmarks/profile_methods.py PROMPTS.jsonl MAX_NEW_TOKENS [best-of-8,faithful,lookahead]
+    GGRO_THREADS=1 python benchmarks/profile_methods.py PROMPTS.jsonl MAX_NEW_TOKENS [METHODS]
+
+METHODS: comma-separated of best-of-8, faithful, lookahead, parallel (default best-of-8,faithful).
 
 Used for docs/performance.md "Where faithful GGRO's time goes"; run it alone on the machine."""
 import sys, time, json, os
@@ -67,7 +69,8 @@ R.RewardModel.score = timed("host: reward score (rest)", R.RewardModel.score)
 # forward inside prefill is the model's forward too: split by stack position handled by exclusive time
 gcfg = GGROConfig(max_new_tokens=tokens, seed=0)
 cfgs = {"best-of-8": replace(gcfg, method="best-of-n", n=8), "faithful": replace(gcfg, method="ggro", num_refinements=4),
-        "lookahead": replace(gcfg, method="ggro", num_refinements=8, search_mode="lookahead", max_refined_segments=1)}
+        "lookahead": replace(gcfg, method="ggro", num_refinements=8, search_mode="lookahead", max_refined_segments=1),
+        "parallel": replace(gcfg, method="ggro", num_refinements=4, search_mode="parallel")}
 B.warm_up(eng, rows, gcfg)
 for m in methods:
     T.clear(); N.clear(); steps.clear()
