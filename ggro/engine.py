@@ -9,6 +9,7 @@ from . import guide, models
 from .config import (REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
                      config_hash)
 from .modelset import ANY_REWARD, ModelSet
+from .packed import pack_linears
 from .policy import SegmentDecoder, compile_options
 from .retokenize import Retokenized, vocab_refusal
 from .reward import HeadAndJudge, RewardModel
@@ -119,6 +120,8 @@ def load_policy(mcfg: ModelConfig, ms: ModelSet, max_cached: int, on_host: bool 
     its decoder (`decoder`) once sharded, so no GPU holds more than its shard (decoder None)."""
     model = models.load_model(mcfg.policy, "causal", mcfg.dtype, "cpu" if on_host else mcfg.device,
                               **mcfg.source(mcfg.policy))
+    if not (on_host or mcfg.compile):    # a CPU's fp32 layers on packed weights (ggro/packed.py); a GPU's: as loaded
+        pack_linears(model)
     return model, None if on_host else decoder(model, ms, max_cached, mcfg.compile)
 
 
@@ -147,6 +150,8 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
     if mcfg.uses_shipped_guide:    # head + the backbone as judge
         causal = policy_model if shared else models.load_model(spec, "causal", mcfg.dtype, mcfg.device,
                                                                **mcfg.source(spec))
+        if not mcfg.compile:
+            pack_linears(causal)        # the policy's layers are packed already where shared
         eos = models.eos_ids(tok, causal)
         head = guide.head_layer(causal, guide.load_head(guide.shipped_head()))
         rm = HeadAndJudge(causal, tok, head, JUDGE_WEIGHT, mcfg.question, eos, cached,
@@ -155,6 +160,8 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
     # past the shipped guide, sharing the policy's weights means the policy judging itself
     model = policy_model if shared else models.load_model(
         spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype, mcfg.device, **mcfg.source(spec))
+    if not mcfg.compile:
+        pack_linears(model)
     rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.question, models.eos_ids(tok, model),
                      max_cached=cached, prefixes=prefixes if shared else None)
     return ms.reward_seam(rm) if policy_ids else rm
