@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .shipped import GUIDE_QUESTION, shipped_guide_id
+from .shipped import GUIDE_QUESTION
 
 METHODS = ("ggro", "greedy", "best-of-n")
 PROMPT_FORMATS = ("chat", "chat-no-gen", "raw")
@@ -360,33 +358,6 @@ def check_tp(tp: int, mcfg: ModelConfig) -> None:
     if tp > 1 and mcfg.compile:
         raise ConfigError(f"--compile runs with --tp 1 only: a --tp {tp} step's DeepSpeed all-reduce is not "
                           "compiled or tested in one graph")
-
-
-# What the hash leaves out, from the fields' own `hashed` (see `knob`)
-NOT_HASHED = tuple(f.name for c in (GGROConfig, ModelConfig) for f in knobs(c) if f.metadata["hashed"] == "never")
-HASHED_WHEN_SET = {f.name: f.default for c in (GGROConfig, ModelConfig) for f in knobs(c)
-                   if f.metadata["hashed"] == "when_set"}
-
-
-def _hashed_fields(c) -> dict:
-    values = dataclasses.asdict(c)
-    if isinstance(c, ModelConfig):
-        # the question asked, not how it was given: a judge's default rubric hashes as it did before the shipped
-        # guide got a question of its own (2026-12-06), so those outputs still resume
-        values["rubric"] = c.question
-    elif c.method != "ggro":   # (a GGROConfig) never reads top_k: hash its old default 25, so outputs of before resume
-        values["top_k"] = 25
-    return {k: v for k, v in values.items()
-            if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
-
-
-def config_hash(*configs) -> str:
-    """Stable short hash of everything that changes outputs (provenance, resume checks)."""
-    fields = [_hashed_fields(c) for c in configs]
-    if any(isinstance(c, ModelConfig) and c.uses_shipped_guide for c in configs):     # the spec "default" names whatever guide ships: hash what it is
-        fields.append({"shipped_guide": shipped_guide_id()})
-    blob = json.dumps(fields, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def split_fields(values: dict) -> tuple[dict, dict, dict]:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 from . import guide, models
-from .config import (REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes,
-                     config_hash)
+from .config import REWARD_CACHED, ConfigError, GGROConfig, ModelConfig, cached_prefixes
+from .confighash import config_hash
 from .modelset import ANY_REWARD, ModelSet
 from .packed import pack_linears
 from .policy import SegmentDecoder, compile_options

@@ -10,8 +10,6 @@ replaced or written in place since goes back to `F.linear`, as does anything tra
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -75,13 +73,35 @@ def _works() -> bool:
         return False
 
 
-def _room(nbytes: int) -> bool:
-    """Two packed copies of `nbytes` of weights fit in half the memory free now (Linux; elsewhere: assume not)."""
+def available_memory() -> int | None:
+    """Bytes this process may still take: Linux's MemAvailable (free memory and the page cache it may drop),
+    capped by its cgroup's limit (a container, a Kubernetes pod, a Ray worker with a memory limit) where one is
+    set; None where neither can be read."""
+    sizes = []
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return False
-    return 2 * nbytes <= free // 2
+        with open("/proc/meminfo") as f:
+            sizes += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError):
+        pass
+    try:        # cgroup v2: this process's group; v1: the memory controller's root as the container sees it
+        with open("/proc/self/cgroup") as f:
+            group = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
+    except OSError:
+        group = "/"
+    v2, v1 = f"/sys/fs/cgroup{group.rstrip('/')}/memory", "/sys/fs/cgroup/memory/memory"
+    for limit, usage in ((f"{v2}.max", f"{v2}.current"), (f"{v1}.limit_in_bytes", f"{v1}.usage_in_bytes")):
+        try:
+            with open(limit) as a, open(usage) as b:
+                sizes.append(int(a.read()) - int(b.read()))
+        except (OSError, ValueError):       # absent, or "max": no limit there
+            pass
+    return min(sizes) if sizes else None
+
+
+def _room(nbytes: int) -> bool:
+    """Two packed copies of `nbytes` of weights fit in half the memory still available (unknown: assume not)."""
+    free = available_memory()
+    return free is not None and 2 * nbytes <= free // 2
 
 
 def pack_linears(model: torch.nn.Module) -> int:

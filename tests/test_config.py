@@ -207,7 +207,7 @@ def test_a_required_flag_may_come_from_the_yaml(tmp_path, capsys):
 def test_fill_admits_prompts_until_a_decode_call_is_as_full_as_best_of_n():
     """GGRO's prompts in flight per search: batch_size x fill rows over each prompt's rows per call; the baselines
     keep batch_size prompts. fill does not change outputs, so it is not in the config hash."""
-    from ggro.config import config_hash
+    from ggro.confighash import config_hash
     m = ModelConfig(batch_size=8, fill=8)
     g = GGROConfig()
     assert m.prompts_per_call(g) == 64 and m.decode_rows(g) == 64

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from ggro.config import HASHED_WHEN_SET, NOT_HASHED, GGROConfig, ModelConfig, config_hash, knobs
+from ggro.config import GGROConfig, ModelConfig, knobs
+from ggro.confighash import HASHED_WHEN_SET, NOT_HASHED, config_hash
 from pipeline.serve.api import GGRO_KNOBS, normalize, uses_randomness
 
 

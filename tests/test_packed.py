@@ -1,11 +1,13 @@
 """A CPU's fp32 Linear layers on oneDNN-packed weights (ggro/packed.py) against torch's own F.linear."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 
 from conftest import llama_config
-from ggro.packed import pack_linears
+from ggro.packed import available_memory, pack_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
@@ -66,3 +68,13 @@ def test_a_packed_model_compiles_whole():
         pack_linears(model)
         got = torch.compile(lambda i: model(input_ids=i).logits, fullgraph=True, backend="aot_eager")(ids)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo")
+def test_available_memory_is_what_linux_says_at_most():
+    """Packing asks how much memory is left before it copies weights: Linux's MemAvailable, or less under a
+    cgroup limit; never more than the machine has."""
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    free = available_memory()
+    assert 0 < free <= info["MemAvailable"] + 64 * 2**20 and free <= info["MemTotal"]

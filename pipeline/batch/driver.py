@@ -157,7 +157,7 @@ def read_prompts(job: AlignJob, contents: bool = True) -> Prompts:
 
 
 def manifest(job: AlignJob, run_id: str, started: str) -> dict:
-    from ggro.config import config_hash
+    from ggro.confighash import config_hash
     gcfg, mcfg = job.gcfg, job.mcfg
     return {"command": "align", "run_id": run_id, "status": "running", "started": started, "ended": None,
             "mode": "local" if job.local else "ray", "input": job.input, "output": str(job.output), "limit": job.limit,
@@ -217,7 +217,7 @@ def run_job(job: AlignJob, aligners: Aligners | None = None) -> int:
 
 def align_todo(job: AlignJob, prompts: Prompts, aligners: Aligners) -> int:
     """Align the input ids not yet in the output (--retry-errors: error rows count as not done); returns how many."""
-    from ggro.config import config_hash
+    from ggro.confighash import config_hash
     index = output_index(job.output, config_hash(job.gcfg, job.mcfg))
     if job.retry_errors and len(index.errors):
         removed = drop_error_rows(job.output, prompts.mask)
