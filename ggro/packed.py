@@ -62,11 +62,13 @@ class _Packed:
 def _works() -> bool:
     """oneDNN's packed linear is in this torch build and agrees with F.linear here."""
     try:
-        w, x = torch.randn(24, 16), torch.randn(3, 16, requires_grad=True)
-        p = torch.nn.Linear(16, 24).requires_grad_(False)
-        p.weight.copy_(w)
-        y = _Packed(p)(x)
-        (g,) = torch.autograd.grad(y.sum(), x)
+        with torch.enable_grad():       # packing may be asked for inside no_grad
+            w, x = torch.randn(24, 16), torch.randn(3, 16, requires_grad=True)
+            p = torch.nn.Linear(16, 24).requires_grad_(False)
+            with torch.no_grad():
+                p.weight.copy_(w)
+            y = _Packed(p)(x)
+            (g,) = torch.autograd.grad(y.sum(), x)
         return (torch.allclose(y, F.linear(x, w, p.bias), atol=1e-4)
                 and torch.allclose(g, w.sum(0).expand(3, -1), atol=1e-4))
     except (RuntimeError, AttributeError):
