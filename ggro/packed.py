@@ -55,7 +55,11 @@ class _Packed:
         if (torch.compiler.is_compiling() or not x.is_cpu or x.dtype != torch.float32 or not self.current()
                 or (b is not None and b.requires_grad)):
             return F.linear(x, self.mod.weight, b)
-        y = _Linear.apply(x.reshape(-1, x.shape[-1]), b, self.fwd, self.bwd)
+        rows = x.reshape(-1, x.shape[-1])
+        if x.requires_grad and torch.is_grad_enabled():       # the guide's gradient call
+            y = _Linear.apply(rows, b, self.fwd, self.bwd)
+        else:                                                  # decoding: no autograd node to build
+            y = _mm(rows, self.fwd, b)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 

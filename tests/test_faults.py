@@ -22,7 +22,8 @@ from tests.test_serve import free_port, post, settings, wait_until
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
-LONG_TOKENS = 400          # a few seconds of decoding on the tiny model: far longer than a disconnect takes
+LONG_TOKENS = 1200         # 4 rows decode ~1.5-2.5 s on the tiny model (400 took 0.5-0.9 s: the kill test's
+                           # 0.5 s wait then sometimes landed after the answers); far longer than a disconnect
 QUEUE = 4
 
 
@@ -31,7 +32,7 @@ def endless_policy(path) -> str:
     import torch
     from tests.conftest import save_tiny
     from transformers import AutoModelForCausalLM
-    save_tiny(path, "causal", seed=1, max_position_embeddings=1024)
+    save_tiny(path, "causal", seed=1, max_position_embeddings=2048)
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         model.lm_head.weight[3] = 0          # <|im_end|>, the tokenizer's EOS
