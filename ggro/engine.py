@@ -120,9 +120,17 @@ def load_policy(mcfg: ModelConfig, ms: ModelSet, max_cached: int, on_host: bool 
     its decoder (`decoder`) once sharded, so no GPU holds more than its shard (decoder None)."""
     model = models.load_model(mcfg.policy, "causal", mcfg.dtype, "cpu" if on_host else mcfg.device,
                               **mcfg.source(mcfg.policy))
-    if not (on_host or mcfg.compile):    # a CPU's fp32 layers on packed weights (ggro/packed.py); a GPU's: as loaded
-        pack_linears(model)
+    if not on_host:
+        packed(model, mcfg)
     return model, None if on_host else decoder(model, ms, max_cached, mcfg.compile)
+
+
+def packed(model, mcfg: ModelConfig):
+    """`model` with a CPU's fp32 layers on packed weights (ggro/packed.py; a GPU's as loaded), as every loader here
+    leaves it; not with --compile, whose step traces F.linear and would leave the copies unused."""
+    if not mcfg.compile:
+        pack_linears(model)
+    return model
 
 
 def decoder(model, ms: ModelSet, max_cached: int, compiled: bool = False) -> SegmentDecoder:
@@ -148,20 +156,17 @@ def load_reward(mcfg: ModelConfig, policy_tok, policy_model=None, gradient: bool
     shared = mcfg.shares_policy_weights and policy_model is not None
     cached = max(REWARD_CACHED, cached_prefixes(mcfg))
     if mcfg.uses_shipped_guide:    # head + the backbone as judge
-        causal = policy_model if shared else models.load_model(spec, "causal", mcfg.dtype, mcfg.device,
-                                                               **mcfg.source(spec))
-        if not mcfg.compile:
-            pack_linears(causal)        # the policy's layers are packed already where shared
+        causal = policy_model if shared else packed(models.load_model(spec, "causal", mcfg.dtype, mcfg.device,
+                                                                      **mcfg.source(spec)), mcfg)
         eos = models.eos_ids(tok, causal)
         head = guide.head_layer(causal, guide.load_head(guide.shipped_head()))
         rm = HeadAndJudge(causal, tok, head, JUDGE_WEIGHT, mcfg.question, eos, cached,
                           prefixes=prefixes if shared else None)    # x + y read from the policy's cache
         return ms.reward_seam(rm) if policy_ids else rm
     # past the shipped guide, sharing the policy's weights means the policy judging itself
-    model = policy_model if shared else models.load_model(
-        spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype, mcfg.device, **mcfg.source(spec))
-    if not mcfg.compile:
-        pack_linears(model)
+    model = policy_model if shared else packed(models.load_model(
+        spec, "causal" if mcfg.reward_kind == "judge" else "classifier", mcfg.dtype, mcfg.device, **mcfg.source(spec)),
+        mcfg)
     rm = RewardModel(model, tok, mcfg.reward_kind, mcfg.question, models.eos_ids(tok, model),
                      max_cached=cached, prefixes=prefixes if shared else None)
     return ms.reward_seam(rm) if policy_ids else rm

@@ -41,7 +41,7 @@ class _Packed:
         self.mod, self.weight = mod, mod.weight.detach()
         self.version = self.weight._version
         self.fwd = torch.ops.mkldnn._reorder_linear_weight(self.weight, ROWS_HINT)
-        self.bwd = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), ROWS_HINT)
+        self.bwd = None     # W^T, packed on the first gradient call: a model that only decodes never needs it
 
     def current(self) -> bool:
         w = self.mod.weight
@@ -57,6 +57,8 @@ class _Packed:
             return F.linear(x, self.mod.weight, b)
         rows = x.reshape(-1, x.shape[-1])
         if x.requires_grad and torch.is_grad_enabled():       # the guide's gradient call
+            if self.bwd is None:
+                self.bwd = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), ROWS_HINT)
             y = _Linear.apply(rows, b, self.fwd, self.bwd)
         else:                                                  # decoding: no autograd node to build
             y = _mm(rows, self.fwd, b)
@@ -105,7 +107,8 @@ def available_memory() -> int | None:
 
 
 def _room(nbytes: int) -> bool:
-    """Two packed copies of `nbytes` of weights fit in half the memory still available (unknown: assume not)."""
+    """Two packed copies of `nbytes` of weights (W, and W^T once a gradient is taken) fit in half the memory
+    still available (unknown: assume not)."""
     free = available_memory()
     return free is not None and 2 * nbytes <= free // 2
 
