@@ -116,11 +116,14 @@ class RewardModel:
                     queries[i] = replace(q, prefix_len=len(q.tokens) - 1)
         rest = [len(self.rm_tokens(q.tokens)) - (q.prefix_len if q.seq_id is not None else 0) for q in queries]
         out: list[RewardResult | None] = [None] * len(queries)
-        for group in call_groups(list(range(len(queries))), rest, self.ragged, self.prefixes.call_tokens):
-            grad = any(queries[i].position is not None for i in group)
-            for chunk in grad_chunks(group, [rest[i] for i in group], self.grad_tokens) if grad else [group]:
-                for i, r in zip(chunk, self._score([queries[i] for i in chunk], [known[i] for i in chunk])):
-                    out[i] = r
+        # The rows that need no gradient run in calls of their own: in a call with autograd every row's backward is
+        # computed, wanted or not (with S=2, half of a faithful round's rows).
+        for grad in (True, False):
+            rows = [i for i, q in enumerate(queries) if (q.position is not None) == grad]
+            for group in call_groups(rows, [rest[i] for i in rows], self.ragged, self.prefixes.call_tokens):
+                for chunk in grad_chunks(group, [rest[i] for i in group], self.grad_tokens) if grad else [group]:
+                    for i, r in zip(chunk, self._score([queries[i] for i in chunk], [known[i] for i in chunk])):
+                        out[i] = r
         return out
 
     def _score(self, queries: list[RewardQuery], known: list[Prefix | None]) -> list[RewardResult]:

@@ -207,6 +207,28 @@ def test_grad_calls_cut_into_chunks_score_the_same(setup):
     assert grad_chunks(list("abcde"), [3, 3, 5, 1, 1], 10) == [["a", "b"], ["c", "d"], ["e"]]
 
 
+def test_rows_without_a_gradient_never_ride_in_a_backward(setup):
+    """A call with autograd runs every row's backward, wanted or not, so rows that need no gradient (a faithful
+    round's last refinements) run in calls of their own: no call mixes the two, and each row scores as alone."""
+    tok, _, rewards = setup
+    rm = rewards["judge"]
+    prompts = prompts_of(tok, PROMPTS[:4])
+    qs = [RewardQuery(p.ids + [10, 20], len(p.ids), [5, 6, 7]) if i % 2 else RewardQuery(p.ids + [10, 20])
+          for i, p in enumerate(prompts)]
+    calls, score = [], rm._score
+    rm._score = lambda group, known: calls.append({q.position is None for q in group}) or score(group, known)
+    try:
+        mixed = rm.score(qs)
+    finally:
+        rm._score = score
+    assert all(len(kinds) == 1 for kinds in calls) and set().union(*calls) == {False, True}   # none mixes
+    for q, got in zip(qs, mixed):
+        (alone,) = rm.score([q])
+        assert got.reward == pytest.approx(alone.reward, rel=1e-10)
+        assert (got.scores is None) == (q.position is None)
+        assert got.scores is None or got.scores == pytest.approx(alone.scores, rel=1e-8, abs=1e-12)
+
+
 def test_rows_of_different_lengths_run_in_separate_calls(setup):
     """Prefills and reward calls cut rows by length where that saves more padded tokens than a call costs
     (ggro.kvcache.call_groups): every row once, a long prompt alone, and the same results as one padded call."""
