@@ -17,6 +17,9 @@ from .seam import SegmentRequest, SegmentResult
 from .step import CODE, ENT, STOP_NAMES, TOKEN, TOPK, RowState, decode_step, entropy  # noqa: F401 (entropy: re-exported)
 
 
+NEAR_CUT = 1e-5    # see sample_tokens
+
+
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator,
                  head: int = 256) -> int:
     """One seeded sample from softmax(logits / temperature) restricted to the top-p nucleus (one row)."""
@@ -28,31 +31,63 @@ def sample_tokens(logits: torch.Tensor, temperature: list[float], top_p: list[fl
     """One seeded sample per row of `logits` [R, V] from softmax(row / temperature) within its top-p nucleus.
 
     The nucleus is found among the `head` most likely tokens (widened while it does not fit), never by sorting
-    the whole vocabulary; the draw is over the nucleus in vocabulary order. The softmax and top-k run on the
-    logits' device, all rows at once, and only the [R, head] heads cross to the host: a CPU round trip of the
-    whole vocabulary per row made best-of-4 at batch 16 take 69x greedy's wall on a GPU. The draw itself runs
-    on the CPU in float64 with each row's seeded CPU generator, so a seed gives the same sample on any device.
+    the whole vocabulary; the draw is over the nucleus in vocabulary order. The pass over the whole vocabulary
+    (the softmax's normalizer) and the top-k run on the logits' device, all rows at once, in float32, and only
+    the [R, head] heads cross to the host: a CPU round trip of the whole vocabulary per row made best-of-4 at
+    batch 16 take 69x greedy's wall on a GPU, and the same pass in float64 was 11 % of best-of-8's CPU wall. The
+    head's probabilities and the draw are float64 on the CPU with each row's seeded CPU generator, so a seed gives
+    the same sample on any device. The float32 normalizer is good to ~1e-6: a row whose nucleus edge lies within
+    NEAR_CUT of top_p, where that could move it, is decided by its whole row's float64 softmax (`_wide_nucleus`).
     """
-    temps = torch.tensor(temperature, dtype=torch.float64, device=logits.device)[:, None]
-    probs = torch.softmax(logits.double() / temps, dim=-1)
-    V = probs.shape[-1]
-    k = min(head, V)
-    vals, order = (t.cpu() for t in probs.topk(k))
+    x = logits.float()
+    temps = torch.tensor(temperature, dtype=torch.float64)[:, None]
+    top, order = x.topk(min(head, x.shape[-1]))
+    exps = (x - top[:, :1]).div_(temps.to(x.device, torch.float32)).exp_()
+    # log of each row's normalizer: max / T + log sum exp((x - max) / T) (torch's float32 sum is pairwise)
+    norm = top[:, :1].double().cpu() / temps + exps.sum(-1, keepdim=True).double().log().cpu()
+    top, order = top.cpu(), order.cpu()
+    tops = torch.tensor(top_p, dtype=torch.float64)[:, None]
+    probs = torch.exp(top.double() / temps - norm)
+    before = probs.cumsum(-1) - probs       # the mass of the tokens more likely than each
+    keep = before < tops                    # the smallest set whose mass reaches top_p
+    edge = keep.sum(-1, keepdim=True).clamp(max=keep.shape[1] - 1)
+    settled = (~keep[:, -1] & ((before - tops).abs() >= NEAR_CUT).all(-1)     # in the head, its edge clear of top_p
+               & (probs.gather(1, edge) != probs.gather(1, edge - 1))[:, 0])  # and no tie across it
     out = []
-    for i, (p, gen) in enumerate(zip(top_p, gens)):
+    for i, (t, p, gen) in enumerate(zip(temperature, top_p, gens)):
         if p >= 1.0:
-            out.append(int(torch.multinomial(probs[i].cpu(), 1, generator=gen)))
+            out.append(int(torch.multinomial(torch.softmax(logits[i].double() / t, -1).cpu(), 1, generator=gen)))
             continue
-        v, o, kk = vals[i], order[i], k
-        while True:
-            keep = v.cumsum(0) - v < p        # the smallest set whose mass reaches top_p
-            if not keep[-1] or kk == V:
-                break
-            kk = min(4 * kk, V)
-            v, o = (t.cpu() for t in probs[i].topk(kk))
-        ids, perm = o[keep].sort()
-        out.append(int(ids[torch.multinomial(v[keep][perm], 1, generator=gen)]))
+        ids, w = (order[i][keep[i]], probs[i][keep[i]]) if settled[i] else \
+            _wide_nucleus(x[i], logits[i], t, p, norm[i], 4 * order.shape[1])
+        ids, perm = ids.sort()
+        out.append(int(ids[torch.multinomial(w[perm], 1, generator=gen)]))
     return out
+
+
+def _wide_nucleus(x: torch.Tensor, logits: torch.Tensor, t: float, p: float, norm: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, probabilities) of one row's nucleus where its head did not settle it: the `k` most likely tokens,
+    widened while the nucleus does not fit, and the row's float64 softmax where the edge lies near top_p. Tokens
+    as likely as the last one kept, on both sides of the edge, are kept lowest id first (topk orders ties
+    arbitrarily; bf16 logits tie often)."""
+    V, exact = x.shape[-1], None
+    while True:
+        vals, o = (a.cpu() for a in x.topk(min(k, V)))
+        v = exact[o] if exact is not None else torch.exp(vals.double() / t - norm)
+        before = v.cumsum(0) - v
+        if exact is None and (before - p).abs().min() < NEAR_CUT:
+            exact = torch.softmax(logits.double() / t, -1).cpu()
+            continue
+        keep = before < p
+        if not keep[-1] or len(o) == V:
+            n = int(keep.sum())
+            if n == len(o) or v[n] != v[n - 1]:
+                return o[keep], v[keep]
+            same = v[:n] == v[n - 1]
+            tied = (x == x[o[n - 1]]).nonzero()[:, 0].cpu()[:int(same.sum())]
+            return torch.cat([o[:n][~same], tied]), torch.cat([v[:n][~same], v[n - 1].expand(len(tied))])
+        k *= 4
 
 
 def compile_options(model) -> dict:

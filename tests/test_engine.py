@@ -491,6 +491,36 @@ def test_sample_token_draws_from_the_nucleus(scale):
     assert [sample_token(logits, 0.7, 0.9, again, head=64) for _ in range(50)] == draws[:50].tolist()
 
 
+def test_batched_samples_are_the_plain_float64_nucleus_draws():
+    """sample_tokens finds each row's nucleus from a float32 pass over the vocabulary; its draws equal the plain
+    definition's (the whole row's float64 softmax, sorted), seed for seed: peaked, flat (the head widens),
+    bf16 logits (ties across the edge: the lowest ids kept), top_p 1, and nucleus edges placed right at top_p
+    (where float32 could move them)."""
+    from ggro.policy import sample_tokens
+
+    def plain(row, t, p, gen):
+        probs = torch.softmax(row.double() / t, -1)
+        v, o = probs.sort(descending=True, stable=True)     # ties: the lowest id first
+        if p >= 1.0:
+            return int(torch.multinomial(probs, 1, generator=gen))
+        ids, perm = o[v.cumsum(0) - v < p].sort()
+        return int(ids[torch.multinomial(v[v.cumsum(0) - v < p][perm], 1, generator=gen)])
+
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(12, 3000, generator=g) * torch.tensor([4.0, 0.01, 1.0] * 4)[:, None]
+    rows[9, :3] = torch.tensor([0.5, 0.3, 0.2]).log()           # the edge at 0.8, top_p's value
+    rows[9, 3:] = -1e4
+    rows[10] = rows[10].bfloat16().float()
+    temps = [0.7, 1.0, 0.4, 1.3] * 3
+    tops = [0.9, 0.95, 1.0, 0.5, 0.9, 0.8, 0.99, 0.3, 0.95, 0.8, 0.9, 0.4]
+    temps[9] = 1.0
+    for seed in range(20):
+        gens = [torch.Generator().manual_seed(seed * 100 + i) for i in range(12)]
+        again = [torch.Generator().manual_seed(seed * 100 + i) for i in range(12)]
+        got = sample_tokens(rows, temps, tops, gens, head=16)
+        assert got == [plain(r, t, p, a) for r, t, p, a in zip(rows, temps, tops, again)]
+
+
 ARCHITECTURES = {   # (config class, causal LM, classifier, config overrides): each a tiny random model
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", dict(head_dim=12)),
