@@ -52,7 +52,7 @@ def sample_tokens(logits: torch.Tensor, temperature: list[float], top_p: list[fl
     keep = before < tops                    # the smallest set whose mass reaches top_p
     edge = keep.sum(-1, keepdim=True).clamp(max=keep.shape[1] - 1)
     settled = (~keep[:, -1] & ((before - tops).abs() >= NEAR_CUT).all(-1)     # in the head, its edge clear of top_p
-               & (probs.gather(1, edge) != probs.gather(1, edge - 1))[:, 0])  # and no tie across it
+               & (probs.gather(1, edge) != probs.gather(1, (edge - 1).clamp(min=0)))[:, 0])  # and no tie across it
     out = []
     for i, (t, p, gen) in enumerate(zip(temperature, top_p, gens)):
         if p >= 1.0:
