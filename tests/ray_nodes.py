@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-ANSWER = "ray_nodes: "      # the prefix of the answer lines (Ray may print other lines on stdout)
+ANSWER = "ray_nodes: "      # the prefix of the answer lines
 # A killed raylet is declared dead after missing this many health checks. Ray's defaults (every 3 s, 10 s
 # timeout, 5 misses) take 15 s or more, and longer on a loaded machine; here a node is dead in ~3-5 s.
 DEATH_DETECTION = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
@@ -25,6 +25,16 @@ DEATH_DETECTION = {"health_check_initial_delay_ms": 1000, "health_check_period_m
 
 
 def _serve(workers: int) -> None:
+    # Answers get stdout to themselves: Ray's threads print too (a lost node's warning), and a print from
+    # another thread can land between an answer and its newline. Everything else goes to stderr.
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def answer(obj: dict) -> None:
+        answers.write(ANSWER + json.dumps(obj) + "\n")
+        answers.flush()
+
     import ray
     from ray.cluster_utils import Cluster
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -34,20 +44,20 @@ def _serve(workers: int) -> None:
     for _ in range(workers):
         cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
-    print(ANSWER + json.dumps({"address": cluster.address}), flush=True)
+    answer({"address": cluster.address})
     try:
         for line in sys.stdin:
             cmd, *args = line.split()
             if cmd == "kill":
                 try:
-                    answer = _kill(cluster, args[0])
+                    killed = _kill(cluster, args[0])
                 except Exception as e:  # noqa: BLE001 - answered: the test fails with it, not with a dead cluster
-                    answer = {"error": f"{e.__class__.__name__}: {e}"}
-                print(ANSWER + json.dumps(answer), flush=True)
+                    killed = {"error": f"{e.__class__.__name__}: {e}"}
+                answer(killed)
             elif cmd == "add":
                 cluster.add_node(num_cpus=2)
                 cluster.wait_for_nodes()
-                print(ANSWER + json.dumps({"nodes": len(cluster.worker_nodes)}), flush=True)
+                answer({"nodes": len(cluster.worker_nodes)})
     finally:
         ray.shutdown()
         cluster.shutdown()
